@@ -1,0 +1,40 @@
+# Each target creates its own virtual environment on first use and installs what it needs into it.
+# torch is pinned first: an unpinned torch would pull a multi-GB CUDA build where a CPU build is at hand.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= 2.13.0
+TRANSFORMERS ?= 5.23.0
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint docs bench clean
+
+$(BIN)/attnlens: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH)"
+	$(BIN)/python -m pip install --quiet "transformers==$(TRANSFORMERS)" -e ".[dev,viz]"
+	touch $(BIN)/attnlens
+
+demo: $(BIN)/attnlens  ## the GPT-2 weight walk-through, then verify and head scores on the embedded demo model
+	$(BIN)/attnlens weights --gpt2-small
+	$(BIN)/attnlens verify
+	$(BIN)/attnlens heads
+
+test: $(BIN)/attnlens  ## the whole test suite (add PYTEST_ARGS="-m 'not slow'" for the quick part)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(BIN)/attnlens
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+docs: $(BIN)/attnlens
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	$(BIN)/mkdocs build --strict
+
+bench: $(BIN)/attnlens  ## side-by-side benchmarks against HF, TransformerLens and nnsight (not part of the tests)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .venv-* site build *.egg-info

@@ -1,0 +1,202 @@
+"""The ``attnlens`` command: quick looks at a GPT-2 checkpoint from a terminal.
+
+``attnlens weights | verify | heads | inspect [MODEL]``. MODEL is a hub name or a local checkpoint folder; without one,
+the embedded demo checkpoint is used, so every command works offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["main"]
+
+DEFAULT_TEXT = "The cat sat on the mat, and the dog sat on the rug. The cat sat on the mat, and the dog sat on the rug."
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(model, tokenizer or None) from the MODEL argument, or the demo checkpoint."""
+    dtype = _DTYPES[args.dtype]
+    if args.model is None:
+        from attnlens.demo import load_demo
+
+        return load_demo(dtype=dtype, device=args.device)
+    from attnlens.models import gpt2
+
+    model = gpt2.load(args.model, dtype=dtype, device=args.device)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def _inputs(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tensor, list[str] | None]:
+    """Token ids ``[1, pos]`` from --ids or --text, and their strings when a tokenizer is at hand."""
+    if args.ids:
+        ids = torch.tensor([args.ids])
+    else:
+        if tokenizer is None:
+            raise SystemExit("attnlens: this checkpoint has no tokenizer; pass token ids with --ids")
+        ids = tokenizer(args.text, return_tensors="pt")["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist()) if tokenizer is not None else None
+    return ids, tokens
+
+
+def _gpt2_small() -> Any:
+    """A GPT-2-small-shaped model (GPT2Config() defaults) with seeded random weights: GPT-2's shapes, offline."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config()).eval()
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    """Print the weight walk-through: config, embeddings, the c_attn split and per-head shapes."""
+    from attnlens.models import extract_weights
+
+    if args.gpt2_small:
+        model, source = _gpt2_small(), "GPT-2-small-shaped model with seeded random weights (GPT2Config() defaults)"
+    else:
+        model, _ = _load(args)
+        source = args.model or "the embedded demo checkpoint"
+    w = extract_weights(model)
+    c = model.config
+    layer = w.layers[args.layer]
+    c_attn = model.transformer.h[args.layer].attn.c_attn.weight
+    lines = [
+        f"model: {source} ({type(model).__name__}, {c._attn_implementation} attention, {w.dtype})",
+        f"config: n_layer={c.n_layer} n_head={c.n_head} n_embd={c.n_embd} n_positions={c.n_positions} "
+        f"vocab_size={c.vocab_size} activation={c.activation_function}",
+        f"W_E (token embedding)    {list(w.W_E.shape)}  = {w.W_E.numel():,} parameters",
+        f"W_pos (position embed.)  {list(w.W_pos.shape)}  = {w.W_pos.numel():,} parameters",
+        f"layer {args.layer} c_attn.weight      {list(c_attn.shape)}  (Conv1D stores [in, out]: x @ W)",
+        f"  W_Q = c_attn[:, 0:{w.d_model}]      {[w.d_model, w.d_model]} -> per head {list(layer.W_Q.shape)}",
+        f"  W_K = c_attn[:, {w.d_model}:{2 * w.d_model}]   {[w.d_model, w.d_model]} -> per head {list(layer.W_K.shape)}",
+        f"  W_V = c_attn[:, {2 * w.d_model}:{3 * w.d_model}]  {[w.d_model, w.d_model]} -> per head {list(layer.W_V.shape)}",
+        f"  W_O = c_proj.weight     {[w.d_model, w.d_model]} -> per head {list(layer.W_O.shape)}",
+        f"heads: {w.n_heads} per layer, d_head = {w.d_model} / {w.n_heads} = {w.d_head}; "
+        f"scale 1/sqrt(d_head) = {layer.scale:.6g}",
+        f"total parameters: {sum(p.numel() for p in model.parameters()):,} (lm_head is tied to W_E)",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Recompute attention from the extracted weights and compare with the model's own; exit 1 on failure."""
+    from attnlens.verify import verify
+
+    model, tokenizer = _load(args)
+    ids, _ = _inputs(args, tokenizer)
+    report = verify(model, ids)
+    print(report.to_json() if args.json else report)
+    return 0 if report.ok else 1
+
+
+def cmd_heads(args: argparse.Namespace) -> int:
+    """Print the top heads for each head score."""
+    from attnlens import metrics
+    from attnlens.trace import trace
+
+    model, tokenizer = _load(args)
+    ids, _ = _inputs(args, tokenizer)
+    scores = metrics.head_scores(trace(model, ids), input_ids=ids)
+    induction = metrics.induction_scores(model, seq_len=args.seq_len, batch=args.batch, seed=0)
+    table = {name: scores.top(name, args.top) for name in scores.names}
+    table["induction (repeated random tokens)"] = metrics.top_heads(induction, args.top)
+    if args.json:
+        print(json.dumps({k: [list(t) for t in v] for k, v in table.items()}, indent=2))
+        return 0
+    for name, top in table.items():
+        cells = "  ".join(f"L{layer}H{head} {score:.3f}" for layer, head, score in top)
+        print(f"{name:<36} {cells}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Draw one layer's (or head's) pattern to a PNG or a self-contained HTML file."""
+    from attnlens import viz
+    from attnlens.trace import trace
+
+    model, tokenizer = _load(args)
+    ids, tokens = _inputs(args, tokenizer)
+    n_layers = model.config.n_layer
+    if not 0 <= args.layer < n_layers:
+        raise SystemExit(f"attnlens: --layer must lie in [0, {n_layers}), got {args.layer}")
+    t = trace(model, ids, layers=[args.layer])
+    pattern = t.pattern(args.layer)[0].float()  # [head, q_pos, k_pos]
+    if args.head is not None and not 0 <= args.head < pattern.shape[0]:
+        raise SystemExit(f"attnlens: --head must lie in [0, {pattern.shape[0]}), got {args.head}")
+    labels = tokens or [str(i) for i in ids[0].tolist()]
+    if args.out.endswith(".html"):
+        viz.save_html(viz.pattern_html(pattern[None], labels, layers=[args.layer]), args.out)
+    else:
+        head = 0 if args.head is None else args.head
+        fig = viz.plot_pattern(pattern[head], labels, title=f"layer {args.layer}, head {head}")
+        viz.save_figure(fig, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnlens", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("model", nargs="?", help="hub name or local checkpoint folder (default: the demo checkpoint)")
+        p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+        return p
+
+    def with_input(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--text", default=DEFAULT_TEXT, help="text to run (needs the checkpoint's tokenizer)")
+        group.add_argument("--ids", type=int, nargs="+", help="token ids to run instead of text")
+        return p
+
+    p = command("weights", "print the GPT-2 weight walk-through: config, W_E, the c_attn split, heads")
+    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--gpt2-small", action="store_true", help="use a GPT-2-small-shaped model with random weights")
+    p.set_defaults(func=cmd_weights)
+
+    p = with_input(command("verify", "check attnlens's recomputation against the model, layer by layer and head by head"))
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_verify)
+
+    p = with_input(command("heads", "print the top heads for each head score"))
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--seq-len", type=int, default=50, help="length of the repeated random sequence (induction)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_heads)
+
+    p = with_input(command("inspect", "draw a layer's attention pattern to PNG or HTML"))
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--head", type=int)
+    p.add_argument("--out", required=True, help="FILE.png, FILE.svg, FILE.pdf or FILE.html")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``attnlens`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, OSError) as error:  # includes UnsupportedModelError: say what was wrong, no traceback
+        print(f"attnlens: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Attention maths as pure functions: tensors in, tensors out.
+
+Nothing here knows about Hugging Face: the GPT-2 specifics (the fused ``c_attn`` layout, which scale a layer uses,
+in which order a given transformers release applies it) live in :mod:`attnlens.models.gpt2`, which hands this module
+plain tensors and numbers.
+
+Numerical conventions, shared by every function below:
+
+* Scores of half-precision inputs (float16, bfloat16) are soft-maxed in float32 and the pattern is cast back to the
+  value dtype, so a half model's patterns are as accurate as its q and k allow.
+* Boolean masks follow :func:`torch.nn.functional.scaled_dot_product_attention`: ``True`` means "may attend".
+  Masked positions get exactly zero probability, never a tiny leak.
+* A query row with no key it may attend to (a fully masked row, e.g. a left-padding query) gets a pattern of zeros,
+  and therefore an output of zeros, never NaN. torch's own kernels differ among themselves on such rows.
+* Float masks are added to the scores, as in torch. A row whose float mask is ``-inf`` everywhere is also zeroed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from torch import Tensor
+
+__all__ = [
+    "ACTIVATIONS",
+    "AttentionOutputs",
+    "AttentionWeights",
+    "attention",
+    "attention_scores",
+    "causal_mask",
+    "masked_softmax",
+    "merge_heads",
+    "padding_mask",
+    "qkv",
+    "scaled_dot_product_attention",
+    "split_heads",
+]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _gelu_new(x: Tensor) -> Tensor:
+    # GPT-2's original tanh approximation, written in the order the reference implementation evaluates it.
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu_new": _gelu_new,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+"""MLP activations by their transformers name; a config naming any other is refused, never approximated."""
+
+
+def split_heads(x: Tensor, n_heads: int) -> Tensor:
+    """Split the last axis into heads: ``[..., pos, (head d_head)] -> [..., head, pos, d_head]``."""
+    return rearrange(x, "... pos (head d_head) -> ... head pos d_head", head=n_heads)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """Inverse of :func:`split_heads`: ``[..., head, pos, d_head] -> [..., pos, (head d_head)]``."""
+    return rearrange(x, "... head pos d_head -> ... pos (head d_head)")
+
+
+def causal_mask(q_len: int, k_len: int | None = None, *, device: torch.device | str | None = None) -> Tensor:
+    """Boolean causal mask ``[q_pos, k_pos]``, ``True`` where a query may attend.
+
+    Aligned top-left, as ``is_causal=True`` in torch: query ``i`` sees keys ``0..i``.
+
+    Args:
+        q_len: number of query positions.
+        k_len: number of key positions (default ``q_len``).
+        device: where to build the mask.
+    """
+    k_len = q_len if k_len is None else k_len
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
+
+
+def padding_mask(attention_mask: Tensor, q_len: int | None = None, *, causal: bool = True) -> Tensor:
+    """Combine a tokenizer's ``attention_mask`` with causality into a boolean mask ``[batch, 1, q_pos, k_pos]``.
+
+    Args:
+        attention_mask: ``[batch, k_pos]``, 1 (or True) for real tokens and 0 for padding.
+        q_len: number of query positions (default: ``k_pos``).
+        causal: also forbid attending to later positions.
+
+    Returns:
+        ``True`` where query ``q_pos`` may attend to key ``k_pos``; broadcasts over heads.
+    """
+    if attention_mask.ndim != 2:
+        raise ValueError(f"attention_mask must be [batch, pos], got shape {tuple(attention_mask.shape)}")
+    k_len = attention_mask.shape[-1]
+    q_len = k_len if q_len is None else q_len
+    keys = rearrange(attention_mask.bool(), "batch k_pos -> batch 1 1 k_pos")
+    if not causal:
+        return keys.expand(-1, -1, q_len, -1)
+    return keys & causal_mask(q_len, k_len, device=attention_mask.device)
+
+
+def attention_scores(
+    query: Tensor,
+    key: Tensor,
+    scale: float | None = None,
+    *,
+    upcast: bool = False,
+    divisors: Sequence[float] | None = None,
+) -> Tensor:
+    """Pre-softmax attention scores ``query @ key^T * scale``: ``[..., q_pos, d_k] x [..., k_pos, d_k] -> [..., q_pos, k_pos]``.
+
+    The arithmetic order is selectable so that a recomputation can reproduce a reference implementation bit for bit:
+
+    * default: ``matmul(query, key^T) * scale``;
+    * ``divisors``: ``matmul(query, key^T) / d0 / d1 ...`` with each divisor a 0-dim tensor of the scores' dtype
+      (``scale`` is then ignored);
+    * ``upcast=True``: a float32 batched ``baddbmm`` with ``alpha=scale`` (scale folded into the product, as
+      Megatron-style "reordered and upcast" attention does), returning float32 scores.
+
+    Args:
+        query: ``[..., q_pos, d_k]``.
+        key: ``[..., k_pos, d_k]``.
+        scale: factor applied to the scores; default ``1/sqrt(d_k)``.
+        upcast: compute in float32 with the scale folded into the matmul.
+        divisors: divide by these instead of multiplying by ``scale``.
+    """
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if upcast:
+        *batch, q_len, d_k = query.shape
+        k_len = key.shape[-2]
+        q = query.reshape(-1, q_len, d_k).float()
+        k_t = key.transpose(-1, -2).reshape(-1, d_k, k_len).float()
+        empty = torch.empty(q.shape[0], q_len, k_len, dtype=torch.float32, device=query.device)
+        return torch.baddbmm(empty, q, k_t, beta=0, alpha=scale).reshape(*batch, q_len, k_len)
+    scores = torch.matmul(query, key.transpose(-1, -2))
+    if divisors is None:
+        return scores * scale
+    for divisor in divisors:
+        scores = scores / torch.full([], divisor, dtype=scores.dtype, device=scores.device)
+    return scores
+
+
+def masked_softmax(scores: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    """Softmax over keys with a boolean or additive mask; half inputs are soft-maxed in float32.
+
+    Args:
+        scores: ``[..., q_pos, k_pos]``.
+        attn_mask: broadcastable to ``scores``; boolean (``True`` = may attend) or float (added to the scores).
+
+    Returns:
+        The pattern ``[..., q_pos, k_pos]`` in float32 for half-precision scores, else in the scores' dtype.
+        Masked entries are exactly 0 and rows with no allowed key are all 0.
+    """
+    if scores.dtype in _HALF:
+        scores = scores.float()
+    if attn_mask is None:
+        return torch.softmax(scores, dim=-1)
+    if attn_mask.dtype == torch.bool:
+        allowed = attn_mask
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    else:
+        allowed = attn_mask != float("-inf")
+        scores = scores + attn_mask.to(scores.dtype)
+    pattern = torch.softmax(scores, dim=-1)
+    # Rows without any allowed key are NaN after softmax; test on the (usually broadcast, so small) mask.
+    dead = ~allowed.any(dim=-1, keepdim=True)
+    if bool(dead.any()):
+        pattern = pattern.masked_fill(dead, 0.0)
+    return pattern
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    return_pattern: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Scaled dot-product attention with the names and semantics of torch's function, and its pattern on request.
+
+    ``softmax(query @ key^T * scale + mask) @ value``, with the numerical conventions of this module (float32 softmax
+    for half inputs; fully masked rows give zeros, never NaN). Works on any device and any number of leading batch
+    dimensions; ``d_v`` may differ from ``d_k``.
+
+    Args:
+        query: ``[..., q_pos, d_k]``.
+        key: ``[..., k_pos, d_k]``.
+        value: ``[..., k_pos, d_v]``.
+        attn_mask: broadcastable to ``[..., q_pos, k_pos]``; boolean (``True`` = may attend) or float (added).
+        is_causal: causal mask aligned top-left, as in torch; cannot be combined with ``attn_mask``.
+        scale: score scale; default ``1/sqrt(d_k)``.
+        return_pattern: also return the attention pattern.
+
+    Returns:
+        ``output [..., q_pos, d_v]``, or ``(output, pattern [..., q_pos, k_pos])`` with ``return_pattern=True``.
+        The pattern has the value dtype.
+    """
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"query and key must share d_k, got {query.shape[-1]} and {key.shape[-1]}")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"key and value must share k_pos, got {key.shape[-2]} and {value.shape[-2]}")
+    if is_causal:
+        if attn_mask is not None:
+            raise ValueError("pass either attn_mask or is_causal=True, not both (as in torch)")
+        attn_mask = causal_mask(query.shape[-2], key.shape[-2], device=query.device)
+    pattern = masked_softmax(attention_scores(query, key, scale), attn_mask).to(value.dtype)
+    output = torch.matmul(pattern, value)
+    return (output, pattern) if return_pattern else output
+
+
+class AttentionWeights(Protocol):
+    """What :func:`qkv` and :func:`attention` read from a layer (``attnlens.LayerWeights`` provides it)."""
+
+    W_Q: Tensor
+    W_K: Tensor
+    W_V: Tensor
+    b_Q: Tensor
+    b_K: Tensor
+    b_V: Tensor
+    W_O: Tensor
+    b_O: Tensor
+    scale: float
+    upcast: bool
+
+
+def qkv(x: Tensor, layer: AttentionWeights) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-head queries, keys and values of a (normalised) residual stream.
+
+    Args:
+        x: ``[batch, pos, d_model]``, the input of the attention module (after the layer norm).
+        layer: per-head weights ``W_* [head, d_model, d_head]`` and biases ``b_* [head, d_head]``.
+
+    Returns:
+        ``q, k, v``, each ``[batch, head, pos, d_head]``.
+    """
+
+    def project(W: Tensor, b: Tensor) -> Tensor:
+        out = einsum(x, W, "batch pos d_model, head d_model d_head -> batch head pos d_head")
+        return out + rearrange(b, "head d_head -> head 1 d_head")
+
+    return project(layer.W_Q, layer.b_Q), project(layer.W_K, layer.b_K), project(layer.W_V, layer.b_V)
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionOutputs:
+    """Everything one attention module computes, from its input to its output.
+
+    Attributes:
+        q: ``[batch, head, q_pos, d_head]``.
+        k: ``[batch, head, k_pos, d_head]``.
+        v: ``[batch, head, k_pos, d_head]``.
+        scores: masked pre-softmax scores ``[batch, head, q_pos, k_pos]`` (``-inf`` where masked).
+        pattern: ``[batch, head, q_pos, k_pos]``.
+        z: pattern-weighted values ``[batch, q_pos, head, d_head]`` (the input of ``W_O``).
+        result: per-head contributions ``[batch, q_pos, head, d_model]`` (their sum plus ``b_O`` is ``output``);
+            ``None`` unless asked for, as it is ``head`` times the size of the output.
+        output: ``[batch, q_pos, d_model]``.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    scores: Tensor
+    pattern: Tensor
+    z: Tensor
+    result: Tensor | None
+    output: Tensor
+
+
+def attention(
+    x: Tensor,
+    layer: AttentionWeights,
+    attn_mask: Tensor | None = None,
+    *,
+    return_result: bool = False,
+) -> AttentionOutputs:
+    """One attention module, from its (normalised) input to its output, from per-head weights.
+
+    Args:
+        x: ``[batch, pos, d_model]``.
+        layer: the layer's weights and attention spec (``scale``, ``upcast``).
+        attn_mask: boolean ``[batch, 1, q_pos, k_pos]`` (``True`` = may attend); default causal.
+        return_result: also compute the per-head contributions ``[batch, pos, head, d_model]``.
+    """
+    q, k, v = qkv(x, layer)
+    if attn_mask is None:
+        attn_mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+    scores = attention_scores(q, k, layer.scale, upcast=layer.upcast)
+    pattern = masked_softmax(scores, attn_mask).to(v.dtype)
+    z = rearrange(torch.matmul(pattern, v), "batch head pos d_head -> batch pos head d_head")
+    output = einsum(z, layer.W_O, "batch pos head d_head, head d_head d_model -> batch pos d_model") + layer.b_O
+    result = None
+    if return_result:
+        result = einsum(z, layer.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
+    masked = scores.masked_fill(~attn_mask, float("-inf"))
+    return AttentionOutputs(q=q, k=k, v=v, scores=masked, pattern=pattern, z=z, result=result, output=output)

@@ -1,0 +1,413 @@
+"""Everything attnlens knows about Hugging Face GPT-2, and nothing else does.
+
+* Module paths: ``transformer.wte``, ``transformer.h[i].attn.c_attn`` and so on.
+* Conv1D layout: GPT-2's linear layers are ``transformers.pytorch_utils.Conv1D``, which stores its weight as
+  ``[in, out]`` and computes ``x @ weight + bias`` (the transpose of ``nn.Linear``). So ``c_attn.weight`` is
+  ``[d_model, 3 * d_model]``: its columns are the queries, keys and values of all heads, ``(qkv head d_head)``.
+* The attention spec of each layer from the config: the scale, the inverse-layer scaling and the float32 upcast, and
+  in which arithmetic order the installed transformers release applies the scale (4.x divides, 5.x multiplies),
+  so that recomputed scores can match the model's bit for bit.
+* A config allow-list: every config attribute must be one whose effect attnlens reproduces (or one that cannot
+  change the attention maths). A flag added by a future release is refused by name instead of being silently
+  ignored.
+
+transformers is imported lazily, inside functions, so that ``import attnlens`` stays light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from attnlens.errors import UnsupportedModelError
+from attnlens.functional import ACTIVATIONS
+from attnlens.weights import LayerNormWeights, LayerWeights, MLPWeights, ModelWeights
+
+if TYPE_CHECKING:
+    from transformers import GPT2Model, PretrainedConfig, PreTrainedModel
+
+__all__ = [
+    "SUPPORTED_CLASSES",
+    "attn_implementation",
+    "base_model",
+    "blocks",
+    "check_config",
+    "check_inputs",
+    "extract",
+    "hooks_restored",
+    "is_gpt2",
+    "load",
+    "set_attn_implementation",
+    "split_qkv",
+]
+
+SUPPORTED_CLASSES = (
+    "GPT2Model",
+    "GPT2LMHeadModel",
+    "GPT2DoubleHeadsModel",
+    "GPT2ForSequenceClassification",
+    "GPT2ForTokenClassification",
+    "GPT2ForQuestionAnswering",
+)
+
+# Config attributes whose effect attnlens reproduces, or which cannot change what attention computes (dropout is off
+# in eval mode, which attnlens uses; summary_* and ids only concern task heads and generation).
+_GPT2_KEYS = frozenset(
+    {
+        "vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+        "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range", "scale_attn_weights",
+        "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention", "use_cache",
+        "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "summary_type", "summary_use_proj",
+        "summary_activation", "summary_first_dropout", "summary_proj_to_labels", "model_type",
+    }
+)  # fmt: skip
+# Generic PretrainedConfig attributes (4.57 and 5.x) about bookkeeping, outputs, generation and task heads.
+_GENERIC_KEYS = frozenset(
+    {
+        "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "id2label", "label2id",
+        "problem_type", "return_dict", "output_attentions", "output_hidden_states", "chunk_size_feed_forward",
+        "is_encoder_decoder", "is_decoder", "pruned_heads", "tie_encoder_decoder", "torchscript", "use_bfloat16",
+        "tf_legacy_loss", "finetuning_task", "tokenizer_class", "prefix", "task_specific_params",
+        "cross_attention_hidden_size", "bad_words_ids", "begin_suppress_tokens", "decoder_start_token_id",
+        "diversity_penalty", "do_sample", "early_stopping", "encoder_no_repeat_ngram_size",
+        "exponential_decay_length_penalty", "forced_bos_token_id", "forced_eos_token_id", "length_penalty",
+        "max_length", "min_length", "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences",
+        "output_scores", "remove_invalid_values", "repetition_penalty", "return_dict_in_generate", "sep_token_id",
+        "suppress_tokens", "temperature", "top_k", "top_p", "typical_p", "gradient_checkpointing",
+        "_attn_implementation_autoset", "use_return_dict", "_commit_hash", "attn_implementation",
+    }
+)  # fmt: skip
+# Attributes whose value, not just presence, matters: value -> allowed values.
+_REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
+    "add_cross_attention": (False, None),
+    "is_encoder_decoder": (False, None),
+    "is_decoder": (False, None),
+    "pruned_heads": ({}, None),
+}
+
+
+@functools.cache
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def _gpt2_classes() -> tuple[type, ...]:
+    import transformers
+
+    return tuple(getattr(transformers, name) for name in SUPPORTED_CLASSES)
+
+
+def is_gpt2(model: object) -> bool:
+    """Whether ``model`` is an instance of one of the supported GPT-2 classes (or a subclass)."""
+    return isinstance(model, nn.Module) and isinstance(model, _gpt2_classes())
+
+
+def base_model(model: PreTrainedModel) -> GPT2Model:
+    """The ``GPT2Model`` inside any supported class, after checking the class and the config.
+
+    Raises:
+        UnsupportedModelError: for anything that is not a supported GPT-2 model, or whose config asks for maths
+            that attnlens does not reproduce.
+    """
+    if not is_gpt2(model):
+        raise UnsupportedModelError(
+            f"attnlens needs a Hugging Face GPT-2 model, got {type(model).__module__}.{type(model).__qualname__}; "
+            f"supported: {', '.join(SUPPORTED_CLASSES)} (or a hub name / local path of a GPT-2 checkpoint)"
+        )
+    check_config(model.config)
+    from transformers import GPT2Model
+
+    base = model if isinstance(model, GPT2Model) else model.transformer
+    return base
+
+
+def check_config(config: PretrainedConfig) -> None:
+    """Refuse any config attribute whose effect on attention attnlens does not reproduce.
+
+    Raises:
+        UnsupportedModelError: naming every offending attribute.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type != "gpt2":
+        raise UnsupportedModelError(f"attnlens supports GPT-2 checkpoints (model_type 'gpt2'), got {model_type!r}")
+    problems = []
+    keys = set(config.to_dict())
+    unknown = sorted(keys - _GPT2_KEYS - _GENERIC_KEYS)
+    if unknown:
+        problems.append(f"unknown config attribute(s) {', '.join(unknown)}")
+    for key, allowed in _REQUIRED_VALUES.items():
+        value = getattr(config, key, None)
+        if value not in allowed:
+            what = "cross-attention blocks" if key == "add_cross_attention" else f"{key}={value!r}"
+            problems.append(f"{what} (need {key} in {allowed})")
+    if config.activation_function not in ACTIVATIONS:
+        problems.append(f"activation_function={config.activation_function!r} (known: {', '.join(ACTIVATIONS)})")
+    if problems:
+        raise UnsupportedModelError(
+            "this GPT-2 config asks for something attnlens does not compute exactly: " + "; ".join(problems)
+        )
+
+
+def _attention_specs(config: PretrainedConfig, d_head: int) -> list[tuple[float, bool, tuple[float, ...] | None]]:
+    """``(scale, upcast, score_divisors)`` of each layer, in the arithmetic of the installed transformers."""
+    legacy = _transformers_major() < 5
+    by_weights, by_layer = config.scale_attn_weights, config.scale_attn_by_inverse_layer_idx
+    upcast = bool(config.reorder_and_upcast_attn)
+    specs = []
+    for layer in range(config.n_layer):
+        scale = 1.0
+        divisors: list[float] = []
+        if by_weights:
+            scale = 1.0 / float(d_head) ** 0.5 if legacy else d_head**-0.5
+            divisors.append(d_head**0.5)
+        if by_layer:
+            scale /= float(layer + 1)
+            divisors.append(float(layer + 1))
+        specs.append((scale, upcast, tuple(divisors) if legacy else None))
+    return specs
+
+
+def _layer_norm(module: nn.Module) -> LayerNormWeights:
+    return LayerNormWeights(w=module.weight, b=module.bias, eps=float(module.eps))
+
+
+def extract(model: PreTrainedModel) -> ModelWeights:
+    """Per-head weights of a GPT-2 model, as views of its parameters (see :func:`attnlens.extract_weights`)."""
+    base = base_model(model)
+    config = model.config
+    n_heads, d_model, act = config.n_head, config.n_embd, config.activation_function
+    d_head = d_model // n_heads
+    specs = _attention_specs(config, d_head)
+    layers = []
+    for i, block in enumerate(base.h):
+        attn, mlp = block.attn, block.mlp
+        c_attn, c_proj, c_fc, mlp_proj = attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+        W_attn = c_attn.weight
+        if tuple(W_attn.shape) != (d_model, 3 * d_model):
+            raise UnsupportedModelError(
+                f"layer {i}: c_attn.weight has shape {tuple(W_attn.shape)}, expected "
+                f"{(d_model, 3 * d_model)} (pruned or modified heads are not supported)"
+            )
+        # Conv1D stores [in, out] (x @ weight), so c_attn's columns are (qkv head d_head). Plain views rather than
+        # einops here: extraction is meant to cost well under a millisecond, and rearrange costs 4x a view.
+        #   c_attn.weight: d_model (qkv head d_head) -> qkv head d_model d_head
+        #   c_attn.bias:   (qkv head d_head)         -> qkv head d_head
+        #   c_proj.weight: (head d_head) d_model     -> head d_head d_model
+        # Indexing, not unbind: unbind's views become unusable under autograd once the parameter is edited in place.
+        W_qkv = W_attn.view(d_model, 3, n_heads, d_head).permute(1, 2, 0, 3)
+        b_qkv = c_attn.bias.view(3, n_heads, d_head)
+        W_Q, W_K, W_V = W_qkv[0], W_qkv[1], W_qkv[2]
+        b_Q, b_K, b_V = b_qkv[0], b_qkv[1], b_qkv[2]
+        scale, upcast, divisors = specs[i]
+        layers.append(
+            LayerWeights(
+                layer=i,
+                W_Q=W_Q,
+                W_K=W_K,
+                W_V=W_V,
+                b_Q=b_Q,
+                b_K=b_K,
+                b_V=b_V,
+                W_O=c_proj.weight.view(n_heads, d_head, d_model),
+                b_O=c_proj.bias,
+                ln_1=_layer_norm(block.ln_1),
+                ln_2=_layer_norm(block.ln_2),
+                mlp=MLPWeights(W_in=c_fc.weight, b_in=c_fc.bias, W_out=mlp_proj.weight, b_out=mlp_proj.bias, act=act),
+                scale=scale,
+                upcast=upcast,
+                score_divisors=divisors,
+            )
+        )
+    lm_head = getattr(model, "lm_head", None)
+    W_E, W_pos = base.wte.weight, base.wpe.weight
+    return ModelWeights(
+        n_layers=len(layers),
+        n_heads=n_heads,
+        d_model=d_model,
+        d_head=d_head,
+        d_mlp=layers[0].mlp.W_in.shape[1] if layers else (config.n_inner or 4 * d_model),
+        d_vocab=W_E.shape[0],
+        n_ctx=W_pos.shape[0],
+        W_E=W_E,
+        W_pos=W_pos,
+        W_U=lm_head.weight.T if isinstance(lm_head, nn.Linear) else None,
+        ln_f=_layer_norm(base.ln_f),
+        layers=tuple(layers),
+        name=str(getattr(config, "_name_or_path", "") or ""),
+    )
+
+
+def load(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """Load a GPT-2 checkpoint by hub name or local path, in eval mode (safetensors preferred, never remote code).
+
+    The class is the checkpoint's own (its config's ``architectures``) when it is a supported GPT-2 class, else
+    ``GPT2LMHeadModel``.
+
+    Raises:
+        UnsupportedModelError: the checkpoint is not GPT-2.
+        OSError: it could not be found or read (no such folder and the hub unreachable, say).
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise OSError(
+            f"could not read a config for {name_or_path!r}: not a local checkpoint folder, and the hub did not "
+            f"provide it ({error})"
+        ) from error
+    if getattr(config, "model_type", None) != "gpt2":
+        raise UnsupportedModelError(
+            f"{name_or_path!r} is a {config.model_type!r} checkpoint; attnlens supports GPT-2 ({', '.join(SUPPORTED_CLASSES)})"
+        )
+    check_config(config)
+    names = [name for name in (config.architectures or []) if name in SUPPORTED_CLASSES]
+    cls = getattr(transformers, names[0] if names else "GPT2LMHeadModel")
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = cls.from_pretrained(name_or_path, config=config, **kwargs)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def blocks(model: PreTrainedModel) -> Iterator[nn.Module]:
+    """The model's transformer blocks, in order."""
+    yield from base_model(model).h
+
+
+def split_qkv(fused: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Split ``c_attn``'s output ``[batch, pos, (qkv head d_head)]`` into q, k, v ``[batch, head, pos, d_head]``.
+
+    The results are views of ``fused``, in the memory layout the model's own attention kernel receives.
+    """
+    qkv = rearrange(fused, "batch pos (qkv head d_head) -> qkv batch head pos d_head", qkv=3, head=n_heads)
+    return qkv[0], qkv[1], qkv[2]
+
+
+def attn_implementation(model: PreTrainedModel) -> str:
+    """The attention kernel the model runs (``"eager"``, ``"sdpa"``, ...)."""
+    return str(model.config._attn_implementation)
+
+
+def set_attn_implementation(model: PreTrainedModel, name: str) -> None:
+    """Switch the model's attention kernel in place (callers restore it)."""
+    if attn_implementation(model) != name:
+        model.set_attn_implementation(name)
+
+
+def check_inputs(
+    model: PreTrainedModel,
+    input_ids: Tensor | Any,
+    attention_mask: Tensor | Any | None = None,
+    position_ids: Tensor | Any | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Validate and normalise inputs: ``[batch, pos]`` integer tensors on the model's device.
+
+    Raises:
+        ValueError: naming the problem: wrong dtype or rank, ids outside the vocabulary, more positions than the
+            model has, an ``attention_mask`` or ``position_ids`` of the wrong shape or values, a row of padding only.
+    """
+    config = model.config
+    device = next(model.parameters()).device
+
+    def as_2d(x: Any, name: str) -> Tensor:
+        x = torch.as_tensor(x)
+        if x.dtype.is_floating_point or x.dtype.is_complex:
+            raise ValueError(f"{name} must hold integers, got dtype {x.dtype}")
+        if x.ndim == 1:
+            x = x.unsqueeze(0)
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be [batch, pos] (or [pos]), got shape {tuple(x.shape)}")
+        return x.to(device)
+
+    ids = as_2d(input_ids, "input_ids")
+    batch, n_pos = ids.shape
+    if ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(ids.shape)})")
+    if n_pos > config.n_positions:
+        raise ValueError(f"input_ids has {n_pos} positions; this model has n_ctx={config.n_positions}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= config.vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {config.vocab_size}) (d_vocab), got values from {low} to {high}")
+    mask = None
+    if attention_mask is not None:
+        mask = as_2d(attention_mask, "attention_mask")
+        if tuple(mask.shape) != (batch, n_pos):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {(batch, n_pos)}: they must match")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        empty = (mask == 0).all(dim=-1)
+        if bool(empty.any()):
+            raise ValueError(f"attention_mask rows {empty.nonzero().flatten().tolist()} are all padding")
+        mask = mask.long()
+    pos = None
+    if position_ids is not None:
+        pos = as_2d(position_ids, "position_ids")
+        if pos.shape[-1] != n_pos or pos.shape[0] not in (1, batch):
+            raise ValueError(f"position_ids has shape {tuple(pos.shape)}, input_ids {(batch, n_pos)}")
+        if int(pos.min()) < 0 or int(pos.max()) >= config.n_positions:
+            raise ValueError(f"position_ids must lie in [0, {config.n_positions}), got {int(pos.min())}..{int(pos.max())}")
+    return ids, mask, pos
+
+
+
+# Set on a module by transformers 5.x once it has installed its output-recording hooks (see hooks_restored).
+_CAPTURE_FLAG = "_output_capturing_hooks_installed"
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def hooks_restored(model: nn.Module) -> Iterator[None]:
+    """Leave every module's forward hooks as they were before the block, removing those added during it.
+
+    transformers 5.x installs output-recording hooks on a model the first time it is asked for
+    ``output_attentions=True``, keeps them for good and marks the model as hooked. Run such a forward inside this
+    block to leave the model exactly as found: the hooks go, and so does the mark (without which transformers would
+    think the hooks are still there and return no attentions the next time).
+    """
+    saved = [
+        (
+            module,
+            dict(module._forward_hooks),
+            dict(module._forward_pre_hooks),
+            set(module._forward_hooks_with_kwargs),
+            set(module._forward_hooks_always_called),
+            module.__dict__.get(_CAPTURE_FLAG, _ABSENT),
+        )
+        for module in model.modules()
+    ]
+    try:
+        yield
+    finally:
+        for module, hooks, pre_hooks, with_kwargs, always_called, flag in saved:
+            for now, before in ((module._forward_hooks, hooks), (module._forward_pre_hooks, pre_hooks)):
+                if now.keys() != before.keys():
+                    now.clear()
+                    now.update(before)
+            for key in set(module._forward_hooks_with_kwargs) - with_kwargs:
+                del module._forward_hooks_with_kwargs[key]
+            for key in set(module._forward_hooks_always_called) - always_called:
+                del module._forward_hooks_always_called[key]
+            if flag is _ABSENT:
+                module.__dict__.pop(_CAPTURE_FLAG, None)
+            else:
+                module.__dict__[_CAPTURE_FLAG] = flag

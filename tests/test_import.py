@@ -1,0 +1,33 @@
+"""The public surface: names import, and `import attnlens` stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import attnlens
+
+
+def test_public_names_resolve() -> None:
+    for name in attnlens.__all__:
+        assert getattr(attnlens, name) is not None, name
+    assert attnlens.__version__.count(".") == 2
+
+
+def test_import_is_light() -> None:
+    code = (
+        "import sys, attnlens; "
+        "heavy = [m for m in ('transformers', 'matplotlib', 'IPython', 'nbformat', 'safetensors') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"import attnlens pulled in {out.stdout.strip()}"
+
+
+def test_unknown_attribute_is_an_attribute_error() -> None:
+    try:
+        attnlens.no_such_name  # noqa: B018
+    except AttributeError as error:
+        assert "no_such_name" in str(error)
+    else:
+        raise AssertionError("expected AttributeError")
