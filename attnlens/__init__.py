@@ -7,17 +7,22 @@ need them load them when first used.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from attnlens import functional
 from attnlens.errors import AttentionCaptureError, UnsupportedModelError
 from attnlens.models import extract_weights
+
+# Imported eagerly (it needs neither transformers nor plotting): were it lazy, importing the submodule
+# attnlens.trace would bind the name ``attnlens.trace`` to the module instead of the function.
+from attnlens.trace import AttentionTrace, trace
 from attnlens.weights import FactoredMatrix, LayerNormWeights, LayerWeights, MLPWeights, ModelWeights
 
 if TYPE_CHECKING:
     from attnlens import metrics, viz
     from attnlens.demo import load_demo
-    from attnlens.trace import AttentionTrace, trace
     from attnlens.verify import VerificationReport, VerificationRow, verify
 
 __version__ = "0.1.0"
@@ -45,8 +50,6 @@ __all__ = [
 
 # Public names defined in modules that are imported on first use.
 _LAZY = {
-    "AttentionTrace": "attnlens.trace",
-    "trace": "attnlens.trace",
     "VerificationReport": "attnlens.verify",
     "VerificationRow": "attnlens.verify",
     "verify": "attnlens.verify",
@@ -67,3 +70,19 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The attnlens package: ``attnlens.verify`` and ``attnlens.trace`` stay the functions.
+
+    Importing a submodule binds it on its package under its own name, so ``import attnlens.verify`` (or any
+    ``from attnlens.verify import ...``) would otherwise replace the function ``attnlens.verify`` by its module.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

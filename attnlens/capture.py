@@ -28,9 +28,7 @@ Hook = Callable[..., Any]
 
 
 @contextlib.contextmanager
-def forward_hooks(
-    hooks: Iterable[tuple[nn.Module, Hook]], *, with_kwargs: bool = False, pre: bool = False
-) -> Iterator[None]:
+def forward_hooks(hooks: Iterable[tuple[Any, Hook]], *, with_kwargs: bool = False, pre: bool = False) -> Iterator[None]:
     """Register forward (or forward-pre) hooks for the duration of a ``with`` block; always removed after.
 
     Args:
@@ -52,13 +50,11 @@ def forward_hooks(
 
 
 def _hook_counts(model: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
-    )
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
 @contextlib.contextmanager
-def preserved(model: nn.Module, *, eval_mode: bool = True, attn_implementation: str | None = None) -> Iterator[None]:
+def preserved(model: Any, *, eval_mode: bool = True, attn_implementation: str | None = None) -> Iterator[None]:
     """Run a block with the model in eval mode (and optionally another attention kernel), then restore it.
 
     Restores the training flag of every submodule, the attention implementation and torch's grad mode, also when

@@ -72,6 +72,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
     c = model.config
     layer = w.layers[args.layer]
     c_attn = model.transformer.h[args.layer].attn.c_attn.weight
+    square = [w.d_model, w.d_model]
     lines = [
         f"model: {source} ({type(model).__name__}, {c._attn_implementation} attention, {w.dtype})",
         f"config: n_layer={c.n_layer} n_head={c.n_head} n_embd={c.n_embd} n_positions={c.n_positions} "
@@ -79,10 +80,10 @@ def cmd_weights(args: argparse.Namespace) -> int:
         f"W_E (token embedding)    {list(w.W_E.shape)}  = {w.W_E.numel():,} parameters",
         f"W_pos (position embed.)  {list(w.W_pos.shape)}  = {w.W_pos.numel():,} parameters",
         f"layer {args.layer} c_attn.weight      {list(c_attn.shape)}  (Conv1D stores [in, out]: x @ W)",
-        f"  W_Q = c_attn[:, 0:{w.d_model}]      {[w.d_model, w.d_model]} -> per head {list(layer.W_Q.shape)}",
-        f"  W_K = c_attn[:, {w.d_model}:{2 * w.d_model}]   {[w.d_model, w.d_model]} -> per head {list(layer.W_K.shape)}",
-        f"  W_V = c_attn[:, {2 * w.d_model}:{3 * w.d_model}]  {[w.d_model, w.d_model]} -> per head {list(layer.W_V.shape)}",
-        f"  W_O = c_proj.weight     {[w.d_model, w.d_model]} -> per head {list(layer.W_O.shape)}",
+        f"  W_Q = c_attn[:, 0:{w.d_model}]      {square} -> per head {list(layer.W_Q.shape)}",
+        f"  W_K = c_attn[:, {w.d_model}:{2 * w.d_model}]   {square} -> per head {list(layer.W_K.shape)}",
+        f"  W_V = c_attn[:, {2 * w.d_model}:{3 * w.d_model}]  {square} -> per head {list(layer.W_V.shape)}",
+        f"  W_O = c_proj.weight     {square} -> per head {list(layer.W_O.shape)}",
         f"heads: {w.n_heads} per layer, d_head = {w.d_model} / {w.n_heads} = {w.d_head}; "
         f"scale 1/sqrt(d_head) = {layer.scale:.6g}",
         f"total parameters: {sum(p.numel() for p in model.parameters()):,} (lm_head is tied to W_E)",
@@ -169,7 +170,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpt2-small", action="store_true", help="use a GPT-2-small-shaped model with random weights")
     p.set_defaults(func=cmd_weights)
 
-    p = with_input(command("verify", "check attnlens's recomputation against the model, layer by layer and head by head"))
+    p = with_input(
+        command("verify", "check attnlens's recomputation against the model, layer by layer and head by head")
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_verify)
 

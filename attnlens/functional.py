@@ -116,7 +116,7 @@ def attention_scores(
     upcast: bool = False,
     divisors: Sequence[float] | None = None,
 ) -> Tensor:
-    """Pre-softmax attention scores ``query @ key^T * scale``: ``[..., q_pos, d_k] x [..., k_pos, d_k] -> [..., q_pos, k_pos]``.
+    """Pre-softmax attention scores ``query @ key^T * scale``, ``[..., q_pos, k_pos]``.
 
     The arithmetic order is selectable so that a recomputation can reproduce a reference implementation bit for bit:
 
@@ -220,18 +220,33 @@ def scaled_dot_product_attention(
 
 
 class AttentionWeights(Protocol):
-    """What :func:`qkv` and :func:`attention` read from a layer (``attnlens.LayerWeights`` provides it)."""
+    """What :func:`qkv` and :func:`attention` read from a layer (``attnlens.LayerWeights`` provides it).
 
-    W_Q: Tensor
-    W_K: Tensor
-    W_V: Tensor
-    b_Q: Tensor
-    b_K: Tensor
-    b_V: Tensor
-    W_O: Tensor
-    b_O: Tensor
-    scale: float
-    upcast: bool
+    ``W_Q``, ``W_K``, ``W_V``: ``[head, d_model, d_head]``; ``b_Q``, ``b_K``, ``b_V``: ``[head, d_head]``;
+    ``W_O``: ``[head, d_head, d_model]``; ``b_O``: ``[d_model]``; ``scale`` and ``upcast`` as in
+    :func:`attention_scores`. Read-only, so frozen dataclasses qualify.
+    """
+
+    @property
+    def W_Q(self) -> Tensor: ...
+    @property
+    def W_K(self) -> Tensor: ...
+    @property
+    def W_V(self) -> Tensor: ...
+    @property
+    def b_Q(self) -> Tensor: ...
+    @property
+    def b_K(self) -> Tensor: ...
+    @property
+    def b_V(self) -> Tensor: ...
+    @property
+    def W_O(self) -> Tensor: ...
+    @property
+    def b_O(self) -> Tensor: ...
+    @property
+    def scale(self) -> float: ...
+    @property
+    def upcast(self) -> bool: ...
 
 
 def qkv(x: Tensor, layer: AttentionWeights) -> tuple[Tensor, Tensor, Tensor]:

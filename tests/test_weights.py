@@ -120,7 +120,9 @@ def test_checkpoint_by_path_round_trip(tmp_path) -> None:
 
 
 def test_errors_name_the_problem(tmp_path) -> None:
-    with pytest.raises(attnlens.UnsupportedModelError, match=r"got torch\.nn\.modules\.linear\.Linear.*GPT2LMHeadModel"):
+    with pytest.raises(
+        attnlens.UnsupportedModelError, match=r"got torch\.nn\.modules\.linear\.Linear.*GPT2LMHeadModel"
+    ):
         attnlens.extract_weights(torch.nn.Linear(2, 2))
     assert issubclass(attnlens.UnsupportedModelError, ValueError)
     with pytest.raises(attnlens.UnsupportedModelError, match="cross-attention"):
@@ -143,7 +145,12 @@ def test_non_gpt2_checkpoint_is_refused(tmp_path) -> None:
     import transformers
 
     cfg = transformers.GPTNeoConfig(
-        hidden_size=16, num_layers=1, num_heads=2, attention_types=[[["global"], 1]], vocab_size=11, max_position_embeddings=8
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        attention_types=[[["global"], 1]],
+        vocab_size=11,
+        max_position_embeddings=8,
     )
     transformers.GPTNeoForCausalLM(cfg).save_pretrained(tmp_path)
     with pytest.raises(attnlens.UnsupportedModelError, match="'gpt_neo' checkpoint"):

@@ -175,7 +175,7 @@ def _attention_specs(config: PretrainedConfig, d_head: int) -> list[tuple[float,
     return specs
 
 
-def _layer_norm(module: nn.Module) -> LayerNormWeights:
+def _layer_norm(module: Any) -> LayerNormWeights:
     return LayerNormWeights(w=module.weight, b=module.bias, eps=float(module.eps))
 
 
@@ -187,7 +187,8 @@ def extract(model: PreTrainedModel) -> ModelWeights:
     d_head = d_model // n_heads
     specs = _attention_specs(config, d_head)
     layers = []
-    for i, block in enumerate(base.h):
+    hf_blocks: list[Any] = list(base.h)  # HF modules are dynamically typed: Any, not nn.Module's Tensor | Module
+    for i, block in enumerate(hf_blocks):
         attn, mlp = block.attn, block.mlp
         c_attn, c_proj, c_fc, mlp_proj = attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
         W_attn = c_attn.weight
@@ -227,7 +228,8 @@ def extract(model: PreTrainedModel) -> ModelWeights:
             )
         )
     lm_head = getattr(model, "lm_head", None)
-    W_E, W_pos = base.wte.weight, base.wpe.weight
+    hf_base: Any = base
+    W_E, W_pos = hf_base.wte.weight, hf_base.wpe.weight
     return ModelWeights(
         n_layers=len(layers),
         n_heads=n_heads,
@@ -239,7 +241,7 @@ def extract(model: PreTrainedModel) -> ModelWeights:
         W_E=W_E,
         W_pos=W_pos,
         W_U=lm_head.weight.T if isinstance(lm_head, nn.Linear) else None,
-        ln_f=_layer_norm(base.ln_f),
+        ln_f=_layer_norm(hf_base.ln_f),
         layers=tuple(layers),
         name=str(getattr(config, "_name_or_path", "") or ""),
     )
@@ -273,7 +275,8 @@ def load(
         ) from error
     if getattr(config, "model_type", None) != "gpt2":
         raise UnsupportedModelError(
-            f"{name_or_path!r} is a {config.model_type!r} checkpoint; attnlens supports GPT-2 ({', '.join(SUPPORTED_CLASSES)})"
+            f"{name_or_path!r} is a {config.model_type!r} checkpoint; "
+            f"attnlens supports GPT-2 ({', '.join(SUPPORTED_CLASSES)})"
         )
     check_config(config)
     names = [name for name in (config.architectures or []) if name in SUPPORTED_CLASSES]
@@ -352,7 +355,9 @@ def check_inputs(
     if attention_mask is not None:
         mask = as_2d(attention_mask, "attention_mask")
         if tuple(mask.shape) != (batch, n_pos):
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {(batch, n_pos)}: they must match")
+            raise ValueError(
+                f"attention_mask has shape {tuple(mask.shape)}, input_ids {(batch, n_pos)}: they must match"
+            )
         if not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
         empty = (mask == 0).all(dim=-1)
@@ -365,9 +370,10 @@ def check_inputs(
         if pos.shape[-1] != n_pos or pos.shape[0] not in (1, batch):
             raise ValueError(f"position_ids has shape {tuple(pos.shape)}, input_ids {(batch, n_pos)}")
         if int(pos.min()) < 0 or int(pos.max()) >= config.n_positions:
-            raise ValueError(f"position_ids must lie in [0, {config.n_positions}), got {int(pos.min())}..{int(pos.max())}")
+            raise ValueError(
+                f"position_ids must lie in [0, {config.n_positions}), got {int(pos.min())}..{int(pos.max())}"
+            )
     return ids, mask, pos
-
 
 
 # Set on a module by transformers 5.x once it has installed its output-recording hooks (see hooks_restored).
