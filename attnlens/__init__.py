@@ -7,23 +7,21 @@ need them load them when first used.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from attnlens import functional
 from attnlens.errors import AttentionCaptureError, UnsupportedModelError
 from attnlens.models import extract_weights
 
-# Imported eagerly (it needs neither transformers nor plotting): were it lazy, importing the submodule
-# attnlens.trace would bind the name ``attnlens.trace`` to the module instead of the function.
+# trace and verify are imported eagerly (neither needs transformers nor plotting). Were they lazy, a later
+# `import attnlens.verify` would bind the name `attnlens.verify` to the module instead of the function.
 from attnlens.trace import AttentionTrace, trace
+from attnlens.verify import VerificationReport, VerificationRow, verify
 from attnlens.weights import FactoredMatrix, LayerNormWeights, LayerWeights, MLPWeights, ModelWeights
 
 if TYPE_CHECKING:
     from attnlens import metrics, viz
     from attnlens.demo import load_demo
-    from attnlens.verify import VerificationReport, VerificationRow, verify
 
 __version__ = "0.1.0"
 
@@ -48,41 +46,15 @@ __all__ = [
     "viz",
 ]
 
-# Public names defined in modules that are imported on first use.
-_LAZY = {
-    "VerificationReport": "attnlens.verify",
-    "VerificationRow": "attnlens.verify",
-    "verify": "attnlens.verify",
-    "load_demo": "attnlens.demo",
-    "metrics": None,
-    "viz": None,
-}
-
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'attnlens' has no attribute {name!r}")
-    module_name = _LAZY[name]
-    if module_name is None:
+    # metrics and viz are submodules; load_demo lives in attnlens.demo. All three load on first use.
+    if name in ("metrics", "viz"):
         return importlib.import_module(f"attnlens.{name}")
-    return getattr(importlib.import_module(module_name), name)
+    if name == "load_demo":
+        return importlib.import_module("attnlens.demo").load_demo
+    raise AttributeError(f"module 'attnlens' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """The attnlens package: ``attnlens.verify`` and ``attnlens.trace`` stay the functions.
-
-    Importing a submodule binds it on its package under its own name, so ``import attnlens.verify`` (or any
-    ``from attnlens.verify import ...``) would otherwise replace the function ``attnlens.verify`` by its module.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == value.__name__:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -103,23 +103,36 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _top(scores: torch.Tensor, k: int, *, largest: bool = True) -> list[tuple[int, int, float]]:
+    """The ``k`` best ``(layer, head, score)`` of a ``[layer, head]`` tensor."""
+    flat = scores.flatten()
+    order = torch.argsort(flat, descending=largest)[:k].tolist()
+    n_heads = scores.shape[1]
+    return [(i // n_heads, i % n_heads, float(flat[i])) for i in order]
+
+
 def cmd_heads(args: argparse.Namespace) -> int:
-    """Print the top heads for each head score."""
+    """Print the top heads for each head score: on the text, and induction on repeated random tokens."""
     from attnlens import metrics
     from attnlens.trace import trace
 
     model, tokenizer = _load(args)
     ids, _ = _inputs(args, tokenizer)
     scores = metrics.head_scores(trace(model, ids), input_ids=ids)
+    table: dict[str, list[tuple[int, int, float]]] = {}
+    for name in scores.names:
+        if getattr(scores, name) is not None:  # undefined for this text (e.g. no repeated token)
+            lowest = name == "entropy"  # low entropy = sharp head
+            table[f"{name} ({'lowest' if lowest else 'highest'})"] = scores.top(name, args.top, largest=not lowest)
     induction = metrics.induction_scores(model, seq_len=args.seq_len, batch=args.batch, seed=0)
-    table = {name: scores.top(name, args.top) for name in scores.names}
-    table["induction (repeated random tokens)"] = metrics.top_heads(induction, args.top)
+    table["induction on repeated random tokens"] = _top(induction, args.top)
     if args.json:
-        print(json.dumps({k: [list(t) for t in v] for k, v in table.items()}, indent=2))
+        print(json.dumps({name: [list(row) for row in rows] for name, rows in table.items()}, indent=2))
         return 0
-    for name, top in table.items():
-        cells = "  ".join(f"L{layer}H{head} {score:.3f}" for layer, head, score in top)
-        print(f"{name:<36} {cells}")
+    width = max(len(name) for name in table)
+    for name, rows in table.items():
+        cells = "  ".join(f"L{layer}H{head} {score:.3f}" for layer, head, score in rows)
+        print(f"{name:<{width}}  {cells}")
     return 0
 
 

@@ -140,7 +140,9 @@ def attention_scores(
         q = query.reshape(-1, q_len, d_k).float()
         k_t = key.transpose(-1, -2).reshape(-1, d_k, k_len).float()
         empty = torch.empty(q.shape[0], q_len, k_len, dtype=torch.float32, device=query.device)
-        return torch.baddbmm(empty, q, k_t, beta=0, alpha=scale).reshape(*batch, q_len, k_len)
+        # Under autocast, baddbmm would run in half precision: "upcast" must mean float32 there too (as in HF).
+        with torch.autocast(query.device.type, enabled=False):
+            return torch.baddbmm(empty, q, k_t, beta=0, alpha=scale).reshape(*batch, q_len, k_len)
     scores = torch.matmul(query, key.transpose(-1, -2))
     if divisors is None:
         return scores * scale

@@ -10,6 +10,9 @@ import torch
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
+# Tiny models gain nothing from intra-op threads, and on a busy machine their synchronisation costs 10-100x the work.
+torch.set_num_threads(1)
+
 
 def make_gpt2(
     cls_name: str = "GPT2LMHeadModel",

@@ -32,3 +32,12 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
         assert "no_such_name" in str(error)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_submodule_imports_do_not_shadow_functions() -> None:
+    import attnlens.trace
+    import attnlens.verify
+
+    assert callable(attnlens.trace) and callable(attnlens.verify)
+    assert attnlens.metrics.__name__ == "attnlens.metrics"
+    assert callable(attnlens.load_demo)

@@ -42,6 +42,7 @@ __all__ = [
     "extract",
     "hooks_restored",
     "is_gpt2",
+    "kernel_ignores_scale_flags",
     "load",
     "set_attn_implementation",
     "split_qkv",
@@ -125,7 +126,7 @@ def base_model(model: PreTrainedModel) -> GPT2Model:
     check_config(model.config)
     from transformers import GPT2Model
 
-    base = model if isinstance(model, GPT2Model) else model.transformer
+    base: Any = model if isinstance(model, GPT2Model) else model.transformer
     return base
 
 
@@ -417,3 +418,15 @@ def hooks_restored(model: nn.Module) -> Iterator[None]:
                 module.__dict__.pop(_CAPTURE_FLAG, None)
             else:
                 module.__dict__[_CAPTURE_FLAG] = flag
+
+
+def kernel_ignores_scale_flags(model: PreTrainedModel) -> bool:
+    """Whether the model's attention kernel ignores its config's scale flags, and so scales by ``1/sqrt(d_head)``.
+
+    transformers 4.x's GPT-2 calls every kernel but eager (sdpa, flash) without its scale, so those kernels use their
+    default ``1/sqrt(d_head)`` even under ``scale_attn_weights=False`` or ``scale_attn_by_inverse_layer_idx=True``:
+    such a model computes other attention than its config (and its eager twin) says. 5.x passes the scale.
+    """
+    config = model.config
+    flags = not config.scale_attn_weights or bool(config.scale_attn_by_inverse_layer_idx)
+    return flags and _transformers_major() < 5 and attn_implementation(model) != "eager"

@@ -1,0 +1,296 @@
+"""Per-head scores of attention patterns: previous-token, duplicate-token, induction, first-token and entropy.
+
+Every score is a ``[layer, head]`` tensor over a trace's layers (in their order) and kept heads, a mean over query
+rows pooled across the batch. Padding is respected throughout: only rows of real tokens count, keys that are padding
+never qualify, and "first token" means each sequence's first real token (so left padding changes nothing).
+
+Notation: ``P[b, h, i, j]`` is the attention of query ``i`` to key ``j`` in sequence ``b``; ``t[b, i]`` its token id;
+``f_b`` the position of its first real token; ``R`` the set of qualifying rows ``(b, i)`` of a score, and ``|R|``
+their number. A score is undefined (a ``ValueError``) when no row qualifies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from einops import einsum
+from torch import Tensor
+
+from attnlens.trace import AttentionTrace, trace
+
+__all__ = [
+    "HeadScores",
+    "duplicate_token_scores",
+    "entropy",
+    "first_token_scores",
+    "head_scores",
+    "induction_scores",
+    "previous_token_scores",
+]
+
+
+def _valid(tr: AttentionTrace) -> Tensor:
+    """Real-token positions ``[batch, pos]`` (bool)."""
+    return tr.attention_mask.to(torch.bool)
+
+
+def _first(valid: Tensor) -> Tensor:
+    """Position of each sequence's first real token, ``[batch]``."""
+    return valid.to(torch.int8).argmax(dim=-1)
+
+
+def _after_first(valid: Tensor) -> Tensor:
+    """Real-token rows ``[batch, pos]`` that have at least one real token before them."""
+    n_pos = valid.shape[-1]
+    return valid & (torch.arange(n_pos, device=valid.device) > _first(valid)[:, None])
+
+
+def _mean_over_rows(tr: AttentionTrace, rows: Tensor, per_row: Callable[[Tensor], Tensor], what: str) -> Tensor:
+    """``[layer, head]`` mean of ``per_row(pattern) [batch, head, q_pos]`` over ``rows [batch, q_pos]``."""
+    count = int(rows.sum())
+    if count == 0:
+        raise ValueError(f"{what} is undefined here: no query row qualifies (see the docstring for which rows do)")
+    weights = rows.to(torch.float32)
+    out = []
+    for layer in tr.layers:
+        values = per_row(tr.pattern(layer).to(torch.float32))
+        out.append(einsum(values, weights, "batch head q_pos, batch q_pos -> head") / count)
+    return torch.stack(out)
+
+
+def previous_token_scores(tr: AttentionTrace) -> Tensor:
+    r"""Mean attention of each token to the token just before it.
+
+    ``score[l, h] = 1/|R| * sum_{(b, i) in R} P[b, h, i, i-1]`` with ``R`` the real-token rows whose previous
+    position is also a real token (``i > f_b`` for left or right padding). A pure previous-token head scores 1.0; a
+    uniform head scores the mean of ``1/(i - f_b + 1)``.
+
+    Returns:
+        ``[layer, head]``.
+    """
+    valid = _valid(tr)
+    rows = torch.zeros_like(valid)
+    rows[:, 1:] = valid[:, 1:] & valid[:, :-1]
+
+    def per_row(p: Tensor) -> Tensor:
+        sub = torch.diagonal(p, offset=-1, dim1=-2, dim2=-1)  # P[b, h, i, i-1] for i >= 1
+        return torch.nn.functional.pad(sub, (1, 0))
+
+    return _mean_over_rows(tr, rows, per_row, "the previous-token score")
+
+
+def first_token_scores(tr: AttentionTrace) -> Tensor:
+    r"""Mean attention to each sequence's first real token (the "attention sink").
+
+    ``score[l, h] = 1/|R| * sum_{(b, i) in R} P[b, h, i, f_b]`` with ``R`` the real-token rows after the first
+    (``i > f_b``; the first row can attend nowhere else). A uniform head scores the mean of ``1/(i - f_b + 1)``.
+
+    Returns:
+        ``[layer, head]``.
+    """
+    valid = _valid(tr)
+    rows = _after_first(valid)
+    first = _first(valid)
+
+    def per_row(p: Tensor) -> Tensor:
+        index = first.view(-1, 1, 1, 1).expand(-1, p.shape[1], p.shape[2], 1)
+        return p.gather(-1, index).squeeze(-1)
+
+    return _mean_over_rows(tr, rows, per_row, "the first-token score")
+
+
+def entropy(tr: AttentionTrace) -> Tensor:
+    r"""Mean entropy of the attention rows, in nats.
+
+    ``score[l, h] = 1/|R| * sum_{(b, i) in R} -sum_j P[b, h, i, j] log P[b, h, i, j]`` (with ``0 log 0 = 0``) over
+    the real-token rows after the first (``i > f_b``; the first row's entropy is always 0). A uniform head scores the
+    mean of ``log(i - f_b + 1)``; a head that always attends to one token scores 0.
+
+    Returns:
+        ``[layer, head]``.
+    """
+    rows = _after_first(_valid(tr))
+
+    def per_row(p: Tensor) -> Tensor:
+        return -torch.special.xlogy(p, p).sum(dim=-1)
+
+    return _mean_over_rows(tr, rows, per_row, "the entropy")
+
+
+def _token_ids(tr: AttentionTrace, input_ids: Tensor | None) -> Tensor:
+    ids = tr.input_ids if input_ids is None else torch.as_tensor(input_ids)
+    if ids.ndim == 1:
+        ids = ids.unsqueeze(0)
+    if tuple(ids.shape) != (tr.batch, tr.n_pos):
+        raise ValueError(f"input_ids has shape {tuple(ids.shape)}; the trace is {(tr.batch, tr.n_pos)}")
+    return ids.to(tr.attention_mask.device)
+
+
+def _sum_over_keys(tr: AttentionTrace, keys: Tensor, what: str) -> Tensor:
+    """Mean over rows with at least one qualifying key of the attention on ``keys [batch, q_pos, k_pos]``."""
+    rows = keys.any(dim=-1)
+    weights = keys.to(torch.float32).unsqueeze(1)  # broadcast over heads
+
+    def per_row(p: Tensor) -> Tensor:
+        return (p * weights).sum(dim=-1)
+
+    return _mean_over_rows(tr, rows, per_row, what)
+
+
+def duplicate_token_scores(tr: AttentionTrace, input_ids: Tensor | None = None) -> Tensor:
+    r"""Mean attention of each token to earlier copies of itself.
+
+    ``score[l, h] = 1/|R| * sum_{(b, i) in R} sum_{j < i, t[b, j] = t[b, i]} P[b, h, i, j]`` with ``R`` the real-token
+    rows that have at least one earlier real copy of their token.
+
+    Args:
+        tr: the trace.
+        input_ids: ``[batch, pos]`` token ids; default the trace's own.
+
+    Returns:
+        ``[layer, head]``.
+    """
+    ids, valid = _token_ids(tr, input_ids), _valid(tr)
+    same = ids[:, :, None] == ids[:, None, :]
+    earlier = torch.ones_like(same[0]).tril(-1)
+    keys = same & earlier & valid[:, :, None] & valid[:, None, :]
+    return _sum_over_keys(tr, keys, "the duplicate-token score")
+
+
+def _induction_on_trace(tr: AttentionTrace, input_ids: Tensor | None) -> Tensor:
+    ids, valid = _token_ids(tr, input_ids), _valid(tr)
+    # keys[b, i, j+1] = t[b, j] == t[b, i] for j + 1 < i: j+1 is what followed an earlier copy of token i.
+    same = ids[:, :, None] == ids[:, None, :]
+    same = same & valid[:, :, None] & valid[:, None, :]
+    keys = torch.zeros_like(same)
+    keys[:, :, 1:] = same[:, :, :-1]
+    keys &= torch.ones_like(same[0]).tril(-1) & valid[:, None, :]
+    return _sum_over_keys(tr, keys, "the induction score")
+
+
+def _induction_on_repeats(model: Any, seq_len: int | None, batch: int, seed: int) -> Tensor:
+    n_ctx = int(model.config.n_positions)
+    seq_len = min(50, n_ctx // 2) if seq_len is None else int(seq_len)
+    if seq_len < 2 or 2 * seq_len > n_ctx:
+        raise ValueError(f"seq_len must be in [2, {n_ctx // 2}] (twice it must fit n_ctx={n_ctx}), got {seq_len}")
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    generator = torch.Generator().manual_seed(seed)
+    half = torch.randint(0, int(model.config.vocab_size), (batch, seq_len), generator=generator)
+    tr = trace(model, torch.cat([half, half], dim=-1))
+    # Query i in the second half attends to i - L + 1: the token after the previous occurrence of token i.
+    return torch.stack(
+        [
+            torch.diagonal(tr.pattern(layer).float(), offset=1 - seq_len, dim1=-2, dim2=-1)[..., -seq_len:].mean(
+                dim=(0, 2)
+            )
+            for layer in tr.layers
+        ]
+    )
+
+
+def induction_scores(
+    source: AttentionTrace | Any,
+    input_ids: Tensor | None = None,
+    *,
+    seq_len: int | None = None,
+    batch: int = 4,
+    seed: int = 0,
+) -> Tensor:
+    r"""Mean attention to the token that followed an earlier copy of the current token.
+
+    On a trace (``induction_scores(trace)``):
+    ``score[l, h] = 1/|R| * sum_{(b, i) in R} sum_{j + 1 < i, t[b, j] = t[b, i]} P[b, h, i, j+1]``
+    with ``R`` the real-token rows that have such a ``j`` (among real tokens).
+
+    On a model (``induction_scores(model, seq_len=L, batch=B, seed=s)``), the standard test: ``B`` random sequences
+    of ``L`` token ids (uniform over the vocabulary, seeded), each repeated twice (``2L`` positions, no padding), and
+    ``score[l, h] = 1/(B L) * sum_b sum_{i=L}^{2L-1} P[b, h, i, i-L+1]``. An ideal induction head scores 1.0.
+
+    Args:
+        source: an :class:`~attnlens.AttentionTrace`, or a GPT-2 model to test on repeated random tokens.
+        input_ids: with a trace, ``[batch, pos]`` token ids (default the trace's own).
+        seq_len: with a model, ``L`` (default ``min(50, n_ctx // 2)``).
+        batch: with a model, ``B``.
+        seed: with a model, the seed of the random tokens.
+
+    Returns:
+        ``[layer, head]`` (all layers and heads for a model).
+    """
+    if isinstance(source, AttentionTrace):
+        return _induction_on_trace(source, input_ids)
+    if input_ids is not None:
+        raise ValueError("input_ids applies to a trace; on a model, the test draws its own tokens")
+    return _induction_on_repeats(source, seq_len, batch, seed)
+
+
+@dataclass(frozen=True, eq=False)
+class HeadScores:
+    """All per-head scores of one trace, each ``[layer, head]`` (``None`` where undefined for its tokens).
+
+    Attributes:
+        layers: the layer of each row, as traced.
+        heads: the head of each column.
+        previous_token: :func:`previous_token_scores`.
+        first_token: :func:`first_token_scores`.
+        entropy: :func:`entropy` (nats).
+        duplicate_token: :func:`duplicate_token_scores`, or ``None`` if no token repeats.
+        induction: :func:`induction_scores` on the trace, or ``None`` if no token repeats with a successor.
+    """
+
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    previous_token: Tensor | None
+    first_token: Tensor | None
+    entropy: Tensor | None
+    duplicate_token: Tensor | None
+    induction: Tensor | None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names of the scores this object holds (defined or not)."""
+        return tuple(f.name for f in fields(self) if f.name not in ("layers", "heads"))
+
+    def top(self, name: str, k: int = 5, *, largest: bool = True) -> list[tuple[int, int, float]]:
+        """The ``k`` heads with the highest (or lowest) score: ``[(layer, head, score)]``, best first."""
+        if name not in self.names:
+            raise ValueError(f"unknown score {name!r}; known: {', '.join(self.names)}")
+        scores = getattr(self, name)
+        if scores is None:
+            raise ValueError(f"the {name} score is undefined for this trace's tokens")
+        flat = scores.flatten()
+        order = torch.argsort(flat, descending=largest)[: max(0, k)]
+        n_heads = scores.shape[1]
+        return [(self.layers[i // n_heads], self.heads[i % n_heads], float(flat[i])) for i in order.tolist()]
+
+    def __repr__(self) -> str:
+        parts = []
+        for name in self.names:
+            value = getattr(self, name)
+            parts.append(f"{name}=None" if value is None else f"{name}={list(value.shape)}")
+        return f"HeadScores(layers={list(self.layers)}, {', '.join(parts)})"
+
+
+def head_scores(tr: AttentionTrace, input_ids: Tensor | None = None) -> HeadScores:
+    """Every score of this module on one trace (token-based ones from ``input_ids``, default the trace's own)."""
+
+    def maybe(fn: Callable[[], Tensor]) -> Tensor | None:
+        try:
+            return fn()
+        except ValueError as error:
+            if "undefined" in str(error):
+                return None
+            raise
+
+    return HeadScores(
+        layers=tuple(tr.layers),
+        heads=tuple(tr.heads),
+        previous_token=maybe(lambda: previous_token_scores(tr)),
+        first_token=maybe(lambda: first_token_scores(tr)),
+        entropy=maybe(lambda: entropy(tr)),
+        duplicate_token=maybe(lambda: duplicate_token_scores(tr, input_ids)),
+        induction=maybe(lambda: _induction_on_trace(tr, input_ids)),
+    )

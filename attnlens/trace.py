@@ -1,0 +1,540 @@
+"""Attention patterns (and on request scores, q, k, v, z and per-head results) from a GPT-2 model as it runs.
+
+:func:`trace` hooks the fused ``c_attn`` output of each traced layer while the model runs with its own attention
+kernel (an SDPA model stays SDPA), and recomputes each layer's pattern from that layer's q and k inside the hook, in
+the arithmetic order of the installed transformers release's eager kernel. So the patterns are the model's own:
+bitwise for an eager-run model, within float rounding of the kernel for an SDPA-run one (whose hidden states differ
+from eager's by that rounding).
+
+Caveats:
+
+* Only the base ``GPT2Model`` runs, never a task head, and the forward pass stops right after the last traced
+  layer: a trace of layer 0 costs a fraction of a full forward pass.
+* Query rows of left padding have no key they may attend to: their pattern is all zeros (Hugging Face returns
+  something else there, depending on the release and the kernel). Only rows of real tokens mean anything.
+* Half-precision scores are soft-maxed in float32 and the pattern is cast back to the model's dtype.
+* Per-head results exclude the output bias ``b_O`` (it belongs to no head): ``result.sum(head) + b_O`` is the
+  attention output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from einops import einsum, rearrange
+from torch import Tensor, nn
+
+from attnlens import capture, functional
+from attnlens.errors import AttentionCaptureError
+from attnlens.models import gpt2
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["STORE_NAMES", "AttentionTrace", "trace"]
+
+STORE_NAMES = ("pattern", "scores", "q", "k", "v", "z", "result")
+"""What a trace can keep, per traced layer (see :class:`AttentionTrace` for the shapes)."""
+
+_FORMAT = 1
+_HALF = (torch.float16, torch.bfloat16)
+_META_KEY = "attnlens.trace"
+# Bookkeeping config entries that say nothing about the network itself.
+_UNHASHED = frozenset({"_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"})
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class AttentionTrace:
+    """What :func:`trace` kept from one forward pass: per traced layer, the tensors named in ``store``.
+
+    Every stored kind is held stacked over the traced layers, in the order of ``layers``; ``trace.pattern(layer)``
+    and ``trace["q", layer]`` are views into those stacks, so nothing is copied on access.
+
+    Shapes, per layer (``head`` runs over ``heads`` only):
+
+    * ``pattern``: ``[batch, head, q_pos, k_pos]``, rows sum to 1 (rows of left padding are all 0);
+    * ``scores``: ``[batch, head, q_pos, k_pos]``, pre-softmax, scaled, ``-inf`` where masked;
+    * ``q``, ``k``, ``v``: ``[batch, head, pos, d_head]``;
+    * ``z``: ``[batch, pos, head, d_head]``, the input of the model's own ``c_proj``, split per head;
+    * ``result``: ``[batch, pos, head, d_model]``, each head's contribution to the attention output (no ``b_O``).
+
+    Attributes:
+        layers: the traced layers, in the order asked for.
+        heads: the heads kept in per-head tensors.
+        n_heads: heads per layer in the model.
+        stored: the kinds kept, in :data:`STORE_NAMES` order.
+        input_ids: ``[batch, pos]``.
+        attention_mask: ``[batch, pos]``, 1 for real tokens and 0 for padding (all 1 when none was given).
+        tokens: the token strings of each row (when a tokenizer was given), else ``None``.
+        provenance: model name, class, config hash (sha256 of its JSON), attention implementation, dtype, device and
+            the torch / transformers / attnlens versions.
+    """
+
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    n_heads: int
+    stored: tuple[str, ...]
+    input_ids: Tensor
+    attention_mask: Tensor
+    tokens: list[list[str]] | None
+    provenance: dict[str, str]
+    _stacks: dict[str, Tensor] = field(repr=False)
+
+    @classmethod
+    def from_patterns(
+        cls,
+        patterns: Tensor,
+        *,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        tokens: list[list[str]] | None = None,
+        layers: Sequence[int] | None = None,
+        heads: Sequence[int] | None = None,
+    ) -> AttentionTrace:
+        """A trace made from patterns computed elsewhere (to score heads with :mod:`attnlens.metrics`, say).
+
+        Args:
+            patterns: ``[layer, batch, head, q_pos, k_pos]``.
+            input_ids: ``[batch, pos]``; default all zeros.
+            attention_mask: ``[batch, pos]``; default all ones.
+            tokens: the token strings of each row.
+            layers: the layer number of each entry of ``patterns``; default ``0, 1, ...``.
+            heads: the head number of each head of ``patterns``; default ``0, 1, ...``.
+        """
+        if patterns.ndim != 5 or patterns.shape[-1] != patterns.shape[-2]:
+            raise ValueError(
+                f"patterns must be [layer, batch, head, q_pos, k_pos] with q_pos == k_pos, got {tuple(patterns.shape)}"
+            )
+        n_layers, batch, n_heads, n_pos, _ = patterns.shape
+        if input_ids is None:
+            input_ids = torch.zeros(batch, n_pos, dtype=torch.long, device=patterns.device)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, n_pos, dtype=torch.long, device=patterns.device)
+        for name, x in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if tuple(x.shape) != (batch, n_pos):
+                raise ValueError(f"{name} has shape {tuple(x.shape)}; the patterns need {(batch, n_pos)}")
+        return cls(
+            layers=tuple(range(n_layers)) if layers is None else tuple(int(i) for i in layers),
+            heads=tuple(range(n_heads)) if heads is None else tuple(int(h) for h in heads),
+            n_heads=n_heads if heads is None else max(heads) + 1,
+            stored=("pattern",),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            tokens=tokens,
+            provenance={},
+            _stacks={"pattern": patterns},
+        )
+
+    # ------------------------------------------------------------------------------------------------ access ---
+
+    @property
+    def batch(self) -> int:
+        """Number of sequences."""
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_pos(self) -> int:
+        """Number of positions (padding included)."""
+        return int(self.input_ids.shape[1])
+
+    @property
+    def patterns(self) -> Tensor:
+        """All patterns ``[layer, batch, head, q_pos, k_pos]``, over ``layers`` in their order."""
+        return self._stack("pattern")
+
+    def pattern(self, layer: int) -> Tensor:
+        """The pattern of one traced layer, ``[batch, head, q_pos, k_pos]``."""
+        return self._stack("pattern")[self._slot(layer)]
+
+    def __getitem__(self, key: str | tuple[str, int]) -> Tensor:
+        """``trace["q", layer]`` for one layer, ``trace["q"]`` for the stack ``[layer, ...]`` over ``layers``."""
+        if isinstance(key, tuple):
+            name, layer = key
+            return self._stack(name)[self._slot(layer)]
+        return self._stack(key)
+
+    def _stack(self, name: str) -> Tensor:
+        if name not in self._stacks:
+            if name not in STORE_NAMES:
+                raise ValueError(f"unknown trace tensor {name!r}; known: {', '.join(STORE_NAMES)}")
+            raise ValueError(
+                f"{name!r} was not stored (stored: {', '.join(self.stored)}); trace again with store=(..., {name!r})"
+            )
+        return self._stacks[name]
+
+    def _slot(self, layer: int) -> int:
+        try:
+            return self.layers.index(int(layer))
+        except ValueError:
+            raise ValueError(f"layer {layer} was not traced (traced: {list(self.layers)})") from None
+
+    # ---------------------------------------------------------------------------------------------- export ---
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        """Every stored stack (``[layer, ...]``) plus ``input_ids`` and ``attention_mask`` as numpy arrays.
+
+        Half-precision tensors (which numpy lacks for bfloat16) come out as float32.
+        """
+
+        def to_numpy(x: Tensor) -> np.ndarray:
+            if x.dtype in (torch.float16, torch.bfloat16):
+                x = x.float()
+            return x.detach().cpu().numpy()
+
+        out = {name: to_numpy(stack) for name, stack in self._stacks.items()}
+        out["input_ids"] = to_numpy(self.input_ids)
+        out["attention_mask"] = to_numpy(self.attention_mask)
+        return out
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the trace to one safetensors file: the stacks, ids and mask, and JSON metadata in its header."""
+        from safetensors.torch import save_file
+
+        tensors = {name: stack.contiguous() for name, stack in self._stacks.items()}
+        tensors["input_ids"] = self.input_ids.contiguous()
+        tensors["attention_mask"] = self.attention_mask.contiguous()
+        meta = {
+            "format": _FORMAT,
+            "layers": list(self.layers),
+            "heads": list(self.heads),
+            "n_heads": self.n_heads,
+            "stored": list(self.stored),
+            "tokens": self.tokens,
+            "provenance": self.provenance,
+        }
+        save_file(tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, device: torch.device | str = "cpu") -> AttentionTrace:
+        """Read a trace written by :meth:`save` (no pickle involved)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(os.fspath(path), framework="pt") as f:
+            header = f.metadata() or {}
+        if _META_KEY not in header:
+            raise ValueError(f"{os.fspath(path)!r} is a safetensors file but not an attnlens trace (no metadata)")
+        meta = json.loads(header[_META_KEY])
+        if meta.get("format") != _FORMAT:
+            raise ValueError(
+                f"trace file format {meta.get('format')!r} is not supported (this attnlens reads {_FORMAT})"
+            )
+        tensors = load_file(os.fspath(path), device=str(device))
+        input_ids, attention_mask = tensors.pop("input_ids"), tensors.pop("attention_mask")
+        return cls(
+            layers=tuple(meta["layers"]),
+            heads=tuple(meta["heads"]),
+            n_heads=int(meta["n_heads"]),
+            stored=tuple(meta["stored"]),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            tokens=meta["tokens"],
+            provenance=dict(meta["provenance"]),
+            _stacks=tensors,
+        )
+
+    # --------------------------------------------------------------------------------------------- display ---
+
+    def __repr__(self) -> str:
+        name = self.provenance.get("model") or self.provenance.get("model_class") or "?"
+        heads = f"all {self.n_heads}" if len(self.heads) == self.n_heads else list(self.heads)
+        some = next(iter(self._stacks.values()), None)
+        where = "" if some is None else f", dtype={str(some.dtype).removeprefix('torch.')}, device={some.device}"
+        return (
+            f"AttentionTrace(model={name!r}, layers={list(self.layers)}, heads={heads}, batch={self.batch}, "
+            f"pos={self.n_pos}, stored={self.stored}{where})"
+        )
+
+    def _repr_html_(self) -> str | None:
+        """Notebook view of the first sequence's patterns, without its padding (needs ``attnlens.viz``)."""
+        if "pattern" not in self._stacks:
+            return None
+        from attnlens.viz import pattern_html
+
+        keep = self.attention_mask[0].bool()
+        patterns = self.patterns[:, 0][..., keep, :][..., keep]
+        if self.tokens is not None:
+            tokens = [t for t, k in zip(self.tokens[0], keep.tolist(), strict=True) if k]
+        else:
+            tokens = [str(int(i)) for i in self.input_ids[0][keep]]
+        title = f"{self.provenance.get('model') or 'attention'}: layers {list(self.layers)}"
+        return pattern_html(patterns.float().cpu(), tokens, layers=list(self.layers), title=title)
+
+
+# ------------------------------------------------------------------------------------------------ tracing ---
+
+
+def _check_store(store: str | Iterable[str]) -> tuple[str, ...]:
+    names = (store,) if isinstance(store, str) else tuple(store)
+    unknown = [n for n in names if n not in STORE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown store name(s) {unknown}; choose from {', '.join(STORE_NAMES)}")
+    if not names:
+        raise ValueError(f"store is empty; name at least one of {', '.join(STORE_NAMES)}")
+    return tuple(n for n in STORE_NAMES if n in names)
+
+
+def _check_indices(given: int | Iterable[int] | None, size: int, what: str) -> tuple[int, ...]:
+    """Validate layer or head numbers: ints in ``[-size, size)`` (negatives count from the end), no repeats."""
+    if given is None:
+        return tuple(range(size))
+    items = [given] if isinstance(given, int) else list(given)
+    if not items:
+        raise ValueError(f"{what} is empty; pass None for all {size}")
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ValueError(f"{what} must be integers, got {item!r}")
+        if not -size <= item < size:
+            raise ValueError(f"{what} {item} is out of range: the model has {size} (0..{size - 1})")
+        out.append(item % size)
+    repeated = sorted({i for i in out if out.count(i) > 1})
+    if repeated:
+        raise ValueError(f"{what} {repeated} given more than once")
+    return tuple(out)
+
+
+def _tokenize(texts: list[str], tokenizer: Any) -> tuple[Tensor, Tensor]:
+    """Token ids and mask of texts, padded on the tokenizer's side with its pad (else end-of-text, else 0) id."""
+    rows = [list(tokenizer(text)["input_ids"]) for text in texts]
+    if any(not row for row in rows):
+        raise ValueError("a text tokenizes to no tokens at all")
+    pad = tokenizer.pad_token_id
+    pad = tokenizer.eos_token_id if pad is None else pad
+    pad = 0 if pad is None else int(pad)
+    width = max(len(row) for row in rows)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    ids, mask = [], []
+    for row in rows:
+        fill = width - len(row)
+        ids.append([pad] * fill + row if left else row + [pad] * fill)
+        mask.append([0] * fill + [1] * len(row) if left else [1] * len(row) + [0] * fill)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+
+def _config_sha256(config: Any) -> str:
+    entries = {k: v for k, v in config.to_dict().items() if k not in _UNHASHED and not k.startswith("_attn")}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
+
+
+def _provenance(model: Any, base: Any) -> dict[str, str]:
+    import transformers
+
+    from attnlens import __version__
+
+    param = base.wte.weight
+    return {
+        "model": str(getattr(model.config, "_name_or_path", "") or ""),
+        "model_class": type(model).__name__,
+        "config_sha256": _config_sha256(model.config),
+        "attn_implementation": gpt2.attn_implementation(model),
+        "dtype": str(param.dtype).removeprefix("torch."),
+        "device": str(param.device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "attnlens": __version__,
+    }
+
+
+def trace(
+    model: Any,
+    input_ids: Tensor | Any,
+    attention_mask: Tensor | Any | None = None,
+    *,
+    layers: int | Iterable[int] | None = None,
+    heads: int | Iterable[int] | None = None,
+    store: str | Iterable[str] = ("pattern",),
+    tokenizer: Any = None,
+    position_ids: Tensor | Any | None = None,
+) -> AttentionTrace:
+    """Run a GPT-2 model on some inputs and keep the attention of the layers asked for.
+
+    The model keeps its own attention kernel; each traced layer's pattern is recomputed from its own q and k (the
+    fused ``c_attn`` output) inside a hook, so an eager-run model's patterns are bitwise its ``output_attentions``.
+    Only the base ``GPT2Model`` runs, in eval mode and without gradients, and only up to the last traced layer. The
+    model is left exactly as it was found, also on error.
+
+    Args:
+        model: a Hugging Face GPT-2 model of any supported class.
+        input_ids: ``[batch, pos]`` (or ``[pos]``) token ids; or, with ``tokenizer``, a text or a list of texts
+            (padded on the tokenizer's ``padding_side`` to the longest).
+        attention_mask: ``[batch, pos]``, 1 for tokens and 0 for padding; only with token ids.
+        layers: the layers to trace (negative numbers count from the end), in the order the stacks will follow;
+            default all.
+        heads: the heads to keep in every per-head tensor; default all.
+        store: what to keep per layer, any of ``"pattern"``, ``"scores"``, ``"q"``, ``"k"``, ``"v"``, ``"z"``,
+            ``"result"`` (see :class:`AttentionTrace`).
+        tokenizer: turns texts into ids, and gives the token strings kept for display.
+        position_ids: ``[batch, pos]`` positions, passed to the model as given.
+
+    Returns:
+        The :class:`AttentionTrace`.
+
+    Raises:
+        ValueError: bad ``layers`` / ``heads`` (out of range, repeated), unknown ``store`` names, text without a
+            tokenizer, or inputs that :func:`attnlens.models.gpt2.check_inputs` refuses.
+        UnsupportedModelError: not a supported GPT-2 model.
+        AttentionCaptureError: a traced layer never ran.
+
+    Example:
+        >>> tr = attnlens.trace(model, "The cat sat on the mat", tokenizer=tok, layers=[0, 5])
+        >>> tr.pattern(5).shape  # [batch, head, q_pos, k_pos]
+    """
+    base: Any = gpt2.base_model(model)
+    config = model.config
+    names = _check_store(store)
+    layer_list = _check_indices(layers, config.n_layer, "layers")
+    head_list = _check_indices(heads, config.n_head, "heads")
+
+    is_text = isinstance(input_ids, str) or (
+        isinstance(input_ids, (list, tuple)) and bool(input_ids) and all(isinstance(t, str) for t in input_ids)
+    )
+    if is_text:
+        if tokenizer is None:
+            raise ValueError("input_ids is text; pass tokenizer=... to turn it into token ids (or pass token ids)")
+        if attention_mask is not None:
+            raise ValueError("attention_mask comes from the tokenizer when input_ids is text; do not pass one")
+        input_ids, attention_mask = _tokenize([input_ids] if isinstance(input_ids, str) else list(input_ids), tokenizer)
+    ids, mask, pos = gpt2.check_inputs(model, input_ids, attention_mask, position_ids)
+    tokens = None
+    if tokenizer is not None:
+        tokens = [[str(t) for t in tokenizer.batch_decode([[i] for i in row])] for row in ids.tolist()]
+
+    n_pos = ids.shape[1]
+    n_head = config.n_head
+    d_model = config.n_embd
+    d_head = d_model // n_head
+    # (scale, upcast, divisors) per layer, in the arithmetic of the kernel the model runs.
+    specs = [(w.scale, w.upcast, w.score_divisors) for w in gpt2.extract(model).layers]
+    if gpt2.kernel_ignores_scale_flags(model):
+        warnings.warn(
+            f"transformers {_transformers_version()} runs this model's {gpt2.attn_implementation(model)!r} attention "
+            "without the scale its config asks for (scale_attn_weights / scale_attn_by_inverse_layer_idx): the model "
+            "computes softmax(q k^T / sqrt(d_head)), and so does this trace; load it with attn_implementation='eager' "
+            "for the config's maths",
+            UserWarning,
+            stacklevel=2,
+        )
+        specs = [(d_head**-0.5, upcast, None) for _, upcast, _ in specs]
+    # The model runs with its own use_cache default. With the cache on, its kernel gets the keys back from the cache,
+    # contiguous, and the matmul rounds differently on a strided view: match it to reproduce its numbers bit for bit.
+    contiguous_k = bool(getattr(config, "use_cache", False))
+    slots = {layer: slot for slot, layer in enumerate(layer_list)}
+    head_index = None if len(head_list) == n_head and head_list == tuple(range(n_head)) else torch.tensor(head_list)
+    if head_index is not None:
+        head_index = head_index.to(ids.device)
+    want_qkv = any(n in names for n in ("pattern", "scores", "q", "k", "v"))
+    want_z = "z" in names or "result" in names
+    last = max(layer_list)
+
+    # The masks are built once for all layers, and broadcast over heads.
+    if mask is not None and not bool(mask.all()):
+        allowed = functional.padding_mask(mask)
+    else:
+        allowed = functional.causal_mask(n_pos, device=ids.device)
+    blocked = ~allowed
+    # Query rows with no key to attend to (left padding) are NaN after softmax and set to zero, as masked_softmax does.
+    no_key = ~allowed.any(dim=-1, keepdim=True)
+    dead = no_key if bool(no_key.any()) else None
+
+    stacks: dict[str, Tensor] = {}
+    done: dict[str, set[int]] = {"qkv": set(), "z": set()}
+
+    def put(name: str, slot: int, x: Tensor) -> None:
+        if name not in stacks:
+            stacks[name] = torch.empty((len(layer_list), *x.shape), dtype=x.dtype, device=x.device)
+        stacks[name][slot].copy_(x)
+
+    def on_qkv(layer: int) -> Callable[[nn.Module, Any, Tensor], None]:
+        (scale, upcast, divisors), slot = specs[layer], slots[layer]
+
+        def hook(module: nn.Module, args: Any, output: Tensor) -> None:
+            q, k, v = gpt2.split_qkv(output, n_head)
+            if head_index is not None:
+                q, k, v = (x.index_select(1, head_index) for x in (q, k, v))
+            if "pattern" in names or "scores" in names:
+                k_c = k.contiguous() if contiguous_k else k
+                scores = functional.attention_scores(q, k_c, scale, upcast=upcast, divisors=divisors)
+                # The same maths as functional.masked_softmax, but in place on the scores (which are ours) and with
+                # the softmax written straight into the stack: a layer's pattern is allocated once, never copied.
+                scores.masked_fill_(blocked, float("-inf"))
+                if "scores" in names:
+                    put("scores", slot, scores)
+                if "pattern" in names:
+                    if "pattern" not in stacks:
+                        shape = (len(layer_list), *scores.shape)
+                        stacks["pattern"] = torch.empty(shape, dtype=v.dtype, device=scores.device)
+                    out = stacks["pattern"][slot]
+                    if scores.dtype == out.dtype and scores.dtype not in _HALF:
+                        torch.softmax(scores, dim=-1, out=out)
+                    else:  # half scores are soft-maxed in float32; the stack has the model's dtype
+                        out.copy_(torch.softmax(scores.float(), dim=-1))
+                    if dead is not None:
+                        out.masked_fill_(dead, 0.0)
+                del scores
+            for name, x in (("q", q), ("k", k), ("v", v)):
+                if name in names:
+                    put(name, slot, x)
+            done["qkv"].add(layer)
+            if layer == last and not want_z:
+                raise capture.StopForward
+
+        return hook
+
+    def on_z(layer: int) -> Callable[[nn.Module, Any], None]:
+        slot = slots[layer]
+
+        def hook(module: Any, args: Any) -> None:
+            z = rearrange(args[0], "batch pos (head d_head) -> batch pos head d_head", head=n_head)
+            W_O = module.weight.view(n_head, d_head, d_model)
+            if head_index is not None:
+                z, W_O = z.index_select(2, head_index), W_O.index_select(0, head_index)
+            if "z" in names:
+                put("z", slot, z)
+            if "result" in names:
+                result = einsum(z, W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
+                put("result", slot, result)
+            done["z"].add(layer)
+            if layer == last:
+                raise capture.StopForward
+
+        return hook
+
+    blocks = list(base.h)
+    post = [(blocks[i].attn.c_attn, on_qkv(i)) for i in layer_list] if want_qkv else []
+    pre = [(blocks[i].attn.c_proj, on_z(i)) for i in layer_list] if want_z else []
+
+    def forward() -> None:
+        base(input_ids=ids, attention_mask=mask, position_ids=pos)
+
+    with capture.preserved(model), torch.no_grad(), capture.forward_hooks(post), capture.forward_hooks(pre, pre=True):
+        capture.run_until(forward)
+
+    missing = sorted(set(layer_list) - done["qkv"]) if want_qkv else []
+    missing += sorted(set(layer_list) - done["z"]) if want_z else []
+    if missing:
+        raise AttentionCaptureError(f"layers {sorted(set(missing))} never ran their attention; nothing was captured")
+    return AttentionTrace(
+        layers=layer_list,
+        heads=head_list,
+        n_heads=n_head,
+        stored=names,
+        input_ids=ids.clone(),
+        attention_mask=(torch.ones_like(ids) if mask is None else mask.clone()),
+        tokens=tokens,
+        provenance=_provenance(model, base),
+        _stacks=stacks,
+    )

@@ -1,0 +1,586 @@
+"""Prove that attnlens's numbers are the model's own: recompute attention from extracted weights and compare.
+
+:func:`verify` runs a GPT-2 model on some tokens, captures what each attention module really computed (its input, its
+fused q/k/v, the merged head outputs ``z`` entering ``c_proj``, its output, and the attention probabilities from the
+model's eager kernel), recomputes the same quantities with :mod:`attnlens.functional` from a
+:class:`~attnlens.weights.ModelWeights`, rebuilds the whole forward pass from those weights alone, and reports the
+largest error of every quantity per layer and head against a per-dtype tolerance.
+
+Caveats:
+
+* Attention probabilities exist only in the eager kernel. A model running SDPA (or another kernel) is switched to
+  eager for the one forward pass that returns them, and switched back; its other quantities come from a pass in
+  its own kernel.
+* Padded query rows are never compared (what a model puts there is a convention, not a result), and neither are
+  padded keys; every per-position comparison covers valid tokens only.
+* Each per-layer recomputation starts from that layer's captured input, so an error is reported at the layer that
+  makes it instead of propagating; the ``hidden`` and ``logits`` rows rebuild the whole forward from the weights.
+* Errors are measured in float64. ``max_rel_error`` is the largest absolute error divided by the largest absolute
+  reference value over the same entries, so tolerances do not depend on the scale of activations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from attnlens import functional
+from attnlens.capture import forward_hooks, preserved
+from attnlens.errors import AttentionCaptureError
+from attnlens.models import extract_weights, gpt2
+from attnlens.weights import LayerNormWeights, LayerWeights, ModelWeights
+
+__all__ = ["QUANTITIES", "TOLERANCES", "VerificationReport", "VerificationRow", "verify"]
+
+QUANTITIES = ("q", "k", "v", "pattern_hf_order", "pattern", "z", "attn_out", "hidden", "logits")
+"""What is compared, in report order. The first six are per head, ``attn_out`` per layer, the last two once."""
+
+_PER_HEAD = frozenset({"q", "k", "v", "pattern_hf_order", "pattern", "z"})
+
+TOLERANCES: dict[str, dict[str, float]] = {
+    "float64": {
+        "q": 1e-13, "k": 1e-13, "v": 1e-13, "pattern_hf_order": 0.0, "pattern": 1e-13, "z": 1e-13,
+        "attn_out": 1e-13, "hidden": 1e-12, "logits": 1e-12,
+    },
+    "float32": {
+        "q": 1e-5, "k": 1e-5, "v": 1e-5, "pattern_hf_order": 0.0, "pattern": 5e-5, "z": 5e-5,
+        "attn_out": 2e-5, "hidden": 1e-4, "logits": 1e-4,
+    },
+    "float16": {
+        "q": 4e-3, "k": 4e-3, "v": 4e-3, "pattern_hf_order": 0.0, "pattern": 4e-3, "z": 4e-3,
+        "attn_out": 4e-3, "hidden": 1e-2, "logits": 1e-2,
+    },
+    "bfloat16": {
+        "q": 3e-2, "k": 3e-2, "v": 3e-2, "pattern_hf_order": 0.0, "pattern": 3e-2, "z": 3e-2,
+        "attn_out": 3e-2, "hidden": 6e-2, "logits": 6e-2,
+    },
+}  # fmt: skip
+"""Default tolerances on ``max_rel_error``, by the model's dtype; docs/verify.md gives the reasoning for each."""
+
+
+@dataclass(frozen=True, eq=False)
+class VerificationRow:
+    """One comparison: a quantity at one layer (and head), its largest errors and whether they are tolerated.
+
+    Attributes:
+        layer: the layer, or ``None`` for the final hidden state and logits.
+        head: the head, or ``None`` for whole-layer and final quantities.
+        quantity: one of :data:`QUANTITIES`.
+        max_abs_error: largest ``|recomputed - model|`` over valid entries.
+        max_rel_error: ``max_abs_error`` divided by the largest ``|model|`` over the same entries (scale-free).
+        tolerance: the largest ``max_rel_error`` accepted.
+        ok: ``max_rel_error <= tolerance`` (NaN is never ok).
+    """
+
+    layer: int | None
+    head: int | None
+    quantity: str
+    max_abs_error: float
+    max_rel_error: float
+    tolerance: float
+    ok: bool
+
+
+@dataclass(frozen=True, eq=False)
+class VerificationReport:
+    """The outcome of :func:`verify`: one row per quantity, layer and head, and what was run.
+
+    Attributes:
+        rows: every comparison, in layer, quantity, head order; final quantities last.
+        model: the model's class and ``name_or_path``.
+        dtype: the model's dtype (it selects the default tolerances).
+        device: where the model ran.
+        attn_implementation: the model's own attention kernel (its q, k, v, z and outputs come from it).
+        pattern_implementation: the kernel whose attention probabilities were the reference (always ``"eager"``).
+        layers: the layers compared.
+        batch: number of sequences.
+        pos: positions per sequence.
+        n_valid: number of non-padding tokens compared.
+        tolerances: the tolerance of each quantity, after any override.
+        versions: torch, transformers and attnlens versions.
+        notes: known reasons why the model's own kernel departs from what its config says (printed with the table).
+    """
+
+    rows: tuple[VerificationRow, ...]
+    model: str
+    dtype: str
+    device: str
+    attn_implementation: str
+    pattern_implementation: str
+    layers: tuple[int, ...]
+    batch: int
+    pos: int
+    n_valid: int
+    tolerances: Mapping[str, float]
+    versions: Mapping[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """Whether every row is within its tolerance."""
+        return all(row.ok for row in self.rows)
+
+    @property
+    def failures(self) -> tuple[VerificationRow, ...]:
+        """The rows outside their tolerance."""
+        return tuple(row for row in self.rows if not row.ok)
+
+    def row(self, quantity: str, layer: int | None = None, head: int | None = None) -> VerificationRow:
+        """The row of one quantity at one layer and head (``KeyError`` if it was not compared)."""
+        for row in self.rows:
+            if (row.quantity, row.layer, row.head) == (quantity, layer, head):
+                return row
+        raise KeyError(f"no row for quantity={quantity!r}, layer={layer}, head={head}")
+
+    def worst(self, quantity: str, layer: int | None = None) -> VerificationRow:
+        """The row with the largest relative error of a quantity (at one layer, or over all layers)."""
+        rows = [r for r in self.rows if r.quantity == quantity and (layer is None or r.layer == layer)]
+        if not rows:
+            raise KeyError(f"no rows for quantity={quantity!r}" + ("" if layer is None else f" at layer {layer}"))
+        return max(rows, key=_badness)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python data (lists, dicts, floats, strings), e.g. to store alongside results."""
+        out = asdict(self)
+        out["ok"] = self.ok
+        out["tolerances"] = dict(self.tolerances)
+        out["versions"] = dict(self.versions)
+        out["layers"] = list(self.layers)
+        out["rows"] = [asdict(row) for row in self.rows]
+        out["notes"] = list(self.notes)
+        return out
+
+    def to_json(self, **kwargs: Any) -> str:
+        """JSON text of :meth:`to_dict`; non-finite errors are written as the strings ``"nan"`` and ``"inf"``."""
+
+        def finite(value: Any) -> Any:
+            if isinstance(value, float) and not math.isfinite(value):
+                return str(value)
+            if isinstance(value, dict):
+                return {key: finite(item) for key, item in value.items()}
+            if isinstance(value, list):
+                return [finite(item) for item in value]
+            return value
+
+        return json.dumps(finite(self.to_dict()), allow_nan=False, **kwargs)
+
+    def __str__(self) -> str:
+        status = "OK" if self.ok else f"FAILED ({len(self.failures)} of {len(self.rows)} checks)"
+        lines = [
+            f"attnlens verification: {status}",
+            f"{self.model}, {self.dtype} on {self.device}, attention {self.attn_implementation!r} "
+            f"(patterns from {self.pattern_implementation!r}); batch {self.batch} x {self.pos} positions, "
+            f"{self.n_valid} valid tokens",
+            ", ".join(f"{name} {version}" for name, version in self.versions.items()),
+            *(f"note: {note}" for note in self.notes),
+            "",
+            f"{'layer':>5}  {'quantity':<16}  {'worst head':>10}  {'max abs err':>11}  {'max rel err':>11}  "
+            f"{'tolerance':>9}  ok",
+        ]
+        groups: dict[tuple[int | None, str], list[VerificationRow]] = {}
+        for row in self.rows:
+            groups.setdefault((row.layer, row.quantity), []).append(row)
+        for rows in groups.values():
+            worst = max(rows, key=_badness)
+            lines.append(_format_row(worst, per_head=worst.quantity in _PER_HEAD))
+        if self.failures:
+            lines += ["", "failing rows:"]
+            lines += [_format_row(row, per_head=True) for row in self.failures]
+        return "\n".join(lines)
+
+
+def _badness(row: VerificationRow) -> tuple[bool, float]:
+    # NaN sorts as the worst of all.
+    return (math.isnan(row.max_rel_error), row.max_rel_error if not math.isnan(row.max_rel_error) else 0.0)
+
+
+def _format_row(row: VerificationRow, *, per_head: bool) -> str:
+    layer = "final" if row.layer is None else str(row.layer)
+    head = str(row.head) if per_head and row.head is not None else "-"
+    return (
+        f"{layer:>5}  {row.quantity:<16}  {head:>10}  {row.max_abs_error:>11.3g}  {row.max_rel_error:>11.3g}  "
+        f"{row.tolerance:>9.3g}  {'ok' if row.ok else 'FAIL'}"
+    )
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
+def _tolerances(dtype: torch.dtype, overrides: Mapping[Any, Any] | None) -> dict[str, float]:
+    """The tolerance table for ``dtype``, updated by ``{quantity: tol}`` or ``{dtype: {quantity: tol}}``."""
+    name = _dtype_name(dtype)
+    if name not in TOLERANCES:
+        raise ValueError(f"no tolerances for a {name} model; verify supports {', '.join(TOLERANCES)}")
+    table = dict(TOLERANCES[name])
+    if not overrides:
+        return table
+    if all(isinstance(value, Mapping) for value in overrides.values()):
+        by_dtype = {_dtype_name(key): value for key, value in overrides.items()}
+        unknown = sorted(set(by_dtype) - set(TOLERANCES))
+        if unknown:
+            raise ValueError(f"tolerances for unknown dtype(s) {', '.join(unknown)}; known: {', '.join(TOLERANCES)}")
+        flat: Mapping[Any, Any] = by_dtype.get(name, {})
+    elif not any(isinstance(value, Mapping) for value in overrides.values()):
+        flat = overrides
+    else:
+        raise ValueError("tolerances must be {quantity: tol} or {dtype: {quantity: tol}}, not a mixture")
+    for quantity, tol in flat.items():
+        if quantity not in table:
+            raise ValueError(f"tolerance for unknown quantity {quantity!r}; quantities: {', '.join(QUANTITIES)}")
+        tol = float(tol)
+        if not tol >= 0.0:
+            raise ValueError(f"tolerance for {quantity!r} must be a number >= 0, got {tol}")
+        table[quantity] = tol
+    return table
+
+
+def _layers(layers: int | Sequence[int] | None, n_layers: int) -> tuple[int, ...]:
+    if layers is None:
+        return tuple(range(n_layers))
+    chosen = [layers] if isinstance(layers, int) else list(layers)
+    out = set()
+    for layer in chosen:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+            raise ValueError(f"layers must be integers in [{-n_layers}, {n_layers}), got {layer!r}")
+        out.add(layer % n_layers)
+    if not out:
+        raise ValueError("layers is empty: name at least one layer, or pass None for all")
+    return tuple(sorted(out))
+
+
+def _check_weights(weights: ModelWeights, reference: ModelWeights) -> None:
+    """Refuse weights that cannot be those of the model: other shapes, dtype or device."""
+    dims = ("n_layers", "n_heads", "d_model", "d_head", "d_mlp", "d_vocab", "n_ctx")
+    theirs = {d: getattr(weights, d) for d in dims}
+    ours = {d: getattr(reference, d) for d in dims}
+    if theirs != ours:
+        raise ValueError(f"weights do not fit the model: weights have {theirs}, the model {ours}")
+    if (weights.dtype, weights.device) != (reference.dtype, reference.device):
+        raise ValueError(
+            f"weights are {weights.dtype} on {weights.device}, the model {reference.dtype} on {reference.device}: "
+            "convert them first"
+        )
+
+
+@dataclass
+class _Capture:
+    """What one forward pass of the model computed (tensors keyed by layer)."""
+
+    attn_in: dict[int, Tensor] = field(default_factory=dict)
+    qkv: dict[int, Tensor] = field(default_factory=dict)
+    z: dict[int, Tensor] = field(default_factory=dict)
+    attn_out: dict[int, Tensor] = field(default_factory=dict)
+    hidden: Tensor | None = None
+    patterns: tuple[Tensor, ...] | None = None
+
+    def final(self) -> Tensor:
+        """The final hidden state ``[batch, pos, d_model]``."""
+        if self.hidden is None:
+            raise AttentionCaptureError("the forward pass did not reach the final layer norm")
+        return self.hidden
+
+    def pattern(self, layer: int) -> Tensor:
+        """The model's attention probabilities of one layer ``[batch, head, q_pos, k_pos]``."""
+        if self.patterns is None:
+            raise AttentionCaptureError("no attention probabilities were captured in this pass")
+        return self.patterns[layer]
+
+
+def _hooks(base: Any, layers: tuple[int, ...], store: _Capture) -> Iterator[Any]:
+    """Forward hooks that save each traced layer's attention input, fused qkv and output, and the final hidden."""
+
+    def save(table: dict[int, Tensor], layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            table[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        return hook
+
+    def save_final(module: nn.Module, args: Any, output: Tensor) -> None:
+        store.hidden = output.detach()
+
+    for layer in layers:
+        block = base.h[layer]
+        yield block.ln_1, save(store.attn_in, layer)
+        yield block.attn.c_attn, save(store.qkv, layer)
+        yield block.attn, save(store.attn_out, layer)
+    yield base.ln_f, save_final
+
+
+def _z_hooks(base: Any, layers: tuple[int, ...], store: _Capture) -> Iterator[Any]:
+    """Forward-pre hooks that save the input of each traced ``attn.c_proj``: the heads' outputs, merged."""
+
+    def save(layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            store.z[layer] = args[0].detach()
+
+        return hook
+
+    for layer in layers:
+        yield base.h[layer].attn.c_proj, save(layer)
+
+
+def _run(
+    model: nn.Module,
+    ids: Tensor,
+    mask: Tensor | None,
+    pos: Tensor | None,
+    layers: tuple[int, ...],
+    *,
+    patterns: bool,
+) -> _Capture:
+    """One forward pass of the model's transformer, capturing what ``layers`` compute (and, on request, patterns)."""
+    base: Any = gpt2.base_model(model)  # type: ignore[arg-type]
+    store = _Capture()
+    with (
+        gpt2.hooks_restored(base),
+        forward_hooks(_hooks(base, layers, store)),
+        forward_hooks(_z_hooks(base, layers, store), pre=True),
+    ):
+        outputs = base(
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, output_attentions=patterns
+        )
+    missing = [
+        f"{name} of layer {layer}"
+        for name, table in (("input", store.attn_in), ("c_attn output", store.qkv), ("z", store.z))
+        for layer in layers
+        if layer not in table
+    ] + [f"output of layer {layer}" for layer in layers if layer not in store.attn_out]
+    if store.hidden is None:
+        missing.append("the final layer norm's output")
+    if missing:
+        raise AttentionCaptureError(f"the forward pass did not reach every traced module: missing {', '.join(missing)}")
+    if patterns:
+        store.patterns = _check_attentions(outputs, model, ids.shape, layers)
+    return store
+
+
+def _check_attentions(outputs: Any, model: Any, shape: torch.Size, layers: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """The model's attention probabilities, after checking that they are there and of the right shape."""
+    config = model.config
+    attentions = getattr(outputs, "attentions", None)
+    implementation = gpt2.attn_implementation(model)
+    if not attentions:
+        raise AttentionCaptureError(
+            f"the model returned no attention probabilities (attentions={attentions!r}) with output_attentions=True "
+            f"under attn_implementation={implementation!r}"
+        )
+    if len(attentions) != config.n_layer:
+        raise AttentionCaptureError(
+            f"the model returned {len(attentions)} attention tensors for {config.n_layer} layers"
+        )
+    expected = (shape[0], config.n_head, shape[1], shape[1])
+    for layer in layers:
+        pattern = attentions[layer]
+        if not isinstance(pattern, Tensor) or tuple(pattern.shape) != expected:
+            got = tuple(pattern.shape) if isinstance(pattern, Tensor) else type(pattern).__name__
+            raise AttentionCaptureError(f"layer {layer}: attention probabilities of shape {got}, expected {expected}")
+    return tuple(attentions)
+
+
+def _layer_norm(x: Tensor, ln: LayerNormWeights) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), ln.w, ln.b, ln.eps)
+
+
+def _mlp(x: Tensor, layer: LayerWeights) -> Tensor:
+    mlp = layer.mlp
+    return functional.ACTIVATIONS[mlp.act](x @ mlp.W_in + mlp.b_in) @ mlp.W_out + mlp.b_out
+
+
+def _rebuild(weights: ModelWeights, ids: Tensor, pos: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The whole forward pass from the weights alone: final hidden state ``[batch, pos, d_model]`` and logits."""
+    residual = weights.W_E[ids] + weights.W_pos[pos]
+    for layer in weights.layers:
+        residual = residual + functional.attention(_layer_norm(residual, layer.ln_1), layer, allowed).output
+        residual = residual + _mlp(_layer_norm(residual, layer.ln_2), layer)
+    hidden = _layer_norm(residual, weights.ln_f)
+    return hidden, None if weights.W_U is None else hidden @ weights.W_U
+
+
+def _hf_order_pattern(fused: Tensor, layer: LayerWeights, n_heads: int, allowed: Tensor) -> Tensor:
+    """The pattern from the model's own q and k, in the arithmetic order of the installed transformers' eager kernel.
+
+    HF eager scales the scores in its own order (``layer.score_divisors`` / ``layer.upcast``), adds a mask holding the
+    dtype's most negative value, and soft-maxes in the scores' own dtype (half scores stay half, unlike
+    :func:`attnlens.functional.masked_softmax`). Masked entries come out exactly 0 either way; ``-inf`` gives the same
+    row maximum and sums, so the allowed entries match bit for bit.
+    """
+    q, k, v = gpt2.split_qkv(fused, n_heads)
+    scores = functional.attention_scores(q, k, layer.scale, upcast=layer.upcast, divisors=layer.score_divisors)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(v.dtype)
+
+
+def _compare(reference: Tensor, recomputed: Tensor, keep: Tensor, head_dim: int | None) -> list[tuple[float, float]]:
+    """``(max_abs_error, max_rel_error)`` over the entries where ``keep``, per index of ``head_dim`` (or overall)."""
+    if reference.shape != recomputed.shape:
+        raise AttentionCaptureError(
+            f"captured tensor of shape {tuple(reference.shape)}, recomputed {tuple(recomputed.shape)}"
+        )
+    ref = reference.double()
+    error = (recomputed.double() - ref).abs().masked_fill(~keep, 0.0)
+    magnitude = ref.abs().masked_fill(~keep, 0.0)
+    if head_dim is None:
+        errors, magnitudes = error.amax().reshape(1), magnitude.amax().reshape(1)
+    else:
+        dims = [d for d in range(error.ndim) if d != head_dim]
+        errors, magnitudes = error.amax(dim=dims), magnitude.amax(dim=dims)
+    out = []
+    for err, mag in zip(errors.tolist(), magnitudes.tolist()):
+        rel = err / mag if mag > 0 else (0.0 if err == 0 else math.inf)
+        out.append((err, rel if not math.isnan(mag) else math.nan))
+    return out
+
+
+def _notes(model: Any, implementation: str) -> tuple[str, ...]:
+    """Known departures of the model's own kernel from its config, to explain failures before anyone hunts for them."""
+    notes = []
+    if gpt2.kernel_ignores_scale_flags(model):
+        notes.append(
+            f"this transformers release runs the {implementation!r} kernel without the config's attention scale "
+            "(scale_attn_weights / scale_attn_by_inverse_layer_idx): the model computes other attention than its "
+            "config says, so z and attn_out are expected to fail where the scale is not 1/sqrt(d_head)"
+        )
+    if model.config.reorder_and_upcast_attn and implementation != "eager":
+        notes.append(f"reorder_and_upcast_attn only affects the eager kernel; the {implementation!r} kernel ignores it")
+    return tuple(notes)
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import attnlens
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "attnlens": attnlens.__version__}
+
+
+def verify(
+    model: Any,
+    input_ids: Tensor | Any,
+    attention_mask: Tensor | Any | None = None,
+    position_ids: Tensor | Any | None = None,
+    *,
+    layers: int | Sequence[int] | None = None,
+    tolerances: Mapping[Any, Any] | None = None,
+    weights: ModelWeights | None = None,
+) -> VerificationReport:
+    """Recompute every attention quantity of a GPT-2 model from its weights and compare with what the model computes.
+
+    Per traced layer: q, k, v, the pattern and z per head, and the attention output, each recomputed by
+    :mod:`attnlens.functional` from the layer's captured input; the pattern once more from the model's own q and k in
+    the model's own arithmetic order (``pattern_hf_order``, bit for bit in float32/float64); and the final hidden
+    state and logits rebuilt from the weights alone. The model is left exactly as found, also when this raises.
+
+    Args:
+        model: a Hugging Face GPT-2 model (any supported class), or a hub name / local folder of one.
+        input_ids: ``[batch, pos]`` (or ``[pos]``) token ids.
+        attention_mask: ``[batch, pos]``, 1 for tokens and 0 for padding (left or right).
+        position_ids: ``[batch, pos]`` positions, passed to the model as given (default ``0..pos-1``).
+        layers: the layers to compare per layer and head (default all); the final rows always use every layer.
+        tolerances: overrides of :data:`TOLERANCES`, as ``{quantity: tol}`` for the model's dtype or
+            ``{dtype: {quantity: tol}}``.
+        weights: the weights to check against the model (default: extracted from it), e.g. a modified copy.
+
+    Returns:
+        A :class:`VerificationReport`; ``report.ok`` says whether every row is within tolerance.
+
+    Raises:
+        UnsupportedModelError: ``model`` is not a supported GPT-2 model.
+        ValueError: bad inputs (ids out of range, too many positions, a mask of the wrong shape), unknown layers or
+            tolerances, or weights that do not fit the model.
+        AttentionCaptureError: the model did not return its attention probabilities, or returned them incomplete.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        model = gpt2.load(os.fspath(model))
+    gpt2.base_model(model)  # refuses anything but a supported GPT-2, before touching it
+    ids, mask, pos = gpt2.check_inputs(model, input_ids, attention_mask, position_ids)
+    reference = extract_weights(model)
+    if weights is None:
+        weights = reference
+    else:
+        _check_weights(weights, reference)
+    traced = _layers(layers, weights.n_layers)
+    table = _tolerances(weights.dtype, tolerances)
+    implementation = gpt2.attn_implementation(model)
+
+    with preserved(model), torch.no_grad():
+        own = _run(model, ids, mask, pos, traced, patterns=implementation == "eager")
+        if own.patterns is None:
+            with preserved(model, attn_implementation="eager"):
+                eager = _run(model, ids, mask, pos, traced, patterns=True)
+        else:
+            eager = own
+        lm_head = getattr(model, "lm_head", None)
+        own_logits = lm_head(own.final()) if isinstance(lm_head, nn.Linear) and weights.W_U is not None else None
+
+        batch, n_pos = ids.shape
+        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        allowed = (
+            functional.padding_mask(valid) if mask is not None else functional.causal_mask(n_pos, device=ids.device)
+        )
+        # Which entries count, in the layout of each compared tensor: valid query rows (and valid keys).
+        rows_keep = rearrange(valid, "batch pos -> batch 1 pos 1")
+        pattern_keep = rearrange(valid, "batch q_pos -> batch 1 q_pos 1") & rearrange(
+            valid, "batch k_pos -> batch 1 1 k_pos"
+        )
+        z_keep = rearrange(valid, "batch pos -> batch pos 1 1")
+        out_keep = rearrange(valid, "batch pos -> batch pos 1")
+
+        rows: list[VerificationRow] = []
+
+        def add(quantity: str, layer: int | None, results: list[tuple[float, float]], per_head: bool) -> None:
+            tol = table[quantity]
+            for head, (abs_err, rel_err) in enumerate(results):
+                ok = rel_err <= tol and (tol > 0 or abs_err == 0.0)
+                rows.append(VerificationRow(layer, head if per_head else None, quantity, abs_err, rel_err, tol, ok))
+
+        n_heads = weights.n_heads
+        for index in traced:
+            layer = weights.layers[index]
+            mine = functional.attention(own.attn_in[index], layer, allowed)
+            q, k, v = gpt2.split_qkv(own.qkv[index], n_heads)
+            model_z = rearrange(own.z[index], "batch pos (head d_head) -> batch pos head d_head", head=n_heads)
+            model_pattern = eager.pattern(index)
+            hf_order = _hf_order_pattern(eager.qkv[index], layer, n_heads, allowed)
+            pattern = (
+                mine.pattern if eager is own else functional.attention(eager.attn_in[index], layer, allowed).pattern
+            )
+            add("q", index, _compare(q, mine.q, rows_keep, 1), True)
+            add("k", index, _compare(k, mine.k, rows_keep, 1), True)
+            add("v", index, _compare(v, mine.v, rows_keep, 1), True)
+            add("pattern_hf_order", index, _compare(model_pattern, hf_order, pattern_keep, 1), True)
+            add("pattern", index, _compare(model_pattern, pattern, pattern_keep, 1), True)
+            add("z", index, _compare(model_z, mine.z, z_keep, 2), True)
+            add("attn_out", index, _compare(own.attn_out[index], mine.output, out_keep, None), False)
+
+        positions = torch.arange(n_pos, device=ids.device).unsqueeze(0) if pos is None else pos
+        hidden, logits = _rebuild(weights, ids, positions, allowed)
+        add("hidden", None, _compare(own.final(), hidden, out_keep, None), False)
+        if own_logits is not None and logits is not None:
+            add("logits", None, _compare(own_logits, logits, out_keep, None), False)
+
+    name = str(getattr(model.config, "_name_or_path", "") or "")
+    return VerificationReport(
+        notes=_notes(model, implementation),
+        rows=tuple(rows),
+        model=type(model).__name__ + (f" ({name})" if name else ""),
+        dtype=_dtype_name(weights.dtype),
+        device=str(weights.device),
+        attn_implementation=implementation,
+        pattern_implementation="eager",
+        layers=traced,
+        batch=batch,
+        pos=n_pos,
+        n_valid=int(valid.sum()),
+        tolerances=table,
+        versions=_versions(),
+    )

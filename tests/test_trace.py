@@ -1,0 +1,433 @@
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from conftest import make_gpt2, random_ids
+
+import attnlens
+from attnlens import AttentionTrace
+from attnlens.trace import STORE_NAMES
+
+V4 = int(transformers.__version__.split(".")[0]) < 5
+
+CONFIGS = {
+    "default": {},
+    "inverse_layer_idx": {"scale_attn_by_inverse_layer_idx": True},
+    "reorder_and_upcast": {"reorder_and_upcast_attn": True},
+    "unscaled": {"scale_attn_weights": False},
+}
+
+
+def padded(model: Any, padding: str, batch: int = 3, pos: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = random_ids(model, batch, pos)
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[1, :3] = 0
+        mask[2, :1] = 0
+    elif padding == "right":
+        mask[1, -3:] = 0
+        mask[2, -1:] = 0
+    return ids, mask
+
+
+def reference_patterns(config: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor, n_layer: int = 3) -> list:
+    """output_attentions of the eager twin of the traced model, checked to be really there."""
+    ref = make_gpt2(n_layer=n_layer, attn_implementation="eager", **config)
+    with torch.no_grad():
+        out = ref(ids, attention_mask=mask, output_attentions=True).attentions
+    assert out is not None and len(out) == n_layer, "the reference returned no attentions"
+    return list(out)
+
+
+def valid_rows(mask: torch.Tensor) -> torch.Tensor:
+    return mask.bool()[:, None, :, None]
+
+
+# ------------------------------------------------------------------------------------------------ fidelity ---
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_eager_model_patterns_are_bitwise_its_own(config: dict[str, Any], padding: str) -> None:
+    model = make_gpt2(n_layer=3, attn_implementation="eager", **config)
+    ids, mask = padded(model, padding)
+    expected = reference_patterns(config, ids, mask)
+    tr = attnlens.trace(model, ids, mask)
+    rows = valid_rows(mask)
+    for layer in range(3):
+        got = tr.pattern(layer)
+        assert got.shape == expected[layer].shape
+        assert torch.equal(got * rows, expected[layer] * rows), f"layer {layer} differs"
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_sdpa_model_patterns_match_eager_output_attentions(config: dict[str, Any], padding: str) -> None:
+    model = make_gpt2(n_layer=3, attn_implementation="sdpa", **config)
+    if attnlens.models.gpt2.kernel_ignores_scale_flags(model):
+        pytest.skip("transformers 4.x runs SDPA without this config's scale (tested below)")
+    ids, mask = padded(model, padding)
+    expected = reference_patterns(config, ids, mask)
+    tr = attnlens.trace(model, ids, mask)
+    assert model.config._attn_implementation == "sdpa"
+    rows = valid_rows(mask)
+    for layer in range(3):
+        torch.testing.assert_close(tr.pattern(layer) * rows, expected[layer] * rows, atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not V4, reason="transformers 5.x passes the scale to every kernel")
+def test_v4_sdpa_ignoring_scale_flags_is_traced_as_run_and_warned() -> None:
+    model = make_gpt2(n_layer=2, attn_implementation="sdpa", scale_attn_weights=False, initializer_range=0.3)
+    ids = random_ids(model)
+    with pytest.warns(UserWarning, match="without the scale"):
+        tr = attnlens.trace(model, ids)
+    # What the kernel really ran is the default 1/sqrt(d_head) scaling: the eager twin with scaling on.
+    expected = reference_patterns({"initializer_range": 0.3}, ids, torch.ones_like(ids), n_layer=2)
+    for layer in range(2):
+        torch.testing.assert_close(tr.pattern(layer), expected[layer], atol=1e-5, rtol=0)
+
+
+def test_padding_rows_are_zero_and_real_rows_sum_to_one() -> None:
+    model = make_gpt2()
+    ids, mask = padded(model, "left")
+    tr = attnlens.trace(model, ids, mask)
+    sums = tr.patterns.sum(-1)  # [layer, batch, head, q_pos]
+    real = mask.bool()[None, :, None, :].expand_as(sums)
+    torch.testing.assert_close(sums[real], torch.ones_like(sums[real]))
+    assert torch.equal(sums[~real], torch.zeros_like(sums[~real]))
+    # no probability on padding keys
+    assert float((tr.patterns * (~mask.bool())[None, :, None, None, :]).abs().max()) == 0.0
+
+
+def test_without_mask_the_mask_is_all_ones_and_1d_ids_work() -> None:
+    model = make_gpt2()
+    ids = random_ids(model, 1, 7)[0]
+    tr = attnlens.trace(model, ids)
+    assert tr.pattern(0).shape == (1, 4, 7, 7)
+    assert torch.equal(tr.attention_mask, torch.ones(1, 7, dtype=tr.attention_mask.dtype))
+    assert torch.equal(tr.input_ids, ids[None])
+
+
+def test_half_precision_pattern_keeps_model_dtype_and_is_close() -> None:
+    model = make_gpt2(n_layer=1)
+    ids = random_ids(model)
+    full = attnlens.trace(model, ids).pattern(0)
+    half = attnlens.trace(model.to(torch.bfloat16), ids).pattern(0)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), full, atol=2e-2, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- selection ---
+
+
+def test_layers_order_negative_and_subset_match_the_full_trace() -> None:
+    model = make_gpt2(n_layer=3)
+    ids = random_ids(model)
+    full = attnlens.trace(model, ids)
+    tr = attnlens.trace(model, ids, layers=[-1, 0])
+    assert tr.layers == (2, 0)
+    assert tr.patterns.shape == (2, 2, 4, 12, 12)
+    assert torch.equal(tr.patterns[0], full.pattern(2))
+    assert torch.equal(tr.pattern(0), full.pattern(0))
+    assert tr.patterns is tr.patterns  # built once
+    with pytest.raises(ValueError, match="layer 1 was not traced"):
+        tr.pattern(1)
+
+
+def test_heads_restrict_every_per_head_tensor() -> None:
+    model = make_gpt2(n_layer=2)
+    ids = random_ids(model)
+    store = ("pattern", "scores", "q", "k", "v", "z", "result")
+    full = attnlens.trace(model, ids, store=store)
+    tr = attnlens.trace(model, ids, heads=[3, 1], store=store)
+    assert tr.heads == (3, 1)
+    for name in ("pattern", "scores", "q", "k", "v"):
+        torch.testing.assert_close(tr[name, 1], full[name, 1][:, [3, 1]], atol=1e-7, rtol=0)
+    for name in ("z", "result"):
+        torch.testing.assert_close(tr[name, 1], full[name, 1][:, :, [3, 1]], atol=1e-7, rtol=0)
+    assert "all 4" not in repr(tr) and "[3, 1]" in repr(tr)
+
+
+def capture_attention_io(model: Any, layer: int, ids: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    """The fused qkv, c_proj input and c_proj output of one layer, captured by plain hooks."""
+    attn = model.transformer.h[layer].attn
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        attn.c_attn.register_forward_hook(lambda m, a, out: seen.__setitem__("qkv", out.detach().clone())),
+        attn.c_proj.register_forward_hook(
+            lambda m, a, out: seen.update(z_in=a[0].detach().clone(), out=out.detach().clone())
+        ),
+    ]
+    try:
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_stored_tensors_are_the_models_own() -> None:
+    model = make_gpt2(n_layer=2)
+    ids, mask = padded(model, "right")
+    tr = attnlens.trace(model, ids, mask, store=STORE_NAMES)
+    assert tr.stored == STORE_NAMES
+    io = capture_attention_io(model, 1, ids, mask)
+    q, k, v = attnlens.models.gpt2.split_qkv(io["qkv"], 4)
+    assert torch.equal(tr["q", 1], q) and torch.equal(tr["k", 1], k) and torch.equal(tr["v", 1], v)
+    assert tr["q", 1].shape == (3, 4, 10, 8)
+    assert torch.equal(tr["z", 1], io["z_in"].view(3, 10, 4, 8))
+    # per-head results add up to the attention output (plus the bias, which belongs to no head)
+    b_O = model.transformer.h[1].attn.c_proj.bias
+    torch.testing.assert_close(tr["result", 1].sum(2) + b_O, io["out"], atol=1e-6, rtol=0)
+    # scores: -inf exactly where masked, and their softmax is the pattern on real rows
+    scores = tr["scores", 1]
+    allowed = attnlens.functional.padding_mask(mask)
+    assert bool(torch.isinf(scores[~allowed.expand_as(scores)]).all())
+    assert bool(torch.isfinite(scores[allowed.expand_as(scores)]).all())
+    rows = valid_rows(mask)
+    torch.testing.assert_close(torch.softmax(scores, -1).nan_to_num() * rows, tr.pattern(1) * rows)
+
+
+def test_memory_holds_only_what_was_asked() -> None:
+    model = make_gpt2(n_layer=2)
+    tr = attnlens.trace(model, random_ids(model), store=["q"])
+    assert tr.stored == ("q",)
+    assert set(tr.numpy()) == {"q", "input_ids", "attention_mask"}
+    with pytest.raises(ValueError, match="'pattern' was not stored"):
+        _ = tr.patterns
+    assert tr["q"].is_contiguous() and tr["q"].untyped_storage().nbytes() == tr["q"].numel() * 4
+
+
+# ----------------------------------------------------------------------------------------- cost and state ---
+
+
+def count_calls(modules: list[torch.nn.Module]) -> tuple[list[int], list]:
+    counts = [0] * len(modules)
+
+    def make(i: int) -> Any:
+        def hook(*args: Any) -> None:
+            counts[i] += 1
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make(i)) for i, m in enumerate(modules)]
+    return counts, handles
+
+
+@pytest.mark.parametrize(("store", "last_run"), [(("pattern",), "c_attn"), (("pattern", "z"), "c_proj")])
+def test_forward_stops_after_the_last_traced_layer(store: tuple[str, ...], last_run: str) -> None:
+    model = make_gpt2(n_layer=3)
+    h = model.transformer.h
+    watched = [h[1].attn.c_attn, h[1].attn.c_proj, h[1].mlp, h[2].attn.c_attn, model.lm_head]
+    counts, handles = count_calls(watched)
+    try:
+        tr = attnlens.trace(model, random_ids(model), layers=[1, 0], store=store)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # c_proj is entered only when z is asked for (and stopped at its input); nothing after runs
+    assert counts == [1, 1 if last_run == "c_proj" else 0, 0, 0, 0]
+    assert tr.stored == store
+
+
+def test_model_is_left_as_found_and_keeps_its_kernel() -> None:
+    model = make_gpt2(n_layer=2, attn_implementation="sdpa").train()
+    model.transformer.h[0].attn.c_attn.weight.requires_grad_(False)
+
+    def hooks() -> dict[str, tuple[list, list]]:
+        return {n: (list(m._forward_hooks), list(m._forward_pre_hooks)) for n, m in model.named_modules()}
+
+    before = hooks()
+    seen = []
+    handle = model.transformer.h[1].register_forward_pre_hook(
+        lambda m, a: seen.append((model.config._attn_implementation, m.training, torch.is_grad_enabled()))
+    )
+    try:
+        attnlens.trace(model, random_ids(model), store=("pattern", "z"))
+    finally:
+        handle.remove()
+    assert seen == [("sdpa", False, False)]  # ran with its own kernel, in eval mode, without grad
+    assert model.training and all(m.training for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
+    assert not model.transformer.h[0].attn.c_attn.weight.requires_grad
+    assert model.transformer.h[1].attn.c_attn.weight.requires_grad
+    assert torch.is_grad_enabled()
+    assert hooks() == before
+
+
+def test_model_is_left_as_found_on_error() -> None:
+    model = make_gpt2(n_layer=2).train()
+
+    def boom(*args: Any) -> None:
+        raise RuntimeError("boom")
+
+    handle = model.transformer.h[1].register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            attnlens.trace(model, random_ids(model), store=("pattern", "result"))
+    finally:
+        handle.remove()
+    assert model.training and all(m.training for m in model.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert torch.is_grad_enabled()
+
+
+# ------------------------------------------------------------------------------------------------- errors ---
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layers": [0, 2]}, "layers 2 is out of range"),
+        ({"layers": [0, 0]}, r"layers \[0\] given more than once"),
+        ({"layers": [1, -1]}, r"layers \[1\] given more than once"),
+        ({"layers": []}, "layers is empty"),
+        ({"layers": ["0"]}, "must be integers"),
+        ({"heads": [4]}, "heads 4 is out of range"),
+        ({"heads": [-5]}, "heads -5 is out of range"),
+        ({"store": ("pattern", "attn")}, r"unknown store name\(s\) \['attn'\]"),
+        ({"store": ()}, "store is empty"),
+    ],
+)
+def test_bad_arguments_raise_clear_value_errors(kwargs: dict[str, Any], message: str) -> None:
+    model = make_gpt2(n_layer=2)
+    with pytest.raises(ValueError, match=message):
+        attnlens.trace(model, random_ids(model), **kwargs)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_text_needs_a_tokenizer() -> None:
+    model = make_gpt2()
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        attnlens.trace(model, "the cat sat")
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        attnlens.trace(model, ["the cat", "a dog"])
+
+
+def test_bad_inputs_are_refused_by_check_inputs() -> None:
+    model = make_gpt2()
+    with pytest.raises(ValueError, match="d_vocab"):
+        attnlens.trace(model, torch.tensor([[1, 200]]))
+    with pytest.raises(attnlens.UnsupportedModelError):
+        attnlens.trace(torch.nn.Linear(2, 2), torch.tensor([[1]]))
+
+
+# -------------------------------------------------------------------------------------------------- text ---
+
+
+def word_tokenizer(padding_side: str = "right") -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "the", "cat", "sat", "on", "mat", "a", "dog"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", padding_side=padding_side
+    )
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_texts_are_tokenized_padded_and_kept_for_display(side: str) -> None:
+    model = make_gpt2()
+    tr = attnlens.trace(model, ["the cat sat on the mat", "a dog"], tokenizer=word_tokenizer(side))
+    assert tr.input_ids.shape == (2, 6)
+    expected_row = [6, 7, 0, 0, 0, 0] if side == "right" else [0, 0, 0, 0, 6, 7]
+    assert tr.input_ids[1].tolist() == expected_row
+    assert tr.attention_mask[1].tolist() == [int(i != 0) for i in expected_row]
+    assert tr.tokens is not None and tr.tokens[0] == ["the", "cat", "sat", "on", "the", "mat"]
+    # the same ids traced directly give the same patterns
+    direct = attnlens.trace(model, tr.input_ids, tr.attention_mask)
+    assert torch.equal(direct.patterns, tr.patterns)
+    assert direct.tokens is None
+
+
+def test_single_text_and_mask_with_text() -> None:
+    model = make_gpt2()
+    tok = word_tokenizer()
+    tr = attnlens.trace(model, "the cat", tokenizer=tok)
+    assert tr.tokens == [["the", "cat"]]
+    with pytest.raises(ValueError, match="attention_mask comes from the tokenizer"):
+        attnlens.trace(model, "the cat", torch.ones(1, 2), tokenizer=tok)
+
+
+# ----------------------------------------------------------------------------------------- save and show ---
+
+
+def test_save_and_load_round_trip(tmp_path: Any) -> None:
+    model = make_gpt2(n_layer=2)
+    tr = attnlens.trace(
+        model, ["the cat sat", "a dog"], tokenizer=word_tokenizer(), layers=[1], heads=[0, 2], store=STORE_NAMES
+    )
+    path = tmp_path / "trace.safetensors"
+    tr.save(path)
+    back = AttentionTrace.load(path)
+    assert (back.layers, back.heads, back.n_heads, back.stored) == (tr.layers, tr.heads, tr.n_heads, tr.stored)
+    assert back.tokens == tr.tokens and back.provenance == tr.provenance
+    for name in STORE_NAMES:
+        assert torch.equal(back[name], tr[name])
+    assert torch.equal(back.input_ids, tr.input_ids) and torch.equal(back.attention_mask, tr.attention_mask)
+    assert path.read_bytes()[:2] != b"\x80\x04"  # not a pickle
+
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, str(other))
+    with pytest.raises(ValueError, match="not an attnlens trace"):
+        AttentionTrace.load(other)
+
+
+def test_numpy_export() -> None:
+    model = make_gpt2(n_layer=2)
+    tr = attnlens.trace(model, random_ids(model), store=("pattern", "v"))
+    arrays = tr.numpy()
+    assert set(arrays) == {"pattern", "v", "input_ids", "attention_mask"}
+    assert arrays["pattern"].shape == (2, 2, 4, 12, 12)
+    assert (arrays["pattern"] == tr.patterns.numpy()).all()
+
+
+def test_provenance_and_repr() -> None:
+    model = make_gpt2(n_layer=2, attn_implementation="sdpa")
+    tr = attnlens.trace(model, random_ids(model))
+    p = tr.provenance
+    assert p["attn_implementation"] == "sdpa" and p["dtype"] == "float32" and p["device"] == "cpu"
+    assert p["transformers"] == transformers.__version__ and p["torch"] == torch.__version__
+    assert p["attnlens"] == attnlens.__version__ and len(p["config_sha256"]) == 64
+    same = attnlens.trace(make_gpt2(n_layer=2, attn_implementation="eager", seed=5), random_ids(model))
+    other = attnlens.trace(make_gpt2(n_layer=3), random_ids(model))
+    assert same.provenance["config_sha256"] == p["config_sha256"] != other.provenance["config_sha256"]
+    assert repr(tr) == (
+        "AttentionTrace(model='GPT2LMHeadModel', layers=[0, 1], heads=all 4, batch=2, pos=12, "
+        "stored=('pattern',), dtype=float32, device=cpu)"
+    )
+
+
+def test_repr_html_calls_viz_with_one_sequence_without_padding(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    fake = types.ModuleType("attnlens.viz")
+    fake.pattern_html = lambda patterns, tokens, **kw: calls.append((patterns, tokens, kw)) or "<div>ok</div>"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "attnlens.viz", fake)
+    model = make_gpt2(n_layer=2)
+    tr = attnlens.trace(model, ["a dog", "the cat sat"], tokenizer=word_tokenizer("left"), layers=[1, 0])
+    assert tr._repr_html_() == "<div>ok</div>"
+    patterns, tokens, kw = calls[0]
+    assert patterns.shape == (2, 4, 2, 2) and tokens == ["a", "dog"]
+    assert torch.equal(patterns, tr.patterns[:, 0, :, 1:, 1:])
+    assert kw["layers"] == [1, 0]
+    no_pattern = attnlens.trace(model, random_ids(model), store=("q",))
+    assert no_pattern._repr_html_() is None
+
+
+def test_from_patterns_checks_shapes() -> None:
+    p = torch.rand(2, 1, 3, 4, 4)
+    tr = AttentionTrace.from_patterns(p)
+    assert tr.layers == (0, 1) and tr.heads == (0, 1, 2) and torch.equal(tr.pattern(1), p[1])
+    with pytest.raises(ValueError, match="layer, batch, head, q_pos, k_pos"):
+        AttentionTrace.from_patterns(torch.rand(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        AttentionTrace.from_patterns(p, attention_mask=torch.ones(1, 3))
