@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from attnlens.models import gpt2
 
     model = gpt2.load(args.model, dtype=dtype, device=args.device)
+    folder = Path(args.model)
+    if folder.is_dir() and not any((folder / name).exists() for name in ("tokenizer.json", "vocab.json")):
+        return model, None  # a weights-only folder: AutoTokenizer would build an empty tokenizer from the config
     try:
         from transformers import AutoTokenizer
 
@@ -96,9 +100,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Recompute attention from the extracted weights and compare with the model's own; exit 1 on failure."""
     from attnlens.verify import verify
 
+    overrides = {}
+    for item in args.tolerance or []:
+        quantity, _, value = item.partition("=")
+        try:
+            overrides[quantity] = float(value)
+        except ValueError:
+            raise SystemExit(f"attnlens: --tolerance takes QUANTITY=NUMBER, got {item!r}") from None
     model, tokenizer = _load(args)
     ids, _ = _inputs(args, tokenizer)
-    report = verify(model, ids)
+    report = verify(model, ids, tolerances=overrides or None)
     print(report.to_json() if args.json else report)
     return 0 if report.ok else 1
 
@@ -187,6 +198,12 @@ def _parser() -> argparse.ArgumentParser:
         command("verify", "check attnlens's recomputation against the model, layer by layer and head by head")
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--tolerance",
+        action="append",
+        metavar="QUANTITY=NUMBER",
+        help="override one relative tolerance, e.g. --tolerance pattern=1e-6 (repeatable)",
+    )
     p.set_defaults(func=cmd_verify)
 
     p = with_input(command("heads", "print the top heads for each head score"))

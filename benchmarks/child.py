@@ -164,7 +164,7 @@ def max_abs_diff(ref, got) -> float:
 # "patterns_of" returns a per-layer list of [b, h, q, k] tensors (for fidelity).
 
 
-def tool_attnlens():
+def tool_attnlens(attn_implementation: str | None = None):
     import torch
 
     try:
@@ -179,7 +179,7 @@ def tool_attnlens():
         return fn
 
     def load():
-        return load_hf()
+        return load_hf(attn_implementation)
 
     def patterns(model, ids):
         tr = need("trace")(model, ids, store=("pattern",))
@@ -383,6 +383,9 @@ def tool_nnsight():
 
 TOOLS = {
     "attnlens": tool_attnlens,
+    # The same, on a model loaded with the eager kernel: the reference of the fidelity rows runs eager, so this is the
+    # like-for-like comparison (an SDPA model's hidden states differ from eager's by SDPA's rounding).
+    "attnlens_eager": lambda: tool_attnlens("eager"),
     "hf_eager": tool_hf_eager,
     "hf_forward": tool_hf_forward,
     "tl_hooked": tool_tl_hooked,

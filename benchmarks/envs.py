@@ -34,6 +34,7 @@ VENVS: dict[str, list[str]] = {
 # tool (as in child.py) -> venv
 TOOL_VENV = {
     "attnlens": "attnlens",
+    "attnlens_eager": "attnlens",
     "hf_eager": "attnlens",
     "hf_forward": "attnlens",
     "tl_hooked": "tl_hooked",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 TOOL_LABEL = {
-    "attnlens": "attnlens",
+    "attnlens": "attnlens (model as loaded: SDPA)",
+    "attnlens_eager": "attnlens (model loaded with eager attention)",
     "hf_eager": "HF eager, output_attentions=True",
     "hf_forward": "HF forward (one, default attention)",
     "tl_hooked": "TransformerLens 3.x HookedTransformer",
@@ -16,6 +17,7 @@ CALL = {
     ("extraction", "tl_hooked"): 'from_pretrained_no_processing("gpt2", hf_model=model)',
     ("extraction", "tl_bridge"): 'boot_transformers("gpt2", hf_model=model)',
     ("patterns", "attnlens"): 'trace(model, ids, store=("pattern",))',
+    ("patterns", "attnlens_eager"): 'trace(model, ids, store=("pattern",))',
     ("patterns", "hf_eager"): "model(ids, output_attentions=True)",
     ("patterns", "tl_hooked"): "run_with_cache(ids, names_filter=*hook_pattern)",
     ("patterns", "tl_bridge"): "run_with_cache(ids, names_filter=*hook_pattern)",
@@ -38,6 +40,10 @@ SECTION_TITLE = {
 }
 
 EXTRACTION_MAX_S = 1e-3
+# An eager-loaded model is the like-for-like case: bitwise. An SDPA-run model's hidden states carry SDPA's rounding,
+# which sharp attention amplifies layer after layer: its row measures how far SDPA's own numbers are from eager's.
+FIDELITY_TARGET = {"attnlens_eager": "0.0"}
+FIDELITY_MAX = {"attnlens_eager": 0.0}
 EXTRACTION_MAX_MIB = 1.0  # "no memory beyond the HF model", within RSS page noise
 
 
@@ -104,19 +110,20 @@ def ratios(rows: list[dict]) -> list[dict]:
         )
 
     for b, t in sizes:
-        for section in ("patterns", "layer0"):
-            a = _find(rows, section, "attnlens", b, t)
+        for section, me in (("patterns", "attnlens"), ("patterns", "attnlens_eager"), ("layer0", "attnlens")):
+            a = _find(rows, section, me, b, t)
             if a is None:
                 continue
+            label = section if me == "attnlens" else f"{section} ({TOOL_LABEL[me]})"
             hf = _find(rows, section, "hf_eager", b, t)
-            add(section, (b, t), "HF eager output_attentions", a, hf, 0.85 if section == "patterns" else 0.2)
+            add(label, (b, t), "HF eager output_attentions", a, hf, 0.85 if section == "patterns" else 0.2)
             tls = [
                 r for r in (_find(rows, section, "tl_hooked", b, t), _find(rows, section, "tl_bridge", b, t)) if _ok(r)
             ]
             if tls:
                 fastest = min(tls, key=lambda r: r["time_s"])
                 add(
-                    section,
+                    label,
                     (b, t),
                     f"faster TransformerLens ({fastest['tool']})",
                     a,
@@ -124,10 +131,10 @@ def ratios(rows: list[dict]) -> list[dict]:
                     0.75 if section == "patterns" else None,
                 )
             else:
-                add(section, (b, t), "faster TransformerLens", a, None, 0.75 if section == "patterns" else None)
-            add(section, (b, t), "nnsight", a, _find(rows, section, "nnsight", b, t), None)
+                add(label, (b, t), "faster TransformerLens", a, None, 0.75 if section == "patterns" else None)
+            add(label, (b, t), "nnsight", a, _find(rows, section, "nnsight", b, t), None)
             if section == "patterns":
-                add(section, (b, t), "HF eager output_attentions", a, hf, None, metric="extra_rss_mib")
+                add(label, (b, t), "HF eager output_attentions", a, hf, None, metric="extra_rss_mib")
         a = _find(rows, "verify", "attnlens", b, t)
         if a is not None:
             add("verify", (b, t), "one HF forward", a, _find(rows, "verify", "hf_forward", b, t), None)
@@ -168,8 +175,8 @@ def targets(rows: list[dict]) -> list[dict]:
                 {
                     "what": f"fidelity {r['tool']} ({r['variant']} weights, {r['batch']}x{r['seq']})",
                     "value": "–" if d is None else f"{d:.3g}",
-                    "target": "0.0" if r["tool"] == "attnlens" else "(informative)",
-                    "met": None if d is None or r["tool"] != "attnlens" else d == 0.0,
+                    "target": FIDELITY_TARGET.get(r["tool"], "(informative)"),
+                    "met": None if d is None or r["tool"] not in FIDELITY_TARGET else d <= FIDELITY_MAX[r["tool"]],
                 }
             )
     return out

@@ -42,10 +42,10 @@ QUICK_SIZES = ["1x128"]
 # section -> tools in the order they alternate (attnlens first in round 0)
 SECTION_TOOLS = {
     "extraction": ["attnlens", "tl_hooked", "tl_bridge"],
-    "patterns": ["attnlens", "hf_eager", "tl_hooked", "tl_bridge", "nnsight"],
+    "patterns": ["attnlens", "attnlens_eager", "hf_eager", "tl_hooked", "tl_bridge", "nnsight"],
     "layer0": ["attnlens", "hf_eager", "tl_hooked", "tl_bridge", "nnsight"],
     "verify": ["attnlens", "hf_forward"],
-    "fidelity": ["attnlens", "tl_hooked", "tl_bridge", "nnsight"],
+    "fidelity": ["attnlens", "attnlens_eager", "tl_hooked", "tl_bridge", "nnsight"],
 }
 ALL_TOOLS = sorted({t for ts in SECTION_TOOLS.values() for t in ts})
 

@@ -1,0 +1,113 @@
+"""The `attnlens` command, on the demo checkpoint and on a tiny checkpoint saved to a folder."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+from conftest import make_gpt2
+
+from attnlens import extract_weights
+from attnlens.cli import main
+
+
+@pytest.fixture
+def tiny_path(tmp_path):
+    make_gpt2().save_pretrained(tmp_path / "tiny")
+    return str(tmp_path / "tiny")
+
+
+def test_weights_on_demo(capsys) -> None:
+    assert main(["weights"]) == 0
+    out = capsys.readouterr().out
+    assert "the embedded demo checkpoint" in out and "W_Q = c_attn[:, 0:128]" in out
+
+
+def test_weights_gpt2_small_walkthrough(capsys) -> None:
+    assert main(["weights", "--gpt2-small"]) == 0
+    out = capsys.readouterr().out
+    assert "[50257, 768]  = 38,597,376 parameters" in out
+    assert "per head [12, 768, 64]" in out and "d_head = 768 / 12 = 64" in out
+
+
+def test_verify_on_demo_passes(capsys) -> None:
+    assert main(["verify"]) == 0
+    out = capsys.readouterr().out
+    assert "attnlens verification: OK" in out and "pattern_hf_order" in out
+
+
+def test_verify_json_on_a_folder_with_ids(tiny_path, capsys) -> None:
+    assert main(["verify", tiny_path, "--ids", "1", "2", "3", "4", "5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True and report["batch"] == 1 and report["pos"] == 5
+
+
+def test_verify_exits_nonzero_on_failure(tiny_path, capsys, monkeypatch) -> None:
+    # The command checks the weights it is given: corrupt one head's W_K by 1e-3 on the way in, as a damaged
+    # conversion would, and the command must fail, name the row, and exit 1.
+    verify_module = importlib.import_module("attnlens.verify")
+    real_verify = verify_module.verify
+
+    def verify_corrupted(model, input_ids, **kwargs):
+        w = extract_weights(model)
+        W_K = w.layers[1].W_K.detach().clone()
+        W_K[2] *= 1 + 1e-3
+        layers = (w.layers[0], replace(w.layers[1], W_K=W_K))
+        return real_verify(model, input_ids, weights=replace(w, layers=layers), **kwargs)
+
+    monkeypatch.setattr(verify_module, "verify", verify_corrupted)
+    assert main(["verify", tiny_path, "--ids", *[str(i) for i in range(1, 30)]]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "failing rows:" in out and "    1  k" in out
+
+
+def test_verify_tolerance_flag(tiny_path, capsys) -> None:
+    assert main(["verify", tiny_path, "--ids", "1", "2", "--tolerance", "pattern=1e-9", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tolerances"]["pattern"] == 1e-9
+    with pytest.raises(SystemExit, match="QUANTITY=NUMBER"):
+        main(["verify", tiny_path, "--ids", "1", "--tolerance", "q"])
+    assert main(["verify", tiny_path, "--ids", "1", "--tolerance", "nonsense=1"]) == 2
+    assert "unknown quantity 'nonsense'" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_with_status_2(tiny_path, capsys) -> None:
+    assert main(["verify", tiny_path, "--ids", "1", "500"]) == 2
+    assert "must lie in [0, 97)" in capsys.readouterr().err
+    assert main(["verify", "/no/such/checkpoint", "--ids", "1"]) == 2
+    assert "could not read a config" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no tokenizer"):
+        main(["verify", tiny_path, "--text", "hello"])
+    with pytest.raises(SystemExit, match="--layer must lie in"):
+        main(["inspect", "--layer", "99", "--out", "x.png"])
+
+
+def test_heads_on_demo(capsys) -> None:
+    assert main(["heads", "--json", "--top", "2"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert "induction on repeated random tokens" in table
+    assert all(len(rows) == 2 for rows in table.values())
+    assert main(["heads"]) == 0
+    assert "previous_token (highest)" in capsys.readouterr().out
+
+
+def test_inspect_writes_html_and_png(tmp_path, capsys) -> None:
+    html = tmp_path / "view.html"
+    assert main(["inspect", "--layer", "0", "--out", str(html)]) == 0
+    text = html.read_text()
+    assert "<canvas" in text and "http" not in text.lower().replace("http-equiv", "")
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "head.png"
+    assert main(["inspect", "--layer", "1", "--head", "0", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_console_script_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "attnlens.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("weights", "verify", "heads", "inspect"):
+        assert command in out
