@@ -52,7 +52,7 @@ def load_demo(
     kwargs: dict[str, Any] = {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = GPT2LMHeadModel.from_pretrained(DEMO_PATH, **kwargs)
+    model: Any = GPT2LMHeadModel.from_pretrained(DEMO_PATH, **kwargs)
     if dtype is not None:
         model = model.to(dtype=_as_dtype(dtype))
     if device is not None:

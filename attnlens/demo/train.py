@@ -199,6 +199,14 @@ def make_corpus(rng: random.Random, n_docs: int) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
+def _eot_id(tok: Tokenizer) -> int:
+    """Id of ``<|endoftext|>``, which every tokenizer this script trains has."""
+    eot_id = tok.token_to_id(EOT)
+    if eot_id is None:
+        raise ValueError(f"the tokenizer has no {EOT!r} token")
+    return int(eot_id)
+
+
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     """Train a GPT-2 style byte-level BPE tokenizer.
 
@@ -240,7 +248,7 @@ def save_tokenizer(tok: Tokenizer, out: Path, model_max_length: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     tok.model.save(str(out), None)  # vocab.json + merges.txt
-    eot_id = tok.token_to_id(EOT)
+    eot_id = _eot_id(tok)
     special = {"content": EOT, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False}
     config = {
         "tokenizer_class": "GPT2Tokenizer",
@@ -275,7 +283,7 @@ def encode_stream(tok: Tokenizer, docs: list[str]) -> torch.Tensor:
     Returns:
         1-D int64 tensor of token ids.
     """
-    eot_id = tok.token_to_id(EOT)
+    eot_id = _eot_id(tok)
     ids: list[int] = []
     for enc in tok.encode_batch(docs):
         ids.append(eot_id)
@@ -545,7 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     docs = make_corpus(rng, 40_000)
     tok = train_tokenizer(docs, args.vocab_size)
     vocab_size = tok.get_vocab_size()
-    eot_id = tok.token_to_id(EOT)
+    eot_id = _eot_id(tok)
     save_tokenizer(tok, args.out, args.n_positions)
     stream = encode_stream(tok, docs)
     print(f"tokenizer: vocab {vocab_size}, stream {stream.numel()} tokens ({time.perf_counter() - t0:.1f}s)")
@@ -570,7 +578,8 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params} parameters")
 
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "wte" not in name and "wpe" not in name else no_decay).append(p)
     opt = torch.optim.AdamW(
