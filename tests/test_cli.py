@@ -66,8 +66,8 @@ def test_verify_exits_nonzero_on_failure(tiny_path, capsys, monkeypatch) -> None
 
 
 def test_verify_tolerance_flag(tiny_path, capsys) -> None:
-    assert main(["verify", tiny_path, "--ids", "1", "2", "--tolerance", "pattern=1e-9", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["tolerances"]["pattern"] == 1e-9
+    assert main(["verify", tiny_path, "--ids", "1", "2", "--tolerance", "pattern=1e-3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tolerances"]["pattern"] == 1e-3
     with pytest.raises(SystemExit, match="QUANTITY=NUMBER"):
         main(["verify", tiny_path, "--ids", "1", "--tolerance", "q"])
     assert main(["verify", tiny_path, "--ids", "1", "--tolerance", "nonsense=1"]) == 2
