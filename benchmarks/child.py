@@ -116,7 +116,7 @@ def reference_wte():
     from safetensors import safe_open
 
     with safe_open(str(snapshot_dir() / "model.safetensors"), framework="pt") as f:
-        key = next(k for k in f if k.endswith("wte.weight"))
+        key = next(k for k in f.keys() if k.endswith("wte.weight"))  # noqa: SIM118 (safe_open is not iterable)
         return f.get_tensor(key)
 
 

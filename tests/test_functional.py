@@ -340,3 +340,22 @@ def test_upcast_scores_stay_float32_under_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         scores = attention_scores(q, k, 0.25, upcast=True)
     assert scores.dtype == torch.float32 and torch.equal(scores, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d_head", [16, 64, 256])
+def test_power_of_two_scale_fast_path_is_bitwise(dtype: torch.dtype, d_head: int) -> None:
+    # The fast path scales q instead of the product: it must give exactly the bits of matmul-then-scale (5.x order)
+    # and of matmul-then-divide (4.x order), on values spanning many binades.
+    g = torch.Generator().manual_seed(d_head)
+    q = torch.randn(2, 3, 40, d_head, generator=g, dtype=dtype) * torch.logspace(-3, 3, d_head, dtype=dtype)
+    k = torch.randn(2, 3, 50, d_head, generator=g, dtype=dtype)
+    reference = torch.matmul(q, k.transpose(-1, -2))
+    scale = d_head**-0.5
+    assert torch.equal(functional.attention_scores(q, k, scale), reference * scale)
+    divided = reference / torch.full([], d_head**0.5, dtype=dtype)
+    assert torch.equal(functional.attention_scores(q, k, divisors=(d_head**0.5,)), divided)
+    # Not a power of two: the general path, still in the requested order.
+    assert torch.equal(functional.attention_scores(q, k, 0.3), reference * 0.3)
+    three = functional.attention_scores(q, k, divisors=(d_head**0.5, 3.0))
+    assert torch.equal(three, divided / torch.full([], 3.0, dtype=dtype))

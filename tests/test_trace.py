@@ -20,6 +20,9 @@ CONFIGS = {
     "inverse_layer_idx": {"scale_attn_by_inverse_layer_idx": True},
     "reorder_and_upcast": {"reorder_and_upcast_attn": True},
     "unscaled": {"scale_attn_weights": False},
+    # d_head 16: a power-of-two scale (1/4), which takes functional.attention_scores' scale-q-first path.
+    "d_head_16": {"n_embd": 64, "n_head": 4},
+    "d_head_16_inverse": {"n_embd": 64, "n_head": 4, "scale_attn_by_inverse_layer_idx": True},
 }
 
 
