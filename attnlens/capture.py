@@ -70,7 +70,7 @@ def preserved(model: Any, *, eval_mode: bool = True, attn_implementation: str | 
     hooks_before = _hook_counts(model)
     grad = torch.is_grad_enabled()
     try:
-        if eval_mode:
+        if eval_mode and any(flag for _, flag in training):  # eval() walks every module: skip it when a no-op
             model.eval()
         if attn_implementation is not None:
             gpt2.set_attn_implementation(model, attn_implementation)
@@ -80,7 +80,8 @@ def preserved(model: Any, *, eval_mode: bool = True, attn_implementation: str | 
         if gpt2.attn_implementation(model) != implementation:
             gpt2.set_attn_implementation(model, implementation)
         for module, flag in training:
-            module.training = flag
+            if module.training != flag:
+                module.training = flag
         if _hook_counts(model) != hooks_before:  # pragma: no cover - a bug in attnlens if it ever fires
             raise RuntimeError("attnlens left a hook on the model; please report this")
 
