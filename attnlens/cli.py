@@ -114,14 +114,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _top(scores: torch.Tensor, k: int, *, largest: bool = True) -> list[tuple[int, int, float]]:
-    """The ``k`` best ``(layer, head, score)`` of a ``[layer, head]`` tensor."""
-    flat = scores.flatten()
-    order = torch.argsort(flat, descending=largest)[:k].tolist()
-    n_heads = scores.shape[1]
-    return [(i // n_heads, i % n_heads, float(flat[i])) for i in order]
-
-
 def cmd_heads(args: argparse.Namespace) -> int:
     """Print the top heads for each head score: on the text, and induction on repeated random tokens."""
     from attnlens import metrics
@@ -136,7 +128,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
             lowest = name == "entropy"  # low entropy = sharp head
             table[f"{name} ({'lowest' if lowest else 'highest'})"] = scores.top(name, args.top, largest=not lowest)
     induction = metrics.induction_scores(model, seq_len=args.seq_len, batch=args.batch, seed=0)
-    table["induction on repeated random tokens"] = _top(induction, args.top)
+    table["induction on repeated random tokens"] = metrics.top_heads(induction, args.top)
     if args.json:
         print(json.dumps({name: [list(row) for row in rows] for name, rows in table.items()}, indent=2))
         return 0

@@ -11,7 +11,7 @@ their number. A score is undefined (a ``ValueError``) when no row qualifies.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -29,6 +29,7 @@ __all__ = [
     "head_scores",
     "induction_scores",
     "previous_token_scores",
+    "top_heads",
 ]
 
 
@@ -227,6 +228,33 @@ def induction_scores(
     return _induction_on_repeats(source, seq_len, batch, seed)
 
 
+def top_heads(
+    scores: Tensor,
+    k: int = 5,
+    *,
+    largest: bool = True,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+) -> list[tuple[int, int, float]]:
+    """The ``k`` heads with the highest (or lowest) score in a ``[layer, head]`` tensor: ``[(layer, head, score)]``.
+
+    Args:
+        scores: ``[layer, head]``, e.g. from :func:`induction_scores`.
+        k: how many heads.
+        largest: best = highest score (``False``: lowest, e.g. for :func:`entropy`).
+        layers: the layer number of each row (default ``0, 1, ...``).
+        heads: the head number of each column (default ``0, 1, ...``).
+    """
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [layer, head], got shape {tuple(scores.shape)}")
+    n_layers, n_heads = scores.shape
+    layers = range(n_layers) if layers is None else layers
+    heads = range(n_heads) if heads is None else heads
+    flat = scores.flatten()
+    order = torch.argsort(flat, descending=largest)[: max(0, k)]
+    return [(layers[i // n_heads], heads[i % n_heads], float(flat[i])) for i in order.tolist()]
+
+
 @dataclass(frozen=True, eq=False)
 class HeadScores:
     """All per-head scores of one trace, each ``[layer, head]`` (``None`` where undefined for its tokens).
@@ -261,10 +289,7 @@ class HeadScores:
         scores = getattr(self, name)
         if scores is None:
             raise ValueError(f"the {name} score is undefined for this trace's tokens")
-        flat = scores.flatten()
-        order = torch.argsort(flat, descending=largest)[: max(0, k)]
-        n_heads = scores.shape[1]
-        return [(self.layers[i // n_heads], self.heads[i % n_heads], float(flat[i])) for i in order.tolist()]
+        return top_heads(scores, k, largest=largest, layers=self.layers, heads=self.heads)
 
     def __repr__(self) -> str:
         parts = []

@@ -181,3 +181,12 @@ def test_induction_scores_on_repeated_random_tokens() -> None:
         metrics.induction_scores(model, seq_len=17)
     with pytest.raises(ValueError, match="input_ids applies to a trace"):
         metrics.induction_scores(model, torch.tensor([[1, 2]]))
+
+
+def test_top_heads_ranks_a_layer_head_grid() -> None:
+    scores = torch.tensor([[0.1, 0.9, 0.3], [0.7, 0.2, 0.8]])
+    assert metrics.top_heads(scores, 2) == [(0, 1, pytest.approx(0.9)), (1, 2, pytest.approx(0.8))]
+    assert metrics.top_heads(scores, 1, largest=False) == [(0, 0, pytest.approx(0.1))]
+    assert metrics.top_heads(scores, 1, layers=[4, 7], heads=[0, 2, 5]) == [(4, 2, pytest.approx(0.9))]
+    with pytest.raises(ValueError, match=r"\[layer, head\]"):
+        metrics.top_heads(scores[0])
