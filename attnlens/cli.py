@@ -64,8 +64,8 @@ def _gpt2_small() -> Any:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    """Print the weight walk-through: config, embeddings, the c_attn split and per-head shapes."""
-    from attnlens.models import extract_weights
+    """Print the weight walk-through: config, embeddings, the fused q/k/v split and per-head shapes."""
+    from attnlens.models import extract_weights, gpt2
 
     if args.gpt2_small:
         model, source = _gpt2_small(), "GPT-2-small-shaped model with seeded random weights (GPT2Config() defaults)"
@@ -75,22 +75,17 @@ def cmd_weights(args: argparse.Namespace) -> int:
     w = extract_weights(model)
     c = model.config
     layer = w.layers[args.layer]
-    c_attn = model.transformer.h[args.layer].attn.c_attn.weight
-    square = [w.d_model, w.d_model]
     lines = [
         f"model: {source} ({type(model).__name__}, {c._attn_implementation} attention, {w.dtype})",
         f"config: n_layer={c.n_layer} n_head={c.n_head} n_embd={c.n_embd} n_positions={c.n_positions} "
         f"vocab_size={c.vocab_size} activation={c.activation_function}",
         f"W_E (token embedding)    {list(w.W_E.shape)}  = {w.W_E.numel():,} parameters",
         f"W_pos (position embed.)  {list(w.W_pos.shape)}  = {w.W_pos.numel():,} parameters",
-        f"layer {args.layer} c_attn.weight      {list(c_attn.shape)}  (Conv1D stores [in, out]: x @ W)",
-        f"  W_Q = c_attn[:, 0:{w.d_model}]      {square} -> per head {list(layer.W_Q.shape)}",
-        f"  W_K = c_attn[:, {w.d_model}:{2 * w.d_model}]   {square} -> per head {list(layer.W_K.shape)}",
-        f"  W_V = c_attn[:, {2 * w.d_model}:{3 * w.d_model}]  {square} -> per head {list(layer.W_V.shape)}",
-        f"  W_O = c_proj.weight     {square} -> per head {list(layer.W_O.shape)}",
+        *gpt2.layout_lines(model, w, args.layer),
         f"heads: {w.n_heads} per layer, d_head = {w.d_model} / {w.n_heads} = {w.d_head}; "
         f"scale 1/sqrt(d_head) = {layer.scale:.6g}",
-        f"total parameters: {sum(p.numel() for p in model.parameters()):,} (lm_head is tied to W_E)",
+        f"total parameters: {sum(p.numel() for p in model.parameters()):,}"
+        + (" (W_U is tied to W_E)" if w.W_U is not None and w.W_U.data_ptr() == w.W_E.data_ptr() else ""),
     ]
     print("\n".join(lines))
     return 0
@@ -181,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
         group.add_argument("--ids", type=int, nargs="+", help="token ids to run instead of text")
         return p
 
-    p = command("weights", "print the GPT-2 weight walk-through: config, W_E, the c_attn split, heads")
+    p = command("weights", "print the GPT-2 weight walk-through: config, W_E, the fused q/k/v split, heads")
     p.add_argument("--layer", type=int, default=0)
     p.add_argument("--gpt2-small", action="store_true", help="use a GPT-2-small-shaped model with random weights")
     p.set_defaults(func=cmd_weights)

@@ -1,6 +1,6 @@
 """Attention maths as pure functions: tensors in, tensors out.
 
-Nothing here knows about Hugging Face: the GPT-2 specifics (the fused ``c_attn`` layout, which scale a layer uses,
+Nothing here knows about Hugging Face: the GPT-2 specifics (the fused q/k/v layout, which scale a layer uses,
 in which order a given transformers release applies it) live in :mod:`attnlens.models.gpt2`, which hands this module
 plain tensors and numbers.
 

@@ -1,6 +1,6 @@
 """Attention patterns (and on request scores, q, k, v, z and per-head results) from a GPT-2 model as it runs.
 
-:func:`trace` hooks the fused ``c_attn`` output of each traced layer while the model runs with its own attention
+:func:`trace` hooks the fused q/k/v projection of each traced layer while the model runs with its own attention
 kernel (an SDPA model stays SDPA), and recomputes each layer's pattern from that layer's q and k inside the hook, in
 the arithmetic order of the installed transformers release's eager kernel. So the patterns are the model's own:
 bitwise for an eager-run model, within float rounding of the kernel for an SDPA-run one (whose hidden states differ
@@ -62,7 +62,7 @@ class AttentionTrace:
     * ``pattern``: ``[batch, head, q_pos, k_pos]``, rows sum to 1 (rows of left padding are all 0);
     * ``scores``: ``[batch, head, q_pos, k_pos]``, pre-softmax, scaled, ``-inf`` where masked;
     * ``q``, ``k``, ``v``: ``[batch, head, pos, d_head]``;
-    * ``z``: ``[batch, pos, head, d_head]``, the input of the model's own ``c_proj``, split per head;
+    * ``z``: ``[batch, pos, head, d_head]``, the input of the model's own output projection, split per head;
     * ``result``: ``[batch, pos, head, d_model]``, each head's contribution to the attention output (no ``b_O``).
 
     Attributes:
@@ -330,12 +330,12 @@ def _transformers_version() -> str:
     return str(transformers.__version__)
 
 
-def _provenance(model: Any, base: Any) -> dict[str, str]:
+def _provenance(model: Any, sites: gpt2.Sites) -> dict[str, str]:
     import transformers
 
     from attnlens import __version__
 
-    param = base.wte.weight
+    param = sites.embed.weight
     return {
         "model": str(getattr(model.config, "_name_or_path", "") or ""),
         "model_class": type(model).__name__,
@@ -363,7 +363,7 @@ def trace(
     """Run a GPT-2 model on some inputs and keep the attention of the layers asked for.
 
     The model keeps its own attention kernel; each traced layer's pattern is recomputed from its own q and k (the
-    fused ``c_attn`` output) inside a hook, so an eager-run model's patterns are bitwise its ``output_attentions``.
+    fused q/k/v projection) inside a hook, so an eager-run model's patterns are bitwise its ``output_attentions``.
     Only the base ``GPT2Model`` runs, in eval mode and without gradients, and only up to the last traced layer. The
     model is left exactly as it was found, also on error.
 
@@ -393,7 +393,7 @@ def trace(
         >>> tr = attnlens.trace(model, "The cat sat on the mat", tokenizer=tok, layers=[0, 5])
         >>> tr.pattern(5).shape  # [batch, head, q_pos, k_pos]
     """
-    base: Any = gpt2.base_model(model)
+    sites = gpt2.sites(model)
     config = model.config
     names = _check_store(store)
     layer_list = _check_indices(layers, config.n_layer, "layers")
@@ -513,12 +513,11 @@ def trace(
 
         return hook
 
-    blocks = list(base.h)
-    post = [(blocks[i].attn.c_attn, on_qkv(i)) for i in layer_list] if want_qkv else []
-    pre = [(blocks[i].attn.c_proj, on_z(i)) for i in layer_list] if want_z else []
+    post = [(sites.layers[i].qkv, on_qkv(i)) for i in layer_list] if want_qkv else []
+    pre = [(sites.layers[i].z, on_z(i)) for i in layer_list] if want_z else []
 
     def forward() -> None:
-        base(input_ids=ids, attention_mask=mask, position_ids=pos)
+        sites.base(input_ids=ids, attention_mask=mask, position_ids=pos)
 
     with capture.preserved(model), torch.no_grad(), capture.forward_hooks(post), capture.forward_hooks(pre, pre=True):
         capture.run_until(forward)
@@ -535,6 +534,6 @@ def trace(
         input_ids=ids.clone(),
         attention_mask=(torch.ones_like(ids) if mask is None else mask.clone()),
         tokens=tokens,
-        provenance=_provenance(model, base),
+        provenance=_provenance(model, sites),
         _stacks=stacks,
     )

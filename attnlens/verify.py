@@ -1,8 +1,8 @@
 """Prove that attnlens's numbers are the model's own: recompute attention from extracted weights and compare.
 
-:func:`verify` runs a GPT-2 model on some tokens, captures what each attention module really computed (its input, its
-fused q/k/v, the merged head outputs ``z`` entering ``c_proj``, its output, and the attention probabilities from the
-model's eager kernel), recomputes the same quantities with :mod:`attnlens.functional` from a
+:func:`verify` runs a GPT-2 model on some tokens, captures what each attention module really computed (its input,
+its fused q/k/v, the merged head outputs ``z`` entering its output projection, its output, and the attention
+probabilities from the model's eager kernel), recomputes the same quantities with :mod:`attnlens.functional` from a
 :class:`~attnlens.weights.ModelWeights`, rebuilds the whole forward pass from those weights alone, and reports the
 largest error of every quantity per layer and head against a per-dtype tolerance.
 
@@ -296,7 +296,7 @@ class _Capture:
         return self.patterns[layer]
 
 
-def _hooks(base: Any, layers: tuple[int, ...], store: _Capture) -> Iterator[Any]:
+def _hooks(sites: gpt2.Sites, layers: tuple[int, ...], store: _Capture) -> Iterator[Any]:
     """Forward hooks that save each traced layer's attention input, fused qkv and output, and the final hidden."""
 
     def save(table: dict[int, Tensor], layer: int) -> Any:
@@ -309,15 +309,15 @@ def _hooks(base: Any, layers: tuple[int, ...], store: _Capture) -> Iterator[Any]
         store.hidden = output.detach()
 
     for layer in layers:
-        block = base.h[layer]
-        yield block.ln_1, save(store.attn_in, layer)
-        yield block.attn.c_attn, save(store.qkv, layer)
-        yield block.attn, save(store.attn_out, layer)
-    yield base.ln_f, save_final
+        site = sites.layers[layer]
+        yield site.attn_input, save(store.attn_in, layer)
+        yield site.qkv, save(store.qkv, layer)
+        yield site.attn, save(store.attn_out, layer)
+    yield sites.final_norm, save_final
 
 
-def _z_hooks(base: Any, layers: tuple[int, ...], store: _Capture) -> Iterator[Any]:
-    """Forward-pre hooks that save the input of each traced ``attn.c_proj``: the heads' outputs, merged."""
+def _z_hooks(sites: gpt2.Sites, layers: tuple[int, ...], store: _Capture) -> Iterator[Any]:
+    """Forward-pre hooks that save the input of each traced output projection: the heads' outputs, merged."""
 
     def save(layer: int) -> Any:
         def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
@@ -326,7 +326,7 @@ def _z_hooks(base: Any, layers: tuple[int, ...], store: _Capture) -> Iterator[An
         return hook
 
     for layer in layers:
-        yield base.h[layer].attn.c_proj, save(layer)
+        yield sites.layers[layer].z, save(layer)
 
 
 def _run(
@@ -339,19 +339,19 @@ def _run(
     patterns: bool,
 ) -> _Capture:
     """One forward pass of the model's transformer, capturing what ``layers`` compute (and, on request, patterns)."""
-    base: Any = gpt2.base_model(model)  # type: ignore[arg-type]
+    sites = gpt2.sites(model)  # type: ignore[arg-type]
     store = _Capture()
     with (
-        gpt2.hooks_restored(base),
-        forward_hooks(_hooks(base, layers, store)),
-        forward_hooks(_z_hooks(base, layers, store), pre=True),
+        gpt2.hooks_restored(sites.base),
+        forward_hooks(_hooks(sites, layers, store)),
+        forward_hooks(_z_hooks(sites, layers, store), pre=True),
     ):
-        outputs = base(
+        outputs = sites.base(
             input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, output_attentions=patterns
         )
     missing = [
         f"{name} of layer {layer}"
-        for name, table in (("input", store.attn_in), ("c_attn output", store.qkv), ("z", store.z))
+        for name, table in (("input", store.attn_in), ("q/k/v projection output", store.qkv), ("z", store.z))
         for layer in layers
         if layer not in table
     ] + [f"output of layer {layer}" for layer in layers if layer not in store.attn_out]
@@ -519,8 +519,8 @@ def verify(
                 eager = _run(model, ids, mask, pos, traced, patterns=True)
         else:
             eager = own
-        lm_head = getattr(model, "lm_head", None)
-        own_logits = lm_head(own.final()) if isinstance(lm_head, nn.Linear) and weights.W_U is not None else None
+        unembed = gpt2.sites(model).unembed
+        own_logits = unembed(own.final()) if unembed is not None and weights.W_U is not None else None
 
         batch, n_pos = ids.shape
         valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()

@@ -41,3 +41,21 @@ def test_submodule_imports_do_not_shadow_functions() -> None:
     assert callable(attnlens.trace) and callable(attnlens.verify)
     assert attnlens.metrics.__name__ == "attnlens.metrics"
     assert callable(attnlens.load_demo)
+
+
+def test_only_models_know_hugging_face_paths() -> None:
+    """Everything outside attnlens/models/ is written against the adapter's sites, never against HF module paths."""
+    import re
+    from pathlib import Path
+
+    root = Path(attnlens.__file__).parent
+    hf_path = re.compile(r"\.h\[|\bc_attn\b|\bc_proj\b|\bc_fc\b|\bwte\b|\bwpe\b|\blm_head\b|\.transformer\b")
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if "models" in path.relative_to(root).parts or "demo" in path.relative_to(root).parts:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            # ModelWeights.ln_f (like LayerWeights.ln_1) is an attnlens field named after GPT-2, not a module path.
+            if hf_path.search(line) or re.search(r"\bln_f\b", line.replace("weights.ln_f", "").replace("ln_f:", "")):
+                offenders.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
+    assert not offenders, "Hugging Face module paths outside attnlens/models/:\n" + "\n".join(offenders)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,17 +35,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SUPPORTED_CLASSES",
+    "LayerSites",
+    "Sites",
     "attn_implementation",
     "base_model",
-    "blocks",
     "check_config",
     "check_inputs",
     "extract",
     "hooks_restored",
     "is_gpt2",
     "kernel_ignores_scale_flags",
+    "layout_lines",
     "load",
     "set_attn_implementation",
+    "sites",
     "split_qkv",
 ]
 
@@ -293,9 +297,65 @@ def load(
     return model.eval()
 
 
-def blocks(model: PreTrainedModel) -> Iterator[nn.Module]:
-    """The model's transformer blocks, in order."""
-    yield from base_model(model).h
+@dataclass(frozen=True)
+class LayerSites:
+    """The modules of one attention layer that attnlens hooks, named by role rather than by Hugging Face path.
+
+    Attributes:
+        attn_input: its output is the attention's input ``[batch, pos, d_model]`` (the block's first layer norm).
+        qkv: its output is the fused projection ``[batch, pos, (qkv head d_head)]``; see :func:`split_qkv`.
+        z: its input is the heads' outputs merged, ``[batch, pos, (head d_head)]``; its ``weight`` is ``W_O``
+            as ``[(head d_head), d_model]``.
+        attn: its output (the first element when a tuple) is the attention output ``[batch, pos, d_model]``.
+    """
+
+    attn_input: Any
+    qkv: Any
+    z: Any
+    attn: Any
+
+
+@dataclass(frozen=True)
+class Sites:
+    """Where a GPT-2 model computes what attnlens reads: the interface trace, verify and the rest are written against.
+
+    Attributes:
+        base: the transformer without any task head; call it as ``base(input_ids=..., attention_mask=...,
+            position_ids=..., use_cache=..., output_attentions=...)``.
+        layers: one :class:`LayerSites` per layer.
+        embed: the token embedding (its ``weight`` is ``W_E``; its dtype and device are the model's).
+        final_norm: its output is the final hidden state ``[batch, pos, d_model]``.
+        unembed: the language-model head (``hidden @ W_U``), or ``None`` for classes without one.
+    """
+
+    base: Any
+    layers: tuple[LayerSites, ...]
+    embed: Any
+    final_norm: Any
+    unembed: nn.Linear | None
+
+
+def sites(model: PreTrainedModel) -> Sites:
+    """The :class:`Sites` of a supported GPT-2 model (after the checks of :func:`base_model`)."""
+    base: Any = base_model(model)
+    layers = tuple(LayerSites(block.ln_1, block.attn.c_attn, block.attn.c_proj, block.attn) for block in base.h)
+    lm_head = getattr(model, "lm_head", None)
+    return Sites(base, layers, base.wte, base.ln_f, lm_head if isinstance(lm_head, nn.Linear) else None)
+
+
+def layout_lines(model: PreTrainedModel, weights: ModelWeights, layer: int) -> list[str]:
+    """How one layer's per-head weights are cut from GPT-2's fused Conv1D parameters, as lines of text."""
+    d = weights.d_model
+    c_attn = sites(model).layers[layer].qkv.weight
+    per_head = weights.layers[layer]
+    square = [d, d]
+    return [
+        f"layer {layer} c_attn.weight      {list(c_attn.shape)}  (Conv1D stores [in, out]: x @ W)",
+        f"  W_Q = c_attn[:, 0:{d}]      {square} -> per head {list(per_head.W_Q.shape)}",
+        f"  W_K = c_attn[:, {d}:{2 * d}]   {square} -> per head {list(per_head.W_K.shape)}",
+        f"  W_V = c_attn[:, {2 * d}:{3 * d}]  {square} -> per head {list(per_head.W_V.shape)}",
+        f"  W_O = c_proj.weight     {square} -> per head {list(per_head.W_O.shape)}",
+    ]
 
 
 def split_qkv(fused: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
