@@ -277,7 +277,7 @@ def _format_row(row: VerificationRow, *, per_head: bool) -> str:
     head = str(row.head) if per_head and row.head is not None else "-"
     return (
         f"{layer:>5}  {row.quantity:<16}  {head:>10}  {row.max_abs_error:>11.3g}  {row.max_rel_error:>11.3g}  "
-        f"{row.tolerance:>9.3g}  {'ok' if row.ok else 'FAIL'}"
+        f"{'bitwise' if row.tolerance == 0 else format(row.tolerance, '.3g'):>9}  {'ok' if row.ok else 'FAIL'}"
     )
 
 
