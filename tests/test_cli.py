@@ -40,6 +40,12 @@ def test_verify_on_demo_passes(capsys) -> None:
     assert "attnlens verification: OK" in out and "pattern_hf_order" in out
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_verify_on_demo_passes_in_half_precision(dtype, capsys) -> None:
+    assert main(["verify", "--dtype", dtype]) == 0
+    assert "attnlens verification: OK" in capsys.readouterr().out
+
+
 def test_verify_json_on_a_folder_with_ids(tiny_path, capsys) -> None:
     assert main(["verify", tiny_path, "--ids", "1", "2", "3", "4", "5", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
