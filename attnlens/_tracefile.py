@@ -56,7 +56,9 @@ def check_file(meta: Mapping[str, Any], tensors: dict[str, Tensor], store_names:
     layers, heads = _ints(meta["layers"], "layers"), _ints(meta["heads"], "heads")
     n_heads = meta["n_heads"]
     if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads <= max(heads):
-        raise ValueError(f"metadata 'n_heads' must be an integer above every head number {list(heads)}, got {n_heads!r}")
+        raise ValueError(
+            f"metadata 'n_heads' must be an integer above every head number {list(heads)}, got {n_heads!r}"
+        )
     stored = meta["stored"]
     if not isinstance(stored, list) or not stored or any(name not in store_names for name in stored):
         raise ValueError(f"metadata 'stored' must be a non-empty list of {', '.join(store_names)}, got {stored!r}")

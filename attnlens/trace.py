@@ -111,7 +111,9 @@ class AttentionTrace:
             heads: the head number of each head of ``patterns``; default ``0, 1, ...``.
         """
         if not isinstance(patterns, Tensor):
-            raise TypeError(f"patterns must be a tensor [layer, batch, head, q_pos, k_pos], got {type(patterns).__name__}")
+            raise TypeError(
+                f"patterns must be a tensor [layer, batch, head, q_pos, k_pos], got {type(patterns).__name__}"
+            )
         if patterns.ndim != 5 or patterns.shape[-1] != patterns.shape[-2]:
             raise ValueError(
                 f"patterns must be [layer, batch, head, q_pos, k_pos] with q_pos == k_pos, got {tuple(patterns.shape)}"
