@@ -313,7 +313,7 @@ class AttentionTrace:
 
 
 def _check_store(store: str | Iterable[str]) -> tuple[str, ...]:
-    if store is None or not (isinstance(store, str) or isinstance(store, Iterable)):
+    if not isinstance(store, Iterable):
         raise TypeError(f"store must be a name or a list of names from {', '.join(STORE_NAMES)}, got {store!r}")
     names = (store,) if isinstance(store, str) else tuple(store)
     unknown = [n for n in names if n not in STORE_NAMES]
