@@ -461,10 +461,9 @@ def test_save_to_a_bad_place_is_an_os_error_naming_it(saved: Any, tmp_path: Any)
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        if os.access(locked, os.W_OK):  # root writes anywhere: /proc is unwritable for everyone
-            target = "/proc/attnlens-trace.safetensors"
-        else:
-            target = str(locked / "x.safetensors")
+        # root writes anywhere, but nobody writes a file into /proc
+        writable = os.access(locked, os.W_OK)
+        target = "/proc/attnlens-trace.safetensors" if writable else str(locked / "x.safetensors")
         with pytest.raises(OSError, match=re.escape(repr(target))):
             tr.save(target)
     finally:
