@@ -2,6 +2,9 @@
 
 ``attnlens weights | verify | heads | inspect [MODEL]``. MODEL is a hub name or a local checkpoint folder; without one,
 the embedded demo checkpoint is used, so every command works offline.
+
+Exit status: 0 on success, 1 when ``verify`` finds a mismatch, 2 on a usage error (a bad option value, a checkpoint
+that cannot be loaded, an unusable device, a missing optional dependency), reported as one line on stderr.
 """
 
 from __future__ import annotations
@@ -15,14 +18,34 @@ from typing import Any
 
 import torch
 
+from attnlens.errors import AttentionCaptureError
+
 __all__ = ["main"]
 
 DEFAULT_TEXT = "The cat sat on the mat, and the dog sat on the rug. The cat sat on the mat, and the dog sat on the rug."
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _check_device(name: str) -> None:
+    """Refuse a device that torch does not know or that this machine lacks, before any loading."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device torch knows; use cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # torch asserts on backends it was built without
+        reason = str(error).strip().splitlines()[0].split(". ")[0]  # torch's first sentence; the rest is a dump
+        raise ValueError(f"--device {name} is not usable on this machine ({reason})") from None
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     """(model, tokenizer or None) from the MODEL argument, or the demo checkpoint."""
+    _check_device(args.device)
     dtype = _DTYPES[args.dtype]
     if args.model is None:
         from attnlens.demo import load_demo
@@ -43,14 +66,17 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _inputs(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tensor, list[str] | None]:
-    """Token ids ``[1, pos]`` from --ids or --text, and their strings when a tokenizer is at hand."""
+def _inputs(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[torch.Tensor, list[str] | None]:
+    """Token ids ``[1, pos]`` from --ids or --text (checked against the model), and their strings if possible."""
+    from attnlens.models import gpt2
+
     if args.ids:
         ids = torch.tensor([args.ids])
     else:
         if tokenizer is None:
-            raise SystemExit("attnlens: this checkpoint has no tokenizer; pass token ids with --ids")
+            raise ValueError("this checkpoint has no tokenizer; pass token ids with --ids")
         ids = tokenizer(args.text, return_tensors="pt")["input_ids"]
+    gpt2.check_inputs(model, ids)  # ids out of the vocabulary or too many: a named error before the tokenizer's own
     tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist()) if tokenizer is not None else None
     return ids, tokens
 
@@ -74,6 +100,8 @@ def cmd_weights(args: argparse.Namespace) -> int:
         source = args.model or "the embedded demo checkpoint"
     w = extract_weights(model)
     c = model.config
+    if not 0 <= args.layer < w.n_layers:
+        raise ValueError(f"--layer must lie in [0, {w.n_layers}), got {args.layer}")
     layer = w.layers[args.layer]
     lines = [
         f"model: {source} ({type(model).__name__}, {c._attn_implementation} attention, {w.dtype})",
@@ -101,9 +129,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         try:
             overrides[quantity] = float(value)
         except ValueError:
-            raise SystemExit(f"attnlens: --tolerance takes QUANTITY=NUMBER, got {item!r}") from None
+            raise ValueError(f"--tolerance takes QUANTITY=NUMBER, got {item!r}") from None
     model, tokenizer = _load(args)
-    ids, _ = _inputs(args, tokenizer)
+    ids, _ = _inputs(args, model, tokenizer)
     report = verify(model, ids, tolerances=overrides or None)
     print(report.to_json() if args.json else report)
     return 0 if report.ok else 1
@@ -115,7 +143,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
     from attnlens.trace import trace
 
     model, tokenizer = _load(args)
-    ids, _ = _inputs(args, tokenizer)
+    ids, _ = _inputs(args, model, tokenizer)
     scores = metrics.head_scores(trace(model, ids), input_ids=ids)
     table: dict[str, list[tuple[int, int, float]]] = {}
     for name in scores.names:
@@ -139,15 +167,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from attnlens import viz
     from attnlens.trace import trace
 
+    if not args.out.endswith(".html"):
+        try:
+            import matplotlib  # noqa: F401 - only to say what is missing before any work is done
+        except ImportError:
+            raise ValueError(
+                f'writing {args.out} needs matplotlib: pip install "attnlens[viz]" (FILE.html needs nothing more)'
+            ) from None
     model, tokenizer = _load(args)
-    ids, tokens = _inputs(args, tokenizer)
+    ids, tokens = _inputs(args, model, tokenizer)
     n_layers = model.config.n_layer
     if not 0 <= args.layer < n_layers:
-        raise SystemExit(f"attnlens: --layer must lie in [0, {n_layers}), got {args.layer}")
+        raise ValueError(f"--layer must lie in [0, {n_layers}), got {args.layer}")
     t = trace(model, ids, layers=[args.layer])
     pattern = t.pattern(args.layer)[0].float()  # [head, q_pos, k_pos]
     if args.head is not None and not 0 <= args.head < pattern.shape[0]:
-        raise SystemExit(f"attnlens: --head must lie in [0, {pattern.shape[0]}), got {args.head}")
+        raise ValueError(f"--head must lie in [0, {pattern.shape[0]}), got {args.head}")
     labels = tokens or [str(i) for i in ids[0].tolist()]
     if args.out.endswith(".html"):
         viz.save_html(viz.pattern_html(pattern[None], labels, layers=[args.layer]), args.out)
@@ -213,8 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, OSError) as error:  # includes UnsupportedModelError: say what was wrong, no traceback
-        print(f"attnlens: {error}", file=sys.stderr)
+    # Usage errors and named attnlens errors (UnsupportedModelError is a ValueError): one line, exit 2 as argparse
+    # does; exit 1 is kept for "verification failed".
+    except (ValueError, TypeError, OSError, AttentionCaptureError) as error:
+        print("attnlens: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
 
 

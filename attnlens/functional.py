@@ -218,6 +218,11 @@ def scaled_dot_product_attention(
     Returns:
         ``output [..., q_pos, d_v]``, or ``(output, pattern [..., q_pos, k_pos])`` with ``return_pattern=True``.
         The pattern has the value dtype.
+
+    Raises:
+        ValueError: shapes that do not fit (d_k, k_pos, leading dims, a mask that does not broadcast to the scores),
+            naming them; ``attn_mask`` together with ``is_causal``.
+        TypeError: a mask neither bool nor float.
     """
     if query.shape[-1] != key.shape[-1]:
         raise ValueError(f"query and key must share d_k, got {query.shape[-1]} and {key.shape[-1]}")
@@ -227,9 +232,35 @@ def scaled_dot_product_attention(
         if attn_mask is not None:
             raise ValueError("pass either attn_mask or is_causal=True, not both (as in torch)")
         attn_mask = causal_mask(query.shape[-2], key.shape[-2], device=query.device)
+    _check_broadcast(query, key, value, attn_mask)
     pattern = masked_softmax(attention_scores(query, key, scale), attn_mask).to(value.dtype)
     output = torch.matmul(pattern, value)
     return (output, pattern) if return_pattern else output
+
+
+def _check_broadcast(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None) -> None:
+    """Refuse leading dims or a mask that do not broadcast to the scores, naming the shapes (torch would not)."""
+    try:
+        batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"the leading (batch) dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
+            f"{tuple(value.shape)} do not broadcast"
+        ) from None
+    if attn_mask is None:
+        return
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError(f"attn_mask must be bool (True = may attend) or float (added), got {attn_mask.dtype}")
+    scores = (*batch, query.shape[-2], key.shape[-2])
+    try:
+        fits = torch.broadcast_shapes(attn_mask.shape, scores) == torch.Size(scores)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' shape {scores} "
+            "[..., q_pos, k_pos]"
+        )
 
 
 class AttentionWeights(Protocol):

@@ -11,6 +11,8 @@ their number. A score is undefined (a ``ValueError``) when no row qualifies.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -19,6 +21,8 @@ import torch
 from einops import einsum
 from torch import Tensor
 
+from attnlens.errors import UnsupportedModelError
+from attnlens.models import gpt2
 from attnlens.trace import AttentionTrace, trace
 
 __all__ = [
@@ -220,9 +224,29 @@ def induction_scores(
 
     Returns:
         ``[layer, head]`` (all layers and heads for a model).
+
+    Raises:
+        TypeError: ``source`` is a tensor or a path, neither a trace nor a loaded model.
+        UnsupportedModelError: ``source`` is a model, but not a supported GPT-2 one.
+        ValueError: a score undefined for the trace's tokens, or a bad ``seq_len`` / ``batch``.
     """
     if isinstance(source, AttentionTrace):
         return _induction_on_trace(source, input_ids)
+    if isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"induction_scores takes a trace or a loaded GPT-2 model, got the name or path {os.fspath(source)!r}: "
+            "load it first, e.g. attnlens.models.gpt2.load(path)"
+        )
+    if isinstance(source, Tensor):
+        raise TypeError(
+            "induction_scores takes a trace or a GPT-2 model, got a tensor: wrap patterns "
+            "[layer, batch, head, q_pos, k_pos] with attnlens.AttentionTrace.from_patterns(patterns, input_ids=...)"
+        )
+    if not gpt2.is_gpt2(source):
+        raise UnsupportedModelError(
+            f"induction_scores takes an AttentionTrace or a Hugging Face GPT-2 model, got "
+            f"{type(source).__module__}.{type(source).__qualname__}; supported: {', '.join(gpt2.SUPPORTED_CLASSES)}"
+        )
     if input_ids is not None:
         raise ValueError("input_ids applies to a trace; on a model, the test draws its own tokens")
     return _induction_on_repeats(source, seq_len, batch, seed)
@@ -244,15 +268,24 @@ def top_heads(
         largest: best = highest score (``False``: lowest, e.g. for :func:`entropy`).
         layers: the layer number of each row (default ``0, 1, ...``).
         heads: the head number of each column (default ``0, 1, ...``).
+
+    Returns:
+        ``[(layer, head, score)]``, best first. Heads whose score is NaN rank last (after every number, for
+        ``largest=True`` and ``False`` alike): they are listed only when fewer than ``k`` heads have a number.
     """
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"scores must be a [layer, head] tensor, got {type(scores).__name__}")
     if scores.ndim != 2:
         raise ValueError(f"scores must be [layer, head], got shape {tuple(scores.shape)}")
     n_layers, n_heads = scores.shape
     layers = range(n_layers) if layers is None else layers
     heads = range(n_heads) if heads is None else heads
-    flat = scores.flatten()
-    order = torch.argsort(flat, descending=largest)[: max(0, k)]
-    return [(layers[i // n_heads], heads[i % n_heads], float(flat[i])) for i in order.tolist()]
+    values = scores.flatten().tolist()
+    # NaN (a score undefined for a head) ranks last either way, as the worst; ties keep [layer, head] order.
+    order = sorted(range(len(values)), key=lambda i: (math.isnan(values[i]), -values[i] if largest else values[i]))[
+        : max(0, k)
+    ]
+    return [(layers[i // n_heads], heads[i % n_heads], values[i]) for i in order]
 
 
 @dataclass(frozen=True, eq=False)
@@ -283,7 +316,7 @@ class HeadScores:
         return tuple(f.name for f in fields(self) if f.name not in ("layers", "heads"))
 
     def top(self, name: str, k: int = 5, *, largest: bool = True) -> list[tuple[int, int, float]]:
-        """The ``k`` heads with the highest (or lowest) score: ``[(layer, head, score)]``, best first."""
+        """The ``k`` heads with the highest (or lowest) score: ``[(layer, head, score)]``, best first, NaN last."""
         if name not in self.names:
             raise ValueError(f"unknown score {name!r}; known: {', '.join(self.names)}")
         scores = getattr(self, name)

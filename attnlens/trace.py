@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +33,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from attnlens import capture, functional
+from attnlens._tracefile import check_file
 from attnlens.errors import AttentionCaptureError
 from attnlens.models import gpt2
 
@@ -108,22 +110,32 @@ class AttentionTrace:
             layers: the layer number of each entry of ``patterns``; default ``0, 1, ...``.
             heads: the head number of each head of ``patterns``; default ``0, 1, ...``.
         """
+        if not isinstance(patterns, Tensor):
+            raise TypeError(
+                f"patterns must be a tensor [layer, batch, head, q_pos, k_pos], got {type(patterns).__name__}"
+            )
         if patterns.ndim != 5 or patterns.shape[-1] != patterns.shape[-2]:
             raise ValueError(
                 f"patterns must be [layer, batch, head, q_pos, k_pos] with q_pos == k_pos, got {tuple(patterns.shape)}"
             )
         n_layers, batch, n_heads, n_pos, _ = patterns.shape
+        if 0 in patterns.shape:
+            raise ValueError(f"patterns is empty (shape {tuple(patterns.shape)}): every axis needs at least one entry")
+        layer_list = _numbers(layers, n_layers, "layers", "layer")
+        head_list = _numbers(heads, n_heads, "heads", "head")
         if input_ids is None:
             input_ids = torch.zeros(batch, n_pos, dtype=torch.long, device=patterns.device)
         if attention_mask is None:
             attention_mask = torch.ones(batch, n_pos, dtype=torch.long, device=patterns.device)
         for name, x in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{name} must be a tensor {(batch, n_pos)}, got {type(x).__name__}")
             if tuple(x.shape) != (batch, n_pos):
                 raise ValueError(f"{name} has shape {tuple(x.shape)}; the patterns need {(batch, n_pos)}")
         return cls(
-            layers=tuple(range(n_layers)) if layers is None else tuple(int(i) for i in layers),
-            heads=tuple(range(n_heads)) if heads is None else tuple(int(h) for h in heads),
-            n_heads=n_heads if heads is None else max(heads) + 1,
+            layers=layer_list,
+            heads=head_list,
+            n_heads=max(head_list) + 1,
             stored=("pattern",),
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -194,9 +206,20 @@ class AttentionTrace:
         return out
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the trace to one safetensors file: the stacks, ids and mask, and JSON metadata in its header."""
+        """Write the trace to one safetensors file: the stacks, ids and mask, and JSON metadata in its header.
+
+        Raises:
+            OSError: the file cannot be written there (a missing folder, a folder's path, no permission), naming it.
+        """
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
+        target = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(target))
+        if os.path.isdir(target):
+            raise IsADirectoryError(f"cannot save the trace to {target!r}: it is a folder; give a file name in it")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"cannot save the trace to {target!r}: the folder {folder!r} does not exist")
         tensors = {name: stack.contiguous() for name, stack in self._stacks.items()}
         tensors["input_ids"] = self.input_ids.contiguous()
         tensors["attention_mask"] = self.attention_mask.contiguous()
@@ -209,36 +232,54 @@ class AttentionTrace:
             "tokens": self.tokens,
             "provenance": self.provenance,
         }
-        save_file(tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta)})
+        try:
+            save_file(tensors, target, metadata={_META_KEY: json.dumps(meta)})
+        except (SafetensorError, OSError) as error:
+            raise OSError(f"cannot save the trace to {target!r}: {error}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: torch.device | str = "cpu") -> AttentionTrace:
-        """Read a trace written by :meth:`save` (no pickle involved)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        """Read a trace written by :meth:`save` (safetensors only: nothing is ever unpickled).
 
-        with safe_open(os.fspath(path), framework="pt") as f:
-            header = f.metadata() or {}
+        Raises:
+            OSError: the file cannot be read (missing, a folder, no permission).
+            ValueError: it is not a valid attnlens trace (not safetensors, truncated, no or bad metadata, tensors
+                that do not match the metadata); the message says why.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        source = os.fspath(path)
+        if os.path.isdir(source):
+            raise IsADirectoryError(f"cannot load a trace from {source!r}: it is a folder, not a trace file")
+        with open(source, "rb"):  # FileNotFoundError / PermissionError naming the path, before safetensors' own
+            pass
+
+        def invalid(why: str) -> ValueError:
+            return ValueError(f"{source!r} is not a valid attnlens trace: {why}")
+
+        try:
+            with safe_open(source, framework="pt", device=str(device)) as f:
+                header = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is no dict
+        except SafetensorError as error:
+            raise invalid(f"not a readable safetensors file ({error})") from None
         if _META_KEY not in header:
-            raise ValueError(f"{os.fspath(path)!r} is a safetensors file but not an attnlens trace (no metadata)")
-        meta = json.loads(header[_META_KEY])
+            raise invalid("a safetensors file without attnlens metadata")
+        try:
+            meta = json.loads(header[_META_KEY])
+        except json.JSONDecodeError as error:
+            raise invalid(f"its metadata is not JSON ({error})") from None
+        if not isinstance(meta, dict):
+            raise invalid(f"its metadata is a {type(meta).__name__}, not a JSON object")
         if meta.get("format") != _FORMAT:
             raise ValueError(
                 f"trace file format {meta.get('format')!r} is not supported (this attnlens reads {_FORMAT})"
             )
-        tensors = load_file(os.fspath(path), device=str(device))
-        input_ids, attention_mask = tensors.pop("input_ids"), tensors.pop("attention_mask")
-        return cls(
-            layers=tuple(meta["layers"]),
-            heads=tuple(meta["heads"]),
-            n_heads=int(meta["n_heads"]),
-            stored=tuple(meta["stored"]),
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            tokens=meta["tokens"],
-            provenance=dict(meta["provenance"]),
-            _stacks=tensors,
-        )
+        try:
+            fields = check_file(meta, tensors, STORE_NAMES)
+        except ValueError as error:
+            raise invalid(str(error)) from None
+        return cls(**fields)
 
     # --------------------------------------------------------------------------------------------- display ---
 
@@ -272,6 +313,8 @@ class AttentionTrace:
 
 
 def _check_store(store: str | Iterable[str]) -> tuple[str, ...]:
+    if not isinstance(store, Iterable):
+        raise TypeError(f"store must be a name or a list of names from {', '.join(STORE_NAMES)}, got {store!r}")
     names = (store,) if isinstance(store, str) else tuple(store)
     unknown = [n for n in names if n not in STORE_NAMES]
     if unknown:
@@ -281,17 +324,34 @@ def _check_store(store: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(n for n in STORE_NAMES if n in names)
 
 
-def _check_indices(given: int | Iterable[int] | None, size: int, what: str) -> tuple[int, ...]:
+def _as_index(item: Any, what: str) -> int:
+    """One layer or head number: any integer (Python, numpy, a one-element integer tensor), never a bool."""
+    if isinstance(item, bool) or str(getattr(item, "dtype", "")) in ("bool", "torch.bool"):
+        raise ValueError(f"{what} must be integers, got the bool {item!r}")
+    try:
+        return operator.index(item)
+    except TypeError:
+        raise ValueError(f"{what} must be integers, got {item!r}") from None
+
+
+def _index_list(given: Any, what: str) -> list[int]:
+    """Layer or head numbers as a list of ints, from an int, an iterable of ints, or an integer array or tensor."""
+    if getattr(given, "ndim", None) == 0 or not isinstance(given, Iterable):
+        return [_as_index(given, what)]
+    if isinstance(given, (str, bytes)):
+        raise ValueError(f"{what} must be integers, got {given!r}")
+    return [_as_index(item, what) for item in given]
+
+
+def _check_indices(given: Any, size: int, what: str) -> tuple[int, ...]:
     """Validate layer or head numbers: ints in ``[-size, size)`` (negatives count from the end), no repeats."""
     if given is None:
         return tuple(range(size))
-    items = [given] if isinstance(given, int) else list(given)
+    items = _index_list(given, what)
     if not items:
         raise ValueError(f"{what} is empty; pass None for all {size}")
     out = []
     for item in items:
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise ValueError(f"{what} must be integers, got {item!r}")
         if not -size <= item < size:
             raise ValueError(f"{what} {item} is out of range: the model has {size} (0..{size - 1})")
         out.append(item % size)
@@ -299,6 +359,26 @@ def _check_indices(given: int | Iterable[int] | None, size: int, what: str) -> t
     if repeated:
         raise ValueError(f"{what} {repeated} given more than once")
     return tuple(out)
+
+
+def _numbers(given: Any, size: int, what: str, axis: str) -> tuple[int, ...]:
+    """The layer or head number of each of ``size`` entries along an axis: default ``0..size-1``; distinct, >= 0."""
+    if given is None:
+        return tuple(range(size))
+    items = _index_list(given, what)
+    if not items:
+        raise ValueError(f"{what} is empty; give one number per {axis} of the patterns ({size}), or None")
+    if len(items) != size:
+        raise ValueError(
+            f"{what} names {len(items)} {axis}(s) but the patterns hold {size} along that axis: give one number per "
+            f"entry, or None for 0..{size - 1}"
+        )
+    if any(i < 0 for i in items):
+        raise ValueError(f"{what} must be numbers >= 0, got {items}")
+    repeated = sorted({i for i in items if items.count(i) > 1})
+    if repeated:
+        raise ValueError(f"{what} {repeated} given more than once")
+    return tuple(items)
 
 
 def _tokenize(texts: list[str], tokenizer: Any) -> tuple[Tensor, Tensor]:
@@ -373,7 +453,7 @@ def trace(
             (padded on the tokenizer's ``padding_side`` to the longest).
         attention_mask: ``[batch, pos]``, 1 for tokens and 0 for padding; only with token ids.
         layers: the layers to trace (negative numbers count from the end), in the order the stacks will follow;
-            default all.
+            default all. Any integers: Python, numpy, or an integer array or tensor.
         heads: the heads to keep in every per-head tensor; default all.
         store: what to keep per layer, any of ``"pattern"``, ``"scores"``, ``"q"``, ``"k"``, ``"v"``, ``"z"``,
             ``"result"`` (see :class:`AttentionTrace`).
@@ -384,8 +464,10 @@ def trace(
         The :class:`AttentionTrace`.
 
     Raises:
-        ValueError: bad ``layers`` / ``heads`` (out of range, repeated), unknown ``store`` names, text without a
-            tokenizer, or inputs that :func:`attnlens.models.gpt2.check_inputs` refuses.
+        ValueError: bad ``layers`` / ``heads`` (not integers, out of range, repeated), unknown ``store`` names, text
+            without a tokenizer, or inputs that :func:`attnlens.models.gpt2.check_inputs` refuses.
+        TypeError: ``model`` is a name or path (load it first), ``store`` is not names, or ``input_ids`` is not
+            token ids at all.
         UnsupportedModelError: not a supported GPT-2 model.
         AttentionCaptureError: a traced layer never ran.
 
@@ -393,6 +475,12 @@ def trace(
         >>> tr = attnlens.trace(model, "The cat sat on the mat", tokenizer=tok, layers=[0, 5])
         >>> tr.pattern(5).shape  # [batch, head, q_pos, k_pos]
     """
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"trace needs a loaded model, got the name or path {os.fspath(model)!r}: load it first, e.g. "
+            "attnlens.models.gpt2.load(path) or transformers' from_pretrained (verify and extract_weights also take "
+            "a path)"
+        )
     sites = gpt2.sites(model)
     config = model.config
     names = _check_store(store)

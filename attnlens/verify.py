@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -306,7 +307,10 @@ def _overrides(dtype: torch.dtype, overrides: Mapping[Any, Any] | None) -> dict[
     for quantity, tol in flat.items():
         if quantity not in TOLERANCES:
             raise ValueError(f"tolerance for unknown quantity {quantity!r}; quantities: {', '.join(QUANTITIES)}")
-        tol = float(tol)
+        try:
+            tol = float(tol)
+        except (TypeError, ValueError):
+            raise ValueError(f"tolerance for {quantity!r} must be a number >= 0, got {tol!r}") from None
         if not tol >= 0.0:
             raise ValueError(f"tolerance for {quantity!r} must be a number >= 0, got {tol}")
         table[quantity] = tol
@@ -347,15 +351,20 @@ def _max_norm(x: Tensor, valid: Tensor) -> Tensor:
     return norms.amax(dim=(0, 2))
 
 
-def _layers(layers: int | Sequence[int] | None, n_layers: int) -> tuple[int, ...]:
+def _layers(layers: Any, n_layers: int) -> tuple[int, ...]:
     if layers is None:
         return tuple(range(n_layers))
-    chosen = [layers] if isinstance(layers, int) else list(layers)
+    one = getattr(layers, "ndim", None) == 0 or not isinstance(layers, Iterable) or isinstance(layers, str)
     out = set()
-    for layer in chosen:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+    for layer in [layers] if one else list(layers):
+        try:  # any integer: Python, numpy, a one-element integer tensor; never a bool
+            is_bool = isinstance(layer, bool) or str(getattr(layer, "dtype", "")) in ("bool", "torch.bool")
+            index = None if is_bool else operator.index(layer)
+        except TypeError:
+            index = None
+        if index is None or not -n_layers <= index < n_layers:
             raise ValueError(f"layers must be integers in [{-n_layers}, {n_layers}), got {layer!r}")
-        out.add(layer % n_layers)
+        out.add(index % n_layers)
     if not out:
         raise ValueError("layers is empty: name at least one layer, or pass None for all")
     return tuple(sorted(out))
@@ -450,7 +459,12 @@ def _run(
         forward_hooks(_z_hooks(sites, layers, store), pre=True),
     ):
         outputs = sites.base(
-            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, output_attentions=patterns
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=False,
+            output_attentions=patterns,
+            return_dict=True,  # whatever the config says: the attentions are read by name
         )
     missing = [
         f"{name} of layer {layer}"

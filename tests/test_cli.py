@@ -74,8 +74,9 @@ def test_verify_exits_nonzero_on_failure(tiny_path, capsys, monkeypatch) -> None
 def test_verify_tolerance_flag(tiny_path, capsys) -> None:
     assert main(["verify", tiny_path, "--ids", "1", "2", "--tolerance", "pattern=1e-3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tolerances"]["pattern"] == 1e-3
-    with pytest.raises(SystemExit, match="QUANTITY=NUMBER"):
-        main(["verify", tiny_path, "--ids", "1", "--tolerance", "q"])
+    for bad in ("q", "pattern=abc"):
+        assert main(["verify", tiny_path, "--ids", "1", "--tolerance", bad]) == 2
+        assert "QUANTITY=NUMBER" in capsys.readouterr().err
     assert main(["verify", tiny_path, "--ids", "1", "--tolerance", "nonsense=1"]) == 2
     assert "unknown quantity 'nonsense'" in capsys.readouterr().err
 
@@ -85,10 +86,52 @@ def test_errors_are_one_line_with_status_2(tiny_path, capsys) -> None:
     assert "must lie in [0, 97)" in capsys.readouterr().err
     assert main(["verify", "/no/such/checkpoint", "--ids", "1"]) == 2
     assert "could not read a config" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="no tokenizer"):
-        main(["verify", tiny_path, "--text", "hello"])
-    with pytest.raises(SystemExit, match="--layer must lie in"):
-        main(["inspect", "--layer", "99", "--out", "x.png"])
+    assert main(["verify", tiny_path, "--text", "hello"]) == 2
+    assert "no tokenizer; pass token ids with --ids" in capsys.readouterr().err
+    assert main(["inspect", "--layer", "99", "--out", "x.html"]) == 2
+    assert "--layer must lie in" in capsys.readouterr().err
+
+
+def one_line_error(capsys) -> str:
+    """The command's stderr, less transformers' progress bars: exactly one line, no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "Loading weights" not in line and line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("attnlens: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["verify", "--ids", "5", "-3"], "must lie in [0, 1024)"),
+        (["weights", "--layer", "5"], "--layer must lie in [0, 2), got 5"),
+        (["inspect", "--layer", "5", "--out", "x.html"], "--layer must lie in [0, 2), got 5"),
+        (["inspect", "--layer", "0", "--head", "9", "--out", "x.html"], "--head must lie in [0, 4), got 9"),
+        (["verify", "--tolerance", "pattern=abc"], "--tolerance takes QUANTITY=NUMBER, got 'pattern=abc'"),
+        (["verify", "--device", "nodevice"], "--device 'nodevice' is not a device torch knows"),
+        (["heads", "--seq-len", "1"], "seq_len must be in"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(argv, words, capsys) -> None:
+    assert main(argv) == 2
+    assert words in one_line_error(capsys)
+
+
+def test_unavailable_cuda_is_a_usage_error(capsys, monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["verify", "--device", "cuda"]) == 2
+    assert "CUDA is not available on this machine" in one_line_error(capsys)
+
+
+def test_png_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    out = tmp_path / "x.png"
+    assert main(["inspect", "--layer", "0", "--out", str(out)]) == 2
+    assert 'pip install "attnlens[viz]"' in one_line_error(capsys)
+    assert not out.exists()
 
 
 def test_heads_on_demo(capsys) -> None:

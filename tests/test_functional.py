@@ -359,3 +359,34 @@ def test_power_of_two_scale_fast_path_is_bitwise(dtype: torch.dtype, d_head: int
     assert torch.equal(functional.attention_scores(q, k, 0.3), reference * 0.3)
     three = functional.attention_scores(q, k, divisors=(d_head**0.5, 3.0))
     assert torch.equal(three, divided / torch.full([], 3.0, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    ("q", "k", "mask", "words"),
+    [
+        (
+            (2, 3, 4),
+            (2, 5, 4),
+            (3, 3),
+            r"attn_mask of shape \(3, 3\) does not broadcast to the scores' shape \(2, 3, 5\)",
+        ),
+        ((2, 3, 4), (2, 5, 4), (2, 2, 3, 5), r"attn_mask of shape \(2, 2, 3, 5\) does not broadcast"),
+        ((2, 3, 4), (3, 5, 4), None, r"query \(2, 3, 4\), key \(3, 5, 4\) and value \(3, 5, 4\) do not broadcast"),
+    ],
+)
+def test_sdpa_names_shapes_that_do_not_broadcast(q, k, mask, words) -> None:
+    query, key = torch.rand(q), torch.rand(k)
+    attn_mask = None if mask is None else torch.ones(mask, dtype=torch.bool)
+    with pytest.raises(ValueError, match=words):
+        functional.scaled_dot_product_attention(query, key, key, attn_mask=attn_mask)
+
+
+def test_sdpa_mask_broadcasts_like_torch_and_refuses_integer_masks() -> None:
+    g = torch.Generator().manual_seed(0)
+    query, key = torch.rand(2, 3, 4, 8, generator=g), torch.rand(2, 3, 6, 8, generator=g)
+    mask = torch.rand(2, 1, 1, 6, generator=g) > 0.3
+    mask[..., 0] = True
+    out = functional.scaled_dot_product_attention(query, key, key, attn_mask=mask)
+    assert_close(out, F.scaled_dot_product_attention(query, key, key, attn_mask=mask), rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="bool .* or float"):
+        functional.scaled_dot_product_attention(query, key, key, attn_mask=mask.long())

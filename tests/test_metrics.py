@@ -190,3 +190,65 @@ def test_top_heads_ranks_a_layer_head_grid() -> None:
     assert metrics.top_heads(scores, 1, layers=[4, 7], heads=[0, 2, 5]) == [(4, 2, pytest.approx(0.9))]
     with pytest.raises(ValueError, match=r"\[layer, head\]"):
         metrics.top_heads(scores[0])
+
+
+def test_nan_scores_rank_last_both_ways() -> None:
+    nan = float("nan")
+    scores = torch.tensor([[0.1, nan, 0.3], [nan, 0.2, 0.3]])
+    ranked = metrics.top_heads(scores, 6)
+    assert [(layer, head) for layer, head, _ in ranked] == [(0, 2), (1, 2), (1, 1), (0, 0), (0, 1), (1, 0)]
+    assert [score for _, _, score in ranked] == pytest.approx([0.3, 0.3, 0.2, 0.1, nan, nan], nan_ok=True)
+    assert [(layer, head) for layer, head, _ in metrics.top_heads(scores, 4, largest=False)] == [
+        (0, 0),
+        (1, 1),
+        (0, 2),
+        (1, 2),
+    ]
+    assert [(layer, head) for layer, head, _ in metrics.top_heads(scores, 2)] == [(0, 2), (1, 2)]
+    tr = AttentionTrace.from_patterns(torch.full((2, 1, 3, 4, 4), 0.25), layers=[3, 5], heads=[0, 2, 7])
+    undefined = metrics.HeadScores(
+        layers=tr.layers, heads=tr.heads, previous_token=scores, first_token=None, entropy=None,
+        duplicate_token=None, induction=None,
+    )  # fmt: skip
+    assert undefined.top("previous_token", 3, largest=False)[0][:2] == (3, 0)
+    assert math.isnan(undefined.top("previous_token", 6)[-1][2])
+
+
+def test_induction_scores_refuses_what_is_neither_a_trace_nor_a_gpt2(tmp_path) -> None:
+    with pytest.raises(attnlens.UnsupportedModelError, match=r"torch.nn.modules.linear.Linear; supported: GPT2Model"):
+        metrics.induction_scores(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="got a tensor: wrap patterns"):
+        metrics.induction_scores(torch.zeros(1, 1, 1, 4, 4))
+    with pytest.raises(TypeError, match="got the name or path .*load it first"):
+        metrics.induction_scores(str(tmp_path))
+    with pytest.raises(TypeError, match=r"scores must be a \[layer, head\] tensor"):
+        metrics.top_heads([[0.1]])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"heads": [0]}, "heads names 1 head"),
+        ({"heads": []}, "heads is empty"),
+        ({"heads": [0, 1, 1, 2]}, r"heads \[1\] given more than once"),
+        ({"heads": [0, 1, 2, -3]}, "numbers >= 0"),
+        ({"heads": [0, 1, 2, "3"]}, "must be integers"),
+        ({"layers": [7]}, "layers names 1 layer"),
+        ({"layers": [4, 4]}, r"layers \[4\] given more than once"),
+    ],
+)
+def test_from_patterns_refuses_layers_and_heads_that_do_not_fit(kwargs, words) -> None:
+    with pytest.raises(ValueError, match=words):
+        AttentionTrace.from_patterns(torch.full((2, 1, 4, 3, 3), 1 / 3), **kwargs)
+
+
+def test_from_patterns_accepts_any_integers() -> None:
+    import numpy as np
+
+    tr = AttentionTrace.from_patterns(
+        torch.full((2, 1, 4, 3, 3), 1 / 3), layers=np.array([5, 2]), heads=torch.tensor([0, 3, 8, 9])
+    )
+    assert tr.layers == (5, 2) and tr.heads == (0, 3, 8, 9) and tr.n_heads == 10
+    assert all(type(i) is int for i in tr.layers + tr.heads)
+    with pytest.raises(ValueError, match="patterns is empty"):
+        AttentionTrace.from_patterns(torch.zeros(0, 1, 4, 3, 3))

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import os
+import re
 import sys
 import types
 from typing import Any
@@ -381,7 +384,7 @@ def test_save_and_load_round_trip(tmp_path: Any) -> None:
 
     other = tmp_path / "other.safetensors"
     save_file({"x": torch.zeros(2)}, str(other))
-    with pytest.raises(ValueError, match="not an attnlens trace"):
+    with pytest.raises(ValueError, match="not a valid attnlens trace: a safetensors file without attnlens metadata"):
         AttentionTrace.load(other)
 
 
@@ -434,3 +437,104 @@ def test_from_patterns_checks_shapes() -> None:
         AttentionTrace.from_patterns(torch.rand(2, 3, 4, 4))
     with pytest.raises(ValueError, match="attention_mask has shape"):
         AttentionTrace.from_patterns(p, attention_mask=torch.ones(1, 3))
+
+
+# ------------------------------------------------------------------------------ bad files, bad save targets ---
+
+
+@pytest.fixture
+def saved(tmp_path: Any) -> Any:
+    model = make_gpt2(n_layer=2)
+    tr = attnlens.trace(model, random_ids(model), store=("pattern", "q", "z"))
+    path = tmp_path / "good.safetensors"
+    tr.save(path)
+    return path
+
+
+def test_save_to_a_bad_place_is_an_os_error_naming_it(saved: Any, tmp_path: Any) -> None:
+    tr = AttentionTrace.load(saved)
+    with pytest.raises(FileNotFoundError, match="nope.*does not exist"):
+        tr.save(tmp_path / "nope" / "x.safetensors")
+    with pytest.raises(IsADirectoryError, match="it is a folder"):
+        tr.save(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        # root writes anywhere, but nobody writes a file into /proc
+        writable = os.access(locked, os.W_OK)
+        target = "/proc/attnlens-trace.safetensors" if writable else str(locked / "x.safetensors")
+        with pytest.raises(OSError, match=re.escape(repr(target))):
+            tr.save(target)
+    finally:
+        locked.chmod(0o700)
+
+
+def _tamper(path: Any, out: Any, meta: Any = None, **tensors: Any) -> Any:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    stored = load_file(str(path))
+    stored.update(tensors)
+    stored = {k: v for k, v in stored.items() if v is not None}
+    text = header["attnlens.trace"] if meta is None else meta if isinstance(meta, str) else json.dumps(meta)
+    save_file(stored, str(out), metadata={"attnlens.trace": text})
+    return out
+
+
+def test_load_refuses_anything_but_a_valid_trace(saved: Any, tmp_path: Any) -> None:
+    import pickle
+
+    from safetensors import safe_open
+
+    raw = saved.read_bytes()
+    with safe_open(str(saved), framework="pt") as f:
+        meta = json.loads(f.metadata()["attnlens.trace"])
+    q = AttentionTrace.load(saved)["q"]
+    bad = tmp_path / "bad.safetensors"
+    cases: list[tuple[Any, str]] = [
+        (lambda: bad.write_bytes(raw[: len(raw) // 2]), "not a readable safetensors file"),
+        (lambda: bad.write_bytes(pickle.dumps({"pattern": torch.zeros(2)})), "not a readable safetensors file"),
+        (lambda: bad.write_text("layer,head\n0,1\n"), "not a readable safetensors file"),
+        (lambda: bad.write_bytes(b""), "not a readable safetensors file"),
+        (lambda: _tamper(saved, bad, "{not json"), "metadata is not JSON"),
+        (lambda: _tamper(saved, bad, "[1, 2]"), "not a JSON object"),
+        (lambda: _tamper(saved, bad, {"format": 1}), "metadata lacks layers, heads"),
+        (lambda: _tamper(saved, bad, {**meta, "layers": [0]}), r"'pattern' is torch.float32 of shape \(2, "),
+        (lambda: _tamper(saved, bad, {**meta, "layers": [0, 0]}), "'layers' repeats"),
+        (lambda: _tamper(saved, bad, {**meta, "layers": "01"}), "'layers' must be a non-empty list"),
+        (lambda: _tamper(saved, bad, {**meta, "heads": [0, 1]}), "needs floats of shape"),
+        (lambda: _tamper(saved, bad, {**meta, "n_heads": 2}), "'n_heads' must be an integer above"),
+        (lambda: _tamper(saved, bad, {**meta, "stored": ["pattern", "q"]}), r"unexpected \['z'\]"),
+        (lambda: _tamper(saved, bad, {**meta, "stored": ["pattern", "q", "zz"]}), "'stored' must be"),
+        (lambda: _tamper(saved, bad, {**meta, "tokens": [["a"]]}), "'tokens' must be null or 2 lists"),
+        (lambda: _tamper(saved, bad, {**meta, "provenance": [1]}), "'provenance' must be an object"),
+        (lambda: _tamper(saved, bad, input_ids=torch.zeros(2, 12)), "input_ids must be an integer"),
+        (lambda: _tamper(saved, bad, attention_mask=torch.ones(2, 11, dtype=torch.long)), "attention_mask must"),
+        (lambda: _tamper(saved, bad, q=q.to(torch.int32)), "'q' is torch.int32"),
+        (lambda: _tamper(saved, bad, z=None), r"missing \['z'\]"),
+    ]
+    for make, words in cases:
+        make()
+        with pytest.raises(ValueError, match="is not a valid attnlens trace: .*" + words):
+            AttentionTrace.load(bad)
+    with pytest.raises(FileNotFoundError):
+        AttentionTrace.load(tmp_path / "missing.safetensors")
+    with pytest.raises(IsADirectoryError):
+        AttentionTrace.load(tmp_path)
+
+
+def test_load_never_unpickles(tmp_path: Any) -> None:
+    import pickle
+
+    class Boom:
+        def __reduce__(self) -> Any:
+            return (os.remove, (str(tmp_path / "canary"),))
+
+    (tmp_path / "canary").write_text("alive")
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(ValueError, match="not a valid attnlens trace"):
+        AttentionTrace.load(tmp_path / "evil.pt")
+    assert (tmp_path / "canary").read_text() == "alive"

@@ -386,27 +386,50 @@ def check_inputs(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Validate and normalise inputs: ``[batch, pos]`` integer tensors on the model's device.
 
+    Token ids and positions may come in any integer dtype (``int8`` to ``int64``, ``uint8``), as tensors, numpy
+    arrays or nested lists; they are returned as ``int64``. ``attention_mask`` may also be ``bool``.
+
     Raises:
-        ValueError: naming the problem: wrong dtype or rank, ids outside the vocabulary, more positions than the
-            model has, an ``attention_mask`` or ``position_ids`` of the wrong shape or values, a row of padding only.
+        ValueError: naming the problem: an empty input, a wrong dtype (floats, and bool token ids) or rank, ids
+            outside the vocabulary, more positions than the model has, an ``attention_mask`` or ``position_ids`` of
+            the wrong shape or values, a row of padding only.
+        TypeError: something that is not token ids at all (text, ``None``, a list mixing numbers and strings,
+            rows of different lengths).
     """
     config = model.config
     device = next(model.parameters()).device
 
-    def as_2d(x: Any, name: str) -> Tensor:
-        x = torch.as_tensor(x)
+    def has_text(x: Any) -> bool:
+        return isinstance(x, str) or (isinstance(x, (list, tuple)) and any(has_text(item) for item in x))
+
+    def as_2d(x: Any, name: str, *, allow_bool: bool = False) -> Tensor:
+        if has_text(x):
+            raise TypeError(
+                f"{name} holds strings, but token ids are needed: text needs a tokenizer, e.g. "
+                "tokenizer(texts, return_tensors='pt', padding=True), or attnlens.trace(..., tokenizer=tokenizer)"
+            )
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"{name} must be integer token ids ([batch, pos] or [pos]: a tensor, a numpy array or a list of "
+                f"equally long lists of ints), got {type(x).__name__} that torch cannot read as one ({error})"
+            ) from None
+        if x.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one token")
+        if x.dtype == torch.bool and not allow_bool:
+            raise ValueError(f"{name} is a bool tensor; it must hold integer token ids (e.g. x.long())")
         if x.dtype.is_floating_point or x.dtype.is_complex:
-            raise ValueError(f"{name} must hold integers, got dtype {x.dtype}")
+            raise ValueError(f"{name} must hold integers, got dtype {x.dtype}; convert with .long() if exact")
         if x.ndim == 1:
             x = x.unsqueeze(0)
         if x.ndim != 2:
             raise ValueError(f"{name} must be [batch, pos] (or [pos]), got shape {tuple(x.shape)}")
-        return x.to(device)
+        # The embedding takes int32/int64 only; narrower and unsigned ids are widened (exactly) here.
+        return x.to(device=device, dtype=torch.bool if x.dtype == torch.bool else torch.long)
 
     ids = as_2d(input_ids, "input_ids")
     batch, n_pos = ids.shape
-    if ids.numel() == 0:
-        raise ValueError(f"input_ids is empty (shape {tuple(ids.shape)})")
     if n_pos > config.n_positions:
         raise ValueError(f"input_ids has {n_pos} positions; this model has n_ctx={config.n_positions}")
     low, high = int(ids.min()), int(ids.max())
@@ -414,7 +437,7 @@ def check_inputs(
         raise ValueError(f"input_ids must lie in [0, {config.vocab_size}) (d_vocab), got values from {low} to {high}")
     mask = None
     if attention_mask is not None:
-        mask = as_2d(attention_mask, "attention_mask")
+        mask = as_2d(attention_mask, "attention_mask", allow_bool=True)
         if tuple(mask.shape) != (batch, n_pos):
             raise ValueError(
                 f"attention_mask has shape {tuple(mask.shape)}, input_ids {(batch, n_pos)}: they must match"
