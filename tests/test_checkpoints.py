@@ -338,6 +338,8 @@ def test_block_compiled_on_its_own_is_refused(source: Any, how: str) -> None:
 
 
 @pytest.mark.slow
+# torch 2.13 compiling transformers 4.57's mask code trips a torch deprecation (inside dynamo, not attnlens).
+@pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be instantiated")
 def test_compiled_model_after_it_ran(source: Any) -> None:
     compiled = torch.compile(copy.deepcopy(source))
     ids, mask = inputs(source)

@@ -130,17 +130,17 @@ def _gpt2_classes() -> tuple[type, ...]:
     return tuple(getattr(transformers, name) for name in SUPPORTED_CLASSES)
 
 
-def _loaded_class(module: str, name: str) -> type | None:
+def _loaded_class(module: str, name: str) -> Any:
     """A class from a module, only if something already imported that module (no model can be its instance else)."""
     found = sys.modules.get(module)
     return getattr(found, name, None) if found is not None else None
 
 
-def _compiled_class() -> type | None:
+def _compiled_class() -> Any:
     return _loaded_class("torch._dynamo.eval_frame", "OptimizedModule")
 
 
-def _tuner_layer_class() -> type | None:
+def _tuner_layer_class() -> Any:
     return _loaded_class("peft.tuners.tuners_utils", "BaseTunerLayer")
 
 
@@ -490,9 +490,7 @@ def sites(model: PreTrainedModel) -> Sites:
         for block in base.h
     )
     lm_head = _plain(getattr(model, "lm_head", None))
-    return Sites(
-        base, layers, _plain(base.wte), _plain(base.ln_f), lm_head if isinstance(lm_head, nn.Linear) else None
-    )
+    return Sites(base, layers, _plain(base.wte), _plain(base.ln_f), lm_head if isinstance(lm_head, nn.Linear) else None)
 
 
 def layout_lines(model: PreTrainedModel, weights: ModelWeights, layer: int) -> list[str]:
