@@ -208,10 +208,11 @@ def base_model(model: PreTrainedModel) -> GPT2Model:
 
 def _check_state(model: nn.Module, base: nn.Module) -> None:
     """Refuse the states in which a model's parameters are not what it computes with, or cannot be run uncompiled."""
-    meta = [name for name, p in model.named_parameters() if p.is_meta]
-    meta += [name for name, b in model.named_buffers() if b.is_meta]
-    if meta:
-        offloaded = any(hasattr(m, "_hf_hook") for m in model.modules())
+    # One plain walk over the modules' own tensors (this runs on every extraction); names only to word the error.
+    modules = list(model.modules())
+    if any(t is not None and t.is_meta for m in modules for t in (*m._parameters.values(), *m._buffers.values())):
+        meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+        offloaded = any(hasattr(m, "_hf_hook") for m in modules)
         why = (
             "offloaded by accelerate (a device_map with 'disk', 'cpu' offload or 'meta': the weights exist only "
             "while a module runs)"
@@ -224,10 +225,9 @@ def _check_state(model: nn.Module, base: nn.Module) -> None:
             "device (from_pretrained without a device_map that offloads), or load its state dict first"
         )
     compiled, tuner = _compiled_class(), _tuner_layer_class()
-    for name, module in base.named_modules():
-        if (compiled is not None and isinstance(module, compiled)) or (
-            getattr(module, "_compiled_call_impl", None) is not None
-        ):
+    for module in base.modules():
+        if (compiled is not None and isinstance(module, compiled)) or getattr(module, "_compiled_call_impl", None):
+            name = next(n for n, m in base.named_modules() if m is module)
             raise UnsupportedModelError(
                 f"module {name or 'transformer'!r} is compiled on its own (torch.compile of a block, or "
                 "Module.compile()): attnlens hooks and runs the uncompiled modules; compile the whole model with "
