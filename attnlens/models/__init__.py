@@ -25,9 +25,9 @@ def extract_weights(
 
     Args:
         model: a Hugging Face GPT-2 model (``GPT2Model``, ``GPT2LMHeadModel``, ``GPT2DoubleHeadsModel``,
-            ``GPT2ForSequenceClassification``, ``GPT2ForTokenClassification``, ``GPT2ForQuestionAnswering``), or a
-            hub name or local folder of a GPT-2 checkpoint, loaded with ``from_pretrained`` (safetensors preferred,
-            never remote code).
+            ``GPT2ForSequenceClassification``, ``GPT2ForTokenClassification``, ``GPT2ForQuestionAnswering``), also
+            wrapped by ``torch.compile`` or by PEFT with its adapters merged or disabled; or a hub name or local
+            folder of a GPT-2 checkpoint, loaded with ``from_pretrained`` (safetensors preferred, never remote code).
         dtype: only when ``model`` is a name or path: the dtype to load it in.
         device: only when ``model`` is a name or path: the device to load it on.
 
@@ -36,7 +36,9 @@ def extract_weights(
 
     Raises:
         UnsupportedModelError: ``model`` is not a supported GPT-2 model, or its config asks for maths attnlens does
-            not reproduce (cross-attention, an unknown flag, an unknown activation).
+            not reproduce (cross-attention, an unknown flag, an unknown activation), or whose weights are not what
+            it computes with: an active PEFT adapter (merge_and_unload() it first), parameters on the meta device
+            (offloaded by accelerate, or never loaded).
         OSError: a name or path that could not be loaded.
 
     Example:

@@ -10,6 +10,9 @@
 * A config allow-list: every config attribute must be one whose effect attnlens reproduces (or one that cannot
   change the attention maths). A flag added by a future release is refused by name instead of being silently
   ignored.
+* The states users leave a model in: wrappers seen through when that is exact (``torch.compile``, a PEFT model
+  whose adapters are merged or disabled), and states refused by name (active LoRA adapters, weights on the meta
+  device or offloaded by accelerate, blocks compiled one by one, kernels that compute other attention).
 
 transformers is imported lazily, inside functions, so that ``import attnlens`` stays light.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     from transformers import GPT2Model, PretrainedConfig, PreTrainedModel
 
 __all__ = [
+    "EXACT_KERNELS",
     "SUPPORTED_CLASSES",
     "LayerSites",
     "Sites",
@@ -50,6 +55,7 @@ __all__ = [
     "set_attn_implementation",
     "sites",
     "split_qkv",
+    "unwrap",
 ]
 
 SUPPORTED_CLASSES = (
@@ -60,6 +66,20 @@ SUPPORTED_CLASSES = (
     "GPT2ForTokenClassification",
     "GPT2ForQuestionAnswering",
 )
+
+EXACT_KERNELS = ("eager", "sdpa")
+"""The attention kernels under which attnlens has shown trace's patterns to be the model's own.
+
+* ``"eager"``: bitwise equal to the eager twin's ``output_attentions`` (tests/test_trace.py, every config flag,
+  left/right padding; tests/test_checkpoints.py, every loading path).
+* ``"sdpa"``: equal to the eager twin's within float rounding (float32: at most 3e-8 measured, asserted at 1e-6), on
+  transformers 4.57 and 5.x (same tests).
+
+Flash kernels (CUDA only) are not listed: they cannot run where the test suite runs. ``"flex_attention"`` is refused
+for GPT-2 by transformers itself. The paged kernels (``"paged|eager"``, ``"sdpa_paged"``, ``"eager_paged"``,
+``"paged_attention"``) are refused by :func:`sites`: they serve continuous batching with a paged cache, and on a
+plain forward they fail or attend to other keys (4.57's ``"sdpa_paged"`` ran, and its patterns were 1.4e-3 off).
+"""
 
 # Config attributes whose effect attnlens reproduces, or which cannot change what attention computes (dropout is off
 # in eval mode, which attnlens uses; summary_* and ids only concern task heads and generation).
@@ -110,28 +130,141 @@ def _gpt2_classes() -> tuple[type, ...]:
     return tuple(getattr(transformers, name) for name in SUPPORTED_CLASSES)
 
 
+def _loaded_class(module: str, name: str) -> Any:
+    """A class from a module, only if something already imported that module (no model can be its instance else)."""
+    found = sys.modules.get(module)
+    return getattr(found, name, None) if found is not None else None
+
+
+def _compiled_class() -> Any:
+    return _loaded_class("torch._dynamo.eval_frame", "OptimizedModule")
+
+
+def _tuner_layer_class() -> Any:
+    return _loaded_class("peft.tuners.tuners_utils", "BaseTunerLayer")
+
+
+def unwrap(model: Any) -> Any:
+    """The Hugging Face model inside the wrappers attnlens sees through: ``torch.compile`` and PEFT's model classes.
+
+    Seeing through ``torch.compile(model)`` is exact: the wrapper holds the very model (``_orig_mod``), whose
+    parameters are the compiled code's parameters, and attnlens only ever runs the uncompiled transformer. Its
+    patterns are then the model's maths as the eager twin computes it (compiled code computes the same function,
+    with at most float rounding of its own, like the sdpa kernel). A ``PeftModel`` (and its ``LoraModel``) holds the
+    GPT-2 model with adapter layers in place of some modules; :func:`base_model` checks those layers.
+    """
+    compiled = _compiled_class()
+    peft_model = _loaded_class("peft.peft_model", "PeftModel")
+    tuner = _loaded_class("peft.tuners.tuners_utils", "BaseTuner")
+    for _ in range(8):  # wrappers nest (a compiled PeftModel, say); a fixed bound rules out cycles
+        if compiled is not None and isinstance(model, compiled):
+            model = model._orig_mod
+        elif peft_model is not None and isinstance(model, peft_model):
+            model = model.get_base_model()
+        elif tuner is not None and isinstance(model, tuner):
+            model = model.model
+        else:
+            break
+    return model
+
+
 def is_gpt2(model: object) -> bool:
-    """Whether ``model`` is an instance of one of the supported GPT-2 classes (or a subclass)."""
-    return isinstance(model, nn.Module) and isinstance(model, _gpt2_classes())
+    """Whether ``model`` is one of the supported GPT-2 classes (or a subclass), or one wrapped as :func:`unwrap` says.
+
+    Only the class is checked; :func:`base_model` also checks the config and the model's state.
+    """
+    inner = unwrap(model)
+    return isinstance(inner, nn.Module) and isinstance(inner, _gpt2_classes())
 
 
 def base_model(model: PreTrainedModel) -> GPT2Model:
-    """The ``GPT2Model`` inside any supported class, after checking the class and the config.
+    """The ``GPT2Model`` inside any supported class, after checking the class, the config and the model's state.
+
+    Wrappers are seen through (see :func:`unwrap`); so are PEFT adapter layers whose adapters are merged or disabled
+    (the base layer then computes what the model computes).
 
     Raises:
-        UnsupportedModelError: for anything that is not a supported GPT-2 model, or whose config asks for maths
-            that attnlens does not reproduce.
+        UnsupportedModelError: for anything that is not a supported GPT-2 model, whose config asks for maths
+            that attnlens does not reproduce, or whose state hides its weights: active (unmerged) PEFT adapters,
+            parameters on the meta device (offloaded by accelerate, or never loaded), blocks compiled on their own.
     """
-    if not is_gpt2(model):
+    inner: Any = unwrap(model)
+    if not is_gpt2(inner):
         raise UnsupportedModelError(
             f"attnlens needs a Hugging Face GPT-2 model, got {type(model).__module__}.{type(model).__qualname__}; "
-            f"supported: {', '.join(SUPPORTED_CLASSES)} (or a hub name / local path of a GPT-2 checkpoint)"
+            f"supported: {', '.join(SUPPORTED_CLASSES)} (or a hub name / local path of a GPT-2 checkpoint; "
+            "torch.compile and PEFT wrappers of one)"
         )
-    check_config(model.config)
+    check_config(inner.config)
     from transformers import GPT2Model
 
-    base: Any = model if isinstance(model, GPT2Model) else model.transformer
+    base: Any = inner if isinstance(inner, GPT2Model) else inner.transformer
+    compiled = _compiled_class()
+    if compiled is not None and isinstance(base, compiled):  # model.transformer = torch.compile(model.transformer)
+        base = base._orig_mod
+    _check_state(inner, base)
     return base
+
+
+def _check_state(model: nn.Module, base: nn.Module) -> None:
+    """Refuse the states in which a model's parameters are not what it computes with, or cannot be run uncompiled."""
+    # One plain walk over the modules' own tensors (this runs on every extraction); names only to word the error.
+    modules = list(model.modules())
+    if any(t is not None and t.is_meta for m in modules for t in (*m._parameters.values(), *m._buffers.values())):
+        meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+        offloaded = any(hasattr(m, "_hf_hook") for m in modules)
+        why = (
+            "offloaded by accelerate (a device_map with 'disk', 'cpu' offload or 'meta': the weights exist only "
+            "while a module runs)"
+            if offloaded
+            else "never loaded (created under init_empty_weights or torch.device('meta'))"
+        )
+        raise UnsupportedModelError(
+            f"{len(meta)} parameter(s) of this model are on the meta device, {why}: {', '.join(meta[:4])}"
+            f"{', ...' if len(meta) > 4 else ''}; attnlens needs the weights themselves: load the model onto one "
+            "device (from_pretrained without a device_map that offloads), or load its state dict first"
+        )
+    compiled, tuner = _compiled_class(), _tuner_layer_class()
+    for module in base.modules():
+        if (compiled is not None and isinstance(module, compiled)) or getattr(module, "_compiled_call_impl", None):
+            name = next(n for n, m in base.named_modules() if m is module)
+            raise UnsupportedModelError(
+                f"module {name or 'transformer'!r} is compiled on its own (torch.compile of a block, or "
+                "Module.compile()): attnlens hooks and runs the uncompiled modules; compile the whole model with "
+                "torch.compile(model) instead, whose wrapper attnlens sees through"
+            )
+    if tuner is None:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, tuner) and not _base_layer_is_exact(module):
+            state = (
+                "merged but disabled (peft unmerges it, changing the weights, on the next forward)"
+                if module.disable_adapters
+                else "active and unmerged (the model computes the base weights plus the adapter's update, which "
+                "attnlens does not extract)"
+            )
+            raise UnsupportedModelError(
+                f"{name} carries a PEFT adapter ({', '.join(module.active_adapters)}) that is {state}; call "
+                "model.merge_and_unload() first (or, to study the base model, disable the unmerged adapter: "
+                "with model.disable_adapter(): ...)"
+            )
+
+
+def _base_layer_is_exact(layer: Any) -> bool:
+    """Whether a PEFT adapter layer computes exactly what its base layer does (and leaves its weights alone).
+
+    peft's adapter layers run the base layer alone when their adapters are disabled and unmerged, or merged (into
+    the base weights) and enabled. Disabled but merged, they unmerge on the next forward, changing the weights.
+    """
+    return bool(layer.disable_adapters) != bool(layer.merged)
+
+
+def _plain(module: Any) -> Any:
+    """The module itself, or the base layer of a PEFT adapter layer (checked exact by :func:`base_model`)."""
+    tuner = _tuner_layer_class()
+    if tuner is not None and isinstance(module, tuner):
+        return module.get_base_layer()
+    return module
 
 
 def check_config(config: PretrainedConfig) -> None:
@@ -187,6 +320,7 @@ def _layer_norm(module: Any) -> LayerNormWeights:
 def extract(model: PreTrainedModel) -> ModelWeights:
     """Per-head weights of a GPT-2 model, as views of its parameters (see :func:`attnlens.extract_weights`)."""
     base = base_model(model)
+    model = unwrap(model)
     config = model.config
     n_heads, d_model, act = config.n_head, config.n_embd, config.activation_function
     d_head = d_model // n_heads
@@ -195,7 +329,7 @@ def extract(model: PreTrainedModel) -> ModelWeights:
     hf_blocks: list[Any] = list(base.h)  # HF modules are dynamically typed: Any, not nn.Module's Tensor | Module
     for i, block in enumerate(hf_blocks):
         attn, mlp = block.attn, block.mlp
-        c_attn, c_proj, c_fc, mlp_proj = attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+        c_attn, c_proj, c_fc, mlp_proj = (_plain(m) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj))
         W_attn = c_attn.weight
         if tuple(W_attn.shape) != (d_model, 3 * d_model):
             raise UnsupportedModelError(
@@ -224,17 +358,17 @@ def extract(model: PreTrainedModel) -> ModelWeights:
                 b_V=b_V,
                 W_O=c_proj.weight.view(n_heads, d_head, d_model),
                 b_O=c_proj.bias,
-                ln_1=_layer_norm(block.ln_1),
-                ln_2=_layer_norm(block.ln_2),
+                ln_1=_layer_norm(_plain(block.ln_1)),
+                ln_2=_layer_norm(_plain(block.ln_2)),
                 mlp=MLPWeights(W_in=c_fc.weight, b_in=c_fc.bias, W_out=mlp_proj.weight, b_out=mlp_proj.bias, act=act),
                 scale=scale,
                 upcast=upcast,
                 score_divisors=divisors,
             )
         )
-    lm_head = getattr(model, "lm_head", None)
+    lm_head = _plain(getattr(model, "lm_head", None))
     hf_base: Any = base
-    W_E, W_pos = hf_base.wte.weight, hf_base.wpe.weight
+    W_E, W_pos = _plain(hf_base.wte).weight, _plain(hf_base.wpe).weight
     return ModelWeights(
         n_layers=len(layers),
         n_heads=n_heads,
@@ -246,7 +380,7 @@ def extract(model: PreTrainedModel) -> ModelWeights:
         W_E=W_E,
         W_pos=W_pos,
         W_U=lm_head.weight.T if isinstance(lm_head, nn.Linear) else None,
-        ln_f=_layer_norm(hf_base.ln_f),
+        ln_f=_layer_norm(_plain(hf_base.ln_f)),
         layers=tuple(layers),
         name=str(getattr(config, "_name_or_path", "") or ""),
     )
@@ -262,7 +396,9 @@ def load(
     """Load a GPT-2 checkpoint by hub name or local path, in eval mode (safetensors preferred, never remote code).
 
     The class is the checkpoint's own (its config's ``architectures``) when it is a supported GPT-2 class, else
-    ``GPT2LMHeadModel``.
+    ``GPT2LMHeadModel``. Without ``dtype`` the weights keep the dtype they are stored in (``dtype="auto"``, on every
+    transformers release: 4.x would otherwise load float32). A checkpoint with only ``pytorch_model.bin`` is read by
+    transformers' own weights-only loader; attnlens never unpickles anything itself.
 
     Raises:
         UnsupportedModelError: the checkpoint is not GPT-2.
@@ -286,9 +422,7 @@ def load(
     check_config(config)
     names = [name for name in (config.architectures or []) if name in SUPPORTED_CLASSES]
     cls = getattr(transformers, names[0] if names else "GPT2LMHeadModel")
-    kwargs: dict[str, Any] = {"trust_remote_code": False}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    kwargs: dict[str, Any] = {"trust_remote_code": False, "dtype": "auto" if dtype is None else dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = cls.from_pretrained(name_or_path, config=config, **kwargs)
@@ -336,11 +470,27 @@ class Sites:
 
 
 def sites(model: PreTrainedModel) -> Sites:
-    """The :class:`Sites` of a supported GPT-2 model (after the checks of :func:`base_model`)."""
+    """The :class:`Sites` of a supported GPT-2 model (after the checks of :func:`base_model`).
+
+    Raises:
+        UnsupportedModelError: what :func:`base_model` refuses, and a model running a paged attention kernel (see
+            :data:`EXACT_KERNELS`).
+    """
     base: Any = base_model(model)
-    layers = tuple(LayerSites(block.ln_1, block.attn.c_attn, block.attn.c_proj, block.attn) for block in base.h)
-    lm_head = getattr(model, "lm_head", None)
-    return Sites(base, layers, base.wte, base.ln_f, lm_head if isinstance(lm_head, nn.Linear) else None)
+    model = unwrap(model)
+    kernel = attn_implementation(model)
+    if "paged" in kernel:
+        raise UnsupportedModelError(
+            f"attn_implementation={kernel!r} is a kernel for continuous batching with a paged cache; on a plain "
+            "forward it fails or attends to other keys than the model's mask allows. Switch the model to "
+            f"{' or '.join(repr(k) for k in EXACT_KERNELS)} (model.set_attn_implementation('sdpa')) to trace it"
+        )
+    layers = tuple(
+        LayerSites(_plain(block.ln_1), _plain(block.attn.c_attn), _plain(block.attn.c_proj), block.attn)
+        for block in base.h
+    )
+    lm_head = _plain(getattr(model, "lm_head", None))
+    return Sites(base, layers, _plain(base.wte), _plain(base.ln_f), lm_head if isinstance(lm_head, nn.Linear) else None)
 
 
 def layout_lines(model: PreTrainedModel, weights: ModelWeights, layer: int) -> list[str]:
