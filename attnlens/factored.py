@@ -158,7 +158,7 @@ class FactoredMatrix:
         return FactoredMatrix(self.B.transpose(-1, -2), self.A.transpose(-1, -2))
 
     def __matmul__(self, other: Tensor | FactoredMatrix) -> Any:
-        """``self @ other``: a FactoredMatrix for a matrix or a FactoredMatrix, a tensor ``[..., ldim]`` for a vector."""
+        """``self @ other``: a FactoredMatrix for a matrix or FactoredMatrix, a tensor ``[..., ldim]`` for a vector."""
         if isinstance(other, FactoredMatrix):
             # Multiply through the smaller inner dimension so the result stays low-rank.
             if other.mdim <= self.mdim:
@@ -166,7 +166,7 @@ class FactoredMatrix:
             return FactoredMatrix(self.A, (self.B @ other.A) @ other.B)
         if isinstance(other, Tensor):
             if other.ndim == 1:
-                return self.A @ (self.B @ other)
+                return (self.A @ (self.B @ other.unsqueeze(-1))).squeeze(-1)
             return FactoredMatrix(self.A, self.B @ other)
         return NotImplemented
 
@@ -174,7 +174,7 @@ class FactoredMatrix:
         """``other @ self``: a FactoredMatrix for a matrix, a tensor ``[..., rdim]`` for a vector."""
         if isinstance(other, Tensor):
             if other.ndim == 1:
-                return (other @ self.A) @ self.B
+                return ((other.unsqueeze(-2) @ self.A) @ self.B).squeeze(-2)
             return FactoredMatrix(other @ self.A, self.B)
         return NotImplemented
 

@@ -45,7 +45,7 @@ __all__ = ["FactoredMatrix", "LayerNormWeights", "LayerWeights", "MLPWeights", "
 class _Source:
     """One tracked tensor: the model parameter it is read from, where that parameter lives, and how to read it."""
 
-    __slots__ = ("label", "tensor", "param", "owners", "ptr", "requires_grad", "layout", "view")
+    __slots__ = ("label", "layout", "owners", "param", "ptr", "requires_grad", "tensor", "view")
 
     def __init__(self, label: str, tensor: Tensor, param: Tensor, owners: tuple[tuple[nn.Module, str, str], ...]):
         self.label = label
@@ -129,10 +129,6 @@ class _Live:
         object.__setattr__(self, "_sources", {})
 
 
-def _sources_field() -> Any:
-    return field(default_factory=dict, init=False, compare=False, repr=False)
-
-
 def _describe(obj: Any) -> str:
     """A repr that shows tensors as shapes: the values of a 38M-parameter embedding are no use in a repr."""
     parts = []
@@ -162,7 +158,7 @@ class LayerNormWeights(_Live):
     w: Tensor
     b: Tensor
     eps: float
-    _sources: dict[str, _Source] = _sources_field()
+    _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
 
@@ -184,7 +180,7 @@ class MLPWeights(_Live):
     W_out: Tensor
     b_out: Tensor
     act: str
-    _sources: dict[str, _Source] = _sources_field()
+    _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
 
@@ -230,7 +226,7 @@ class LayerWeights(_Live):
     scale: float
     upcast: bool = False
     score_divisors: tuple[float, ...] | None = None
-    _sources: dict[str, _Source] = _sources_field()
+    _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
 
@@ -294,7 +290,7 @@ class ModelWeights(_Live):
     layers: tuple[LayerWeights, ...]
     name: str = ""
     b_U: Tensor | None = None
-    _sources: dict[str, _Source] = _sources_field()
+    _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
 

@@ -129,7 +129,7 @@ def test_data_reassigned_to_a_new_tensor() -> None:
     assert_current(w, model)
     attn.c_attn.weight.data = torch.randn(3 * w.d_model, w.d_model).T  # same shape, other strides
     with pytest.raises(attnlens.StaleWeightsError, match=r"c_attn\.weight changed shape or layout.*extract"):
-        w.layers[0].W_Q
+        _ = w.layers[0].W_Q
 
 
 def test_untying_a_shared_parameter_is_refused_by_name() -> None:
@@ -137,7 +137,7 @@ def test_untying_a_shared_parameter_is_refused_by_name() -> None:
     w = attnlens.extract_weights(model)
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     with pytest.raises(attnlens.StaleWeightsError, match=r"lm_head\.weight.*extract the weights again"):
-        w.W_U
+        _ = w.W_U
 
 
 def test_requires_grad_toggled_after_extraction() -> None:
@@ -151,7 +151,7 @@ def test_requires_grad_toggled_after_extraction() -> None:
     assert w.layers[0].W_Q.requires_grad and not w.layers[0].W_O.requires_grad
     w.layers[0].W_Q[1].sum().backward()
     assert param.grad is not None
-    d, dh = w.d_model, w.d_head
+    dh = w.d_head
     expected = torch.zeros_like(param)
     expected[:, dh : 2 * dh] = 1.0
     assert torch.equal(param.grad, expected)
@@ -193,9 +193,9 @@ def test_access_is_cheap() -> None:
 
     model = make_gpt2()
     layer = attnlens.extract_weights(model).layers[0]
-    layer.W_Q
+    _ = layer.W_Q
     start = time.perf_counter()
     for _ in range(2000):
-        layer.W_Q
+        _ = layer.W_Q
     per_access = (time.perf_counter() - start) / 2000
     assert per_access < 50e-6, f"{per_access * 1e6:.1f} us per access"
