@@ -353,6 +353,34 @@ class ModelWeights(_Live):
         """``[layer, d_model]``."""
         return self.stacked("b_O")
 
+    def processed(
+        self, *, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True
+    ) -> ModelWeights:
+        """A processed copy, as TransformerLens's default loader makes it; these weights stay as they are.
+
+        - ``fold_ln``: each layer norm's scale ``w`` and shift ``b`` move into the weights that read its output
+          (``ln_1`` into ``W_Q/W_K/W_V`` and ``b_Q/b_K/b_V``, ``ln_2`` into the MLP's ``W_in/b_in``, ``ln_f`` into
+          ``W_U`` and a new ``b_U = b @ W_U``), and those reading weights are centred over ``d_model`` (the normalised
+          input has mean 0, so their mean row is never used). The layer norms become ``w = 1``, ``b = 0``. Without
+          an unembedding, ``ln_f`` stays as it is.
+        - ``center_writing_weights``: ``W_E``, ``W_pos``, ``W_O``, ``b_O``, the MLP's ``W_out`` and ``b_out`` have
+          their mean over ``d_model`` removed. Every reader of the residual stream is a layer norm, which removes
+          that mean first, so nothing downstream changes; the residual stream itself becomes its centred version.
+        - ``center_unembed``: ``W_U`` (and ``b_U``) have their mean over ``d_vocab`` removed, so the logits become
+          ``logits - logits.mean(-1, keepdim=True)``: a constant per position, the same probabilities.
+
+        Nothing else changes: the hidden state after the final layer norm and (up to that shift) the logits are the
+        model's, within float rounding. Attention patterns, ``z`` and head outputs keep their values; ``q``, ``k``,
+        ``v`` keep theirs too (the folding moves the layer norm's affine map into them).
+
+        Returns:
+            New :class:`ModelWeights` of detached copies (same dtype and device; the maths runs in float32 at least),
+            computed now: a snapshot that does not follow later changes of the model (call ``processed`` again).
+            ``QK`` / ``OV`` and everything that takes weights accept it like the model's own.
+        """
+        with torch.no_grad():
+            return _process(self, fold_ln, center_writing_weights, center_unembed)
+
     @property
     def QK(self) -> FactoredMatrix:
         """Stacked QK circuits ``[layer, head, d_model, d_model]`` (low-rank: inner dimension ``d_head``)."""
@@ -362,6 +390,96 @@ class ModelWeights(_Live):
     def OV(self) -> FactoredMatrix:
         """Stacked OV circuits ``[layer, head, d_model, d_model]`` (low-rank: inner dimension ``d_head``)."""
         return FactoredMatrix(self.W_V, self.W_O)
+
+
+def _centre(x: Tensor, dim: int = -1) -> Tensor:
+    return x - x.mean(dim, keepdim=True)
+
+
+def _process(weights: ModelWeights, fold_ln: bool, center_writing: bool, center_unembed: bool) -> ModelWeights:
+    """See :meth:`ModelWeights.processed` (runs under ``no_grad``)."""
+    dtype = weights.dtype
+    work = torch.promote_types(dtype, torch.float32)
+
+    def up(x: Tensor) -> Tensor:
+        return x.detach().to(work)
+
+    def down(x: Tensor) -> Tensor:
+        return x.to(dtype).clone()
+
+    def identity(ln: LayerNormWeights) -> LayerNormWeights:
+        return LayerNormWeights(w=torch.ones_like(ln.w), b=torch.zeros_like(ln.b), eps=ln.eps)
+
+    def write(x: Tensor) -> Tensor:  # a weight that writes to the residual stream: d_model is its last axis
+        return _centre(x) if center_writing else x
+
+    layers = []
+    for layer in weights.layers:
+        qkv = {}
+        for name in ("Q", "K", "V"):
+            W, b = up(getattr(layer, f"W_{name}")), up(getattr(layer, f"b_{name}"))
+            if fold_ln:
+                # x_norm * w + b read by W: x_norm @ (w[:, None] * W) + b @ W; W's mean row meets a centred x_norm.
+                b = b + torch.einsum("m,hmd->hd", up(layer.ln_1.b), W)
+                W = _centre(up(layer.ln_1.w)[None, :, None] * W, dim=-2)
+            qkv[f"W_{name}"], qkv[f"b_{name}"] = down(W), down(b)
+        mlp = layer.mlp
+        W_in, b_in = up(mlp.W_in), up(mlp.b_in)
+        if fold_ln:
+            b_in = b_in + up(layer.ln_2.b) @ W_in
+            W_in = _centre(up(layer.ln_2.w)[:, None] * W_in, dim=-2)
+        layers.append(
+            LayerWeights(
+                layer=layer.layer,
+                **qkv,
+                W_O=down(write(up(layer.W_O))),
+                b_O=down(write(up(layer.b_O))),
+                ln_1=identity(layer.ln_1) if fold_ln else _copy_ln(layer.ln_1),
+                ln_2=identity(layer.ln_2) if fold_ln else _copy_ln(layer.ln_2),
+                mlp=MLPWeights(
+                    W_in=down(W_in),
+                    b_in=down(b_in),
+                    W_out=down(write(up(mlp.W_out))),
+                    b_out=down(write(up(mlp.b_out))),
+                    act=mlp.act,
+                ),
+                scale=layer.scale,
+                upcast=layer.upcast,
+                score_divisors=layer.score_divisors,
+            )
+        )
+    W_U = None if weights.W_U is None else up(weights.W_U)
+    b_U = None if weights.b_U is None else up(weights.b_U)
+    ln_f = _copy_ln(weights.ln_f)
+    if W_U is not None:
+        if fold_ln:
+            folded = up(weights.ln_f.b) @ W_U
+            b_U = folded if b_U is None else b_U + folded
+            W_U = _centre(up(weights.ln_f.w)[:, None] * W_U, dim=-2)
+            ln_f = identity(weights.ln_f)
+        if center_unembed:
+            W_U = _centre(W_U)
+            b_U = None if b_U is None else _centre(b_U)
+    return ModelWeights(
+        n_layers=weights.n_layers,
+        n_heads=weights.n_heads,
+        d_model=weights.d_model,
+        d_head=weights.d_head,
+        d_mlp=weights.d_mlp,
+        d_vocab=weights.d_vocab,
+        n_ctx=weights.n_ctx,
+        W_E=down(write(up(weights.W_E))),
+        W_pos=down(write(up(weights.W_pos))),
+        W_U=None if W_U is None else down(W_U),
+        ln_f=ln_f,
+        layers=tuple(layers),
+        name=weights.name,
+        b_U=None if b_U is None else down(b_U),
+    )
+
+
+def _copy_ln(ln: LayerNormWeights) -> LayerNormWeights:
+    return LayerNormWeights(w=ln.w.detach().clone(), b=ln.b.detach().clone(), eps=ln.eps)
 
 
 def track(weights: ModelWeights, model: nn.Module) -> ModelWeights:
