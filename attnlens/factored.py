@@ -256,7 +256,8 @@ class FactoredMatrix:
     def get_corner(self, k: int = 3) -> Tensor:
         """The first ``k`` entries along every dimension of the product (a quick look, formed from ``k`` rows only)."""
         lead = tuple(slice(0, k) for _ in range(self.ndim - 2))
-        return self[(*lead, slice(0, k), slice(0, k))].AB
+        corner = (*lead, slice(0, k), slice(0, k))
+        return self[corner].AB
 
     def __repr__(self) -> str:
         return f"FactoredMatrix(shape={list(self.shape)}, mdim={self.mdim})"
