@@ -359,10 +359,10 @@ class ModelWeights(_Live):
         """A processed copy, as TransformerLens's default loader makes it; these weights stay as they are.
 
         - ``fold_ln``: each layer norm's scale ``w`` and shift ``b`` move into the weights that read its output
-          (``ln_1`` into ``W_Q/W_K/W_V`` and ``b_Q/b_K/b_V``, ``ln_2`` into the MLP's ``W_in/b_in``, ``ln_f`` into
+          (``ln_1`` into ``W_Q/W_K/W_V`` and ``b_Q/b_K/b_V``, ``ln_2`` into the MLP's ``W_in/b_in``, the final norm into
           ``W_U`` and a new ``b_U = b @ W_U``), and those reading weights are centred over ``d_model`` (the normalised
           input has mean 0, so their mean row is never used). The layer norms become ``w = 1``, ``b = 0``. Without
-          an unembedding, ``ln_f`` stays as it is.
+          an unembedding, the final norm stays as it is.
         - ``center_writing_weights``: ``W_E``, ``W_pos``, ``W_O``, ``b_O``, the MLP's ``W_out`` and ``b_out`` have
           their mean over ``d_model`` removed. Every reader of the residual stream is a layer norm, which removes
           that mean first, so nothing downstream changes; the residual stream itself becomes its centred version.
@@ -450,31 +450,32 @@ def _process(weights: ModelWeights, fold_ln: bool, center_writing: bool, center_
         )
     W_U = None if weights.W_U is None else up(weights.W_U)
     b_U = None if weights.b_U is None else up(weights.b_U)
-    ln_f = _copy_ln(weights.ln_f)
+    final_norm = _copy_ln(weights.ln_f)
     if W_U is not None:
         if fold_ln:
             folded = up(weights.ln_f.b) @ W_U
             b_U = folded if b_U is None else b_U + folded
             W_U = _centre(up(weights.ln_f.w)[:, None] * W_U, dim=-2)
-            ln_f = identity(weights.ln_f)
+            final_norm = identity(weights.ln_f)
         if center_unembed:
             W_U = _centre(W_U)
             b_U = None if b_U is None else _centre(b_U)
+    # Positional, in field order (the final norm's field name is reserved for the dataclass itself).
     return ModelWeights(
-        n_layers=weights.n_layers,
-        n_heads=weights.n_heads,
-        d_model=weights.d_model,
-        d_head=weights.d_head,
-        d_mlp=weights.d_mlp,
-        d_vocab=weights.d_vocab,
-        n_ctx=weights.n_ctx,
-        W_E=down(write(up(weights.W_E))),
-        W_pos=down(write(up(weights.W_pos))),
-        W_U=None if W_U is None else down(W_U),
-        ln_f=ln_f,
-        layers=tuple(layers),
-        name=weights.name,
-        b_U=None if b_U is None else down(b_U),
+        weights.n_layers,
+        weights.n_heads,
+        weights.d_model,
+        weights.d_head,
+        weights.d_mlp,
+        weights.d_vocab,
+        weights.n_ctx,
+        down(write(up(weights.W_E))),
+        down(write(up(weights.W_pos))),
+        None if W_U is None else down(W_U),
+        final_norm,
+        tuple(layers),
+        weights.name,
+        None if b_U is None else down(b_U),
     )
 
 
