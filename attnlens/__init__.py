@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from attnlens import functional
-from attnlens.errors import AttentionCaptureError, UnsupportedModelError
+from attnlens.errors import AttentionCaptureError, StaleWeightsError, UnsupportedModelError
 from attnlens.models import extract_weights
 
 # trace and verify are imported eagerly (neither needs transformers nor plotting). Were they lazy, a later
@@ -33,6 +33,7 @@ __all__ = [
     "LayerWeights",
     "MLPWeights",
     "ModelWeights",
+    "StaleWeightsError",
     "UnsupportedModelError",
     "VerificationReport",
     "VerificationRow",

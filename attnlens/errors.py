@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AttentionCaptureError", "UnsupportedModelError"]
+__all__ = ["AttentionCaptureError", "StaleWeightsError", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(ValueError):
@@ -11,3 +11,7 @@ class UnsupportedModelError(ValueError):
 
 class AttentionCaptureError(RuntimeError):
     """The model did not produce the attention tensors asked of it (missing, empty or of the wrong shape)."""
+
+
+class StaleWeightsError(RuntimeError):
+    """Extracted weights can no longer follow their model (a parameter changed shape or was replaced inconsistently)."""

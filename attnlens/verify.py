@@ -520,7 +520,10 @@ def _rebuild(weights: ModelWeights, ids: Tensor, pos: Tensor, allowed: Tensor) -
         residual = residual + functional.attention(_layer_norm(residual, layer.ln_1), layer, allowed).output
         residual = residual + _mlp(_layer_norm(residual, layer.ln_2), layer)
     hidden = _layer_norm(residual, weights.ln_f)
-    return hidden, None if weights.W_U is None else hidden @ weights.W_U
+    if weights.W_U is None:
+        return hidden, None
+    logits = hidden @ weights.W_U
+    return hidden, logits if weights.b_U is None else logits + weights.b_U
 
 
 def _hf_order_pattern(fused: Tensor, layer: LayerWeights, n_heads: int, allowed: Tensor) -> Tensor:

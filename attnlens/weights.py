@@ -1,25 +1,132 @@
 """Weights of a GPT-2-style model, split per head, and their low-rank QK and OV circuits.
 
-``ModelWeights`` and ``LayerWeights`` are frozen dataclasses of tensors. Per-layer tensors are views of the model's
-own parameters (nothing is copied, moved or converted), so they always show the model's current values and keep its
-device, dtype and autograd connection. The stacked forms (``ModelWeights.W_Q`` as ``[layer, head, d_model, d_head]``
-and friends) are necessarily copies: each is built on first access, kept, and rebuilt only when a parameter it came
-from has been modified in place since (tracked through torch's version counters), so a cached stack is never stale.
+``ModelWeights`` and ``LayerWeights`` are frozen dataclasses of tensors named and shaped as in TransformerLens:
+``x @ W_Q[h] + b_Q[h]`` is head ``h``'s query for a row vector ``x``.
 
-Names and shapes follow TransformerLens: ``x @ W_Q[h] + b_Q[h]`` is head ``h``'s query for a row vector ``x``.
+Never stale. Weights returned by :func:`attnlens.extract_weights` are views of the model's own parameters (nothing
+copied) and every access returns the model's current values, whatever happened to the model since:
+
+- In-place edits (``param.mul_`` under ``no_grad``, ``param.data[...] = ...``, ``load_state_dict``) write into the
+  storage the views share, so they show at once.
+- Conversions and replacements (``model.half()``, ``model.to(device)``, ``param.data = new_tensor``,
+  ``load_state_dict(..., assign=True)``, ``param.requires_grad_()``) give a parameter new storage, a new object or a
+  new autograd state, which a view taken before cannot follow. Each tracked tensor therefore remembers the parameter
+  it was read from, which module slots hold that parameter, its ``data_ptr()`` and the view's layout; every access
+  compares them (about a microsecond) and, on a change, takes the view again from the current parameter. A
+  parameter whose shape or strides changed, or that modules which shared it no longer share, raises
+  :class:`~attnlens.errors.StaleWeightsError` instead (extract again).
+- Views are always taken with autograd enabled, so a weight's ``requires_grad`` is its parameter's and gradients
+  reach the parameter, also when extraction ran under ``torch.no_grad()``.
+
+Torch's version counters cannot do this job: an edit through ``param.data`` does not bump the parameter's
+``_version``. So nothing built from several parameters is cached: the stacked forms (``ModelWeights.W_Q`` as
+``[layer, head, d_model, d_head]``, a copy) are stacked at each access, like TransformerLens's, and ``QK`` / ``OV``
+return a new :class:`FactoredMatrix` each time, which itself computes its decompositions from the current factors.
+Keep a stack in a variable when you use it in a loop; per-layer views (``w.layers[i].W_Q``) cost nothing.
+
+Copies are values, not views: :meth:`ModelWeights.processed`, ``copy.deepcopy`` and ``dataclasses.replace`` give
+weights that do not follow the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from functools import cached_property
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from attnlens.errors import StaleWeightsError
+from attnlens.factored import FactoredMatrix
 
 __all__ = ["FactoredMatrix", "LayerNormWeights", "LayerWeights", "MLPWeights", "ModelWeights"]
+
+
+class _Source:
+    """One tracked tensor: the model parameter it is read from, where that parameter lives, and how to read it."""
+
+    __slots__ = ("label", "layout", "owners", "param", "ptr", "requires_grad", "tensor", "view")
+
+    def __init__(self, label: str, tensor: Tensor, param: Tensor, owners: tuple[tuple[nn.Module, str, str], ...]):
+        self.label = label
+        self.owners = owners  # (module, attribute, qualified name) of every slot holding the parameter
+        self.layout = (param.shape, param.stride())
+        rel = tensor.storage_offset() - param.storage_offset()
+        self.view = None if tensor is param else (tensor.shape, tensor.stride(), rel)
+        self._take(param, tensor)
+
+    def _take(self, param: Tensor, tensor: Tensor) -> None:
+        self.param, self.tensor = param, tensor
+        self.ptr, self.requires_grad = param.data_ptr(), tensor.requires_grad
+
+    def current(self) -> Tensor:
+        param = self.param
+        for module, name, _ in self.owners:
+            if module._parameters.get(name) is not param:
+                param = self._replacement()
+                break
+        tensor = self.tensor
+        # While the old view lives its storage cannot be reused, so an equal data_ptr means the same storage.
+        if (
+            param is self.param
+            and param.data_ptr() == self.ptr
+            and param.requires_grad == self.requires_grad
+            and param.dtype == tensor.dtype
+            and param.device == tensor.device
+        ):
+            return tensor
+        return self._retake(param)
+
+    def _replacement(self) -> Tensor:
+        held = [module._parameters.get(name) for module, name, _ in self.owners]
+        names = ", ".join(qualified for _, _, qualified in self.owners)
+        if not isinstance(held[0], Tensor) or any(h is not held[0] for h in held):
+            raise StaleWeightsError(
+                f"{self.label}: the model's parameter {names} was removed, or replaced by different objects in the "
+                "modules that shared it; extract the weights again (attnlens.extract_weights(model))"
+            )
+        return held[0]
+
+    def _retake(self, param: Tensor) -> Tensor:
+        if self.view is None:
+            self._take(param, param)
+            return param
+        if (param.shape, param.stride()) != self.layout:
+            raise StaleWeightsError(
+                f"{self.label}: the model's parameter {self.owners[0][2]} changed shape or layout from "
+                f"{tuple(self.layout[0])} / {self.layout[1]} to {tuple(param.shape)} / {param.stride()}; extract the "
+                "weights again (attnlens.extract_weights(model))"
+            )
+        size, stride, rel = self.view
+        with torch.enable_grad():
+            tensor = param.as_strided(size, stride, param.storage_offset() + rel)
+        self._take(param, tensor)
+        return tensor
+
+
+class _Live:
+    """Base of the weights dataclasses: a field that has a ``_Source`` is read through it (see the module docstring)."""
+
+    _sources: dict[str, _Source]
+
+    def __getattribute__(self, name: str) -> Any:
+        if name[0] != "_":
+            source = object.__getattribute__(self, "_sources").get(name)
+            if source is not None:
+                return source.current()
+        return object.__getattribute__(self, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickles and deep copies are values: the current tensors (detached: torch copies only graph leaves), no
+        # modules.
+        assert is_dataclass(self)
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        return {k: v.detach() if isinstance(v, Tensor) else v for k, v in state.items()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_sources", {})
 
 
 def _describe(obj: Any) -> str:
@@ -38,137 +145,8 @@ def _describe(obj: Any) -> str:
     return f"{type(obj).__name__}({', '.join(parts)})"
 
 
-class FactoredMatrix:
-    """A matrix ``A @ B`` kept as its factors, with leading (e.g. ``layer``, ``head``) dimensions.
-
-    The product is never formed unless asked for (``.AB``): a head's QK circuit is ``d_model x d_model`` but has rank
-    ``d_head``, so its singular values, eigenvalues and norm come from ``d_head x d_head`` problems.
-
-    Decompositions run in float32 for half-precision factors (CPU linear algebra has no half kernels); the results
-    are cached per instance.
-
-    Args:
-        A: ``[..., ldim, mdim]``.
-        B: ``[..., mdim, rdim]``.
-    """
-
-    def __init__(self, A: Tensor, B: Tensor) -> None:
-        if A.ndim < 2 or B.ndim < 2:
-            raise ValueError(f"factors must be at least 2-D, got shapes {tuple(A.shape)} and {tuple(B.shape)}")
-        if A.shape[-1] != B.shape[-2]:
-            raise ValueError(f"inner dimensions differ: A is {tuple(A.shape)}, B is {tuple(B.shape)}")
-        self.A = A
-        self.B = B
-
-    @property
-    def shape(self) -> torch.Size:
-        """``[..., ldim, rdim]``, the shape of the product."""
-        batch = torch.broadcast_shapes(self.A.shape[:-2], self.B.shape[:-2])
-        return torch.Size((*batch, self.A.shape[-2], self.B.shape[-1]))
-
-    @property
-    def ndim(self) -> int:
-        """Number of dimensions of the product."""
-        return len(self.shape)
-
-    @property
-    def mdim(self) -> int:
-        """Inner dimension: an upper bound on the rank."""
-        return self.A.shape[-1]
-
-    @cached_property
-    def AB(self) -> Tensor:
-        """The product ``A @ B`` ``[..., ldim, rdim]`` (materialised once, on request)."""
-        return self.A @ self.B
-
-    @cached_property
-    def BA(self) -> Tensor:
-        """The reversed product ``B @ A`` ``[..., mdim, mdim]``; it has the same non-zero eigenvalues as ``AB``."""
-        if self.A.shape[-2] != self.B.shape[-1]:
-            raise ValueError(f"BA needs a square product, this one is {tuple(self.shape)}")
-        return self.B @ self.A
-
-    @property
-    def T(self) -> FactoredMatrix:
-        """The transpose ``B^T @ A^T``."""
-        return FactoredMatrix(self.B.transpose(-1, -2), self.A.transpose(-1, -2))
-
-    def _linalg(self, x: Tensor) -> Tensor:
-        return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-    def svd(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Thin SVD of the product, from QR decompositions of the factors.
-
-        Returns:
-            ``U [..., ldim, mdim]``, ``S [..., mdim]`` (descending) and ``Vh [..., mdim, rdim]`` with
-            ``U @ diag(S) @ Vh == A @ B``.
-        """
-        return self._svd
-
-    @cached_property
-    def _svd(self) -> tuple[Tensor, Tensor, Tensor]:
-        A, B = self._linalg(self.A), self._linalg(self.B)
-        Q_A, R_A = torch.linalg.qr(A)
-        Q_B, R_B = torch.linalg.qr(B.transpose(-1, -2))
-        U, S, Vh = torch.linalg.svd(R_A @ R_B.transpose(-1, -2))
-        return Q_A @ U, S, Vh @ Q_B.transpose(-1, -2)
-
-    @property
-    def U(self) -> Tensor:
-        """Left singular vectors ``[..., ldim, mdim]``."""
-        return self._svd[0]
-
-    @property
-    def S(self) -> Tensor:
-        """Singular values ``[..., mdim]``, descending."""
-        return self._svd[1]
-
-    @property
-    def Vh(self) -> Tensor:
-        """Right singular vectors ``[..., mdim, rdim]``."""
-        return self._svd[2]
-
-    @cached_property
-    def eigenvalues(self) -> Tensor:
-        """The ``mdim`` eigenvalues of ``BA`` (complex) ``[..., mdim]``: the non-zero eigenvalues of ``AB``."""
-        return torch.linalg.eigvals(self._linalg(self.BA))
-
-    def norm(self) -> Tensor:
-        """Frobenius norm of the product ``[...]``."""
-        return self.S.pow(2).sum(-1).sqrt()
-
-    def __matmul__(self, other: Tensor | FactoredMatrix) -> FactoredMatrix:
-        if isinstance(other, FactoredMatrix):
-            # Multiply through the smaller inner dimension so the result stays low-rank.
-            if other.mdim <= self.mdim:
-                return FactoredMatrix(self.A @ (self.B @ other.A), other.B)
-            return FactoredMatrix(self.A, (self.B @ other.A) @ other.B)
-        if isinstance(other, Tensor):
-            return FactoredMatrix(self.A, self.B @ other)
-        return NotImplemented
-
-    def __rmatmul__(self, other: Tensor) -> FactoredMatrix:
-        if isinstance(other, Tensor):
-            return FactoredMatrix(other @ self.A, self.B)
-        return NotImplemented
-
-    def __getitem__(self, index: Any) -> FactoredMatrix:
-        """Index the leading dimensions, e.g. ``qk[layer, head]``; the matrix dimensions are not indexable."""
-        n_lead = self.ndim - 2
-        n_index = len(index) if isinstance(index, tuple) else 1
-        if n_index > n_lead:
-            raise IndexError(f"a FactoredMatrix of shape {tuple(self.shape)} has {n_lead} indexable dimension(s)")
-        lead = self.shape[:-2]
-        A = self.A.expand(*lead, *self.A.shape[-2:])
-        B = self.B.expand(*lead, *self.B.shape[-2:])
-        return FactoredMatrix(A[index], B[index])
-
-    def __repr__(self) -> str:
-        return f"FactoredMatrix(shape={list(self.shape)}, mdim={self.mdim})"
-
-
 @dataclass(frozen=True, eq=False, repr=False)
-class LayerNormWeights:
+class LayerNormWeights(_Live):
     """A layer norm: ``(x - mean) / sqrt(var + eps) * w + b``.
 
     Attributes:
@@ -180,12 +158,13 @@ class LayerNormWeights:
     w: Tensor
     b: Tensor
     eps: float
+    _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class MLPWeights:
+class MLPWeights(_Live):
     """A transformer MLP: ``act(x @ W_in + b_in) @ W_out + b_out``.
 
     Attributes:
@@ -201,12 +180,13 @@ class MLPWeights:
     W_out: Tensor
     b_out: Tensor
     act: str
+    _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class LayerWeights:
+class LayerWeights(_Live):
     """One transformer block's weights: attention split per head, its layer norms and its MLP.
 
     Attributes:
@@ -246,6 +226,7 @@ class LayerWeights:
     scale: float
     upcast: bool = False
     score_divisors: tuple[float, ...] | None = None
+    _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
 
@@ -259,12 +240,12 @@ class LayerWeights:
         """Dimension of each head's queries, keys and values."""
         return self.W_Q.shape[-1]
 
-    @cached_property
+    @property
     def QK(self) -> FactoredMatrix:
         """QK circuit ``W_Q @ W_K^T`` ``[head, d_model, d_model]`` (unscaled: scores are ``x_q QK x_k^T * scale``)."""
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-1, -2))
 
-    @cached_property
+    @property
     def OV(self) -> FactoredMatrix:
         """OV circuit ``W_V @ W_O`` ``[head, d_model, d_model]``."""
         return FactoredMatrix(self.W_V, self.W_O)
@@ -274,7 +255,7 @@ _STACKED = ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O", "b_O")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class ModelWeights:
+class ModelWeights(_Live):
     """All weights of a GPT-2-style model, by TransformerLens names.
 
     Attributes:
@@ -291,6 +272,8 @@ class ModelWeights:
         ln_f: the final layer norm.
         layers: one :class:`LayerWeights` per block.
         name: where the weights came from (the model's ``name_or_path``), for provenance.
+        b_U: unembedding bias ``[d_vocab]``: ``None`` for a model's own weights (GPT-2 has none); set by
+            :meth:`processed` when ``fold_ln`` folds the final layer norm's bias into the unembedding.
     """
 
     n_layers: int
@@ -306,7 +289,8 @@ class ModelWeights:
     ln_f: LayerNormWeights
     layers: tuple[LayerWeights, ...]
     name: str = ""
-    _cache: dict[str, tuple[tuple[int, ...], Any]] = field(default_factory=dict, init=False, compare=False, repr=False)
+    b_U: Tensor | None = None
+    _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
 
@@ -320,23 +304,14 @@ class ModelWeights:
         """The device the weights are on."""
         return self.W_E.device
 
-    def _cached(self, key: str, sources: tuple[Tensor, ...], build: Callable[[], Any]) -> Any:
-        versions = tuple(t._version for t in sources)
-        hit = self._cache.get(key)
-        if hit is None or hit[0] != versions:
-            hit = (versions, build())
-            self._cache[key] = hit
-        return hit[1]
-
     def stacked(self, name: str) -> Tensor:
         """One per-layer weight stacked over layers, e.g. ``stacked("W_Q")`` is ``[layer, head, d_model, d_head]``.
 
-        Built on first access and kept; rebuilt only if a source parameter was modified in place since.
+        A copy, stacked from the current parameters at each call (see the module docstring for why it is not kept).
         """
         if name not in _STACKED:
             raise KeyError(f"no stacked weight {name!r}; choose from {', '.join(_STACKED)}")
-        parts = tuple(getattr(layer, name) for layer in self.layers)
-        return self._cached(name, parts, lambda: torch.stack(parts))
+        return torch.stack([getattr(layer, name) for layer in self.layers])
 
     @property
     def W_Q(self) -> Tensor:
@@ -378,14 +353,166 @@ class ModelWeights:
         """``[layer, d_model]``."""
         return self.stacked("b_O")
 
+    def processed(
+        self, *, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True
+    ) -> ModelWeights:
+        """A processed copy, as TransformerLens's default loader makes it; these weights stay as they are.
+
+        - ``fold_ln``: each layer norm's scale ``w`` and shift ``b`` move into the weights that read its output
+          (``ln_1`` into ``W_Q/W_K/W_V`` and ``b_Q/b_K/b_V``, ``ln_2`` into the MLP's ``W_in/b_in``, the final norm into
+          ``W_U`` and a new ``b_U = b @ W_U``), and those reading weights are centred over ``d_model`` (the normalised
+          input has mean 0, so their mean row is never used). The layer norms become ``w = 1``, ``b = 0``. Without
+          an unembedding, the final norm stays as it is.
+        - ``center_writing_weights``: ``W_E``, ``W_pos``, ``W_O``, ``b_O``, the MLP's ``W_out`` and ``b_out`` have
+          their mean over ``d_model`` removed. Every reader of the residual stream is a layer norm, which removes
+          that mean first, so nothing downstream changes; the residual stream itself becomes its centred version.
+        - ``center_unembed``: ``W_U`` (and ``b_U``) have their mean over ``d_vocab`` removed, so the logits become
+          ``logits - logits.mean(-1, keepdim=True)``: a constant per position, the same probabilities.
+
+        Nothing else changes: the hidden state after the final layer norm and (up to that shift) the logits are the
+        model's, within float rounding. Attention patterns, ``z`` and head outputs keep their values; ``q``, ``k``,
+        ``v`` keep theirs too (the folding moves the layer norm's affine map into them).
+
+        Returns:
+            New :class:`ModelWeights` of detached copies (same dtype and device; the maths runs in float32 at least),
+            computed now: a snapshot that does not follow later changes of the model (call ``processed`` again).
+            ``QK`` / ``OV`` and everything that takes weights accept it like the model's own.
+        """
+        with torch.no_grad():
+            return _process(self, fold_ln, center_writing_weights, center_unembed)
+
     @property
     def QK(self) -> FactoredMatrix:
         """Stacked QK circuits ``[layer, head, d_model, d_model]`` (low-rank: inner dimension ``d_head``)."""
-        sources = tuple(t for layer in self.layers for t in (layer.W_Q, layer.W_K))
-        return self._cached("QK", sources, lambda: FactoredMatrix(self.W_Q, self.W_K.transpose(-1, -2)))
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-1, -2))
 
     @property
     def OV(self) -> FactoredMatrix:
         """Stacked OV circuits ``[layer, head, d_model, d_model]`` (low-rank: inner dimension ``d_head``)."""
-        sources = tuple(t for layer in self.layers for t in (layer.W_V, layer.W_O))
-        return self._cached("OV", sources, lambda: FactoredMatrix(self.W_V, self.W_O))
+        return FactoredMatrix(self.W_V, self.W_O)
+
+
+def _centre(x: Tensor, dim: int = -1) -> Tensor:
+    return x - x.mean(dim, keepdim=True)
+
+
+def _process(weights: ModelWeights, fold_ln: bool, center_writing: bool, center_unembed: bool) -> ModelWeights:
+    """See :meth:`ModelWeights.processed` (runs under ``no_grad``)."""
+    dtype = weights.dtype
+    work = torch.promote_types(dtype, torch.float32)
+
+    def up(x: Tensor) -> Tensor:
+        return x.detach().to(work)
+
+    def down(x: Tensor) -> Tensor:
+        return x.to(dtype).clone()
+
+    def identity(ln: LayerNormWeights) -> LayerNormWeights:
+        return LayerNormWeights(w=torch.ones_like(ln.w), b=torch.zeros_like(ln.b), eps=ln.eps)
+
+    def write(x: Tensor) -> Tensor:  # a weight that writes to the residual stream: d_model is its last axis
+        return _centre(x) if center_writing else x
+
+    layers = []
+    for layer in weights.layers:
+        qkv = {}
+        for name in ("Q", "K", "V"):
+            W, b = up(getattr(layer, f"W_{name}")), up(getattr(layer, f"b_{name}"))
+            if fold_ln:
+                # x_norm * w + b read by W: x_norm @ (w[:, None] * W) + b @ W; W's mean row meets a centred x_norm.
+                b = b + torch.einsum("m,hmd->hd", up(layer.ln_1.b), W)
+                W = _centre(up(layer.ln_1.w)[None, :, None] * W, dim=-2)
+            qkv[f"W_{name}"], qkv[f"b_{name}"] = down(W), down(b)
+        mlp = layer.mlp
+        W_in, b_in = up(mlp.W_in), up(mlp.b_in)
+        if fold_ln:
+            b_in = b_in + up(layer.ln_2.b) @ W_in
+            W_in = _centre(up(layer.ln_2.w)[:, None] * W_in, dim=-2)
+        layers.append(
+            LayerWeights(
+                layer=layer.layer,
+                **qkv,
+                W_O=down(write(up(layer.W_O))),
+                b_O=down(write(up(layer.b_O))),
+                ln_1=identity(layer.ln_1) if fold_ln else _copy_ln(layer.ln_1),
+                ln_2=identity(layer.ln_2) if fold_ln else _copy_ln(layer.ln_2),
+                mlp=MLPWeights(
+                    W_in=down(W_in),
+                    b_in=down(b_in),
+                    W_out=down(write(up(mlp.W_out))),
+                    b_out=down(write(up(mlp.b_out))),
+                    act=mlp.act,
+                ),
+                scale=layer.scale,
+                upcast=layer.upcast,
+                score_divisors=layer.score_divisors,
+            )
+        )
+    W_U = None if weights.W_U is None else up(weights.W_U)
+    b_U = None if weights.b_U is None else up(weights.b_U)
+    final_norm = _copy_ln(weights.ln_f)
+    if W_U is not None:
+        if fold_ln:
+            folded = up(weights.ln_f.b) @ W_U
+            b_U = folded if b_U is None else b_U + folded
+            W_U = _centre(up(weights.ln_f.w)[:, None] * W_U, dim=-2)
+            final_norm = identity(weights.ln_f)
+        if center_unembed:
+            W_U = _centre(W_U)
+            b_U = None if b_U is None else _centre(b_U)
+    # Positional, in field order (the final norm's field name is reserved for the dataclass itself).
+    return ModelWeights(
+        weights.n_layers,
+        weights.n_heads,
+        weights.d_model,
+        weights.d_head,
+        weights.d_mlp,
+        weights.d_vocab,
+        weights.n_ctx,
+        down(write(up(weights.W_E))),
+        down(write(up(weights.W_pos))),
+        None if W_U is None else down(W_U),
+        final_norm,
+        tuple(layers),
+        weights.name,
+        None if b_U is None else down(b_U),
+    )
+
+
+def _copy_ln(ln: LayerNormWeights) -> LayerNormWeights:
+    return LayerNormWeights(w=ln.w.detach().clone(), b=ln.b.detach().clone(), eps=ln.eps)
+
+
+def track(weights: ModelWeights, model: nn.Module) -> ModelWeights:
+    """Make every tensor of ``weights`` that is a model parameter, or a view of one, follow the model (in place).
+
+    Called by the adapters once, right after extraction; generic over architectures: it matches tensors to the
+    parameters of ``model``'s modules, whatever their names.
+
+    Returns:
+        ``weights``, now tracking ``model``.
+    """
+    owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for name, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((module, name, f"{prefix}.{name}" if prefix else name))
+
+    def visit(obj: _Live, label: str) -> None:
+        assert is_dataclass(obj)
+        sources = object.__getattribute__(obj, "_sources")
+        for f in fields(obj):
+            value = object.__getattribute__(obj, f.name)
+            if isinstance(value, _Live):
+                visit(value, f"{label}.{f.name}")
+            elif isinstance(value, tuple) and value and isinstance(value[0], _Live):
+                for i, item in enumerate(value):
+                    visit(item, f"{label}.{f.name}[{i}]")
+            elif isinstance(value, Tensor):
+                param = value if value._base is None else value._base
+                slots = owners.get(id(param))
+                if slots:
+                    sources[f.name] = _Source(f"{label}.{f.name}", value, param, tuple(slots))
+
+    visit(weights, "weights")
+    return weights

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from attnlens.models import gpt2
-from attnlens.weights import ModelWeights
+from attnlens.weights import ModelWeights, track
 
 __all__ = ["extract_weights", "gpt2"]
 
@@ -21,7 +21,8 @@ def extract_weights(
     """Extract every attention weight of a GPT-2 model, split per head, as views of its own parameters.
 
     Nothing is copied, moved or converted: each per-layer tensor shares storage with the model's parameter, keeps
-    its device and dtype, and shows later in-place changes to it.
+    its device, dtype and autograd connection, and every access returns the model's current values, also after
+    ``model.half()``, ``model.to(...)``, ``param.data = ...`` or ``load_state_dict`` (see :mod:`attnlens.weights`).
 
     Args:
         model: a Hugging Face GPT-2 model (``GPT2Model``, ``GPT2LMHeadModel``, ``GPT2DoubleHeadsModel``,
@@ -49,4 +50,7 @@ def extract_weights(
         model = gpt2.load(str(model), dtype=dtype, device=device)
     elif dtype is not None or device is not None:
         raise ValueError("dtype and device apply only when loading by name or path; extraction never converts")
-    return gpt2.extract(model)
+    # Views taken under no_grad would not carry gradients to the parameters later; take them with autograd on.
+    with torch.enable_grad():
+        weights = gpt2.extract(model)
+    return track(weights, model)
