@@ -38,6 +38,17 @@ from attnlens import functional
 from attnlens.capture import forward_hooks, preserved
 from attnlens.errors import AttentionCaptureError
 from attnlens.models import extract_weights, gpt2
+from attnlens.tolerances import (
+    _ACCUMULATOR,
+    QUANTITIES,
+    TOLERANCES,
+    UNIT_ROUNDOFF,
+    ErrorBound,
+    _dtype_name,
+    _overrides,
+    bitwise_guaranteed,
+    derived_tolerances,
+)
 from attnlens.weights import LayerNormWeights, LayerWeights, ModelWeights
 
 __all__ = [
@@ -51,90 +62,7 @@ __all__ = [
     "verify",
 ]
 
-QUANTITIES = ("q", "k", "v", "pattern_hf_order", "pattern", "z", "attn_out", "hidden", "logits")
-"""What is compared, in report order. The first six are per head, ``attn_out`` per layer, the last two once."""
-
 _PER_HEAD = frozenset({"q", "k", "v", "pattern_hf_order", "pattern", "z"})
-
-UNIT_ROUNDOFF: dict[str, float] = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-"""Unit roundoff ``u`` (half the machine epsilon) of each dtype: the largest relative error of one rounding."""
-
-_ACCUMULATOR = {"float64": "float64", "float32": "float32", "float16": "float32", "bfloat16": "float32"}
-# Half-precision matmuls accumulate in float32 (CPU kernels, cuBLAS's default compute type), then round once.
-
-
-@dataclass(frozen=True)
-class ErrorBound:
-    """The constants of one quantity's tolerance ``rounding * u + accumulation * u_acc * sqrt(n) [+ propagated]``.
-
-    Attributes:
-        rounding: how many roundings to the model's dtype separate the two sides (with a margin).
-        accumulation: the constant of the probabilistic ``sqrt(n)`` bound of a length-``n`` reduction, in the
-            accumulator's precision ``u_acc`` (float32 for half dtypes).
-        length: the reduction length ``n`` (a model dimension; ``k_pos`` is the number of positions).
-        propagated: what else enters (errors of earlier quantities, scaled by a factor measured on the model's own
-            tensors); docs/verify.md derives each.
-        in_dtype: the ``sqrt(n)`` term counts roundings in the model's dtype ``u`` (each of the ``n`` inputs
-            was rounded to it, e.g. z entering attn_out), not in the accumulator's.
-    """
-
-    rounding: float
-    accumulation: float
-    length: str
-    propagated: str = ""
-    in_dtype: bool = False
-
-
-TOLERANCES: dict[str, ErrorBound] = {
-    "q": ErrorBound(4, 1, "d_model"),
-    "k": ErrorBound(4, 1, "d_model"),
-    "v": ErrorBound(4, 1, "d_model"),
-    "pattern_hf_order": ErrorBound(4, 0, "d_head", "S * (u_acc * d_head + u); 0 (bitwise) where guaranteed"),
-    "pattern": ErrorBound(4, 0, "d_head", "S * (tol_q + tol_k + u), S = scale * max|q| * max|k| / sqrt(d_head)"),
-    "z": ErrorBound(4, 1, "k_pos", "max|v| / max|z| * (2 * (tol_pattern - 4u) + tol_v + 2u)"),
-    "attn_out": ErrorBound(8, 2, "d_model", "", in_dtype=True),
-    "hidden": ErrorBound(0, 16, "d_model", "times n_layer: the whole forward rebuilt", in_dtype=True),
-    "logits": ErrorBound(0, 16, "d_model", "times n_layer: the whole forward rebuilt", in_dtype=True),
-}
-"""How each quantity's tolerance is derived from the dtype's unit roundoff and the model's dimensions.
-
-:func:`derived_tolerances` turns these into numbers for one model and dtype; :func:`verify` adds the factors measured
-on the model's own tensors per layer and head. docs/verify.md gives the derivation and the measured errors.
-"""
-
-
-def derived_tolerances(
-    dtype: torch.dtype | str, d_model: int, d_head: int, n_layer: int, k_pos: int
-) -> dict[str, float]:
-    """The tolerances on ``max_rel_error`` that depend only on the dtype and the model's dimensions.
-
-    ``pattern``, ``z`` and ``attn_out`` add a term propagated from earlier quantities, scaled by a factor measured on
-    the model's own tensors (see :func:`verify`); this table holds only their rounding and accumulation terms.
-    ``hidden`` and ``logits`` use ``u`` of the dtype (no higher-precision accumulation spans a whole forward).
-
-    Args:
-        dtype: the model's dtype.
-        d_model: the residual width (the reduction length of q, k, v and attn_out).
-        d_head: the head width (the reduction length of scores).
-        n_layer: the number of layers (the end-to-end rows grow with it).
-        k_pos: the number of positions (the length of the pattern-weighted sum of values).
-
-    Returns:
-        ``{quantity: tolerance}`` for every quantity in :data:`QUANTITIES`.
-    """
-    name = _dtype_name(dtype)
-    if name not in UNIT_ROUNDOFF:
-        raise ValueError(f"no tolerances for a {name} model; verify supports {', '.join(UNIT_ROUNDOFF)}")
-    u, u_acc = UNIT_ROUNDOFF[name], UNIT_ROUNDOFF[_ACCUMULATOR[name]]
-    lengths = {"d_model": d_model, "d_head": d_head, "k_pos": k_pos}
-    table = {}
-    for quantity, bound in TOLERANCES.items():
-        n = lengths[bound.length]
-        growth = n_layer if quantity in ("hidden", "logits") else 1
-        table[quantity] = (
-            bound.rounding * u + bound.accumulation * (u if bound.in_dtype else u_acc) * math.sqrt(n) * growth
-        )
-    return table
 
 
 @dataclass(frozen=True, eq=False)
@@ -280,56 +208,6 @@ def _format_row(row: VerificationRow, *, per_head: bool) -> str:
         f"{layer:>5}  {row.quantity:<16}  {head:>10}  {row.max_abs_error:>11.3g}  {row.max_rel_error:>11.3g}  "
         f"{'bitwise' if row.tolerance == 0 else format(row.tolerance, '.3g'):>9}  {'ok' if row.ok else 'FAIL'}"
     )
-
-
-def _dtype_name(dtype: torch.dtype | str) -> str:
-    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-
-
-def _overrides(dtype: torch.dtype, overrides: Mapping[Any, Any] | None) -> dict[str, float]:
-    """Fixed tolerances replacing derived ones, from ``{quantity: tol}`` or ``{dtype: {quantity: tol}}``."""
-    name = _dtype_name(dtype)
-    if name not in UNIT_ROUNDOFF:
-        raise ValueError(f"no tolerances for a {name} model; verify supports {', '.join(UNIT_ROUNDOFF)}")
-    if not overrides:
-        return {}
-    if all(isinstance(value, Mapping) for value in overrides.values()):
-        by_dtype = {_dtype_name(key): value for key, value in overrides.items()}
-        unknown = sorted(set(by_dtype) - set(UNIT_ROUNDOFF))
-        if unknown:
-            raise ValueError(f"tolerances for unknown dtype(s) {', '.join(unknown)}; known: {', '.join(UNIT_ROUNDOFF)}")
-        flat: Mapping[Any, Any] = by_dtype.get(name, {})
-    elif not any(isinstance(value, Mapping) for value in overrides.values()):
-        flat = overrides
-    else:
-        raise ValueError("tolerances must be {quantity: tol} or {dtype: {quantity: tol}}, not a mixture")
-    table = {}
-    for quantity, tol in flat.items():
-        if quantity not in TOLERANCES:
-            raise ValueError(f"tolerance for unknown quantity {quantity!r}; quantities: {', '.join(QUANTITIES)}")
-        try:
-            tol = float(tol)
-        except (TypeError, ValueError):
-            raise ValueError(f"tolerance for {quantity!r} must be a number >= 0, got {tol!r}") from None
-        if not tol >= 0.0:
-            raise ValueError(f"tolerance for {quantity!r} must be a number >= 0, got {tol}")
-        table[quantity] = tol
-    return table
-
-
-def bitwise_guaranteed(model: nn.Module, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether ``pattern_hf_order`` must match bit for bit: an eager, uncompiled model in float32/float64 on CPU.
-
-    There the recomputation runs the same CPU kernels on the same q and k in the same order as the model. Compiled
-    modules fuse and reorder arithmetic, CUDA kernels may pick other reduction orders (or turn a division into a
-    multiplication by the reciprocal), and half precision rounds the scores where an order change shows; there a
-    derived tolerance applies instead.
-    """
-    compiled = any(
-        getattr(module, "_compiled_call_impl", None) is not None or hasattr(module, "_orig_mod")
-        for module in model.modules()
-    )
-    return not compiled and device.type == "cpu" and dtype in (torch.float32, torch.float64)
 
 
 def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
