@@ -349,6 +349,7 @@ def _provenance(model: Any, sites: gpt2.Sites) -> dict[str, str]:
     }
 
 
+@capture.one_at_a_time
 def trace(
     model: Any,
     input_ids: Tensor | Any,
@@ -365,7 +366,8 @@ def trace(
     The model keeps its own attention kernel; each traced layer's pattern is recomputed from its own q and k (the
     fused q/k/v projection) inside a hook, so an eager-run model's patterns are bitwise its ``output_attentions``.
     Only the base ``GPT2Model`` runs, in eval mode and without gradients, and only up to the last traced layer. The
-    model is left exactly as it was found, also on error.
+    model is left exactly as it was found, also on error. Calls on one model from several threads run one at a time,
+    each giving its single-threaded result; attnlens's hooks never act on a forward pass the user runs meanwhile.
 
     Args:
         model: a Hugging Face GPT-2 model of any supported class.
@@ -386,7 +388,8 @@ def trace(
     Raises:
         ValueError: bad ``layers`` / ``heads`` (out of range, repeated), unknown ``store`` names, text without a
             tokenizer, or inputs that :func:`attnlens.models.gpt2.check_inputs` refuses.
-        UnsupportedModelError: not a supported GPT-2 model.
+        UnsupportedModelError: not a supported GPT-2 model, an attention kernel outside
+            :data:`attnlens.models.gpt2.EXACT_KERNELS`, or attention modules that disagree with the config.
         AttentionCaptureError: a traced layer never ran.
 
     Example:
@@ -394,6 +397,7 @@ def trace(
         >>> tr.pattern(5).shape  # [batch, head, q_pos, k_pos]
     """
     sites = gpt2.sites(model)
+    gpt2.check_kernel(model)
     config = model.config
     names = _check_store(store)
     layer_list = _check_indices(layers, config.n_layer, "layers")
@@ -517,7 +521,17 @@ def trace(
     pre = [(sites.layers[i].z, on_z(i)) for i in layer_list] if want_z else []
 
     def forward() -> None:
-        sites.base(input_ids=ids, attention_mask=mask, position_ids=pos)
+        # Every output switch is explicit, so that none of the config's (output_attentions, output_hidden_states,
+        # return_dict) changes what runs or makes transformers install its own recording hooks on the model.
+        sites.base(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=contiguous_k,
+            output_attentions=False,
+            output_hidden_states=False,
+            return_dict=True,
+        )
 
     with capture.preserved(model), torch.no_grad(), capture.forward_hooks(post), capture.forward_hooks(pre, pre=True):
         capture.run_until(forward)
