@@ -426,7 +426,7 @@ def trace(
     if gpt2.kernel_ignores_scale_flags(model):
         warnings.warn(
             f"transformers {_transformers_version()} runs this model's {gpt2.attn_implementation(model)!r} attention "
-            "without the scale its config asks for (scale_attn_weights / scale_attn_by_inverse_layer_idx): the model "
+            "without the scale its attention modules ask for (scale_attn_weights / scale_attn_by_inverse_layer_idx): the model "
             "computes softmax(q k^T / sqrt(d_head)), and so does this trace; load it with attn_implementation='eager' "
             "for the config's maths",
             UserWarning,
