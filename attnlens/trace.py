@@ -426,11 +426,11 @@ def trace(
     if gpt2.kernel_ignores_scale_flags(model):
         warnings.warn(
             f"transformers {_transformers_version()} runs this model's {gpt2.attn_implementation(model)!r} attention "
-            "without the scale its attention modules ask for (scale_attn_weights / scale_attn_by_inverse_layer_idx): the model "
-            "computes softmax(q k^T / sqrt(d_head)), and so does this trace; load it with attn_implementation='eager' "
-            "for the config's maths",
+            "without the scale its attention modules ask for (scale_attn_weights / scale_attn_by_inverse_layer_idx): "
+            "the model computes softmax(q k^T / sqrt(d_head)), and so does this trace; load it with "
+            "attn_implementation='eager' for the config's maths",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # past one_at_a_time's wrapper, to the caller
         )
         specs = [(d_head**-0.5, upcast, None) for _, upcast, _ in specs]
     # The model runs with its own use_cache default. With the cache on, its kernel gets the keys back from the cache,

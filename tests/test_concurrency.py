@@ -31,7 +31,7 @@ def run_together(jobs: list[Callable[[], Any]], rounds: int = ROUNDS) -> list[li
             for _ in range(rounds):
                 barrier.wait(timeout=60)
                 results[index].append(jobs[index]())
-        except BaseException as error:  # noqa: BLE001 - handed to the main thread
+        except BaseException as error:  # handed to the main thread
             errors.append(error)
             barrier.abort()
 

@@ -527,7 +527,7 @@ def test_modules_that_disagree_with_the_config_are_refused(edit: Any, message: s
 
 @pytest.fixture
 def custom_kernel() -> Any:
-    """A kernel registered with transformers under the name "mine": SDPA with another scale (0.5); unregistered after."""
+    """A kernel registered with transformers as "mine": SDPA with another scale (0.5); unregistered after."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
