@@ -1,15 +1,24 @@
-"""Forward hooks on a live model, and the guarantee that the model is left exactly as it was found.
+"""Forward hooks on a live model, one attnlens call per model at a time, and the model left as it was found.
 
-Every hook registered here is removed when its ``with`` block ends, also when the block raises. ``preserved``
-restores what attnlens may touch while running a model (training flag, attention implementation, grad mode) and
-checks afterwards that no hook of ours is left behind.
+Every hook registered here is removed when its ``with`` block ends, also when the block raises, and acts only in
+the thread that registered it: a forward pass that the user runs on the same model from another thread at the same
+time passes through attnlens's hooks untouched. ``preserved`` restores what attnlens may change while running a
+model (training flags, attention implementation, grad mode). :func:`one_at_a_time` serialises attnlens's own calls
+on one model with a per-model re-entrant lock, kept in a weak dictionary beside the model (never on it).
+
+Caveat: a forward pass the user runs from another thread while attnlens is running the same model sees the state
+attnlens gives it for that time: eval mode, if attnlens found the model training, and (during :func:`attnlens.verify`
+of a model that does not run eager) the eager kernel. Its result is otherwise untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -17,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from attnlens.models import gpt2
 
-__all__ = ["StopForward", "forward_hooks", "preserved", "run_until"]
+__all__ = ["StopForward", "forward_hooks", "model_lock", "one_at_a_time", "preserved", "run_until"]
 
 
 class StopForward(Exception):
@@ -25,11 +34,62 @@ class StopForward(Exception):
 
 
 Hook = Callable[..., Any]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The re-entrant lock that attnlens holds while it runs or changes ``model`` (one per model, created once)."""
+    key = gpt2.lock_key(model)
+    with _LOCKS_GUARD:  # two threads asking for the first time must get the same lock
+        lock = _LOCKS.get(key)
+        if lock is None:
+            lock = _LOCKS[key] = threading.RLock()
+    return lock
+
+
+def one_at_a_time(function: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a function whose first argument (or ``model=``) is a model: hold that model's lock for the call.
+
+    Calls on different models run in parallel; calls on one model run one after the other, each seeing the model as
+    its caller left it. Anything but an ``nn.Module`` (a checkpoint name, say) runs without a lock.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        model = args[0] if args else kwargs.get("model")
+        if not isinstance(model, nn.Module):
+            return function(*args, **kwargs)
+        with model_lock(model):
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+class _OwnHook:
+    """One of attnlens's hooks: it acts in the thread that registered it, and lets other threads' passes through."""
+
+    __slots__ = ("hook", "owner")
+
+    def __init__(self, hook: Hook) -> None:
+        self.hook = hook
+        self.owner = threading.get_ident()
+
+    def __call__(self, *args: Any) -> Any:
+        # torch treats None as "no change" for forward and forward-pre hooks alike.
+        if threading.get_ident() != self.owner:
+            return None
+        return self.hook(*args)
 
 
 @contextlib.contextmanager
 def forward_hooks(hooks: Iterable[tuple[Any, Hook]], *, with_kwargs: bool = False, pre: bool = False) -> Iterator[None]:
     """Register forward (or forward-pre) hooks for the duration of a ``with`` block; always removed after.
+
+    The hooks act only on forward passes run by the thread that entered the block.
 
     Args:
         hooks: ``(module, hook)`` pairs, with torch's hook signatures.
@@ -40,50 +100,55 @@ def forward_hooks(hooks: Iterable[tuple[Any, Hook]], *, with_kwargs: bool = Fals
     try:
         for module, hook in hooks:
             if pre:
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
+                handles.append(module.register_forward_pre_hook(_OwnHook(hook), with_kwargs=with_kwargs))
             else:
-                handles.append(module.register_forward_hook(hook, with_kwargs=with_kwargs))
+                handles.append(module.register_forward_hook(_OwnHook(hook), with_kwargs=with_kwargs))
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _hook_counts(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+def _own_hooks_left(model: nn.Module) -> int:
+    return sum(
+        isinstance(hook, _OwnHook)
+        for m in model.modules()
+        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+    )
 
 
 @contextlib.contextmanager
 def preserved(model: Any, *, eval_mode: bool = True, attn_implementation: str | None = None) -> Iterator[None]:
     """Run a block with the model in eval mode (and optionally another attention kernel), then restore it.
 
-    Restores the training flag of every submodule, the attention implementation and torch's grad mode, also when
-    the block raises.
+    Holds the model's lock (:func:`model_lock`) throughout. Undoes exactly what it changed, also when the block
+    raises: the training flag of the modules it put in eval mode, the attention implementation (only if it still is
+    the one switched to) and torch's grad mode (thread-local). State it did not change is never written, so what the
+    user changes meanwhile from another thread is kept, except where it is the very flag attnlens restores.
 
     Args:
         model: a supported GPT-2 model.
         eval_mode: put the model in eval mode (dropout off) for the block.
         attn_implementation: switch to this attention kernel for the block (e.g. ``"eager"``).
     """
-    training = [(m, m.training) for m in model.modules()]
-    implementation = gpt2.attn_implementation(model)
-    hooks_before = _hook_counts(model)
-    grad = torch.is_grad_enabled()
-    try:
-        if eval_mode and any(flag for _, flag in training):  # eval() walks every module: skip it when a no-op
-            model.eval()
-        if attn_implementation is not None:
-            gpt2.set_attn_implementation(model, attn_implementation)
-        yield
-    finally:
-        torch.set_grad_enabled(grad)
-        if gpt2.attn_implementation(model) != implementation:
-            gpt2.set_attn_implementation(model, implementation)
-        for module, flag in training:
-            if module.training != flag:
-                module.training = flag
-        if _hook_counts(model) != hooks_before:  # pragma: no cover - a bug in attnlens if it ever fires
-            raise RuntimeError("attnlens left a hook on the model; please report this")
+    with model_lock(model):
+        switched = [m for m in model.modules() if m.training] if eval_mode else []
+        implementation = gpt2.attn_implementation(model)
+        grad = torch.is_grad_enabled()
+        try:
+            for module in switched:  # what eval() does, on only the modules that need it
+                module.training = False
+            if attn_implementation is not None:
+                gpt2.set_attn_implementation(model, attn_implementation)
+            yield
+        finally:
+            torch.set_grad_enabled(grad)
+            if attn_implementation is not None and gpt2.attn_implementation(model) == attn_implementation:
+                gpt2.set_attn_implementation(model, implementation)
+            for module in switched:
+                module.training = True
+            if _own_hooks_left(model):  # pragma: no cover - a bug in attnlens if it ever fires
+                raise RuntimeError("attnlens left a hook on the model; please report this")
 
 
 def run_until(forward: Callable[[], Any]) -> bool:

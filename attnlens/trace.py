@@ -429,6 +429,7 @@ def _provenance(model: Any, sites: gpt2.Sites) -> dict[str, str]:
     }
 
 
+@capture.one_at_a_time
 def trace(
     model: Any,
     input_ids: Tensor | Any,
@@ -445,7 +446,8 @@ def trace(
     The model keeps its own attention kernel; each traced layer's pattern is recomputed from its own q and k (the
     fused q/k/v projection) inside a hook, so an eager-run model's patterns are bitwise its ``output_attentions``.
     Only the base ``GPT2Model`` runs, in eval mode and without gradients, and only up to the last traced layer. The
-    model is left exactly as it was found, also on error.
+    model is left exactly as it was found, also on error. Calls on one model from several threads run one at a time,
+    each giving its single-threaded result; attnlens's hooks never act on a forward pass the user runs meanwhile.
 
     Args:
         model: a Hugging Face GPT-2 model of any supported class.
@@ -468,7 +470,8 @@ def trace(
             without a tokenizer, or inputs that :func:`attnlens.models.gpt2.check_inputs` refuses.
         TypeError: ``model`` is a name or path (load it first), ``store`` is not names, or ``input_ids`` is not
             token ids at all.
-        UnsupportedModelError: not a supported GPT-2 model.
+        UnsupportedModelError: not a supported GPT-2 model, an attention kernel outside
+            :data:`attnlens.models.gpt2.EXACT_KERNELS`, or attention modules that disagree with the config.
         AttentionCaptureError: a traced layer never ran.
 
     Example:
@@ -482,6 +485,7 @@ def trace(
             "a path)"
         )
     sites = gpt2.sites(model)
+    gpt2.check_kernel(model)
     config = model.config
     names = _check_store(store)
     layer_list = _check_indices(layers, config.n_layer, "layers")
@@ -510,11 +514,11 @@ def trace(
     if gpt2.kernel_ignores_scale_flags(model):
         warnings.warn(
             f"transformers {_transformers_version()} runs this model's {gpt2.attn_implementation(model)!r} attention "
-            "without the scale its config asks for (scale_attn_weights / scale_attn_by_inverse_layer_idx): the model "
-            "computes softmax(q k^T / sqrt(d_head)), and so does this trace; load it with attn_implementation='eager' "
-            "for the config's maths",
+            "without the scale its attention modules ask for (scale_attn_weights / scale_attn_by_inverse_layer_idx): "
+            "the model computes softmax(q k^T / sqrt(d_head)), and so does this trace; load it with "
+            "attn_implementation='eager' for the config's maths",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # past one_at_a_time's wrapper, to the caller
         )
         specs = [(d_head**-0.5, upcast, None) for _, upcast, _ in specs]
     # The model runs with its own use_cache default. With the cache on, its kernel gets the keys back from the cache,
@@ -605,7 +609,17 @@ def trace(
     pre = [(sites.layers[i].z, on_z(i)) for i in layer_list] if want_z else []
 
     def forward() -> None:
-        sites.base(input_ids=ids, attention_mask=mask, position_ids=pos)
+        # Every output switch is explicit, so that none of the config's (output_attentions, output_hidden_states,
+        # return_dict) changes what runs or makes transformers install its own recording hooks on the model.
+        sites.base(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=contiguous_k,
+            output_attentions=False,
+            output_hidden_states=False,
+            return_dict=True,
+        )
 
     with capture.preserved(model), torch.no_grad(), capture.forward_hooks(post), capture.forward_hooks(pre, pre=True):
         capture.run_until(forward)

@@ -35,7 +35,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from attnlens import functional
-from attnlens.capture import forward_hooks, preserved
+from attnlens.capture import forward_hooks, one_at_a_time, preserved
 from attnlens.errors import AttentionCaptureError
 from attnlens.models import extract_weights, gpt2
 from attnlens.tolerances import (
@@ -270,8 +270,9 @@ class _Capture:
     qkv: dict[int, Tensor] = field(default_factory=dict)
     z: dict[int, Tensor] = field(default_factory=dict)
     attn_out: dict[int, Tensor] = field(default_factory=dict)
+    weights: dict[int, Tensor] = field(default_factory=dict)
     hidden: Tensor | None = None
-    patterns: tuple[Tensor, ...] | None = None
+    patterns: dict[int, Tensor] | None = None
 
     def final(self) -> Tensor:
         """The final hidden state ``[batch, pos, d_model]``."""
@@ -287,11 +288,23 @@ class _Capture:
 
 
 def _hooks(sites: gpt2.Sites, layers: tuple[int, ...], store: _Capture) -> Iterator[Any]:
-    """Forward hooks that save each traced layer's attention input, fused qkv and output, and the final hidden."""
+    """Forward hooks that save each traced layer's attention input, fused qkv and output, and the final hidden.
+
+    The attention output hook also keeps the probabilities the module returns beside its output (what
+    ``output_attentions`` collects), when its kernel returns them.
+    """
 
     def save(table: dict[int, Tensor], layer: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             table[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        return hook
+
+    def save_attn(layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            store.attn_out[layer] = output[0].detach()
+            if isinstance(output[1], Tensor):
+                store.weights[layer] = output[1].detach()
 
         return hook
 
@@ -302,7 +315,7 @@ def _hooks(sites: gpt2.Sites, layers: tuple[int, ...], store: _Capture) -> Itera
         site = sites.layers[layer]
         yield site.attn_input, save(store.attn_in, layer)
         yield site.qkv, save(store.qkv, layer)
-        yield site.attn, save(store.attn_out, layer)
+        yield site.attn, save_attn(layer)
     yield sites.final_norm, save_final
 
 
@@ -328,21 +341,23 @@ def _run(
     *,
     patterns: bool,
 ) -> _Capture:
-    """One forward pass of the model's transformer, capturing what ``layers`` compute (and, on request, patterns)."""
+    """One forward pass of the model's transformer, capturing what ``layers`` compute (and, on request, patterns).
+
+    The attention probabilities come from the attention modules' own second output, which is where
+    ``output_attentions`` collects them; asking for them that way instead would make transformers 5.x install
+    recording hooks on the model for good. Every output switch is explicit, so the config's do not matter.
+    """
     sites = gpt2.sites(model)  # type: ignore[arg-type]
     store = _Capture()
-    with (
-        gpt2.hooks_restored(sites.base),
-        forward_hooks(_hooks(sites, layers, store)),
-        forward_hooks(_z_hooks(sites, layers, store), pre=True),
-    ):
-        outputs = sites.base(
+    with forward_hooks(_hooks(sites, layers, store)), forward_hooks(_z_hooks(sites, layers, store), pre=True):
+        sites.base(
             input_ids=ids,
             attention_mask=mask,
             position_ids=pos,
             use_cache=False,
-            output_attentions=patterns,
-            return_dict=True,  # whatever the config says: the attentions are read by name
+            output_attentions=False,
+            output_hidden_states=False,
+            return_dict=True,
         )
     missing = [
         f"{name} of layer {layer}"
@@ -355,31 +370,30 @@ def _run(
     if missing:
         raise AttentionCaptureError(f"the forward pass did not reach every traced module: missing {', '.join(missing)}")
     if patterns:
-        store.patterns = _check_attentions(outputs, model, ids.shape, layers)
+        store.patterns = _check_attentions(store.weights, model, ids.shape, layers)
     return store
 
 
-def _check_attentions(outputs: Any, model: Any, shape: torch.Size, layers: tuple[int, ...]) -> tuple[Tensor, ...]:
-    """The model's attention probabilities, after checking that they are there and of the right shape."""
+def _check_attentions(
+    attentions: dict[int, Tensor], model: Any, shape: torch.Size, layers: tuple[int, ...]
+) -> dict[int, Tensor]:
+    """The model's attention probabilities per layer, after checking that they are there and of the right shape."""
     config = model.config
-    attentions = getattr(outputs, "attentions", None)
     implementation = gpt2.attn_implementation(model)
-    if not attentions:
+    missing = [layer for layer in layers if layer not in attentions]
+    if missing:
         raise AttentionCaptureError(
-            f"the model returned no attention probabilities (attentions={attentions!r}) with output_attentions=True "
-            f"under attn_implementation={implementation!r}"
-        )
-    if len(attentions) != config.n_layer:
-        raise AttentionCaptureError(
-            f"the model returned {len(attentions)} attention tensors for {config.n_layer} layers"
+            f"the attention modules of layers {missing} returned no attention probabilities under "
+            f"attn_implementation={implementation!r}"
         )
     expected = (shape[0], config.n_head, shape[1], shape[1])
     for layer in layers:
         pattern = attentions[layer]
-        if not isinstance(pattern, Tensor) or tuple(pattern.shape) != expected:
-            got = tuple(pattern.shape) if isinstance(pattern, Tensor) else type(pattern).__name__
-            raise AttentionCaptureError(f"layer {layer}: attention probabilities of shape {got}, expected {expected}")
-    return tuple(attentions)
+        if tuple(pattern.shape) != expected:
+            raise AttentionCaptureError(
+                f"layer {layer}: attention probabilities of shape {tuple(pattern.shape)}, expected {expected}"
+            )
+    return attentions
 
 
 def _layer_norm(x: Tensor, ln: LayerNormWeights) -> Tensor:
@@ -448,6 +462,12 @@ def _notes(model: Any, implementation: str) -> tuple[str, ...]:
             "(scale_attn_weights / scale_attn_by_inverse_layer_idx): the model computes other attention than its "
             "config says, so z and attn_out are expected to fail where the scale is not 1/sqrt(d_head)"
         )
+    if implementation not in gpt2.EXACT_KERNELS:
+        notes.append(
+            f"the {implementation!r} kernel is not one attnlens has been shown to reproduce "
+            f"({', '.join(gpt2.EXACT_KERNELS)}): z and attn_out compare what it computed with softmax attention, and "
+            "fail where it computes something else"
+        )
     if model.config.reorder_and_upcast_attn and implementation != "eager":
         notes.append(f"reorder_and_upcast_attn only affects the eager kernel; the {implementation!r} kernel ignores it")
     return tuple(notes)
@@ -461,6 +481,7 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "attnlens": attnlens.__version__}
 
 
+@one_at_a_time
 def verify(
     model: Any,
     input_ids: Tensor | Any,
@@ -477,6 +498,8 @@ def verify(
     :mod:`attnlens.functional` from the layer's captured input; the pattern once more from the model's own q and k in
     the model's own arithmetic order (``pattern_hf_order``, bit for bit in float32/float64); and the final hidden
     state and logits rebuilt from the weights alone. The model is left exactly as found, also when this raises.
+    Calls on one model from several threads run one at a time; attnlens's hooks never act on a forward pass the user
+    runs meanwhile (which sees eager attention while a non-eager model's patterns are taken, though).
 
     Args:
         model: a Hugging Face GPT-2 model (any supported class), or a hub name / local folder of one.

@@ -5,6 +5,7 @@ import os
 import re
 import sys
 import types
+import warnings
 from typing import Any
 
 import pytest
@@ -538,3 +539,183 @@ def test_load_never_unpickles(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="not a valid attnlens trace"):
         AttentionTrace.load(tmp_path / "evil.pt")
     assert (tmp_path / "canary").read_text() == "alive"
+
+
+# ------------------------------------------------------------- configs that disagree with what the model runs ---
+
+
+def model_state(model: Any) -> dict[str, Any]:
+    """What trace and verify may touch and must leave as found, hooks and transformers' recording mark included."""
+    return {
+        "impl": model.config._attn_implementation,
+        "training": [m.training for m in model.modules()],
+        "hooks": [(list(m._forward_hooks.items()), list(m._forward_pre_hooks.items())) for m in model.modules()],
+        "flags": [m.__dict__.get("_output_capturing_hooks_installed") for m in model.modules()],
+        "grad": torch.is_grad_enabled(),
+    }
+
+
+EDITS = {
+    "inverse_on": ({}, {"scale_attn_by_inverse_layer_idx": True}),
+    "inverse_off": ({"scale_attn_by_inverse_layer_idx": True}, {"scale_attn_by_inverse_layer_idx": False}),
+    "unscaled": ({}, {"scale_attn_weights": False}),
+    "upcast_on": ({}, {"reorder_and_upcast_attn": True}),
+    "upcast_off": ({"reorder_and_upcast_attn": True}, {"reorder_and_upcast_attn": False}),
+}
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize(("built", "edit"), EDITS.values(), ids=EDITS.keys())
+def test_config_edited_after_building_traces_what_the_modules_run(
+    built: dict[str, Any], edit: dict[str, Any], implementation: str
+) -> None:
+    model = make_gpt2(n_layer=3, attn_implementation=implementation, initializer_range=0.2, **built)
+    for key, value in edit.items():
+        setattr(model.config, key, value)
+    ids, mask = padded(model, "left")
+    rows = valid_rows(mask)
+    # 4.x runs SDPA at 1/sqrt(d_head) whatever the modules' flags say (tested above): then that is the truth.
+    ignored = attnlens.models.gpt2.kernel_ignores_scale_flags(model)
+    assert ignored == (V4 and implementation == "sdpa" and bool(built.get("scale_attn_by_inverse_layer_idx")))
+    if ignored:
+        expected = reference_patterns({"initializer_range": 0.2}, ids, mask)
+    else:  # the model's own patterns: its eager kernel (the one that returns them), with the modules as built
+        with torch.no_grad():
+            model.set_attn_implementation("eager")
+            expected = list(model(ids, attention_mask=mask, output_attentions=True).attentions)
+            model.set_attn_implementation(implementation)
+        assert len(expected) == 3
+    if "reorder_and_upcast_attn" not in edit and not ignored:
+        # The edit changes the maths the config describes: reading the config would be measurably wrong.
+        twin = reference_patterns({"initializer_range": 0.2, **built, **edit}, ids, mask)
+        assert max(float(((twin[i] - expected[i]) * rows).abs().max()) for i in range(3)) > 1e-3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr = attnlens.trace(model, ids, mask)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == int(ignored) and all("without the scale" in m for m in messages), messages
+    for layer in range(3):
+        if implementation == "eager":
+            assert torch.equal(tr.pattern(layer) * rows, expected[layer] * rows), f"layer {layer} differs"
+        else:
+            torch.testing.assert_close(tr.pattern(layer) * rows, expected[layer] * rows, atol=1e-6, rtol=0)
+    report = attnlens.verify(model, ids, mask)
+    assert report.worst("pattern_hf_order").max_abs_error == 0.0
+    if ignored:  # verify compares the modules' maths with what the kernel ran, and says why they differ
+        assert not report.ok and any("without the config's attention scale" in note for note in report.notes)
+    else:
+        assert report.ok, str(report)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: setattr(m.config, "n_head", 8), r"num_heads.: 4.*the config says.*num_heads.: 8"),
+        (lambda m: setattr(m.transformer.h[1].attn, "layer_idx", 0), r"layer 1's attention module has layer_idx=0"),
+        (lambda m: setattr(m.transformer.h[0].attn, "is_cross_attention", True), "cross-attention module"),
+    ],
+    ids=["n_head", "layer_idx", "cross_attention"],
+)
+def test_modules_that_disagree_with_the_config_are_refused(edit: Any, message: str) -> None:
+    model = make_gpt2(n_layer=2).train()
+    edit(model)
+    before = model_state(model)
+    for call in (attnlens.trace, attnlens.verify):
+        with pytest.raises(attnlens.UnsupportedModelError, match=message):
+            call(model, random_ids(model))
+        assert model_state(model) == before
+
+
+# ------------------------------------------------------------------------------------ unknown attention kernels ---
+
+
+@pytest.fixture
+def custom_kernel() -> Any:
+    """A kernel registered with transformers as "mine": SDPA with another scale (0.5); unregistered after."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def mine(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+        kwargs["scaling"] = 0.5
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("mine", mine)
+    try:
+        yield "mine"
+    finally:
+        AttentionInterface._global_mapping.pop("mine", None)
+
+
+def test_unknown_kernel_is_refused_by_name_and_verify_reports_it(custom_kernel: str) -> None:
+    model = make_gpt2(n_layer=2, initializer_range=0.2)
+    model.set_attn_implementation(custom_kernel)
+    ids = random_ids(model)
+    with torch.no_grad():  # the kernel really computes something else than eager
+        own = model(ids).logits
+        model.set_attn_implementation("eager")
+        eager = model(ids).logits
+        model.set_attn_implementation(custom_kernel)
+    assert float((own - eager).abs().max()) > 1e-3
+    before = model_state(model)
+    with pytest.raises(attnlens.UnsupportedModelError, match=r"kernel 'mine'.*attn_implementation='eager' or 'sdpa'"):
+        attnlens.trace(model, ids)
+    assert model_state(model) == before
+    report = attnlens.verify(model, ids)
+    assert not report.ok
+    assert {row.quantity for row in report.failures} >= {"z", "attn_out"}
+    assert all(report.worst(q).ok for q in ("q", "k", "v", "pattern"))
+    assert any("'mine' kernel is not one attnlens has been shown to reproduce" in note for note in report.notes)
+    assert model_state(model) == before
+
+
+def test_a_kernel_is_refused_even_when_it_computes_sdpa(custom_kernel: str) -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("mine", sdpa_attention_forward)  # the fixture unregisters it
+    model = make_gpt2(n_layer=2)
+    model.set_attn_implementation("mine")
+    with pytest.raises(attnlens.UnsupportedModelError, match="'mine'"):
+        attnlens.trace(model, random_ids(model))
+
+
+# ---------------------------------------------------------------------------- the config's output switches ---
+
+OUTPUT_SWITCHES = {
+    "output_attentions": {"output_attentions": True},
+    "output_hidden_states": {"output_hidden_states": True},
+    "use_cache_off": {"use_cache": False},
+    "use_cache_on": {"use_cache": True},
+    "return_dict_off": {"return_dict": False},
+    "all": {"output_hidden_states": True, "use_cache": False, "return_dict": False},
+}
+
+
+@pytest.mark.parametrize(
+    ("switches", "implementation"),
+    [
+        pytest.param(switches, implementation, id=f"{name}-{implementation}")
+        for name, switches in OUTPUT_SWITCHES.items()
+        for implementation in ("eager", "sdpa")
+        if not (implementation == "sdpa" and "output_attentions" in switches)  # transformers refuses that config
+    ],
+)
+def test_config_output_switches_change_nothing(switches: dict[str, Any], implementation: str) -> None:
+    model = make_gpt2(n_layer=2, attn_implementation=implementation)
+    for key, value in switches.items():
+        setattr(model.config, key, value)
+    ids, mask = padded(model, "right")
+    expected = reference_patterns({}, ids, mask, n_layer=2)
+    before = model_state(model)
+    tr = attnlens.trace(model, ids, mask, store=("pattern", "z"))
+    assert model_state(model) == before  # no hooks of transformers' left, nor its mark
+    rows = valid_rows(mask)
+    for layer in range(2):
+        torch.testing.assert_close(tr.pattern(layer) * rows, expected[layer] * rows, atol=1e-6, rtol=0)
+        if implementation == "eager" and not model.config.use_cache:
+            assert torch.equal(tr.pattern(layer) * rows, expected[layer] * rows)
+    report = attnlens.verify(model, ids, mask)
+    assert report.ok, str(report)
+    assert model_state(model) == before
+    for key, value in switches.items():
+        assert getattr(model.config, key) == value

@@ -4,9 +4,11 @@
 * Conv1D layout: GPT-2's linear layers are ``transformers.pytorch_utils.Conv1D``, which stores its weight as
   ``[in, out]`` and computes ``x @ weight + bias`` (the transpose of ``nn.Linear``). So ``c_attn.weight`` is
   ``[d_model, 3 * d_model]``: its columns are the queries, keys and values of all heads, ``(qkv head d_head)``.
-* The attention spec of each layer from the config: the scale, the inverse-layer scaling and the float32 upcast, and
-  in which arithmetic order the installed transformers release applies the scale (4.x divides, 5.x multiplies),
-  so that recomputed scores can match the model's bit for bit.
+* The attention spec of each layer from its attention module (which keeps its own copy of the config's flags, and
+  is what runs): the scale, the inverse-layer scaling and the float32 upcast, and in which arithmetic order the
+  installed transformers release applies the scale (4.x divides, 5.x multiplies), so that recomputed scores can
+  match the model's bit for bit. A config whose shapes disagree with the modules is refused.
+* The attention kernels attnlens reproduces (:data:`EXACT_KERNELS`); any other is refused by name.
 * A config allow-list: every config attribute must be one whose effect attnlens reproduces (or one that cannot
   change the attention maths). A flag added by a future release is refused by name instead of being silently
   ignored.
@@ -19,10 +21,8 @@ transformers is imported lazily, inside functions, so that ``import attnlens`` s
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,12 +46,13 @@ __all__ = [
     "base_model",
     "check_config",
     "check_inputs",
+    "check_kernel",
     "extract",
-    "hooks_restored",
     "is_gpt2",
     "kernel_ignores_scale_flags",
     "layout_lines",
     "load",
+    "lock_key",
     "set_attn_implementation",
     "sites",
     "split_qkv",
@@ -67,8 +68,8 @@ SUPPORTED_CLASSES = (
     "GPT2ForQuestionAnswering",
 )
 
-EXACT_KERNELS = ("eager", "sdpa")
-"""The attention kernels under which attnlens has shown trace's patterns to be the model's own.
+EXACT_KERNELS: tuple[str, ...] = ("eager", "sdpa")
+"""The attention kernels under which attnlens has shown trace's patterns to be the model's own; trace refuses others.
 
 * ``"eager"``: bitwise equal to the eager twin's ``output_attentions`` (tests/test_trace.py, every config flag,
   left/right padding; tests/test_checkpoints.py, every loading path).
@@ -294,23 +295,65 @@ def check_config(config: PretrainedConfig) -> None:
         )
 
 
-def _attention_specs(config: PretrainedConfig, d_head: int) -> list[tuple[float, bool, tuple[float, ...] | None]]:
-    """``(scale, upcast, score_divisors)`` of each layer, in the arithmetic of the installed transformers."""
+def _attention_specs(config: PretrainedConfig, attns: list[Any]) -> list[tuple[float, bool, tuple[float, ...] | None]]:
+    """``(scale, upcast, score_divisors)`` of each layer, read from its attention module as the installed release does.
+
+    Each ``GPT2Attention`` copies the config's flags when it is built and then reads only its own copy: 5.x its
+    precomputed ``scaling``, 4.x its ``scale_attn_weights``, ``scale_attn_by_inverse_layer_idx`` and ``layer_idx``;
+    both their ``reorder_and_upcast_attn``. A config edited after the model was built no longer says what runs, so
+    the modules, not the config, give the maths (after :func:`_check_attention_modules` has checked the shapes).
+    """
+    _check_attention_modules(config, attns)
     legacy = _transformers_major() < 5
-    by_weights, by_layer = config.scale_attn_weights, config.scale_attn_by_inverse_layer_idx
-    upcast = bool(config.reorder_and_upcast_attn)
-    specs = []
-    for layer in range(config.n_layer):
+    specs: list[tuple[float, bool, tuple[float, ...] | None]] = []
+    for attn in attns:
+        upcast = bool(attn.reorder_and_upcast_attn)
+        if not legacy:
+            # 5.x hands every kernel this one number (eager multiplies by it, sdpa passes it as its scale).
+            specs.append((float(attn.scaling), upcast, None))
+            continue
+        d_head = int(attn.head_dim)
         scale = 1.0
         divisors: list[float] = []
-        if by_weights:
-            scale = 1.0 / float(d_head) ** 0.5 if legacy else d_head**-0.5
+        if attn.scale_attn_weights:
+            scale = 1.0 / float(d_head) ** 0.5
             divisors.append(d_head**0.5)
-        if by_layer:
-            scale /= float(layer + 1)
-            divisors.append(float(layer + 1))
-        specs.append((scale, upcast, tuple(divisors) if legacy else None))
+        if attn.scale_attn_by_inverse_layer_idx:
+            scale /= float(attn.layer_idx + 1)
+            divisors.append(float(attn.layer_idx + 1))
+        specs.append((scale, upcast, tuple(divisors)))
     return specs
+
+
+def _check_attention_modules(config: PretrainedConfig, attns: list[Any]) -> None:
+    """Refuse attention modules whose shape or place disagrees with the config (a config edited after building).
+
+    attnlens splits heads by the config; the modules split them by their own ``num_heads`` / ``head_dim``, and
+    index their cache and inverse-layer scale by their own ``layer_idx``.
+
+    Raises:
+        UnsupportedModelError: naming each disagreement.
+    """
+    d_model, n_heads = config.n_embd, config.n_head
+    want = {"embed_dim": d_model, "num_heads": n_heads, "head_dim": d_model // n_heads, "split_size": d_model}
+    implementation = str(config._attn_implementation)
+    problems = []
+    for layer, attn in enumerate(attns):
+        have = {name: getattr(attn, name, None) for name in want}
+        if have != want:
+            problems.append(f"layer {layer}'s attention module has {have}, the config says {want}")
+        if getattr(attn, "layer_idx", None) != layer:
+            problems.append(f"layer {layer}'s attention module has layer_idx={getattr(attn, 'layer_idx', None)!r}")
+        if getattr(attn, "is_cross_attention", False):
+            problems.append(f"layer {layer}'s attention module is a cross-attention module")
+        own = getattr(getattr(attn, "config", None), "_attn_implementation", implementation)
+        if str(own) != implementation:
+            problems.append(f"layer {layer}'s attention module runs {own!r}, model.config says {implementation!r}")
+    if problems:
+        raise UnsupportedModelError(
+            "the model's attention modules disagree with its config (was the config edited after the model was "
+            "built? build the model from the edited config instead): " + "; ".join(problems)
+        )
 
 
 def _layer_norm(module: Any) -> LayerNormWeights:
@@ -324,9 +367,9 @@ def extract(model: PreTrainedModel) -> ModelWeights:
     config = model.config
     n_heads, d_model, act = config.n_head, config.n_embd, config.activation_function
     d_head = d_model // n_heads
-    specs = _attention_specs(config, d_head)
     layers = []
     hf_blocks: list[Any] = list(base.h)  # HF modules are dynamically typed: Any, not nn.Module's Tensor | Module
+    specs = _attention_specs(config, [block.attn for block in hf_blocks])
     for i, block in enumerate(hf_blocks):
         attn, mlp = block.attn, block.mlp
         c_attn, c_proj, c_fc, mlp_proj = (_plain(m) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj))
@@ -522,6 +565,35 @@ def attn_implementation(model: PreTrainedModel) -> str:
     return str(model.config._attn_implementation)
 
 
+def check_kernel(model: PreTrainedModel) -> None:
+    """Refuse a model whose attention kernel attnlens has not been shown to reproduce (see :data:`EXACT_KERNELS`).
+
+    Raises:
+        UnsupportedModelError: naming the kernel and the ones that are supported.
+    """
+    name = attn_implementation(model)
+    if name not in EXACT_KERNELS:
+        raise UnsupportedModelError(
+            f"this model runs the attention kernel {name!r}, which attnlens has not been shown to reproduce (it "
+            f"recomputes {', '.join(map(repr, EXACT_KERNELS))} exactly); load the model with "
+            f"attn_implementation='eager' or 'sdpa', or call model.set_attn_implementation('sdpa') first"
+        )
+
+
+def lock_key(model: nn.Module) -> nn.Module:
+    """The module that a model's per-model lock is kept for: the ``GPT2Model`` that every supported class wraps.
+
+    A task-head model and its ``transformer`` share one key, so calls on either wait for each other. Anything that is
+    not a supported GPT-2 model is its own key (the call then refuses it).
+    """
+    if not is_gpt2(model):
+        return model
+    from transformers import GPT2Model
+
+    base: Any = model if isinstance(model, GPT2Model) else getattr(model, "transformer", model)
+    return base if isinstance(base, nn.Module) else model
+
+
 def set_attn_implementation(model: PreTrainedModel, name: str) -> None:
     """Switch the model's attention kernel in place (callers restore it)."""
     if attn_implementation(model) != name:
@@ -610,56 +682,15 @@ def check_inputs(
     return ids, mask, pos
 
 
-# Set on a module by transformers 5.x once it has installed its output-recording hooks (see hooks_restored).
-_CAPTURE_FLAG = "_output_capturing_hooks_installed"
-_ABSENT = object()
-
-
-@contextlib.contextmanager
-def hooks_restored(model: nn.Module) -> Iterator[None]:
-    """Leave every module's forward hooks as they were before the block, removing those added during it.
-
-    transformers 5.x installs output-recording hooks on a model the first time it is asked for
-    ``output_attentions=True``, keeps them for good and marks the model as hooked. Run such a forward inside this
-    block to leave the model exactly as found: the hooks go, and so does the mark (without which transformers would
-    think the hooks are still there and return no attentions the next time).
-    """
-    saved = [
-        (
-            module,
-            dict(module._forward_hooks),
-            dict(module._forward_pre_hooks),
-            set(module._forward_hooks_with_kwargs),
-            set(module._forward_hooks_always_called),
-            module.__dict__.get(_CAPTURE_FLAG, _ABSENT),
-        )
-        for module in model.modules()
-    ]
-    try:
-        yield
-    finally:
-        for module, hooks, pre_hooks, with_kwargs, always_called, flag in saved:
-            for now, before in ((module._forward_hooks, hooks), (module._forward_pre_hooks, pre_hooks)):
-                if now.keys() != before.keys():
-                    now.clear()
-                    now.update(before)
-            for key in set(module._forward_hooks_with_kwargs) - with_kwargs:
-                del module._forward_hooks_with_kwargs[key]
-            for key in set(module._forward_hooks_always_called) - always_called:
-                del module._forward_hooks_always_called[key]
-            if flag is _ABSENT:
-                module.__dict__.pop(_CAPTURE_FLAG, None)
-            else:
-                module.__dict__[_CAPTURE_FLAG] = flag
-
-
 def kernel_ignores_scale_flags(model: PreTrainedModel) -> bool:
-    """Whether the model's attention kernel ignores its config's scale flags, and so scales by ``1/sqrt(d_head)``.
+    """Whether the model's attention kernel ignores its attention modules' scale flags (scaling by ``1/sqrt(d_head)``).
 
     transformers 4.x's GPT-2 calls every kernel but eager (sdpa, flash) without its scale, so those kernels use their
     default ``1/sqrt(d_head)`` even under ``scale_attn_weights=False`` or ``scale_attn_by_inverse_layer_idx=True``:
-    such a model computes other attention than its config (and its eager twin) says. 5.x passes the scale.
+    such a model computes other attention than its flags (and its eager twin) say. 5.x passes the scale. The flags
+    are the modules' own, which is what the eager kernel reads (not the config's).
     """
-    config = model.config
-    flags = not config.scale_attn_weights or bool(config.scale_attn_by_inverse_layer_idx)
-    return flags and _transformers_major() < 5 and attn_implementation(model) != "eager"
+    if _transformers_major() >= 5 or attn_implementation(model) == "eager":
+        return False
+    attns: list[Any] = [layer.attn for layer in sites(model).layers]
+    return any(not attn.scale_attn_weights or bool(attn.scale_attn_by_inverse_layer_idx) for attn in attns)
