@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from attnlens import functional
-from attnlens.errors import AttentionCaptureError, UnsupportedModelError
+from attnlens.errors import AttentionCaptureError, UnknownConfigWarning, UnsupportedModelError, strict_config
 from attnlens.models import extract_weights
 
 # trace and verify are imported eagerly (neither needs transformers nor plotting). Were they lazy, a later
@@ -33,6 +33,7 @@ __all__ = [
     "LayerWeights",
     "MLPWeights",
     "ModelWeights",
+    "UnknownConfigWarning",
     "UnsupportedModelError",
     "VerificationReport",
     "VerificationRow",
@@ -41,6 +42,7 @@ __all__ = [
     "functional",
     "load_demo",
     "metrics",
+    "strict_config",
     "trace",
     "verify",
     "viz",
