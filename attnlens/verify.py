@@ -348,8 +348,14 @@ def _run(
         forward_hooks(_hooks(sites, layers, store)),
         forward_hooks(_z_hooks(sites, layers, store), pre=True),
     ):
+        # return_dict=True: a config saved with return_dict=false would otherwise hand back a tuple without names.
         outputs = sites.base(
-            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, output_attentions=patterns
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=False,
+            output_attentions=patterns,
+            return_dict=True,
         )
     missing = [
         f"{name} of layer {layer}"
