@@ -169,3 +169,11 @@ def test_cli_strict_flag(tmp_path, capsys) -> None:
     assert main(["verify", path, "--strict", *ids]) == 2
     err = capsys.readouterr().err
     assert err.startswith("attnlens: ") and "future_flag" in err and len(err.strip().splitlines()) == 1
+
+
+def test_return_dict_false_is_inert() -> None:
+    # A published config (HPDL-Group/Merak) saves return_dict=false: the base then returns a tuple unless asked.
+    model = with_keys(return_dict=False)
+    report = attnlens.verify(model, IDS)
+    assert report.ok and report.pattern_implementation == "eager"
+    assert model.config.return_dict is False
