@@ -177,3 +177,11 @@ def test_return_dict_false_is_inert() -> None:
     report = attnlens.verify(model, IDS)
     assert report.ok and report.pattern_implementation == "eager"
     assert model.config.return_dict is False
+
+
+def test_warning_names_the_checkpoint_it_was_loaded_from(tmp_path) -> None:
+    make_gpt2().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "future_flag": True}))
+    with pytest.warns(attnlens.UnknownConfigWarning, match=f"future_flag of '{tmp_path}'"):
+        attnlens.extract_weights(tmp_path)

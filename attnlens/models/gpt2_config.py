@@ -88,7 +88,7 @@ INERT_KEYS: dict[str, str] = {
     "_num_labels": "size of a classification head (transformers 2.x-3.x spelling; " + _TASK_HEAD + ")",
     "gradient_checkpointing": "recomputes activations during backward in training; eval-mode values are the same",
     "use_bfloat16": "a TensorFlow/TPU hint of transformers 2.x-4.x, read by no PyTorch code",
-    "xla_device": "a TPU placement hint of transformers 3.x-4.x, read by no GPT-2 module",
+    "xla_device": "a TPU placement hint written by early 4.x releases (4.3 saved it), read by no GPT-2 module",
     "torchscript": "ties the LM head by copying instead of sharing for TorchScript export; the values are the same",
     "tf_legacy_loss": "the TensorFlow loss; " + _TASK_HEAD,
     # Bookkeeping.
@@ -168,12 +168,14 @@ def check_config(config: PretrainedConfig) -> tuple[str, ...]:
             "this GPT-2 config asks for something attnlens does not compute exactly: " + "; ".join(problems)
         )
     if unknown:
-        # Reported from this line, so Python's default filter shows each distinct message once, however many times
-        # one verify or trace call checks the config.
+        # Reported from this line, so Python's default filter shows each distinct message (keys and checkpoint) once,
+        # however many times one verify or trace call checks the config.
+        name = str(getattr(config, "_name_or_path", "") or "")
+        of = f" of {name!r}" if name else ""
         warnings.warn(
-            f"GPT-2 config key(s) {', '.join(unknown)} have an effect attnlens does not know, so nothing guarantees "
-            "that its numbers are this model's: run attnlens.verify(model, input_ids) on your inputs to prove them "
-            "(report.ok), or refuse such configs with attnlens.strict_config()",
+            f"GPT-2 config key(s) {', '.join(unknown)}{of} have an effect attnlens does not know, so nothing "
+            "guarantees that its numbers are this model's: run attnlens.verify(model, input_ids) on your inputs to "
+            "prove them (report.ok), or refuse such configs with attnlens.strict_config()",
             UnknownConfigWarning,
             stacklevel=1,
         )
