@@ -10,7 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from attnlens import functional
-from attnlens.errors import AttentionCaptureError, StaleWeightsError, UnsupportedModelError
+from attnlens.errors import (
+    AttentionCaptureError,
+    StaleWeightsError,
+    UnknownConfigWarning,
+    UnsupportedModelError,
+    strict_config,
+)
 from attnlens.models import extract_weights
 
 # trace and verify are imported eagerly (neither needs transformers nor plotting). Were they lazy, a later
@@ -34,6 +40,7 @@ __all__ = [
     "MLPWeights",
     "ModelWeights",
     "StaleWeightsError",
+    "UnknownConfigWarning",
     "UnsupportedModelError",
     "VerificationReport",
     "VerificationRow",
@@ -42,6 +49,7 @@ __all__ = [
     "functional",
     "load_demo",
     "metrics",
+    "strict_config",
     "trace",
     "verify",
     "viz",

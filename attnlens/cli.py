@@ -203,6 +203,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("model", nargs="?", help="hub name or local checkpoint folder (default: the demo checkpoint)")
         p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+        p.add_argument(
+            "--strict", action="store_true", help="refuse a config with keys of unknown effect instead of warning"
+        )
         return p
 
     def with_input(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -245,9 +248,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``attnlens`` command; returns the exit status."""
+    from attnlens.errors import strict_config
+
     args = _parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        with strict_config(args.strict):
+            return int(args.func(args))
     # Usage errors and named attnlens errors (UnsupportedModelError is a ValueError): one line, exit 2 as argparse
     # does; exit 1 is kept for "verification failed".
     except (ValueError, TypeError, OSError, AttentionCaptureError) as error:

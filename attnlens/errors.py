@@ -1,8 +1,21 @@
-"""Exceptions raised by attnlens. Each message names what was given and what was expected."""
+"""Exceptions and warnings raised by attnlens, and the switch that turns config warnings into errors.
+
+Each message names what was given and what was expected.
+"""
 
 from __future__ import annotations
 
-__all__ = ["AttentionCaptureError", "StaleWeightsError", "UnsupportedModelError"]
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+__all__ = [
+    "AttentionCaptureError",
+    "StaleWeightsError",
+    "UnknownConfigWarning",
+    "UnsupportedModelError",
+    "strict_config",
+]
 
 
 class UnsupportedModelError(ValueError):
@@ -15,3 +28,39 @@ class AttentionCaptureError(RuntimeError):
 
 class StaleWeightsError(RuntimeError):
     """Extracted weights can no longer follow their model (a parameter changed shape or was replaced inconsistently)."""
+
+
+class UnknownConfigWarning(UserWarning):
+    """The model's config has keys whose effect attnlens does not know; ``attnlens.verify`` proves the numbers.
+
+    Raised as :class:`UnsupportedModelError` instead inside :func:`strict_config`.
+    """
+
+
+# A context variable rather than a module global: strictness set in one thread or task never leaks into another.
+_STRICT_CONFIG: contextvars.ContextVar[bool] = contextvars.ContextVar("attnlens_strict_config", default=False)
+
+
+@contextlib.contextmanager
+def strict_config(strict: bool = True) -> Iterator[None]:
+    """Inside the block, a config key of unknown effect raises :class:`UnsupportedModelError` instead of warning.
+
+    Outside it (the default), such a key gives an :class:`UnknownConfigWarning` naming it, and attnlens goes on: run
+    :func:`attnlens.verify` on your inputs to prove that its numbers are the model's own. Keys known to be inert
+    pass silently either way, and flags that change the maths (cross-attention, pruned heads, ...) are refused
+    either way. Blocks nest; ``strict_config(False)`` lifts strictness for an inner block.
+
+    Example:
+        >>> with attnlens.strict_config():
+        ...     report = attnlens.verify(model, input_ids)  # refuses a config with unknown keys
+    """
+    token = _STRICT_CONFIG.set(bool(strict))
+    try:
+        yield
+    finally:
+        _STRICT_CONFIG.reset(token)
+
+
+def config_is_strict() -> bool:
+    """Whether the current code runs inside :func:`strict_config` (with ``strict=True``)."""
+    return _STRICT_CONFIG.get()

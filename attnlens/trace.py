@@ -36,6 +36,7 @@ from attnlens import capture, functional
 from attnlens._tracefile import check_file
 from attnlens.errors import AttentionCaptureError
 from attnlens.models import gpt2
+from attnlens.models.gpt2_config import unknown_keys
 
 if TYPE_CHECKING:
     import numpy as np
@@ -75,8 +76,9 @@ class AttentionTrace:
         input_ids: ``[batch, pos]``.
         attention_mask: ``[batch, pos]``, 1 for real tokens and 0 for padding (all 1 when none was given).
         tokens: the token strings of each row (when a tokenizer was given), else ``None``.
-        provenance: model name, class, config hash (sha256 of its JSON), attention implementation, dtype, device and
-            the torch / transformers / attnlens versions.
+        provenance: model name, class, config hash (sha256 of its JSON), attention implementation, dtype, device,
+            the torch / transformers / attnlens versions, and ``unknown_config_keys``: the config keys of unknown
+            effect (comma-separated; empty when none, see :class:`~attnlens.UnknownConfigWarning`).
     """
 
     layers: tuple[int, ...]
@@ -426,6 +428,8 @@ def _provenance(model: Any, sites: gpt2.Sites) -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "attnlens": __version__,
+        # Config keys of unknown effect (comma-separated, "" if none): the numbers are only as good as a verify run.
+        "unknown_config_keys": ",".join(unknown_keys(model.config)),
     }
 
 

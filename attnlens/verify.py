@@ -38,6 +38,7 @@ from attnlens import functional
 from attnlens.capture import forward_hooks, one_at_a_time, preserved
 from attnlens.errors import AttentionCaptureError
 from attnlens.models import extract_weights, gpt2
+from attnlens.models.gpt2_config import unknown_keys
 from attnlens.tolerances import (
     _ACCUMULATOR,
     QUANTITIES,
@@ -105,7 +106,8 @@ class VerificationReport:
         n_valid: number of non-padding tokens compared.
         tolerances: the tolerance of each quantity, after any override.
         versions: torch, transformers and attnlens versions.
-        notes: known reasons why the model's own kernel departs from what its config says (printed with the table).
+        notes: known reasons why the model's own kernel departs from what its config says, and config keys of unknown
+            effect (printed with the table).
     """
 
     rows: tuple[VerificationRow, ...]
@@ -456,6 +458,12 @@ def _compare(reference: Tensor, recomputed: Tensor, keep: Tensor, head_dim: int 
 def _notes(model: Any, implementation: str) -> tuple[str, ...]:
     """Known departures of the model's own kernel from its config, to explain failures before anyone hunts for them."""
     notes = []
+    unknown = unknown_keys(model.config)
+    if unknown:
+        notes.append(
+            f"config key(s) of unknown effect: {', '.join(unknown)}; attnlens does not know what they change, so this "
+            "report is the evidence that its numbers are the model's on these inputs"
+        )
     if gpt2.kernel_ignores_scale_flags(model):
         notes.append(
             f"this transformers release runs the {implementation!r} kernel without the config's attention scale "

@@ -128,9 +128,9 @@ def test_errors_name_the_problem(tmp_path) -> None:
         model = make_gpt2()
         model.config.activation_function = "mystery"
         attnlens.extract_weights(model)
-    with pytest.raises(attnlens.UnsupportedModelError, match="unknown config attribute.*future_flag"):
-        model = make_gpt2()
-        model.config.future_flag = True
+    model = make_gpt2()
+    model.config.future_flag = True
+    with attnlens.strict_config(), pytest.raises(attnlens.UnsupportedModelError, match="unknown effect future_flag"):
         attnlens.extract_weights(model)
     with pytest.raises(OSError, match="could not read a config"):
         attnlens.extract_weights(tmp_path / "missing")

@@ -9,9 +9,8 @@
   installed transformers release applies the scale (4.x divides, 5.x multiplies), so that recomputed scores can
   match the model's bit for bit. A config whose shapes disagree with the modules is refused.
 * The attention kernels attnlens reproduces (:data:`EXACT_KERNELS`); any other is refused by name.
-* A config allow-list: every config attribute must be one whose effect attnlens reproduces (or one that cannot
-  change the attention maths). A flag added by a future release is refused by name instead of being silently
-  ignored.
+* The config policy (keys modelled, inert, refused, or of unknown effect) lives in :mod:`attnlens.models.gpt2_config`;
+  :func:`check_config` is re-exported here.
 * The states users leave a model in: wrappers seen through when that is exact (``torch.compile``, a PEFT model
   whose adapters are merged or disabled), and states refused by name (active LoRA adapters, weights on the meta
   device or offloaded by accelerate, blocks compiled one by one, kernels that compute other attention).
@@ -31,7 +30,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from attnlens.errors import UnsupportedModelError
-from attnlens.functional import ACTIVATIONS
+from attnlens.models.gpt2_config import check_config
 from attnlens.weights import LayerNormWeights, LayerWeights, MLPWeights, ModelWeights
 
 if TYPE_CHECKING:
@@ -81,41 +80,6 @@ for GPT-2 by transformers itself. The paged kernels (``"paged|eager"``, ``"sdpa_
 ``"paged_attention"``) are refused by :func:`sites`: they serve continuous batching with a paged cache, and on a
 plain forward they fail or attend to other keys (4.57's ``"sdpa_paged"`` ran, and its patterns were 1.4e-3 off).
 """
-
-# Config attributes whose effect attnlens reproduces, or which cannot change what attention computes (dropout is off
-# in eval mode, which attnlens uses; summary_* and ids only concern task heads and generation).
-_GPT2_KEYS = frozenset(
-    {
-        "vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
-        "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range", "scale_attn_weights",
-        "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention", "use_cache",
-        "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "summary_type", "summary_use_proj",
-        "summary_activation", "summary_first_dropout", "summary_proj_to_labels", "model_type",
-    }
-)  # fmt: skip
-# Generic PretrainedConfig attributes (4.57 and 5.x) about bookkeeping, outputs, generation and task heads.
-_GENERIC_KEYS = frozenset(
-    {
-        "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "id2label", "label2id",
-        "problem_type", "return_dict", "output_attentions", "output_hidden_states", "chunk_size_feed_forward",
-        "is_encoder_decoder", "is_decoder", "pruned_heads", "tie_encoder_decoder", "torchscript", "use_bfloat16",
-        "tf_legacy_loss", "finetuning_task", "tokenizer_class", "prefix", "task_specific_params",
-        "cross_attention_hidden_size", "bad_words_ids", "begin_suppress_tokens", "decoder_start_token_id",
-        "diversity_penalty", "do_sample", "early_stopping", "encoder_no_repeat_ngram_size",
-        "exponential_decay_length_penalty", "forced_bos_token_id", "forced_eos_token_id", "length_penalty",
-        "max_length", "min_length", "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences",
-        "output_scores", "remove_invalid_values", "repetition_penalty", "return_dict_in_generate", "sep_token_id",
-        "suppress_tokens", "temperature", "top_k", "top_p", "typical_p", "gradient_checkpointing",
-        "_attn_implementation_autoset", "use_return_dict", "_commit_hash", "attn_implementation",
-    }
-)  # fmt: skip
-# Attributes whose value, not just presence, matters: value -> allowed values.
-_REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
-    "add_cross_attention": (False, None),
-    "is_encoder_decoder": (False, None),
-    "is_decoder": (False, None),
-    "pruned_heads": ({}, None),
-}
 
 
 @functools.cache
@@ -266,33 +230,6 @@ def _plain(module: Any) -> Any:
     if tuner is not None and isinstance(module, tuner):
         return module.get_base_layer()
     return module
-
-
-def check_config(config: PretrainedConfig) -> None:
-    """Refuse any config attribute whose effect on attention attnlens does not reproduce.
-
-    Raises:
-        UnsupportedModelError: naming every offending attribute.
-    """
-    model_type = getattr(config, "model_type", None)
-    if model_type != "gpt2":
-        raise UnsupportedModelError(f"attnlens supports GPT-2 checkpoints (model_type 'gpt2'), got {model_type!r}")
-    problems = []
-    keys = set(config.to_dict())
-    unknown = sorted(keys - _GPT2_KEYS - _GENERIC_KEYS)
-    if unknown:
-        problems.append(f"unknown config attribute(s) {', '.join(unknown)}")
-    for key, allowed in _REQUIRED_VALUES.items():
-        value = getattr(config, key, None)
-        if value not in allowed:
-            what = "cross-attention blocks" if key == "add_cross_attention" else f"{key}={value!r}"
-            problems.append(f"{what} (need {key} in {allowed})")
-    if config.activation_function not in ACTIVATIONS:
-        problems.append(f"activation_function={config.activation_function!r} (known: {', '.join(ACTIVATIONS)})")
-    if problems:
-        raise UnsupportedModelError(
-            "this GPT-2 config asks for something attnlens does not compute exactly: " + "; ".join(problems)
-        )
 
 
 def _attention_specs(config: PretrainedConfig, attns: list[Any]) -> list[tuple[float, bool, tuple[float, ...] | None]]:
