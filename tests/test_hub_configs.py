@@ -113,7 +113,7 @@ def run_all(name: str, tmp_path: Path) -> None:
         if gpt2.kernel_ignores_scale_flags(model):
             # transformers 4.x runs sdpa without the config's scale: trace warns and follows the kernel, and verify's
             # recomputation from the config's scale cannot match z and what follows (named in the report's notes).
-            with pytest.warns(UserWarning, match="without the scale its config asks for"):
+            with pytest.warns(UserWarning, match="without the scale its attention modules ask for"):
                 traced = attnlens.trace(model, ids, mask)
             report = attnlens.verify(model, ids, mask)
             assert not report.ok
