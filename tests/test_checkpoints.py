@@ -327,6 +327,14 @@ def test_compiled_transformer_is_seen_through(source: Any) -> None:
     assert dynamo_frames() == frames
 
 
+def test_transformer_compiled_in_place_is_seen_through(source: Any) -> None:
+    model = copy.deepcopy(source)
+    model.transformer.compile()  # Module.compile(): __call__ now goes to compiled code
+    frames = dynamo_frames()
+    assert_exact(model, source)
+    assert dynamo_frames() == frames  # attnlens ran the transformer's plain path: nothing was compiled
+
+
 @pytest.mark.parametrize("how", ["torch_compile", "module_compile"])
 def test_block_compiled_on_its_own_is_refused(source: Any, how: str) -> None:
     model = copy.deepcopy(source)

@@ -21,7 +21,6 @@ transformers is imported lazily, inside functions, so that ``import attnlens`` s
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from attnlens.errors import UnsupportedModelError
 from attnlens.models.gpt2_config import check_config
+from attnlens.models.wrappers import check_state, plain, unwrap
 from attnlens.weights import LayerNormWeights, LayerWeights, MLPWeights, ModelWeights
 
 if TYPE_CHECKING:
@@ -95,44 +95,6 @@ def _gpt2_classes() -> tuple[type, ...]:
     return tuple(getattr(transformers, name) for name in SUPPORTED_CLASSES)
 
 
-def _loaded_class(module: str, name: str) -> Any:
-    """A class from a module, only if something already imported that module (no model can be its instance else)."""
-    found = sys.modules.get(module)
-    return getattr(found, name, None) if found is not None else None
-
-
-def _compiled_class() -> Any:
-    return _loaded_class("torch._dynamo.eval_frame", "OptimizedModule")
-
-
-def _tuner_layer_class() -> Any:
-    return _loaded_class("peft.tuners.tuners_utils", "BaseTunerLayer")
-
-
-def unwrap(model: Any) -> Any:
-    """The Hugging Face model inside the wrappers attnlens sees through: ``torch.compile`` and PEFT's model classes.
-
-    Seeing through ``torch.compile(model)`` is exact: the wrapper holds the very model (``_orig_mod``), whose
-    parameters are the compiled code's parameters, and attnlens only ever runs the uncompiled transformer. Its
-    patterns are then the model's maths as the eager twin computes it (compiled code computes the same function,
-    with at most float rounding of its own, like the sdpa kernel). A ``PeftModel`` (and its ``LoraModel``) holds the
-    GPT-2 model with adapter layers in place of some modules; :func:`base_model` checks those layers.
-    """
-    compiled = _compiled_class()
-    peft_model = _loaded_class("peft.peft_model", "PeftModel")
-    tuner = _loaded_class("peft.tuners.tuners_utils", "BaseTuner")
-    for _ in range(8):  # wrappers nest (a compiled PeftModel, say); a fixed bound rules out cycles
-        if compiled is not None and isinstance(model, compiled):
-            model = model._orig_mod
-        elif peft_model is not None and isinstance(model, peft_model):
-            model = model.get_base_model()
-        elif tuner is not None and isinstance(model, tuner):
-            model = model.model
-        else:
-            break
-    return model
-
-
 def is_gpt2(model: object) -> bool:
     """Whether ``model`` is one of the supported GPT-2 classes (or a subclass), or one wrapped as :func:`unwrap` says.
 
@@ -164,72 +126,9 @@ def base_model(model: PreTrainedModel) -> GPT2Model:
     from transformers import GPT2Model
 
     base: Any = inner if isinstance(inner, GPT2Model) else inner.transformer
-    compiled = _compiled_class()
-    if compiled is not None and isinstance(base, compiled):  # model.transformer = torch.compile(model.transformer)
-        base = base._orig_mod
-    _check_state(inner, base)
+    base = unwrap(base)  # model.transformer = torch.compile(model.transformer)
+    check_state(inner, base)
     return base
-
-
-def _check_state(model: nn.Module, base: nn.Module) -> None:
-    """Refuse the states in which a model's parameters are not what it computes with, or cannot be run uncompiled."""
-    # One plain walk over the modules' own tensors (this runs on every extraction); names only to word the error.
-    modules = list(model.modules())
-    if any(t is not None and t.is_meta for m in modules for t in (*m._parameters.values(), *m._buffers.values())):
-        meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-        offloaded = any(hasattr(m, "_hf_hook") for m in modules)
-        why = (
-            "offloaded by accelerate (a device_map with 'disk', 'cpu' offload or 'meta': the weights exist only "
-            "while a module runs)"
-            if offloaded
-            else "never loaded (created under init_empty_weights or torch.device('meta'))"
-        )
-        raise UnsupportedModelError(
-            f"{len(meta)} parameter(s) of this model are on the meta device, {why}: {', '.join(meta[:4])}"
-            f"{', ...' if len(meta) > 4 else ''}; attnlens needs the weights themselves: load the model onto one "
-            "device (from_pretrained without a device_map that offloads), or load its state dict first"
-        )
-    compiled, tuner = _compiled_class(), _tuner_layer_class()
-    for module in base.modules():
-        if (compiled is not None and isinstance(module, compiled)) or getattr(module, "_compiled_call_impl", None):
-            name = next(n for n, m in base.named_modules() if m is module)
-            raise UnsupportedModelError(
-                f"module {name or 'transformer'!r} is compiled on its own (torch.compile of a block, or "
-                "Module.compile()): attnlens hooks and runs the uncompiled modules; compile the whole model with "
-                "torch.compile(model) instead, whose wrapper attnlens sees through"
-            )
-    if tuner is None:
-        return
-    for name, module in model.named_modules():
-        if isinstance(module, tuner) and not _base_layer_is_exact(module):
-            state = (
-                "merged but disabled (peft unmerges it, changing the weights, on the next forward)"
-                if module.disable_adapters
-                else "active and unmerged (the model computes the base weights plus the adapter's update, which "
-                "attnlens does not extract)"
-            )
-            raise UnsupportedModelError(
-                f"{name} carries a PEFT adapter ({', '.join(module.active_adapters)}) that is {state}; call "
-                "model.merge_and_unload() first (or, to study the base model, disable the unmerged adapter: "
-                "with model.disable_adapter(): ...)"
-            )
-
-
-def _base_layer_is_exact(layer: Any) -> bool:
-    """Whether a PEFT adapter layer computes exactly what its base layer does (and leaves its weights alone).
-
-    peft's adapter layers run the base layer alone when their adapters are disabled and unmerged, or merged (into
-    the base weights) and enabled. Disabled but merged, they unmerge on the next forward, changing the weights.
-    """
-    return bool(layer.disable_adapters) != bool(layer.merged)
-
-
-def _plain(module: Any) -> Any:
-    """The module itself, or the base layer of a PEFT adapter layer (checked exact by :func:`base_model`)."""
-    tuner = _tuner_layer_class()
-    if tuner is not None and isinstance(module, tuner):
-        return module.get_base_layer()
-    return module
 
 
 def _attention_specs(config: PretrainedConfig, attns: list[Any]) -> list[tuple[float, bool, tuple[float, ...] | None]]:
@@ -309,7 +208,7 @@ def extract(model: PreTrainedModel) -> ModelWeights:
     specs = _attention_specs(config, [block.attn for block in hf_blocks])
     for i, block in enumerate(hf_blocks):
         attn, mlp = block.attn, block.mlp
-        c_attn, c_proj, c_fc, mlp_proj = (_plain(m) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj))
+        c_attn, c_proj, c_fc, mlp_proj = (plain(m) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj))
         W_attn = c_attn.weight
         if tuple(W_attn.shape) != (d_model, 3 * d_model):
             raise UnsupportedModelError(
@@ -338,17 +237,17 @@ def extract(model: PreTrainedModel) -> ModelWeights:
                 b_V=b_V,
                 W_O=c_proj.weight.view(n_heads, d_head, d_model),
                 b_O=c_proj.bias,
-                ln_1=_layer_norm(_plain(block.ln_1)),
-                ln_2=_layer_norm(_plain(block.ln_2)),
+                ln_1=_layer_norm(plain(block.ln_1)),
+                ln_2=_layer_norm(plain(block.ln_2)),
                 mlp=MLPWeights(W_in=c_fc.weight, b_in=c_fc.bias, W_out=mlp_proj.weight, b_out=mlp_proj.bias, act=act),
                 scale=scale,
                 upcast=upcast,
                 score_divisors=divisors,
             )
         )
-    lm_head = _plain(getattr(model, "lm_head", None))
+    lm_head = plain(getattr(model, "lm_head", None))
     hf_base: Any = base
-    W_E, W_pos = _plain(hf_base.wte).weight, _plain(hf_base.wpe).weight
+    W_E, W_pos = plain(hf_base.wte).weight, plain(hf_base.wpe).weight
     return ModelWeights(
         n_layers=len(layers),
         n_heads=n_heads,
@@ -360,7 +259,7 @@ def extract(model: PreTrainedModel) -> ModelWeights:
         W_E=W_E,
         W_pos=W_pos,
         W_U=lm_head.weight.T if isinstance(lm_head, nn.Linear) else None,
-        ln_f=_layer_norm(_plain(hf_base.ln_f)),
+        ln_f=_layer_norm(plain(hf_base.ln_f)),
         layers=tuple(layers),
         name=str(getattr(config, "_name_or_path", "") or ""),
     )
@@ -434,8 +333,8 @@ class Sites:
     """Where a GPT-2 model computes what attnlens reads: the interface trace, verify and the rest are written against.
 
     Attributes:
-        base: the transformer without any task head; call it as ``base(input_ids=..., attention_mask=...,
-            position_ids=..., use_cache=..., output_attentions=...)``.
+        base: the transformer without any task head; run it with :meth:`run` (``input_ids=..., attention_mask=...,
+            position_ids=..., use_cache=..., output_attentions=...``).
         layers: one :class:`LayerSites` per layer.
         embed: the token embedding (its ``weight`` is ``W_E``; its dtype and device are the model's).
         final_norm: its output is the final hidden state ``[batch, pos, d_model]``.
@@ -447,6 +346,13 @@ class Sites:
     embed: Any
     final_norm: Any
     unembed: nn.Linear | None
+
+    def run(self, **kwargs: Any) -> Any:
+        """Run the transformer, uncompiled, on keyword arguments (see ``base``)."""
+        # Module.compile() in place routes __call__ to compiled code; _call_impl is the plain path (hooks, forward),
+        # so a transformer compiled this way is seen through exactly as torch.compile's wrapper is (see unwrap).
+        compiled = getattr(self.base, "_compiled_call_impl", None) is not None
+        return (self.base._call_impl if compiled else self.base)(**kwargs)
 
 
 def sites(model: PreTrainedModel) -> Sites:
@@ -466,11 +372,11 @@ def sites(model: PreTrainedModel) -> Sites:
             f"{' or '.join(repr(k) for k in EXACT_KERNELS)} (model.set_attn_implementation('sdpa')) to trace it"
         )
     layers = tuple(
-        LayerSites(_plain(block.ln_1), _plain(block.attn.c_attn), _plain(block.attn.c_proj), block.attn)
+        LayerSites(plain(block.ln_1), plain(block.attn.c_attn), plain(block.attn.c_proj), block.attn)
         for block in base.h
     )
-    lm_head = _plain(getattr(model, "lm_head", None))
-    return Sites(base, layers, _plain(base.wte), _plain(base.ln_f), lm_head if isinstance(lm_head, nn.Linear) else None)
+    lm_head = plain(getattr(model, "lm_head", None))
+    return Sites(base, layers, plain(base.wte), plain(base.ln_f), lm_head if isinstance(lm_head, nn.Linear) else None)
 
 
 def layout_lines(model: PreTrainedModel, weights: ModelWeights, layer: int) -> list[str]:
