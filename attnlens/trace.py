@@ -289,17 +289,7 @@ def trace(
     pre = [(sites.layers[i].z, on_z(i)) for i in layer_list] if want_z else []
 
     def forward() -> None:
-        # Every output switch is explicit, so that none of the config's (output_attentions, output_hidden_states,
-        # return_dict) changes what runs or makes transformers install its own recording hooks on the model.
-        sites.run(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            use_cache=contiguous_k,
-            output_attentions=False,
-            output_hidden_states=False,
-            return_dict=True,
-        )
+        sites.run(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=contiguous_k)
 
     with capture.preserved(model), torch.no_grad(), capture.forward_hooks(post), capture.forward_hooks(pre, pre=True):
         capture.run_until(forward)

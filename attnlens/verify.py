@@ -194,20 +194,12 @@ def _run(
 
     The attention probabilities come from the attention modules' own second output, which is where
     ``output_attentions`` collects them; asking for them that way instead would make transformers 5.x install
-    recording hooks on the model for good. Every output switch is explicit, so the config's do not matter.
+    recording hooks on the model for good (:meth:`~attnlens.models.gpt2.Sites.run` makes every output switch explicit).
     """
     sites = gpt2.sites(model)  # type: ignore[arg-type]
     store = _Capture()
     with forward_hooks(_hooks(sites, layers, store)), forward_hooks(_z_hooks(sites, layers, store), pre=True):
-        sites.run(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            use_cache=False,
-            output_attentions=False,
-            output_hidden_states=False,
-            return_dict=True,
-        )
+        sites.run(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
     missing = [
         f"{name} of layer {layer}"
         for name, table in (("input", store.attn_in), ("q/k/v projection output", store.qkv), ("z", store.z))

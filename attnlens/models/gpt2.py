@@ -348,7 +348,13 @@ class Sites:
     unembed: nn.Linear | None
 
     def run(self, **kwargs: Any) -> Any:
-        """Run the transformer, uncompiled, on keyword arguments (see ``base``)."""
+        """Run the transformer, uncompiled, on keyword arguments (see ``base``), every output switch explicit.
+
+        ``output_attentions``, ``output_hidden_states`` default to False and ``return_dict`` to True whatever the
+        config says, so that the config neither changes what runs nor makes transformers 5.x install its recording
+        hooks on the model (it does, for good, the first time it is asked for attentions).
+        """
+        kwargs = {"output_attentions": False, "output_hidden_states": False, "return_dict": True, **kwargs}
         # Module.compile() in place routes __call__ to compiled code; _call_impl is the plain path (hooks, forward),
         # so a transformer compiled this way is seen through exactly as torch.compile's wrapper is (see unwrap).
         compiled = getattr(self.base, "_compiled_call_impl", None) is not None
