@@ -50,17 +50,54 @@ def _gelu_new(x: Tensor) -> Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
+# Each formula below is written in the order transformers.activations evaluates it, so that a recomputation is
+# bitwise the model's own: the tanh approximations differ among themselves in their last bits.
+
+
+def _gelu_fast(x: Tensor) -> Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def _gelu_python(x: Tensor) -> Tensor:
+    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _gelu_python_tanh(x: Tensor) -> Tensor:
+    return x * 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _gelu_accurate(x: Tensor) -> Tensor:
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def _laplace(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.erf((x - 0.707107).div(0.282095 * math.sqrt(2.0))))
+
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_new": _gelu_new,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
+    "gelu_fast": _gelu_fast,
+    "gelu_python": _gelu_python,
+    "gelu_python_tanh": _gelu_python_tanh,
+    "gelu_accurate": _gelu_accurate,
+    "gelu_10": lambda x: torch.clip(F.gelu(x), -10, 10),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "relu": F.relu,
+    "relu2": lambda x: torch.square(F.relu(x)),
+    "relu6": F.relu6,
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
     "silu": F.silu,
     "swish": F.silu,
+    "mish": F.mish,
     "tanh": torch.tanh,
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "sigmoid": torch.sigmoid,
+    "laplace": _laplace,
+    "linear": lambda x: x,
 }
-"""MLP activations by their transformers name; a config naming any other is refused, never approximated."""
+"""MLP activations by their transformers name (the parameter-free entries of transformers' ``ACT2FN`` on 4.57 and 5.x);
+a config naming any other is refused, never approximated."""
 
 
 def split_heads(x: Tensor, n_heads: int) -> Tensor:

@@ -142,7 +142,7 @@ def test_strict_mode_ends_with_its_block_also_on_error() -> None:
         ("is_encoder_decoder", True, "is_encoder_decoder=True"),
         ("pruned_heads", {0: [1]}, "pruned heads"),
         ("quantization_config", {"quant_method": "gptq", "bits": 4}, "quantized weights"),
-        ("activation_function", "gelu_fast", "activation_function='gelu_fast'"),
+        ("activation_function", "prelu", "activation_function='prelu'"),
     ],
 )
 def test_flags_that_change_the_maths_are_refused_outside_strict_mode(key, value, match) -> None:

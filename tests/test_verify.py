@@ -15,7 +15,7 @@ from conftest import CUDA, make_gpt2, random_ids
 from torch import nn
 
 import attnlens
-from attnlens import AttentionCaptureError, ModelWeights, UnsupportedModelError
+from attnlens import AttentionCaptureError, ModelWeights, UnsupportedModelError, functional
 from attnlens.models import gpt2
 from attnlens.verify import QUANTITIES, VerificationReport, bitwise_guaranteed, derived_tolerances
 
@@ -127,6 +127,28 @@ def test_configs_and_kernels(impl: str, name: str) -> None:
         assert all(row.quantity in ("z", "attn_out", "hidden", "logits") for row in report.failures)
     else:
         assert_bitwise_and_close(report)
+
+
+@pytest.mark.parametrize("name", list(functional.ACTIVATIONS))
+def test_every_activation_verifies(name: str) -> None:
+    # transformers builds the MLP from ACT2FN[name]; the rebuild (hidden, logits) uses attnlens's own formula.
+    model = make_gpt2(n_layer=2, activation_function=name)
+    ids = random_ids(model)
+    mask = right_padded(ids)
+    report = attnlens.verify(model, ids, mask)
+    assert report.ok, str(report)
+    assert {"hidden", "logits"} <= {row.quantity for row in report.rows}
+
+
+def test_a_wrong_activation_is_caught() -> None:
+    # The model runs gelu_fast while its config is made to say relu: the rebuilt hidden state must disagree.
+    model = make_gpt2(n_layer=2, activation_function="gelu_fast")
+    model.config.activation_function = "relu"
+    ids = random_ids(model)
+    report = attnlens.verify(model, ids)
+    assert not report.ok
+    assert {row.quantity for row in report.failures} <= {"hidden", "logits"}
+    assert "hidden" in {row.quantity for row in report.failures}
 
 
 @pytest.mark.parametrize("padding", ["left", "right", "left_default_positions"])
