@@ -2,7 +2,8 @@
 
 A detection pattern ``D[b, i, j] >= 0`` weights the keys ``j`` that a query ``i`` of sequence ``b`` is expected to
 attend to (1 on the target keys, 0 elsewhere, for the built-in scores). Only real, causal pairs count: weight on a
-padding row, a padding key or a later key is dropped. The qualifying rows ``R`` are those with some weight left.
+padding row or a padding key is dropped, and a user's pattern with weight on a later key is refused. The
+qualifying rows ``R`` are those with some weight left.
 
 Without exclusions a head scores ``1/|R| sum_{(b, i) in R} sum_j P[b, h, i, j] D[b, i, j]``. Excluding keys ``X``
 (each sequence's first real token, and/or the query itself) drops them from the target and from the row, and
@@ -22,7 +23,15 @@ from torch import Tensor
 
 from attnlens.attention_trace import AttentionTrace
 
-__all__ = ["check_flag", "detection_weights", "excluded_keys", "score_keys"]
+__all__ = [
+    "check_flag",
+    "check_options",
+    "detection_weights",
+    "excluded_keys",
+    "first_positions",
+    "real_pairs",
+    "score_keys",
+]
 
 
 def check_flag(value: Any, name: str) -> bool:
@@ -30,6 +39,11 @@ def check_flag(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def check_options(exclude_bos: Any, exclude_current_token: Any) -> tuple[bool, bool]:
+    """``exclude_bos`` and ``exclude_current_token``, checked."""
+    return check_flag(exclude_bos, "exclude_bos"), check_flag(exclude_current_token, "exclude_current_token")
 
 
 def first_positions(valid: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ import torch
 from einops import einsum
 from torch import Tensor
 
-from attnlens._detection import check_flag, detection_weights, excluded_keys, real_pairs, score_keys
+from attnlens._detection import check_flag, check_options, detection_weights, excluded_keys, real_pairs, score_keys
 from attnlens.errors import UnsupportedModelError
 from attnlens.models import gpt2
 from attnlens.trace import AttentionTrace, trace
@@ -59,10 +59,6 @@ def _valid(tr: AttentionTrace) -> Tensor:
 def _first(valid: Tensor) -> Tensor:
     """Position of each sequence's first real token, ``[batch]``."""
     return valid.to(torch.int8).argmax(dim=-1)
-
-
-def _options(exclude_bos: bool, exclude_current_token: bool) -> tuple[bool, bool]:
-    return check_flag(exclude_bos, "exclude_bos"), check_flag(exclude_current_token, "exclude_current_token")
 
 
 def _after_first(valid: Tensor) -> Tensor:
@@ -102,7 +98,7 @@ def previous_token_scores(
     Returns:
         ``[layer, head]``.
     """
-    exclude_bos, exclude_current_token = _options(exclude_bos, exclude_current_token)
+    exclude_bos, exclude_current_token = check_options(exclude_bos, exclude_current_token)
     valid = _valid(tr)
     if exclude_bos or exclude_current_token:
         keys = torch.zeros(tr.batch, tr.n_pos, tr.n_pos, dtype=torch.bool, device=valid.device)
@@ -138,7 +134,7 @@ def first_token_scores(tr: AttentionTrace, *, exclude_bos: bool = False, exclude
     Raises:
         ValueError: ``exclude_bos=True``, or no row qualifies.
     """
-    exclude_bos, exclude_current_token = _options(exclude_bos, exclude_current_token)
+    exclude_bos, exclude_current_token = check_options(exclude_bos, exclude_current_token)
     if exclude_bos:
         raise ValueError(
             "first_token_scores does not take exclude_bos=True: the first token is what it measures, so nothing "
@@ -208,7 +204,7 @@ def duplicate_token_scores(
     Returns:
         ``[layer, head]``.
     """
-    exclude_bos, exclude_current_token = _options(exclude_bos, exclude_current_token)
+    exclude_bos, exclude_current_token = check_options(exclude_bos, exclude_current_token)
     ids, valid = _token_ids(tr, input_ids), _valid(tr)
     same = ids[:, :, None] == ids[:, None, :]
     earlier = torch.ones_like(same[0]).tril(-1)
@@ -323,7 +319,7 @@ def induction_scores(
         ValueError: a score undefined for the trace's tokens, a bad ``seq_len`` / ``batch``, ``prepend_bos`` with
             a trace, or a model without a bos/eos id.
     """
-    excluded_opts = _options(exclude_bos, exclude_current_token)
+    excluded_opts = check_options(exclude_bos, exclude_current_token)
     prepend_bos = check_flag(prepend_bos, "prepend_bos")
     if isinstance(source, AttentionTrace):
         if prepend_bos:
@@ -393,7 +389,7 @@ def pattern_scores(
         >>> metrics.pattern_scores(tr, D)
         >>> metrics.pattern_scores(tr, lambda ids: (ids[:, :, None] == ids[:, None, :]).tril(-1))  # duplicates
     """
-    exclude_bos, exclude_current_token = _options(exclude_bos, exclude_current_token)
+    exclude_bos, exclude_current_token = check_options(exclude_bos, exclude_current_token)
     weights = detection_weights(tr, detection_pattern, _token_ids(tr, input_ids))
     excluded = excluded_keys(_valid(tr), exclude_bos, exclude_current_token)
     return score_keys(tr, weights, excluded, "the pattern score")
