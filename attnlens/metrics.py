@@ -255,7 +255,9 @@ def _induction_on_repeats(
     generator = torch.Generator().manual_seed(seed)
     half = torch.randint(0, int(model.config.vocab_size), (batch, seq_len), generator=generator)
     parts = [half, half] if bos is None else [torch.full((batch, 1), bos, dtype=half.dtype), half, half]
-    tr = trace(model, torch.cat(parts, dim=-1))
+    ids = torch.cat(parts, dim=-1)
+    # An explicit mask with the bos: GPT-2's bos id is also its pad id, and transformers would warn of padding.
+    tr = trace(model, ids) if bos is None else trace(model, ids, torch.ones_like(ids))
     if any(excluded_opts):
         # The target as keys: query i = extra + L + r of the second half, key i - L + 1 = r + extra + 1.
         keys = torch.zeros(batch, tr.n_pos, tr.n_pos, dtype=torch.bool, device=tr.attention_mask.device)
