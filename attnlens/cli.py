@@ -142,15 +142,21 @@ def cmd_heads(args: argparse.Namespace) -> int:
     from attnlens import metrics
     from attnlens.trace import trace
 
+    if args.prepend_bos and args.ids:
+        raise ValueError("--prepend-bos applies to --text; with --ids, put the bos id first yourself")
     model, tokenizer = _load(args)
     ids, _ = _inputs(args, model, tokenizer)
-    scores = metrics.head_scores(trace(model, ids), input_ids=ids)
+    # The text's ids checked above; with --prepend-bos, trace tokenizes it again with the bos in front.
+    tr = trace(model, args.text, tokenizer=tokenizer, prepend_bos=True) if args.prepend_bos else trace(model, ids)
+    scores = metrics.head_scores(tr)
     table: dict[str, list[tuple[int, int, float]]] = {}
     for name in scores.names:
         if getattr(scores, name) is not None:  # undefined for this text (e.g. no repeated token)
             lowest = name == "entropy"  # low entropy = sharp head
             table[f"{name} ({'lowest' if lowest else 'highest'})"] = scores.top(name, args.top, largest=not lowest)
-    induction = metrics.induction_scores(model, seq_len=args.seq_len, batch=args.batch, seed=0)
+    induction = metrics.induction_scores(
+        model, seq_len=args.seq_len, batch=args.batch, seed=0, prepend_bos=args.prepend_bos
+    )
     table["induction on repeated random tokens"] = metrics.top_heads(induction, args.top)
     if args.json:
         print(json.dumps({name: [list(row) for row in rows] for name, rows in table.items()}, indent=2))
@@ -235,6 +241,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3)
     p.add_argument("--seq-len", type=int, default=50, help="length of the repeated random sequence (induction)")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument(
+        "--prepend-bos",
+        action="store_true",
+        help="put the bos token (GPT-2: <|endoftext|>) in front of the text and of each random sequence",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_heads)
 

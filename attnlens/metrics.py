@@ -7,6 +7,18 @@ never qualify, and "first token" means each sequence's first real token (so left
 Notation: ``P[b, h, i, j]`` is the attention of query ``i`` to key ``j`` in sequence ``b``; ``t[b, i]`` its token id;
 ``f_b`` the position of its first real token; ``R`` the set of qualifying rows ``(b, i)`` of a score, and ``|R|``
 their number. A score is undefined (a ``ValueError``) when no row qualifies.
+
+Options (all off by default, which gives the numbers above):
+
+* ``exclude_bos``: leave out attention to each sequence's first real token ``f_b`` (the bos token when the text was
+  traced with ``prepend_bos=True``); ``exclude_current_token``: leave out attention of each query to itself.
+  Excluding keys drops them from the target and renormalises each row by the probability left on its other keys, so
+  a row scores the *share of its non-excluded attention* that goes to the target; a row with no target left, or
+  with no probability left (all of it on excluded keys, for that head), is left out; a head with no row left scores
+  NaN. Taken by :func:`previous_token_scores`, :func:`duplicate_token_scores`, :func:`induction_scores` and
+  :func:`pattern_scores`; :func:`first_token_scores` takes only ``exclude_current_token`` (its target *is* the
+  first token) and :func:`entropy` neither.
+* :func:`pattern_scores` scores any detection pattern (a tensor, or a function of the token ids) the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import torch
 from einops import einsum
 from torch import Tensor
 
+from attnlens._detection import check_flag, check_options, detection_weights, excluded_keys, real_pairs, score_keys
 from attnlens.errors import UnsupportedModelError
 from attnlens.models import gpt2
 from attnlens.trace import AttentionTrace, trace
@@ -32,6 +45,7 @@ __all__ = [
     "first_token_scores",
     "head_scores",
     "induction_scores",
+    "pattern_scores",
     "previous_token_scores",
     "top_heads",
 ]
@@ -66,17 +80,32 @@ def _mean_over_rows(tr: AttentionTrace, rows: Tensor, per_row: Callable[[Tensor]
     return torch.stack(out)
 
 
-def previous_token_scores(tr: AttentionTrace) -> Tensor:
+def previous_token_scores(
+    tr: AttentionTrace, *, exclude_bos: bool = False, exclude_current_token: bool = False
+) -> Tensor:
     r"""Mean attention of each token to the token just before it.
 
     ``score[l, h] = 1/|R| * sum_{(b, i) in R} P[b, h, i, i-1]`` with ``R`` the real-token rows whose previous
     position is also a real token (``i > f_b`` for left or right padding). A pure previous-token head scores 1.0; a
     uniform head scores the mean of ``1/(i - f_b + 1)``.
 
+    Args:
+        tr: the trace.
+        exclude_bos: leave out attention to the first real token (then row ``f_b + 1``, whose previous token it is,
+            no longer counts); rows are renormalised (see the module docstring).
+        exclude_current_token: leave out attention of each query to itself; rows are renormalised.
+
     Returns:
         ``[layer, head]``.
     """
+    exclude_bos, exclude_current_token = check_options(exclude_bos, exclude_current_token)
     valid = _valid(tr)
+    if exclude_bos or exclude_current_token:
+        keys = torch.zeros(tr.batch, tr.n_pos, tr.n_pos, dtype=torch.bool, device=valid.device)
+        keys.diagonal(offset=-1, dim1=-2, dim2=-1).fill_(True)
+        keys &= real_pairs(valid)
+        excluded = excluded_keys(valid, exclude_bos, exclude_current_token)
+        return score_keys(tr, keys, excluded, "the previous-token score")
     rows = torch.zeros_like(valid)
     rows[:, 1:] = valid[:, 1:] & valid[:, :-1]
 
@@ -87,18 +116,37 @@ def previous_token_scores(tr: AttentionTrace) -> Tensor:
     return _mean_over_rows(tr, rows, per_row, "the previous-token score")
 
 
-def first_token_scores(tr: AttentionTrace) -> Tensor:
+def first_token_scores(tr: AttentionTrace, *, exclude_bos: bool = False, exclude_current_token: bool = False) -> Tensor:
     r"""Mean attention to each sequence's first real token (the "attention sink").
 
     ``score[l, h] = 1/|R| * sum_{(b, i) in R} P[b, h, i, f_b]`` with ``R`` the real-token rows after the first
     (``i > f_b``; the first row can attend nowhere else). A uniform head scores the mean of ``1/(i - f_b + 1)``.
 
+    Args:
+        tr: the trace.
+        exclude_bos: refused: the first token is this score's target.
+        exclude_current_token: leave out attention of each query to itself; rows are renormalised (see the module
+            docstring).
+
     Returns:
         ``[layer, head]``.
+
+    Raises:
+        ValueError: ``exclude_bos=True``, or no row qualifies.
     """
+    exclude_bos, exclude_current_token = check_options(exclude_bos, exclude_current_token)
+    if exclude_bos:
+        raise ValueError(
+            "first_token_scores does not take exclude_bos=True: the first token is what it measures, so nothing "
+            "would be left to score"
+        )
     valid = _valid(tr)
     rows = _after_first(valid)
     first = _first(valid)
+    if exclude_current_token:
+        keys = (torch.arange(tr.n_pos, device=valid.device)[None, :] == first[:, None])[:, None, :] & rows[:, :, None]
+        excluded = excluded_keys(valid, False, True)
+        return score_keys(tr, keys & real_pairs(valid), excluded, "the first-token score")
 
     def per_row(p: Tensor) -> Tensor:
         index = first.view(-1, 1, 1, 1).expand(-1, p.shape[1], p.shape[2], 1)
@@ -134,18 +182,13 @@ def _token_ids(tr: AttentionTrace, input_ids: Tensor | None) -> Tensor:
     return ids.to(tr.attention_mask.device)
 
 
-def _sum_over_keys(tr: AttentionTrace, keys: Tensor, what: str) -> Tensor:
-    """Mean over rows with at least one qualifying key of the attention on ``keys [batch, q_pos, k_pos]``."""
-    rows = keys.any(dim=-1)
-    weights = keys.to(torch.float32).unsqueeze(1)  # broadcast over heads
-
-    def per_row(p: Tensor) -> Tensor:
-        return (p * weights).sum(dim=-1)
-
-    return _mean_over_rows(tr, rows, per_row, what)
-
-
-def duplicate_token_scores(tr: AttentionTrace, input_ids: Tensor | None = None) -> Tensor:
+def duplicate_token_scores(
+    tr: AttentionTrace,
+    input_ids: Tensor | None = None,
+    *,
+    exclude_bos: bool = False,
+    exclude_current_token: bool = False,
+) -> Tensor:
     r"""Mean attention of each token to earlier copies of itself.
 
     ``score[l, h] = 1/|R| * sum_{(b, i) in R} sum_{j < i, t[b, j] = t[b, i]} P[b, h, i, j]`` with ``R`` the real-token
@@ -154,18 +197,23 @@ def duplicate_token_scores(tr: AttentionTrace, input_ids: Tensor | None = None) 
     Args:
         tr: the trace.
         input_ids: ``[batch, pos]`` token ids; default the trace's own.
+        exclude_bos: leave out attention to (and copies at) the first real token; rows are renormalised (see the
+            module docstring).
+        exclude_current_token: leave out attention of each query to itself; rows are renormalised.
 
     Returns:
         ``[layer, head]``.
     """
+    exclude_bos, exclude_current_token = check_options(exclude_bos, exclude_current_token)
     ids, valid = _token_ids(tr, input_ids), _valid(tr)
     same = ids[:, :, None] == ids[:, None, :]
     earlier = torch.ones_like(same[0]).tril(-1)
     keys = same & earlier & valid[:, :, None] & valid[:, None, :]
-    return _sum_over_keys(tr, keys, "the duplicate-token score")
+    excluded = excluded_keys(valid, exclude_bos, exclude_current_token)
+    return score_keys(tr, keys, excluded, "the duplicate-token score")
 
 
-def _induction_on_trace(tr: AttentionTrace, input_ids: Tensor | None) -> Tensor:
+def _induction_on_trace(tr: AttentionTrace, input_ids: Tensor | None, excluded_opts: tuple[bool, bool]) -> Tensor:
     ids, valid = _token_ids(tr, input_ids), _valid(tr)
     # keys[b, i, j+1] = t[b, j] == t[b, i] for j + 1 < i: j+1 is what followed an earlier copy of token i.
     same = ids[:, :, None] == ids[:, None, :]
@@ -173,19 +221,49 @@ def _induction_on_trace(tr: AttentionTrace, input_ids: Tensor | None) -> Tensor:
     keys = torch.zeros_like(same)
     keys[:, :, 1:] = same[:, :, :-1]
     keys &= torch.ones_like(same[0]).tril(-1) & valid[:, None, :]
-    return _sum_over_keys(tr, keys, "the induction score")
+    return score_keys(tr, keys, excluded_keys(valid, *excluded_opts), "the induction score")
 
 
-def _induction_on_repeats(model: Any, seq_len: int | None, batch: int, seed: int) -> Tensor:
+def _bos_token_id(model: Any) -> int:
+    """The id that ``prepend_bos`` puts first: the config's bos token, else its eos token (GPT-2: 50256)."""
+    config = model.config
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            if not 0 <= value < int(config.vocab_size):
+                raise ValueError(f"the config's {name} {value} is outside the vocabulary (size {config.vocab_size})")
+            return value
+    raise ValueError(
+        "prepend_bos=True needs a beginning-of-sequence token, but the model's config has no integer bos_token_id "
+        "or eos_token_id; set model.config.bos_token_id"
+    )
+
+
+def _induction_on_repeats(
+    model: Any, seq_len: int | None, batch: int, seed: int, prepend_bos: bool, excluded_opts: tuple[bool, bool]
+) -> Tensor:
     n_ctx = int(model.config.n_positions)
-    seq_len = min(50, n_ctx // 2) if seq_len is None else int(seq_len)
-    if seq_len < 2 or 2 * seq_len > n_ctx:
-        raise ValueError(f"seq_len must be in [2, {n_ctx // 2}] (twice it must fit n_ctx={n_ctx}), got {seq_len}")
+    extra = int(prepend_bos)
+    most = (n_ctx - extra) // 2
+    seq_len = min(50, most) if seq_len is None else int(seq_len)
+    if seq_len < 2 or seq_len > most:
+        fit = "twice it plus the bos token" if prepend_bos else "twice it"
+        raise ValueError(f"seq_len must be in [2, {most}] ({fit} must fit n_ctx={n_ctx}), got {seq_len}")
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
+    bos = _bos_token_id(model) if prepend_bos else None
     generator = torch.Generator().manual_seed(seed)
     half = torch.randint(0, int(model.config.vocab_size), (batch, seq_len), generator=generator)
-    tr = trace(model, torch.cat([half, half], dim=-1))
+    parts = [half, half] if bos is None else [torch.full((batch, 1), bos, dtype=half.dtype), half, half]
+    ids = torch.cat(parts, dim=-1)
+    # An explicit mask with the bos: GPT-2's bos id is also its pad id, and transformers would warn of padding.
+    tr = trace(model, ids) if bos is None else trace(model, ids, torch.ones_like(ids))
+    if any(excluded_opts):
+        # The target as keys: query i = extra + L + r of the second half, key i - L + 1 = r + extra + 1.
+        keys = torch.zeros(batch, tr.n_pos, tr.n_pos, dtype=torch.bool, device=tr.attention_mask.device)
+        keys[:, extra + seq_len :].diagonal(offset=extra + 1, dim1=-2, dim2=-1).fill_(True)
+        excluded = excluded_keys(tr.attention_mask.to(torch.bool), *excluded_opts)
+        return score_keys(tr, keys, excluded, "the induction score")
     # Query i in the second half attends to i - L + 1: the token after the previous occurrence of token i.
     return torch.stack(
         [
@@ -204,34 +282,54 @@ def induction_scores(
     seq_len: int | None = None,
     batch: int = 4,
     seed: int = 0,
+    prepend_bos: bool = False,
+    exclude_bos: bool = False,
+    exclude_current_token: bool = False,
 ) -> Tensor:
     r"""Mean attention to the token that followed an earlier copy of the current token.
 
     On a trace (``induction_scores(trace)``):
     ``score[l, h] = 1/|R| * sum_{(b, i) in R} sum_{j + 1 < i, t[b, j] = t[b, i]} P[b, h, i, j+1]``
-    with ``R`` the real-token rows that have such a ``j`` (among real tokens).
+    with ``R`` the real-token rows that have such a ``j`` (among real tokens). The query's own position is never a
+    target (``j + 1 < i``), even where the token just before it is a copy of it.
 
     On a model (``induction_scores(model, seq_len=L, batch=B, seed=s)``), the standard test: ``B`` random sequences
     of ``L`` token ids (uniform over the vocabulary, seeded), each repeated twice (``2L`` positions, no padding), and
-    ``score[l, h] = 1/(B L) * sum_b sum_{i=L}^{2L-1} P[b, h, i, i-L+1]``. An ideal induction head scores 1.0.
+    ``score[l, h] = 1/(B L) * sum_b sum_{i=L}^{2L-1} P[b, h, i, i-L+1]``. An ideal induction head scores 1.0. With
+    ``prepend_bos=True`` each sequence starts with the bos id (``2L + 1`` positions, the same random tokens, the
+    sum over ``i = L+1 .. 2L``), as GPT-2 is usually run: the first token soaks up attention (the "sink"), which
+    changes the scores.
 
     Args:
         source: an :class:`~attnlens.AttentionTrace`, or a GPT-2 model to test on repeated random tokens.
         input_ids: with a trace, ``[batch, pos]`` token ids (default the trace's own).
-        seq_len: with a model, ``L`` (default ``min(50, n_ctx // 2)``).
+        seq_len: with a model, ``L`` (default ``min(50, n_ctx // 2)``; ``min(50, (n_ctx - 1) // 2)`` with bos).
         batch: with a model, ``B``.
         seed: with a model, the seed of the random tokens.
+        prepend_bos: with a model, put the config's ``bos_token_id`` (else ``eos_token_id``; GPT-2's
+            ``<|endoftext|>``, 50256) in front of every sequence. Default ``False``. A trace's tokens are its own.
+        exclude_bos: leave out attention to each sequence's first real token; rows are renormalised (see the
+            module docstring).
+        exclude_current_token: leave out attention of each query to itself; rows are renormalised.
 
     Returns:
         ``[layer, head]`` (all layers and heads for a model).
 
     Raises:
-        TypeError: ``source`` is a tensor or a path, neither a trace nor a loaded model.
+        TypeError: ``source`` is a tensor or a path, neither a trace nor a loaded model; an option that is no bool.
         UnsupportedModelError: ``source`` is a model, but not a supported GPT-2 one.
-        ValueError: a score undefined for the trace's tokens, or a bad ``seq_len`` / ``batch``.
+        ValueError: a score undefined for the trace's tokens, a bad ``seq_len`` / ``batch``, ``prepend_bos`` with
+            a trace, or a model without a bos/eos id.
     """
+    excluded_opts = check_options(exclude_bos, exclude_current_token)
+    prepend_bos = check_flag(prepend_bos, "prepend_bos")
     if isinstance(source, AttentionTrace):
-        return _induction_on_trace(source, input_ids)
+        if prepend_bos:
+            raise ValueError(
+                "prepend_bos applies to the test on a model; a trace's tokens are its own: trace the text with "
+                "attnlens.trace(..., prepend_bos=True)"
+            )
+        return _induction_on_trace(source, input_ids, excluded_opts)
     if isinstance(source, (str, os.PathLike)):
         raise TypeError(
             f"induction_scores takes a trace or a loaded GPT-2 model, got the name or path {os.fspath(source)!r}: "
@@ -249,7 +347,54 @@ def induction_scores(
         )
     if input_ids is not None:
         raise ValueError("input_ids applies to a trace; on a model, the test draws its own tokens")
-    return _induction_on_repeats(source, seq_len, batch, seed)
+    return _induction_on_repeats(source, seq_len, batch, seed, prepend_bos, excluded_opts)
+
+
+def pattern_scores(
+    tr: AttentionTrace,
+    detection_pattern: Tensor | Callable[[Tensor], Tensor],
+    *,
+    input_ids: Tensor | None = None,
+    exclude_bos: bool = False,
+    exclude_current_token: bool = False,
+) -> Tensor:
+    r"""Mean attention on the keys of a detection pattern of your own, scored like the built-in scores.
+
+    ``score[l, h] = 1/|R| * sum_{(b, i) in R} sum_j P[b, h, i, j] D[b, i, j]`` with ``D`` the detection pattern and
+    ``R`` the real-token rows with some weight on real keys. With 0/1 weights a head scores the share of its
+    attention on the pattern's keys (1.0 for a head that attends only there); ``previous_token_scores(tr)`` is
+    ``pattern_scores(tr, D)`` with ``D[i, i-1] = 1``. Weight on padding rows or keys is dropped (padding never
+    qualifies, as in every score). Positions are the trace's own, padding included: with left padding, a fixed
+    ``[q_pos, k_pos]`` pattern is not shifted per sequence; give a ``[batch, q_pos, k_pos]`` tensor or a function.
+
+    Args:
+        tr: the trace.
+        detection_pattern: weights ``>= 0`` on ``(query, key)`` pairs, lower triangular: a ``[q_pos, k_pos]``
+            tensor (the same for every sequence), a ``[batch, q_pos, k_pos]`` tensor, or a function of the token
+            ids ``[batch, pos]`` returning either.
+        input_ids: ``[batch, pos]`` ids given to a function pattern; default the trace's own.
+        exclude_bos: leave out attention to each sequence's first real token; rows are renormalised (see the
+            module docstring).
+        exclude_current_token: leave out attention of each query to itself; rows are renormalised.
+
+    Returns:
+        ``[layer, head]``.
+
+    Raises:
+        TypeError: a pattern that is neither a tensor nor a function (a head name, say), a function that returns no
+            tensor, or an option that is no bool.
+        ValueError: a shape that does not fit the trace, negative, NaN or infinite weights, weight on keys after
+            their query, or no row with weight ("undefined").
+
+    Example:
+        >>> D = torch.zeros(tr.n_pos, tr.n_pos); D[:, 0] = 1  # attention to position 0
+        >>> metrics.pattern_scores(tr, D)
+        >>> metrics.pattern_scores(tr, lambda ids: (ids[:, :, None] == ids[:, None, :]).tril(-1))  # duplicates
+    """
+    exclude_bos, exclude_current_token = check_options(exclude_bos, exclude_current_token)
+    weights = detection_weights(tr, detection_pattern, _token_ids(tr, input_ids))
+    excluded = excluded_keys(_valid(tr), exclude_bos, exclude_current_token)
+    return score_keys(tr, weights, excluded, "the pattern score")
 
 
 def top_heads(
@@ -350,5 +495,5 @@ def head_scores(tr: AttentionTrace, input_ids: Tensor | None = None) -> HeadScor
         first_token=maybe(lambda: first_token_scores(tr)),
         entropy=maybe(lambda: entropy(tr)),
         duplicate_token=maybe(lambda: duplicate_token_scores(tr, input_ids)),
-        induction=maybe(lambda: _induction_on_trace(tr, input_ids)),
+        induction=maybe(lambda: _induction_on_trace(tr, input_ids, (False, False))),
     )

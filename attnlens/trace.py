@@ -59,11 +59,37 @@ def _check_store(store: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(n for n in STORE_NAMES if n in names)
 
 
-def _tokenize(texts: list[str], tokenizer: Any) -> tuple[Tensor, Tensor]:
-    """Token ids and mask of texts, padded on the tokenizer's side with its pad (else end-of-text, else 0) id."""
+def _bos_id(tokenizer: Any) -> int:
+    """The tokenizer's beginning-of-sequence id: its bos token, else its eos token (GPT-2's ``<|endoftext|>``)."""
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(
+        "prepend_bos=True needs a beginning-of-sequence token, but the tokenizer has neither a bos nor an eos token; "
+        "set tokenizer.bos_token, or put the id in front of the token ids yourself"
+    )
+
+
+def _tokenize(texts: list[str], tokenizer: Any, prepend_bos: bool = False) -> tuple[Tensor, Tensor]:
+    """Token ids and mask of texts, padded on the tokenizer's side with its pad (else end-of-text, else 0) id.
+
+    With ``prepend_bos``, every text starts with the tokenizer's bos id (else its eos id), in front of the text and
+    behind any left padding: the bos is each sequence's first real token.
+    """
+    if not isinstance(prepend_bos, bool):
+        raise TypeError(f"prepend_bos must be True or False, got {prepend_bos!r}")
+    if prepend_bos and getattr(tokenizer, "add_bos_token", False) is True:
+        raise ValueError(
+            "prepend_bos=True, but the tokenizer already puts a bos token in front of every text (add_bos_token=True):"
+            " the text would start with two; drop prepend_bos"
+        )
     rows = [list(tokenizer(text)["input_ids"]) for text in texts]
     if any(not row for row in rows):
         raise ValueError("a text tokenizes to no tokens at all")
+    if prepend_bos:
+        bos = _bos_id(tokenizer)
+        rows = [[bos, *row] for row in rows]
     pad = tokenizer.pad_token_id
     pad = tokenizer.eos_token_id if pad is None else pad
     pad = 0 if pad is None else int(pad)
@@ -120,6 +146,7 @@ def trace(
     store: str | Iterable[str] = ("pattern",),
     tokenizer: Any = None,
     position_ids: Tensor | Any | None = None,
+    prepend_bos: bool = False,
 ) -> AttentionTrace:
     """Run a GPT-2 model on some inputs and keep the attention of the layers asked for.
 
@@ -141,15 +168,20 @@ def trace(
             ``"result"`` (see :class:`AttentionTrace`).
         tokenizer: turns texts into ids, and gives the token strings kept for display.
         position_ids: ``[batch, pos]`` positions, passed to the model as given.
+        prepend_bos: with text, put the tokenizer's bos token (else its eos token; GPT-2's ``<|endoftext|>``) in
+            front of every text, as GPT-2 is usually run; it is then each sequence's first real token (behind any
+            left padding). Default ``False``: the text's own tokens only. Token ids are used as given, so with ids
+            it is refused: put the id in front yourself.
 
     Returns:
         The :class:`AttentionTrace`.
 
     Raises:
         ValueError: bad ``layers`` / ``heads`` (not integers, out of range, repeated), unknown ``store`` names, text
-            without a tokenizer, or inputs that :func:`attnlens.models.gpt2.check_inputs` refuses.
-        TypeError: ``model`` is a name or path (load it first), ``store`` is not names, or ``input_ids`` is not
-            token ids at all.
+            without a tokenizer, ``prepend_bos`` with token ids or with a tokenizer that has no bos/eos token (or
+            adds one itself), or inputs that :func:`attnlens.models.gpt2.check_inputs` refuses.
+        TypeError: ``model`` is a name or path (load it first), ``store`` is not names, ``input_ids`` is not
+            token ids at all, or ``prepend_bos`` is not a bool.
         UnsupportedModelError: not a supported GPT-2 model, an attention kernel outside
             :data:`attnlens.models.gpt2.EXACT_KERNELS`, or attention modules that disagree with the config.
         AttentionCaptureError: a traced layer never ran.
@@ -179,7 +211,13 @@ def trace(
             raise ValueError("input_ids is text; pass tokenizer=... to turn it into token ids (or pass token ids)")
         if attention_mask is not None:
             raise ValueError("attention_mask comes from the tokenizer when input_ids is text; do not pass one")
-        input_ids, attention_mask = _tokenize([input_ids] if isinstance(input_ids, str) else list(input_ids), tokenizer)
+        texts = [input_ids] if isinstance(input_ids, str) else list(input_ids)
+        input_ids, attention_mask = _tokenize(texts, tokenizer, prepend_bos)
+    elif prepend_bos is not False:
+        raise ValueError(
+            "prepend_bos applies to text; token ids are used as given: put the bos id in front of them yourself "
+            "(and a 1 in front of each attention_mask row)"
+        )
     ids, mask, pos = gpt2.check_inputs(model, input_ids, attention_mask, position_ids)
     tokens = None
     if tokenizer is not None:

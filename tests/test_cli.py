@@ -143,6 +143,18 @@ def test_heads_on_demo(capsys) -> None:
     assert "previous_token (highest)" in capsys.readouterr().out
 
 
+def test_heads_prepend_bos(capsys) -> None:
+    from attnlens import load_demo, metrics
+
+    assert main(["heads", "--json", "--top", "16", "--seq-len", "20", "--prepend-bos"]) == 0
+    with_bos = json.loads(capsys.readouterr().out)
+    model, _ = load_demo()
+    expected = metrics.induction_scores(model, seq_len=20, batch=8, seed=0, prepend_bos=True)
+    assert with_bos["induction on repeated random tokens"] == [list(row) for row in metrics.top_heads(expected, 16)]
+    assert main(["heads", "--ids", "1", "2", "--prepend-bos"]) == 2
+    assert "--prepend-bos applies to --text" in capsys.readouterr().err
+
+
 def test_inspect_writes_html_and_png(tmp_path, capsys) -> None:
     html = tmp_path / "view.html"
     assert main(["inspect", "--layer", "0", "--out", str(html)]) == 0

@@ -252,3 +252,247 @@ def test_from_patterns_accepts_any_integers() -> None:
     assert all(type(i) is int for i in tr.layers + tr.heads)
     with pytest.raises(ValueError, match="patterns is empty"):
         AttentionTrace.from_patterns(torch.zeros(0, 1, 4, 3, 3))
+
+
+# ------------------------------------------------------------------------------ exclusions and patterns ---
+
+
+def hand_head() -> torch.Tensor:
+    """[4, 4]: half on the first token, the rest split between the previous token and itself."""
+    return torch.tensor(
+        [
+            [1.0, 0.0, 0.0, 0.0],
+            [0.6, 0.4, 0.0, 0.0],
+            [0.5, 0.3, 0.2, 0.0],
+            [0.5, 0.0, 0.25, 0.25],
+        ]
+    )
+
+
+def test_exclusions_drop_the_keys_and_renormalise_each_row() -> None:
+    tr = single(hand_head())
+    score = metrics.previous_token_scores
+    assert float(score(tr)) == pytest.approx((0.6 + 0.3 + 0.25) / 3)
+    # row 1's previous token is the first token: excluded, so the row no longer counts
+    assert float(score(tr, exclude_bos=True)) == pytest.approx((0.3 / 0.5 + 0.25 / 0.5) / 2)
+    assert float(score(tr, exclude_current_token=True)) == pytest.approx((0.6 / 0.6 + 0.3 / 0.8 + 0.25 / 0.75) / 3)
+    assert float(score(tr, exclude_bos=True, exclude_current_token=True)) == pytest.approx(1.0)
+    # first-token: only the current token can be excluded
+    first = metrics.first_token_scores
+    assert float(first(tr, exclude_current_token=True)) == pytest.approx((0.6 / 0.6 + 0.5 / 0.8 + 0.5 / 0.75) / 3)
+    with pytest.raises(ValueError, match="does not take exclude_bos=True"):
+        first(tr, exclude_bos=True)
+    for fn in (score, first, metrics.duplicate_token_scores, metrics.induction_scores):
+        with pytest.raises(TypeError, match="exclude_current_token must be True or False"):
+            fn(tr, exclude_current_token=1)  # type: ignore[operator]
+        with pytest.raises(TypeError, match="exclude_bos must be True or False"):
+            fn(tr, exclude_bos="no")  # type: ignore[operator]
+    with pytest.raises(TypeError):
+        metrics.entropy(tr, exclude_bos=True)  # type: ignore[call-arg]
+
+
+def test_a_head_with_nothing_left_after_exclusion_scores_nan() -> None:
+    sink = torch.zeros(4, 4)
+    sink[:, 0] = 1.0
+    tr = single(sink, hand_head())
+    scores = metrics.previous_token_scores(tr, exclude_bos=True)[0]
+    assert math.isnan(float(scores[0])) and float(scores[1]) == pytest.approx(1.1 / 2)
+    assert metrics.top_heads(scores[None], 2)[0][:2] == (0, 1)  # NaN ranks last
+    # a row with no probability left is left out for that head only
+    p = torch.stack([hand_head(), hand_head()])
+    p[0, 2] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    tr2 = AttentionTrace.from_patterns(p[None, None])
+    both = metrics.previous_token_scores(tr2, exclude_bos=True)[0]
+    assert both.tolist() == pytest.approx([0.25 / 0.5, (0.3 / 0.5 + 0.25 / 0.5) / 2])
+
+
+def test_exclude_bos_is_each_sequences_first_real_token() -> None:
+    n, pad = 4, 2
+    plain = single(hand_head(), previous(n))
+    left = torch.zeros(2, n + pad, n + pad)
+    left[:, pad:, pad:] = torch.stack([hand_head(), previous(n)])
+    padded = AttentionTrace.from_patterns(left[None, None], attention_mask=torch.tensor([[0] * pad + [1] * n]))
+    for kwargs in (
+        {"exclude_bos": True},
+        {"exclude_current_token": True},
+        {"exclude_bos": True, "exclude_current_token": True},
+    ):
+        fn = metrics.previous_token_scores
+        torch.testing.assert_close(fn(padded, **kwargs), fn(plain, **kwargs), equal_nan=True)
+    torch.testing.assert_close(
+        metrics.first_token_scores(padded, exclude_current_token=True),
+        metrics.first_token_scores(plain, exclude_current_token=True),
+    )
+
+
+def test_duplicate_and_induction_with_exclusions_by_hand() -> None:
+    ids = torch.tensor([[9, 3, 3, 5, 3]])  # 3 repeats right after itself (rows 2 and 4) and at row 4
+    p = torch.zeros(5, 5)
+    p[0, 0] = 1.0
+    p[1] = torch.tensor([0.5, 0.5, 0, 0, 0])
+    p[2] = torch.tensor([0.5, 0.25, 0.25, 0, 0])
+    p[3] = torch.tensor([0.5, 0.1, 0.1, 0.3, 0])
+    p[4] = torch.tensor([0.4, 0.1, 0.2, 0.2, 0.1])
+    tr = AttentionTrace.from_patterns(p[None, None, None], input_ids=ids)
+    dup = metrics.duplicate_token_scores
+    assert float(dup(tr)) == pytest.approx((0.25 + (0.1 + 0.2)) / 2)
+    assert float(dup(tr, exclude_bos=True)) == pytest.approx((0.25 / 0.5 + 0.3 / 0.6) / 2)
+    assert float(dup(tr, exclude_current_token=True)) == pytest.approx((0.25 / 0.75 + 0.3 / 0.9) / 2)
+    # induction: row 2's only candidate is itself (never a target); row 4 -> keys 2 and 3 (after the copies at 1, 2)
+    ind = metrics.induction_scores
+    assert float(ind(tr)) == pytest.approx(0.2 + 0.2)
+    assert float(ind(tr, exclude_bos=True, exclude_current_token=True)) == pytest.approx(0.4 / 0.5)
+
+
+def tl_detection_patterns(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TransformerLens's detection patterns for one sequence, from their documented definitions."""
+    n = ids.shape[-1]
+    prev = torch.zeros(n, n)
+    prev[1:, :-1] = torch.eye(n - 1)
+    dup = (ids[:, None] == ids[None, :]).float().tril(-1)
+    induction = torch.zeros(n, n)
+    induction[:, 1:] = dup[:, :-1]  # shifted one key to the right, then lower triangular: may hit the query
+    return {"previous": prev, "duplicate": dup, "induction": induction.tril()}
+
+
+def tl_detect_head_mul(pattern: torch.Tensor, detection: torch.Tensor) -> torch.Tensor:
+    """detect_head's "mul" score per head of one sequence: sum(P * D) / sum(P), over all rows, no exclusions."""
+    return (pattern * detection).sum((-2, -1)) / pattern.sum((-2, -1))
+
+
+def test_the_documented_conversion_to_transformerlens_detect_head() -> None:
+    model = make_gpt2(n_layer=2)
+    ids = torch.tensor([[0, 5, 7, 7, 2, 5, 7, 9, 2, 5, 7, 7]])  # bos first, a token repeated right after itself
+    tr = attnlens.trace(model, ids)
+    n = ids.shape[-1]
+    tl = tl_detection_patterns(ids[0])
+    ours = {
+        "previous": metrics.previous_token_scores(tr),
+        "duplicate": metrics.duplicate_token_scores(tr),
+        "induction": metrics.pattern_scores(tr, tl["induction"]),  # TL's target, which may be the query itself
+    }
+    for name, detection in tl.items():
+        expected = torch.stack([tl_detect_head_mul(tr.pattern(layer)[0], detection) for layer in tr.layers])
+        rows = (detection != 0).any(-1).sum()  # |R|: the rows with a target
+        torch.testing.assert_close(ours[name] * rows / n, expected, rtol=1e-6, atol=1e-7)
+    # attnlens's own induction target leaves out the query itself: the same score without those pairs
+    own = tl["induction"].clone()
+    own.diagonal().zero_()
+    torch.testing.assert_close(metrics.induction_scores(tr), metrics.pattern_scores(tr, own))
+    assert not torch.allclose(metrics.induction_scores(tr), ours["induction"])
+    # several sequences of one length: TL averages per-sequence scores, attnlens pools rows
+    batch = torch.stack([ids[0], ids[0].roll(3)])
+    trb = attnlens.trace(model, batch)
+    pooled = metrics.duplicate_token_scores(trb)
+    per_seq = [
+        torch.stack(
+            [
+                tl_detect_head_mul(trb.pattern(layer)[b], tl_detection_patterns(batch[b])["duplicate"])
+                for layer in (0, 1)
+            ]
+        )
+        for b in range(2)
+    ]
+    rows = sum(int((tl_detection_patterns(row)["duplicate"] != 0).any(-1).sum()) for row in batch)
+    torch.testing.assert_close(pooled * rows / (2 * n), torch.stack(per_seq).mean(0), rtol=1e-6, atol=1e-7)
+
+
+def test_pattern_scores_reproduce_the_built_in_scores() -> None:
+    model = make_gpt2(n_layer=2)
+    ids = random_ids(model, 3, 14, seed=4)
+    ids[:, 7:] = ids[:, :7]
+    mask = torch.ones_like(ids)
+    mask[2, :3] = 0  # left padding in one sequence
+    tr = attnlens.trace(model, ids, mask)
+    n = ids.shape[1]
+
+    def dup(t: torch.Tensor) -> torch.Tensor:
+        # the function sees the padding's ids too: a copy in the padding is no copy
+        real = mask.bool()
+        return (t[:, :, None] == t[:, None, :]).tril(-1) & real[:, :, None] & real[:, None, :]
+
+    def induction(t: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(t.shape[0], n, n, dtype=torch.bool)
+        out[:, :, 1:] = dup(t)[:, :, :-1]
+        return out.tril(-1)
+
+    prev = torch.zeros(n, n).diagonal_scatter(torch.ones(n - 1), -1)
+    for kwargs in ({}, {"exclude_bos": True}, {"exclude_current_token": True}):
+        assert torch.equal(metrics.pattern_scores(tr, prev, **kwargs), metrics.previous_token_scores(tr, **kwargs))
+        assert torch.equal(metrics.pattern_scores(tr, dup, **kwargs), metrics.duplicate_token_scores(tr, **kwargs))
+        assert torch.equal(metrics.pattern_scores(tr, induction, **kwargs), metrics.induction_scores(tr, **kwargs))
+    # a [batch, q_pos, k_pos] tensor is the function's result; a function may return [q_pos, k_pos]
+    assert torch.equal(metrics.pattern_scores(tr, dup(ids)), metrics.pattern_scores(tr, dup))
+    assert torch.equal(metrics.pattern_scores(tr, lambda t: prev), metrics.pattern_scores(tr, prev))
+    # input_ids go to the function
+    other = ids.roll(1, dims=-1)
+    assert torch.equal(metrics.pattern_scores(tr, dup, input_ids=other), metrics.pattern_scores(tr, dup(other)))
+    assert not torch.equal(metrics.pattern_scores(tr, dup, input_ids=other), metrics.pattern_scores(tr, dup))
+
+
+def test_pattern_scores_weights_by_hand() -> None:
+    tr = single(hand_head(), uniform(4))
+    d = torch.zeros(4, 4)
+    d[2, 0], d[3, 2] = 1.0, 0.5  # non-binary weights: a weighted sum
+    assert metrics.pattern_scores(tr, d)[0].tolist() == pytest.approx([(0.5 + 0.5 * 0.25) / 2, (1 / 3 + 0.5 / 4) / 2])
+    # weight on padding is dropped, and a row with weight only there does not count
+    masked = AttentionTrace.from_patterns(hand_head()[None, None, None], attention_mask=torch.tensor([[1, 1, 1, 0]]))
+    assert float(metrics.pattern_scores(masked, d)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "error", "words"),
+    [
+        (torch.ones(3, 3).tril(), ValueError, r"has shape \(3, 3\); the trace needs \[q_pos, k_pos\] = \[4, 4\]"),
+        (torch.ones(2, 4, 4).tril(), ValueError, r"\[batch, q_pos, k_pos\] = \[1, 4, 4\]"),
+        (torch.ones(1, 1, 4, 4).tril(), ValueError, "has shape"),
+        (-torch.eye(4), ValueError, "negative weights"),
+        (torch.eye(4) * float("nan"), ValueError, "NaN or infinite"),
+        (torch.ones(4, 4), ValueError, "after their query"),
+        (torch.eye(4, dtype=torch.complex64), ValueError, "real weights"),
+        (torch.zeros(4, 4), ValueError, "the pattern score is undefined"),
+        ("induction_head", TypeError, "got the name 'induction_head'.*induction_scores"),
+        ([[1.0]], TypeError, "got list"),
+        (lambda ids: ids.tolist(), TypeError, r"detection_pattern\(input_ids\) must return a tensor"),
+        (lambda ids: torch.ones(5, 5).tril(), ValueError, r"detection_pattern\(input_ids\) has shape \(5, 5\)"),
+    ],
+)
+def test_pattern_scores_refuses_bad_patterns_by_name(pattern, error, words) -> None:
+    tr = single(hand_head())
+    with pytest.raises(error, match=words):
+        metrics.pattern_scores(tr, pattern)
+
+
+def test_induction_on_repeated_tokens_with_bos_and_exclusions() -> None:
+    model = make_gpt2(n_layer=2, n_positions=32)
+    scores = metrics.induction_scores(model, seq_len=8, batch=3, seed=1, prepend_bos=True)
+    g = torch.Generator().manual_seed(1)
+    half = torch.randint(0, model.config.vocab_size, (3, 8), generator=g)
+    ids = torch.cat([torch.zeros(3, 1, dtype=torch.long), half, half], -1)  # the config's bos id is 0
+    tr = attnlens.trace(model, ids)
+    rows, keys = torch.arange(9, 17), torch.arange(2, 10)
+    by_hand = torch.stack([tr.pattern(layer)[:, :, rows, keys].mean((0, 2)) for layer in (0, 1)])
+    torch.testing.assert_close(scores, by_hand)
+    assert not torch.allclose(scores, metrics.induction_scores(model, seq_len=8, batch=3, seed=1))
+    target = torch.zeros(17, 17)
+    target[rows, keys] = 1.0
+    for kwargs in ({"exclude_bos": True}, {"exclude_current_token": True}):
+        torch.testing.assert_close(
+            metrics.induction_scores(model, seq_len=8, batch=3, seed=1, prepend_bos=True, **kwargs),
+            metrics.pattern_scores(tr, target, **kwargs),
+        )
+    # the default seq_len leaves room for the bos token: min(50, (32 - 1) // 2) = 15
+    assert metrics.induction_scores(model, prepend_bos=True, batch=1).shape == (2, 4)
+    with pytest.raises(ValueError, match=r"seq_len must be in \[2, 15\] \(twice it plus the bos token"):
+        metrics.induction_scores(model, seq_len=16, prepend_bos=True)
+    with pytest.raises(ValueError, match="prepend_bos applies to the test on a model"):
+        metrics.induction_scores(tr, prepend_bos=True)
+    with pytest.raises(TypeError, match="prepend_bos must be True or False"):
+        metrics.induction_scores(model, prepend_bos=None)  # type: ignore[arg-type]
+    model.config.bos_token_id = None
+    model.config.eos_token_id = None
+    with pytest.raises(ValueError, match="no integer bos_token_id or eos_token_id"):
+        metrics.induction_scores(model, seq_len=8, prepend_bos=True)
+    model.config.eos_token_id = 500
+    with pytest.raises(ValueError, match="eos_token_id 500 is outside the vocabulary"):
+        metrics.induction_scores(model, seq_len=8, prepend_bos=True)

@@ -719,3 +719,59 @@ def test_config_output_switches_change_nothing(switches: dict[str, Any], impleme
     assert model_state(model) == before
     for key, value in switches.items():
         assert getattr(model.config, key) == value
+
+
+# ------------------------------------------------------------------------------------------- prepend_bos ---
+
+
+def bos_tokenizer(padding_side: str = "right", **special: str) -> Any:
+    """The word tokenizer plus a ``<bos>`` word (id 8), with the special tokens given (e.g. bos_token="<bos>")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "the", "cat", "sat", "on", "mat", "a", "dog", "<bos>"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", padding_side=padding_side, **special
+    )
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("special", [{"bos_token": "<bos>"}, {"eos_token": "<bos>"}], ids=["bos", "eos_fallback"])
+def test_prepend_bos_puts_the_bos_id_first_behind_any_padding(side: str, special: dict[str, str]) -> None:
+    model = make_gpt2()
+    tok = bos_tokenizer(side, **special)
+    tr = attnlens.trace(model, ["the cat sat", "a dog"], tokenizer=tok, prepend_bos=True)
+    rows = [[8, 1, 2, 3], [8, 6, 7, 0]] if side == "right" else [[8, 1, 2, 3], [0, 8, 6, 7]]
+    assert tr.input_ids.tolist() == rows
+    assert tr.attention_mask.tolist() == [[int(i != 0) for i in row] for row in rows]
+    assert tr.tokens is not None and tr.tokens[0] == ["<bos>", "the", "cat", "sat"]
+    direct = attnlens.trace(model, tr.input_ids, tr.attention_mask)
+    assert torch.equal(direct.patterns, tr.patterns)
+    # the default is the text's own tokens, as before
+    plain = attnlens.trace(model, ["the cat sat", "a dog"], tokenizer=tok)
+    assert plain.input_ids[0].tolist() == [1, 2, 3]
+    assert torch.equal(attnlens.trace(model, ["the cat sat", "a dog"], tokenizer=tok, prepend_bos=False).patterns,
+                       plain.patterns)  # fmt: skip
+
+
+def test_prepend_bos_with_the_demo_tokenizer_uses_endoftext() -> None:
+    model, tok = attnlens.load_demo()
+    tr = attnlens.trace(model, "The cat sat", tokenizer=tok, prepend_bos=True, layers=[0])
+    assert tok.bos_token_id == 0 and tr.input_ids[0, 0] == 0
+    assert tr.tokens is not None and tr.tokens[0][0] == "<|endoftext|>"
+    assert tr.input_ids[0, 1:].tolist() == tok("The cat sat")["input_ids"]
+
+
+def test_prepend_bos_is_refused_where_it_cannot_be_right() -> None:
+    model = make_gpt2()
+    with pytest.raises(ValueError, match="neither a bos nor an eos token"):
+        attnlens.trace(model, "the cat", tokenizer=word_tokenizer(), prepend_bos=True)
+    with pytest.raises(ValueError, match="prepend_bos applies to text"):
+        attnlens.trace(model, torch.tensor([[1, 2]]), prepend_bos=True)
+    with pytest.raises(TypeError, match="prepend_bos must be True or False"):
+        attnlens.trace(model, "the cat", tokenizer=bos_tokenizer(bos_token="<bos>"), prepend_bos="yes")  # type: ignore[arg-type]
+    doubled = bos_tokenizer(bos_token="<bos>")
+    doubled.add_bos_token = True  # a tokenizer that puts the bos in front itself
+    with pytest.raises(ValueError, match="already puts a bos token"):
+        attnlens.trace(model, "the cat", tokenizer=doubled, prepend_bos=True)
