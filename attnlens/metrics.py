@@ -33,7 +33,15 @@ import torch
 from einops import einsum
 from torch import Tensor
 
-from attnlens._detection import check_flag, check_options, detection_weights, excluded_keys, real_pairs, score_keys
+from attnlens._detection import (
+    check_flag,
+    check_options,
+    detection_weights,
+    excluded_keys,
+    first_positions,
+    real_pairs,
+    score_keys,
+)
 from attnlens.errors import UnsupportedModelError
 from attnlens.models import gpt2
 from attnlens.trace import AttentionTrace, trace
@@ -56,15 +64,10 @@ def _valid(tr: AttentionTrace) -> Tensor:
     return tr.attention_mask.to(torch.bool)
 
 
-def _first(valid: Tensor) -> Tensor:
-    """Position of each sequence's first real token, ``[batch]``."""
-    return valid.to(torch.int8).argmax(dim=-1)
-
-
 def _after_first(valid: Tensor) -> Tensor:
     """Real-token rows ``[batch, pos]`` that have at least one real token before them."""
     n_pos = valid.shape[-1]
-    return valid & (torch.arange(n_pos, device=valid.device) > _first(valid)[:, None])
+    return valid & (torch.arange(n_pos, device=valid.device) > first_positions(valid)[:, None])
 
 
 def _mean_over_rows(tr: AttentionTrace, rows: Tensor, per_row: Callable[[Tensor], Tensor], what: str) -> Tensor:
@@ -142,7 +145,7 @@ def first_token_scores(tr: AttentionTrace, *, exclude_bos: bool = False, exclude
         )
     valid = _valid(tr)
     rows = _after_first(valid)
-    first = _first(valid)
+    first = first_positions(valid)
     if exclude_current_token:
         keys = (torch.arange(tr.n_pos, device=valid.device)[None, :] == first[:, None])[:, None, :] & rows[:, :, None]
         excluded = excluded_keys(valid, False, True)
