@@ -391,7 +391,8 @@ def scan(
                 pattern = torch.empty(scores_.shape, dtype=output.dtype, device=scores_.device)
                 _softmax_into(scores_, pattern, None)
                 del scores_
-                values = row_values(pattern, *state["keys"], score_list)
+                duplicate, induction = state["keys"]
+                values = row_values(pattern, duplicate, induction, score_list)
                 del pattern
                 state["sums"][:, :, slot] = batch_sums(values).cpu()
                 # The rows that qualify depend on the tokens only: the same in every layer.
