@@ -446,7 +446,9 @@ def scan(
         with capture.preserved(model), torch.no_grad(), capture.forward_hooks(hooks):
             for round_ in _rounds(batches, group.size):
                 mine = run_batch(round_[group.rank]) if group.rank < len(round_) else None
-                gathered = group.all_gather(torch.zeros(split + len(score_list)) if mine is None else mine)
+                gathered = group.all_gather(
+                    torch.zeros(split + len(score_list), dtype=torch.float64) if mine is None else mine
+                )
                 for batch, partial in zip(round_, gathered, strict=False):  # in global batch order
                     total += partial[:split].view(shape)
                     count += partial[split:].round().to(torch.int64)

@@ -87,6 +87,8 @@ def _item(item: Any, index: int, text_field: str) -> str | list[int]:
         raise TypeError(
             f"data item {index} is a {type(item).__name__}; items must be texts, token-id sequences or dict rows"
         ) from None
+    if ids.ndim == 1 and ids.numel() == 0:
+        return []  # an empty sequence reads as float32; it is an empty document, skipped and counted
     if ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(
             f"data item {index} must be a 1-D sequence of integer token ids, got shape {tuple(ids.shape)} and "

@@ -204,7 +204,7 @@ def test_checkpoint_resumes_to_the_same_result(tiny, tmp_path, monkeypatch) -> N
     with pytest.raises(RuntimeError, match="disk gone"):
         attnlens.scan(tiny, broken(), seq_len=8, batch_size=2, progress=False, checkpoint=path)
     saved = json.loads(path.read_text())
-    assert 0 < saved["position"]
+    assert 0 < saved["position"] < math.ceil(plain.n_windows / 2)  # stopped part way
     resumed = attnlens.scan(tiny, docs, seq_len=8, batch_size=2, progress=False, checkpoint=path)
     assert resumed.to_json() == plain.to_json()
     # A finished checkpoint: the same result again, without running the model.
