@@ -226,3 +226,22 @@ def test_checkpoint_of_other_arguments_model_or_data_is_refused(tiny, tmp_path) 
     path.write_text("{}")
     with pytest.raises(ValueError, match="not an attnlens scan checkpoint"):
         attnlens.scan(tiny, docs, seq_len=8, batch_size=2, progress=False, checkpoint=path)
+
+
+def test_progress_lines_and_the_command(tmp_path, capsys) -> None:
+    from attnlens.cli import main
+
+    out = tmp_path / "demo.json"
+    assert main(["scan", "--seq-len", "64", "--max-tokens", "1280", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "tokens/s" in captured.err  # stderr is no terminal here: plain lines, no tqdm
+    assert "induction" in captured.out and f"wrote {out}" in captured.out
+    result = ScanResult.load(out)
+    assert result.n_windows == 20 and result.top("induction", 1)[0][:2] == (1, 0)  # the demo's induction head
+
+    data = tmp_path / "c.jsonl"
+    data.write_text('{"text": "The cat sat on the mat."}\n{"text": broken\n')
+    assert main(["scan", "--data", str(data), "--seq-len", "4", "--out", str(out), "--quiet"]) == 2
+    assert f"{data}:2: not a JSON object" in capsys.readouterr().err
+    assert main(["scan", str(tmp_path), "--out", str(out)]) == 2
+    assert "--data is needed" in capsys.readouterr().err
