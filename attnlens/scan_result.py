@@ -86,6 +86,26 @@ class ScanResult:
             raise ValueError(f"unknown score {name!r}; this scan has {', '.join(self.scores)}")
         return top_heads(self.mean[name], k, largest=largest, layers=self.layers, heads=self.heads)
 
+    def plot(self, name: str, *, title: str | None = None, **kwargs: Any) -> Any:
+        """A ``[layer, head]`` heatmap of one mean (:func:`attnlens.viz.plot_head_scores`; needs matplotlib).
+
+        Args:
+            name: the score.
+            title: the title (default: the score and the number of tokens).
+            **kwargs: passed on (``ax``, ``cmap``, ``fmt``, ``annotate``).
+
+        Returns:
+            The matplotlib Figure.
+        """
+        from attnlens import viz
+
+        if name not in self.mean:
+            raise ValueError(f"unknown score {name!r}; this scan has {', '.join(self.scores)}")
+        if self.heads != tuple(range(len(self.heads))):
+            raise ValueError(f"plot draws heads 0, 1, ... in order; this scan kept heads {list(self.heads)}")
+        title = f"{name}, mean over {self.n_tokens:,} tokens" if title is None else title
+        return viz.plot_head_scores(self.mean[name], title=title, layers=self.layers, **kwargs)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain Python data (lists, numbers, ``None`` for NaN), as written by :meth:`save`."""
         return {

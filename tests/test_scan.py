@@ -49,8 +49,19 @@ def tiny():
     return make_gpt2(n_positions=32, vocab_size=13)
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 64])
-def test_scan_equals_trace_and_metrics_on_the_same_windows(tiny, batch_size) -> None:
+@pytest.mark.parametrize(
+    ("attn", "dtype", "batch_size"),
+    [
+        ("eager", torch.float32, 1),
+        ("eager", torch.float32, 3),
+        ("eager", torch.float32, 64),
+        ("sdpa", torch.float32, 3),
+        ("eager", torch.bfloat16, 64),  # one batch: the trace's own forward pass, so the same half-precision bits
+        ("sdpa", torch.float16, 64),
+    ],
+)
+def test_scan_equals_trace_and_metrics_on_the_same_windows(attn, dtype, batch_size) -> None:
+    tiny = make_gpt2(n_positions=32, vocab_size=13, attn_implementation=attn).to(dtype)
     docs = token_docs()
     windows, dropped = pack(docs, 16, eot=0)
     result = attnlens.scan(tiny, docs, seq_len=16, batch_size=batch_size, progress=False)
@@ -245,3 +256,17 @@ def test_progress_lines_and_the_command(tmp_path, capsys) -> None:
     assert f"{data}:2: not a JSON object" in capsys.readouterr().err
     assert main(["scan", str(tmp_path), "--out", str(out)]) == 2
     assert "--data is needed" in capsys.readouterr().err
+
+
+def test_plot_draws_a_layer_by_head_heatmap(tiny) -> None:
+    matplotlib = pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'attnlens[viz]')")
+    matplotlib.use("Agg")
+    result = attnlens.scan(tiny, token_docs(), seq_len=16, progress=False, layers=[1])
+    fig = result.plot("entropy")
+    ax = fig.axes[0]
+    assert ax.get_title().startswith("entropy, mean over") and [t.get_text() for t in ax.get_yticklabels()] == ["1"]
+    image = ax.get_images()[0].get_array()
+    assert image.shape == (1, 4) and float(image[0, 2]) == pytest.approx(float(result.mean["entropy"][0, 2]))
+    partial = attnlens.scan(tiny, token_docs(), seq_len=16, progress=False, heads=[3, 1])
+    with pytest.raises(ValueError, match="kept heads"):
+        partial.plot("entropy")

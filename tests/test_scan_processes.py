@@ -53,6 +53,10 @@ def test_one_two_and_three_processes_write_the_same_bytes(tmp_path) -> None:
         assert done.returncode == 0, done.stderr[-3000:]
         outputs[n] = out.read_bytes()
     assert outputs[1] == outputs[2] == outputs[3]
+    # The API in this process (one thread, see conftest) writes the same bytes too.
+    model, tok = attnlens.load_demo()
+    here = attnlens.scan(model, data, tokenizer=tok, seq_len=32, batch_size=2, max_tokens=2400, progress=False)
+    assert here.to_json().encode() == outputs[1]
     result = attnlens.ScanResult.load(tmp_path / "scan2.json")
     assert result.n_windows == 2400 // 32 and result.top("induction", 1)[0][:2] == (1, 0)
 
