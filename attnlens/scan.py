@@ -234,11 +234,14 @@ class _Progress:
             rate = n_tokens / max(self.last - self.start, 1e-9)
             self.note(f"{n_tokens:,} tokens, {rate:,.0f} tokens/s")
 
-    def close(self, n_tokens: int) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def summary(self, n_tokens: int) -> str:
         elapsed = time.perf_counter() - self.start
-        self.note(f"done: {n_tokens:,} tokens in {elapsed:.1f} s ({n_tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
+        return f"done: {n_tokens:,} tokens in {elapsed:.1f} s ({n_tokens / max(elapsed, 1e-9):,.0f} tokens/s)"
+
+    def close(self) -> None:
+        if self.bar is not None:  # also on error: the terminal gets its line back
+            self.bar.close()
+            self.bar = None
 
 
 # ---------------------------------------------------------------------------------------------------- scan ---
@@ -358,8 +361,8 @@ def scan(
     data_hash = hashlib.sha256()
 
     group = _Group(device)
+    report = _Progress(progress and group.rank == 0, None if max_windows is None else max_windows * seq_len)
     try:
-        report = _Progress(progress and group.rank == 0, None if max_windows is None else max_windows * seq_len)
         fingerprint = {}
         saved: dict[str, Any] | None = None
         if checkpoint is not None:
@@ -468,8 +471,10 @@ def scan(
             )
         if checkpoint is not None and group.rank == 0:
             _save_checkpoint(checkpoint, fingerprint, position, data_hash, total, count)
-        report.close(n_windows * seq_len)
+        report.close()
+        report.note(report.summary(n_windows * seq_len))
     finally:
+        report.close()
         group.close()
 
     mean, stderr = _finish(total, count)

@@ -270,3 +270,18 @@ def test_plot_draws_a_layer_by_head_heatmap(tiny) -> None:
     partial = attnlens.scan(tiny, token_docs(), seq_len=16, progress=False, heads=[3, 1])
     with pytest.raises(ValueError, match="kept heads"):
         partial.plot("entropy")
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar(tiny, monkeypatch) -> None:
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    attnlens.scan(tiny, token_docs(), seq_len=16, batch_size=2)
+    text = terminal.getvalue()
+    assert "scan:" in text and "tok/s" in text  # the bar, with its rate
+    assert text.index("tok/s") < text.index("attnlens scan: done:")  # the bar closed before the summary
