@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -34,6 +33,7 @@ from attnlens.errors import AttentionCaptureError
 from attnlens.models import gpt2
 from attnlens.scan_data import Packer
 from attnlens.scan_result import SCORE_NAMES, ScanResult
+from attnlens.scan_state import Group, Progress, check_checkpoint, save_checkpoint, weights_sha256
 from attnlens.trace import _config_sha256, _kernel_specs, _masked_scores, _provenance, _softmax_into
 
 __all__ = ["SCORE_NAMES", "ScanResult", "scan"]
@@ -41,8 +41,6 @@ __all__ = ["SCORE_NAMES", "ScanResult", "scan"]
 # A checkpoint is written after the batch that brings either count past its threshold (or at the end).
 _CHECKPOINT_BATCHES = 64
 _CHECKPOINT_SECONDS = 60.0
-_PROGRESS_SECONDS = 10.0  # plain progress lines, when stderr is not a terminal
-_CHECKPOINT_KIND = "attnlens.scan.checkpoint"
 
 
 # ---------------------------------------------------------------------------------------------- statistics ---
@@ -135,113 +133,6 @@ def _finish(total: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
     stderr = (variance / n).sqrt()
     stderr = torch.where(n >= 2, stderr, torch.full_like(stderr, float("nan")))
     return mean, stderr
-
-
-# -------------------------------------------------------------------------------- processes and checkpoints ---
-
-
-class _Group:
-    """This process's place among the torch.distributed processes (one process when not launched by torchrun)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.created = False
-        self.rank, self.size = 0, 1
-        self.device = torch.device("cpu")
-        import torch.distributed as dist
-
-        if not dist.is_available():
-            return
-        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            self.created = True
-        if dist.is_initialized():
-            self.rank, self.size = dist.get_rank(), dist.get_world_size()
-            if dist.get_backend() == "nccl":
-                self.device = device  # nccl moves CUDA tensors only
-
-    def all_gather(self, x: Tensor) -> list[Tensor]:
-        if self.size == 1:
-            return [x]
-        import torch.distributed as dist
-
-        x = x.to(self.device)
-        out = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(out, x)
-        return [t.cpu() for t in out]
-
-    def broadcast_text(self, text: str | None) -> str | None:
-        """Rank 0's text (or None) on every rank, as bytes in a tensor (never pickled)."""
-        if self.size == 1:
-            return text
-        import torch.distributed as dist
-
-        data = b"" if text is None else text.encode()
-        length = torch.tensor([len(data) if text is not None else -1], dtype=torch.int64, device=self.device)
-        dist.broadcast(length, 0)
-        if int(length) < 0:
-            return None
-        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else None
-        if buffer is None or buffer.numel() != int(length):
-            buffer = torch.empty(int(length), dtype=torch.uint8)
-        buffer = buffer.to(self.device)
-        dist.broadcast(buffer, 0)
-        return bytes(buffer.cpu().tolist()).decode()
-
-    def close(self) -> None:
-        if self.created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def _weights_sha256(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        data = param.detach().reshape(-1).cpu().contiguous()
-        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype};".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _write_atomic(path: str, text: str) -> None:
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
-class _Progress:
-    """tqdm on a terminal (imported only then), plain lines every few seconds otherwise; rank 0 only."""
-
-    def __init__(self, enabled: bool, total: int | None) -> None:
-        self.enabled, self.start, self.last, self.bar = enabled, time.perf_counter(), time.perf_counter(), None
-        if enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc="scan", file=sys.stderr)
-
-    def note(self, text: str) -> None:
-        if self.enabled:
-            print(f"attnlens scan: {text}", file=sys.stderr, flush=True)
-
-    def update(self, tokens: int, n_tokens: int) -> None:
-        if self.bar is not None:
-            self.bar.update(tokens)
-        elif self.enabled and time.perf_counter() - self.last >= _PROGRESS_SECONDS:
-            self.last = time.perf_counter()
-            rate = n_tokens / max(self.last - self.start, 1e-9)
-            self.note(f"{n_tokens:,} tokens, {rate:,.0f} tokens/s")
-
-    def summary(self, n_tokens: int) -> str:
-        elapsed = time.perf_counter() - self.start
-        return f"done: {n_tokens:,} tokens in {elapsed:.1f} s ({n_tokens / max(elapsed, 1e-9):,.0f} tokens/s)"
-
-    def close(self) -> None:
-        if self.bar is not None:  # also on error: the terminal gets its line back
-            self.bar.close()
-            self.bar = None
 
 
 # ---------------------------------------------------------------------------------------------------- scan ---
@@ -360,8 +251,8 @@ def scan(
     position = n_windows = 0  # batches and windows added to `total`
     data_hash = hashlib.sha256()
 
-    group = _Group(device)
-    report = _Progress(progress and group.rank == 0, None if max_windows is None else max_windows * seq_len)
+    group = Group(device)
+    report = Progress(progress and group.rank == 0, None if max_windows is None else max_windows * seq_len)
     try:
         fingerprint = {}
         saved: dict[str, Any] | None = None
@@ -369,7 +260,7 @@ def scan(
             checkpoint = os.fspath(checkpoint)
             fingerprint = {
                 "arguments": hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest(),
-                "model": f"{_config_sha256(config)}:{_weights_sha256(model)}",
+                "model": f"{_config_sha256(config)}:{weights_sha256(model)}",
             }
             text = None
             if group.rank == 0 and os.path.exists(checkpoint):
@@ -377,7 +268,7 @@ def scan(
                     text = file.read()
             text = group.broadcast_text(text)
             if text is not None:
-                saved = _check_checkpoint(text, checkpoint, fingerprint)
+                saved = check_checkpoint(text, checkpoint, fingerprint)
                 report.note(f"resuming from {checkpoint} after batch {saved['position']}")
 
         state: dict[str, Any] = {}
@@ -462,7 +353,7 @@ def scan(
                 due = position - last_saved >= _CHECKPOINT_BATCHES
                 if checkpoint is not None and (due or time.perf_counter() - last_time >= _CHECKPOINT_SECONDS):
                     if group.rank == 0:
-                        _save_checkpoint(checkpoint, fingerprint, position, data_hash, total, count)
+                        save_checkpoint(checkpoint, fingerprint, position, data_hash, total, count)
                     last_saved, last_time = position, time.perf_counter()
         if n_windows == 0:
             raise ValueError(
@@ -470,7 +361,7 @@ def scan(
                 f"{packer.n_empty} of them empty, {packer.dropped_tokens} tokens); pass more data or a smaller seq_len"
             )
         if checkpoint is not None and group.rank == 0:
-            _save_checkpoint(checkpoint, fingerprint, position, data_hash, total, count)
+            save_checkpoint(checkpoint, fingerprint, position, data_hash, total, count)
         report.close()
         report.note(report.summary(n_windows * seq_len))
     finally:
@@ -498,31 +389,3 @@ def scan(
         n_windows=n_windows,
         provenance=provenance,
     )
-
-
-def _save_checkpoint(
-    path: str, fingerprint: dict[str, str], position: int, data: Any, total: Tensor, count: Tensor
-) -> None:
-    state = {
-        "kind": _CHECKPOINT_KIND,
-        "fingerprint": fingerprint,
-        "position": position,
-        "data": data.hexdigest(),
-        "sums": total.flatten().tolist(),  # float repr round-trips exactly
-        "count": count.tolist(),
-    }
-    _write_atomic(path, json.dumps(state) + "\n")
-
-
-def _check_checkpoint(text: str, path: str, fingerprint: dict[str, str]) -> dict[str, Any]:
-    try:
-        saved = json.loads(text)
-        ok = saved.get("kind") == _CHECKPOINT_KIND
-    except (json.JSONDecodeError, AttributeError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{path} is not an attnlens scan checkpoint; delete it or name another checkpoint file")
-    for key, what in (("arguments", "other scan arguments"), ("model", "another model (config or weights differ)")):
-        if saved["fingerprint"].get(key) != fingerprint[key]:
-            raise ValueError(f"checkpoint {path} was written for {what}; delete it or scan with the same ones")
-    return dict(saved)
