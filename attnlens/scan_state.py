@@ -38,6 +38,8 @@ class Group:
         if not dist.is_available():
             return
         if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)  # nccl binds this process to the model's GPU, not to a guessed one
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             self.created = True
         if dist.is_initialized():
