@@ -34,11 +34,11 @@ def environment() -> dict[str, str]:
     return env
 
 
-def torchrun(n: int, data: Path, out: Path) -> subprocess.CompletedProcess[str]:
+def torchrun(n: int, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
         "-m", "attnlens.cli", "scan", "--data", str(data), "--seq-len", "32", "--batch-size", "2",
-        "--max-tokens", "2400", "--out", str(out), "--quiet",
+        "--max-tokens", "2400", "--out", str(out), *(extra or ("--quiet",)),
     ]  # fmt: skip
     return subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=300)
 
@@ -57,6 +57,14 @@ def test_one_two_and_three_processes_write_the_same_bytes(tmp_path) -> None:
     model, tok = attnlens.load_demo()
     here = attnlens.scan(model, data, tokenizer=tok, seq_len=32, batch_size=2, max_tokens=2400, progress=False)
     assert here.to_json().encode() == outputs[1]
+
+    # Two processes write a checkpoint (rank 0) and, run again, both resume from it (rank 0 reads, sends it on).
+    checkpoint = tmp_path / "ck.json"
+    for name in ("first.json", "again.json"):
+        done = torchrun(2, data, tmp_path / name, "--checkpoint", str(checkpoint))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (tmp_path / name).read_bytes() == outputs[1]
+    assert "resuming from" in done.stderr and "resuming from" not in done.stdout
     result = attnlens.ScanResult.load(tmp_path / "scan2.json")
     assert result.n_windows == 2400 // 32 and result.top("induction", 1)[0][:2] == (1, 0)
 
