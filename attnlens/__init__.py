@@ -19,8 +19,9 @@ from attnlens.errors import (
 )
 from attnlens.models import extract_weights
 
-# trace and verify are imported eagerly (neither needs transformers nor plotting). Were they lazy, a later
+# trace, verify and scan are imported eagerly (none needs transformers nor plotting). Were they lazy, a later
 # `import attnlens.verify` would bind the name `attnlens.verify` to the module instead of the function.
+from attnlens.scan import ScanResult, scan
 from attnlens.trace import AttentionTrace, trace
 from attnlens.verify import VerificationReport, VerificationRow, verify
 from attnlens.weights import FactoredMatrix, LayerNormWeights, LayerWeights, MLPWeights, ModelWeights
@@ -39,6 +40,7 @@ __all__ = [
     "LayerWeights",
     "MLPWeights",
     "ModelWeights",
+    "ScanResult",
     "StaleWeightsError",
     "UnknownConfigWarning",
     "UnsupportedModelError",
@@ -49,6 +51,7 @@ __all__ = [
     "functional",
     "load_demo",
     "metrics",
+    "scan",
     "strict_config",
     "trace",
     "verify",

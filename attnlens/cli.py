@@ -1,7 +1,7 @@
 """The ``attnlens`` command: quick looks at a GPT-2 checkpoint from a terminal.
 
-``attnlens weights | verify | heads | inspect [MODEL]``. MODEL is a hub name or a local checkpoint folder; without one,
-the embedded demo checkpoint is used, so every command works offline.
+``attnlens weights | verify | heads | inspect | scan [MODEL]``. MODEL is a hub name or a local checkpoint folder;
+without one, the embedded demo checkpoint is used, so every command works offline.
 
 Exit status: 0 on success, 1 when ``verify`` finds a mismatch, 2 on a usage error (a bad option value, a checkpoint
 that cannot be loaded, an unusable device, a missing optional dependency), reported as one line on stderr.
@@ -200,6 +200,51 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Scan a corpus (or, with neither MODEL nor --data, the demo's held-out text) and write the statistics as JSON."""
+    import os
+    import random
+
+    from attnlens.scan import scan
+
+    if args.data is None and args.model is not None:
+        raise ValueError("--data is needed with a MODEL: a .txt file (blank-line-separated documents) or a .jsonl file")
+    # Under torchrun each process takes its own GPU: --device cuda means cuda:LOCAL_RANK.
+    if args.device == "cuda" and "LOCAL_RANK" in os.environ:
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    model, tokenizer = _load(args)
+    if args.data is None:
+        from attnlens.demo.train import make_corpus
+
+        # The demo trainer's own generator, with the seed of its held-out text (training seed 0 + 10000).
+        data: Any = make_corpus(random.Random(10_000), 400)
+    else:
+        data = args.data
+    result = scan(
+        model,
+        data,
+        tokenizer=tokenizer,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        progress=not args.quiet,
+        checkpoint=args.checkpoint,
+        text_field=args.text_field,
+    )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # every process holds the result; the first writes it
+    result.save(args.out)
+    if not args.quiet:
+        print(f"{result.n_tokens:,} tokens in {result.n_windows:,} windows of {args.seq_len or 'n_ctx'} tokens")
+        width = max(len(name) for name in result.scores)
+        for name in result.scores:
+            lowest = name in ("entropy", "distance")  # sharp, local heads first
+            cells = "  ".join(f"L{i}H{j} {v:.3f}" for i, j, v in result.top(name, args.top, largest=not lowest))
+            print(f"{name:<{width}}  {'lowest ' if lowest else 'highest'}  {cells}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnlens", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -254,6 +299,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--head", type=int)
     p.add_argument("--out", required=True, help="FILE.png, FILE.svg, FILE.pdf or FILE.html")
     p.set_defaults(func=cmd_inspect)
+    p = command("scan", "head statistics over a corpus, written as JSON (works under torchrun)")
+    p.add_argument("--data", help="a .txt (blank-line-separated documents) or .jsonl file (default: demo text)")
+    p.add_argument("--text-field", default="text", help="the field holding the text in .jsonl lines")
+    p.add_argument("--seq-len", type=int, help="tokens per window (default: the model's n_ctx)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--max-tokens", type=int, help="scan at most this many tokens")
+    p.add_argument("--out", default="scan.json", help="the JSON file to write (default scan.json)")
+    p.add_argument("--checkpoint", help="save partial sums here every few batches; resume from it if it exists")
+    p.add_argument("--top", type=int, default=3, help="heads to list per score")
+    p.add_argument("--quiet", action="store_true", help="no progress and no summary")
+    p.set_defaults(func=cmd_scan)
     return parser
 
 

@@ -135,6 +135,57 @@ def _provenance(model: Any, sites: gpt2.Sites) -> dict[str, str]:
     }
 
 
+def _masked_scores(
+    q: Tensor,
+    k: Tensor,
+    spec: tuple[float, bool, Any],
+    blocked: Tensor,
+    *,
+    contiguous_k: bool,
+) -> Tensor:
+    """A layer's scaled scores ``[batch, head, q_pos, k_pos]`` in the model's kernel arithmetic, ``-inf`` if blocked.
+
+    ``spec`` is ``(scale, upcast, divisors)`` of the layer; ``contiguous_k`` matches a kernel that reads the keys
+    back from its cache (contiguous), whose matmul rounds differently from one on a strided view.
+    """
+    scale, upcast, divisors = spec
+    k_c = k.contiguous() if contiguous_k else k
+    scores = functional.attention_scores(q, k_c, scale, upcast=upcast, divisors=divisors)
+    # The same maths as functional.masked_softmax, but in place on the scores (which are ours).
+    scores.masked_fill_(blocked, float("-inf"))
+    return scores
+
+
+def _softmax_into(scores: Tensor, out: Tensor, dead: Tensor | None) -> None:
+    """Soft-max masked ``scores`` straight into ``out`` (a layer's pattern is allocated once, never copied).
+
+    Half scores are soft-maxed in float32 and cast to ``out``'s dtype; rows in ``dead`` (no key to attend to) are 0.
+    """
+    if scores.dtype == out.dtype and scores.dtype not in _HALF:
+        torch.softmax(scores, dim=-1, out=out)
+    else:
+        out.copy_(torch.softmax(scores.float(), dim=-1))
+    if dead is not None:
+        out.masked_fill_(dead, 0.0)
+
+
+def _kernel_specs(model: Any, *, stacklevel: int) -> list[tuple[float, bool, Any]]:
+    """``(scale, upcast, divisors)`` per layer, in the arithmetic of the kernel the model runs (warns as trace does)."""
+    d_head = model.config.n_embd // model.config.n_head
+    specs = [(w.scale, w.upcast, w.score_divisors) for w in gpt2.extract(model).layers]
+    if gpt2.kernel_ignores_scale_flags(model):
+        warnings.warn(
+            f"transformers {_transformers_version()} runs this model's {gpt2.attn_implementation(model)!r} attention "
+            "without the scale its attention modules ask for (scale_attn_weights / scale_attn_by_inverse_layer_idx): "
+            "the model computes softmax(q k^T / sqrt(d_head)), and so does this scan; load it with "
+            "attn_implementation='eager' for the config's maths",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+        specs = [(d_head**-0.5, upcast, None) for _, upcast, _ in specs]
+    return specs
+
+
 @capture.one_at_a_time
 def trace(
     model: Any,
@@ -276,24 +327,14 @@ def trace(
             if head_index is not None:
                 q, k, v = (x.index_select(1, head_index) for x in (q, k, v))
             if "pattern" in names or "scores" in names:
-                k_c = k.contiguous() if contiguous_k else k
-                scores = functional.attention_scores(q, k_c, scale, upcast=upcast, divisors=divisors)
-                # The same maths as functional.masked_softmax, but in place on the scores (which are ours) and with
-                # the softmax written straight into the stack: a layer's pattern is allocated once, never copied.
-                scores.masked_fill_(blocked, float("-inf"))
+                scores = _masked_scores(q, k, (scale, upcast, divisors), blocked, contiguous_k=contiguous_k)
                 if "scores" in names:
                     put("scores", slot, scores)
                 if "pattern" in names:
                     if "pattern" not in stacks:
                         shape = (len(layer_list), *scores.shape)
                         stacks["pattern"] = torch.empty(shape, dtype=v.dtype, device=scores.device)
-                    out = stacks["pattern"][slot]
-                    if scores.dtype == out.dtype and scores.dtype not in _HALF:
-                        torch.softmax(scores, dim=-1, out=out)
-                    else:  # half scores are soft-maxed in float32; the stack has the model's dtype
-                        out.copy_(torch.softmax(scores.float(), dim=-1))
-                    if dead is not None:
-                        out.masked_fill_(dead, 0.0)
+                    _softmax_into(scores, stacks["pattern"][slot], dead)
                 del scores
             for name, x in (("q", q), ("k", k), ("v", v)):
                 if name in names:

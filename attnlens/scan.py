@@ -1,0 +1,391 @@
+"""scan(): per-head attention statistics over a whole corpus, streamed, resumable, and torch.distributed-aware.
+
+The corpus is tokenized and packed into windows (:mod:`attnlens.scan_data`), run through the model in batches, and
+each scanned layer's pattern is computed inside a hook on its fused q/k/v projection, exactly as :func:`attnlens.trace`
+computes it, then reduced at once to per-head sums: no pattern outlives its layer. Per batch, the sums, sums of
+squares and row counts are taken in float64, and the per-batch sums are added in global batch order, so the result is
+the same bit for bit whatever the number of processes (given the same device type, torch build and thread count per
+process) and whether or not the scan was interrupted and resumed.
+
+Caveats:
+
+* Every process reads and tokenizes the whole corpus (the windows must be cut identically everywhere); only the
+  forward passes are shared out. Tokenization is rarely the cost that matters.
+* Windows are full (no padding), so every query row ``i`` sees keys ``0..i`` of its window; the window's first token
+  plays the part of a sequence's first token, even where it lies inside a document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnlens import capture, functional
+from attnlens._indices import check_indices
+from attnlens.errors import AttentionCaptureError
+from attnlens.models import gpt2
+from attnlens.scan_data import Packer
+from attnlens.scan_result import SCORE_NAMES, ScanResult
+from attnlens.scan_state import Group, Progress, check_checkpoint, save_checkpoint, weights_sha256
+from attnlens.trace import _config_sha256, _kernel_specs, _masked_scores, _provenance, _softmax_into
+
+__all__ = ["SCORE_NAMES", "ScanResult", "scan"]
+
+# A checkpoint is written after the batch that brings either count past its threshold (or at the end).
+_CHECKPOINT_BATCHES = 64
+_CHECKPOINT_SECONDS = 60.0
+
+
+# ---------------------------------------------------------------------------------------------- statistics ---
+
+
+def token_keys(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Key sets ``[batch, q_pos, k_pos]`` (bool) of the duplicate-token and induction scores of full windows.
+
+    ``duplicate[b, i, j]``: ``j < i`` and ``t[b, j] == t[b, i]``; ``induction[b, i, j + 1]``: ``j + 1 < i`` and
+    ``t[b, j] == t[b, i]`` (as :func:`attnlens.metrics.duplicate_token_scores` and ``induction_scores`` on a trace).
+    """
+    same = ids[:, :, None] == ids[:, None, :]
+    earlier = torch.ones_like(same[0]).tril(-1)
+    induction = torch.zeros_like(same)
+    induction[:, :, 1:] = same[:, :, :-1]
+    return same & earlier, induction & earlier
+
+
+def row_values(
+    pattern: Tensor, duplicate: Tensor, induction: Tensor, names: Iterable[str] = SCORE_NAMES
+) -> list[tuple[Tensor, Tensor]]:
+    r"""Per-row values ``[batch, head, q_pos]`` (float32) and qualifying rows ``[batch, q_pos]`` of some scores.
+
+    With ``P`` the pattern of a full window (no padding) and ``R`` a score's rows:
+
+    * ``previous_token``: ``P[i, i-1]``, rows ``i >= 1``;
+    * ``duplicate_token``: ``sum_{j < i, t_j = t_i} P[i, j]``, rows with such a ``j``;
+    * ``induction``: ``sum_{j + 1 < i, t_j = t_i} P[i, j+1]``, rows with such a ``j``;
+    * ``first_token``: ``P[i, 0]``, rows ``i >= 1``;
+    * ``entropy``: ``-sum_j P[i, j] log P[i, j]`` in nats, rows ``i >= 1``;
+    * ``distance``: ``sum_j P[i, j] (i - j)``, the mean distance attended back, rows ``i >= 1``;
+    * ``self``: ``P[i, i]``, rows ``i >= 1``.
+
+    The first five are :mod:`attnlens.metrics`'s definitions; row 0 is left out of the last two as of entropy (it
+    can attend only to itself).
+
+    Args:
+        pattern: ``[batch, head, q_pos, k_pos]``.
+        duplicate: ``[batch, q_pos, k_pos]`` key set from :func:`token_keys`.
+        induction: ``[batch, q_pos, k_pos]`` key set from :func:`token_keys`.
+        names: the scores wanted, from :data:`SCORE_NAMES`.
+
+    Returns:
+        ``(values, rows)`` per score, in the order of ``names``.
+    """
+    p = pattern.to(torch.float32)
+    batch, _, n_pos, _ = p.shape
+    after_first = torch.ones(batch, n_pos, dtype=torch.bool, device=p.device)
+    after_first[:, 0] = False
+
+    def on_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
+        return (p * keys.to(torch.float32).unsqueeze(1)).sum(dim=-1), keys.any(dim=-1)
+
+    def distance() -> Tensor:
+        positions = torch.arange(n_pos, device=p.device, dtype=torch.float32)
+        return (p * (positions[:, None] - positions[None, :]).clamp_(min=0)).sum(dim=-1)
+
+    compute = {
+        "previous_token": lambda: torch.nn.functional.pad(torch.diagonal(p, offset=-1, dim1=-2, dim2=-1), (1, 0)),
+        "first_token": lambda: p[..., 0],
+        "entropy": lambda: -torch.special.xlogy(p, p).sum(dim=-1),
+        "distance": distance,
+        "self": lambda: torch.diagonal(p, dim1=-2, dim2=-1),
+    }
+    out = []
+    for name in names:
+        if name == "duplicate_token":
+            out.append(on_keys(duplicate))
+        elif name == "induction":
+            out.append(on_keys(induction))
+        else:
+            out.append((compute[name](), after_first))
+    return out
+
+
+def batch_sums(values: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``[2, score, head]`` float64 sums and sums of squares over each score's rows (the rest is zeroed)."""
+    out = []
+    for value, rows in values:
+        v = value.to(torch.float64) * rows.unsqueeze(1)
+        out.append(torch.stack([v.sum(dim=(0, 2)), (v * v).sum(dim=(0, 2))]))
+    return torch.stack(out, dim=1)
+
+
+def _finish(total: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and standard error ``[score, layer, head]`` from sums ``[2, score, layer, head]`` and ``count [score]``."""
+    n = count.to(torch.float64).view(-1, 1, 1)
+    mean = total[0] / n
+    variance = ((total[1] - total[0] * mean) / (n - 1)).clamp(min=0)
+    stderr = (variance / n).sqrt()
+    stderr = torch.where(n >= 2, stderr, torch.full_like(stderr, float("nan")))
+    return mean, stderr
+
+
+# ---------------------------------------------------------------------------------------------------- scan ---
+
+
+def _rounds(batches: Iterator[Tensor], size: int) -> Iterator[list[Tensor]]:
+    round_: list[Tensor] = []
+    for batch in batches:
+        round_.append(batch)
+        if len(round_) == size:
+            yield round_
+            round_ = []
+    if round_:
+        yield round_
+
+
+@capture.one_at_a_time
+def scan(
+    model: Any,
+    data: Any,
+    *,
+    tokenizer: Any = None,
+    scores: Iterable[str] | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    layers: int | Iterable[int] | None = None,
+    heads: int | Iterable[int] | None = None,
+    progress: bool = True,
+    checkpoint: str | os.PathLike[str] | None = None,
+    text_field: str = "text",
+) -> ScanResult:
+    """Per-head attention statistics of a GPT-2 model over a corpus: mean, standard error and row count.
+
+    The data is packed into windows of ``seq_len`` tokens (each document preceded by the end-of-text token; the
+    tokens after the last full window are dropped and counted in ``provenance["dropped_tokens"]``), run in batches
+    of ``batch_size`` windows, and each layer's pattern, computed as :func:`attnlens.trace` computes it, is reduced
+    inside the layer's hook: memory beyond the model is a few patterns of one layer for one batch, whatever the
+    corpus size. The statistics are defined in :func:`row_values`.
+
+    Under ``torchrun`` (or in an initialised ``torch.distributed`` group) every process takes every ``N``-th batch;
+    the per-batch sums are gathered and added in batch order on every process, so every process returns the same
+    result, bit for bit the one of a single process. Collectives use gloo on CPU and nccl when the model is on CUDA
+    (each process's model on its own device).
+
+    Args:
+        model: a Hugging Face GPT-2 model of any supported class (left exactly as found).
+        data: a path to a ``.txt`` (blank-line-separated documents) or ``.jsonl`` file, an iterable of texts, of
+            token-id sequences, or of dict rows (a Hugging Face ``datasets`` Dataset); see :mod:`attnlens.scan_data`.
+        tokenizer: tokenizes texts; its ``eos_token_id`` separates documents (else the config's ``eos_token_id``).
+        scores: the statistics to compute, a subset of :data:`SCORE_NAMES` (default all).
+        seq_len: tokens per window (default the model's ``n_ctx``).
+        batch_size: windows per forward pass.
+        max_tokens: scan at most this many tokens (``max_tokens // seq_len`` windows); default the whole data.
+        layers: the layers to scan (default all); the forward pass stops after the last of them.
+        heads: the heads to keep (default all).
+        progress: report progress on stderr (tqdm on a terminal, else a line every few seconds), rank 0 only.
+        checkpoint: a file to save partial sums to every few batches (atomically); when it exists, the scan
+            resumes from it, after checking that it was written for the same arguments, model and data.
+        text_field: the field holding the text in ``.jsonl`` lines and dict rows.
+
+    Returns:
+        The :class:`ScanResult` (on every process).
+
+    Raises:
+        ValueError: bad arguments, data with no full window, bad data (see :mod:`attnlens.scan_data`), or a
+            checkpoint written for other arguments, another model or other data (named).
+        UnsupportedModelError: as :func:`attnlens.trace`.
+    """
+    sites = gpt2.sites(model)
+    gpt2.check_kernel(model)
+    config = model.config
+    score_list = SCORE_NAMES if scores is None else tuple(s for s in SCORE_NAMES if s in set(scores))
+    unknown = sorted(set(SCORE_NAMES if scores is None else scores) - set(SCORE_NAMES))
+    if unknown or not score_list:
+        raise ValueError(f"unknown or no score names {unknown}; choose from {', '.join(SCORE_NAMES)}")
+    seq_len = int(config.n_positions) if seq_len is None else seq_len
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if seq_len < 2 or seq_len > config.n_positions:
+        raise ValueError(f"seq_len must lie in [2, {config.n_positions}] (n_ctx), got {seq_len}")
+    max_windows = None
+    if max_tokens is not None:
+        max_windows = int(max_tokens) // seq_len
+        if max_windows < 1:
+            raise ValueError(f"max_tokens={max_tokens} is less than one window of seq_len={seq_len} tokens")
+    layer_list = check_indices(layers, config.n_layer, "layers")
+    head_list = check_indices(heads, config.n_head, "heads")
+    eot = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    eot = config.eos_token_id if eot is None else eot
+    if eot is None:
+        raise ValueError("no end-of-text token id: neither the tokenizer nor the model config has an eos_token_id")
+
+    device = sites.embed.weight.device
+    n_head = config.n_head
+    specs = _kernel_specs(model, stacklevel=3)
+    contiguous_k = bool(getattr(config, "use_cache", False))
+    blocked = ~functional.causal_mask(seq_len, device=device)
+    head_index = None if head_list == tuple(range(n_head)) else torch.tensor(head_list, device=device)
+    slots = {layer: slot for slot, layer in enumerate(layer_list)}
+    last = max(layer_list)
+    arguments = {
+        "scores": list(score_list),
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "max_tokens": max_tokens,
+        "layers": list(layer_list),
+        "heads": list(head_list),
+        "text_field": text_field,
+        "eot_id": int(eot),
+    }
+    shape = (2, len(score_list), len(layer_list), len(head_list))
+    total = torch.zeros(shape, dtype=torch.float64)
+    count = torch.zeros(len(score_list), dtype=torch.int64)
+    position = n_windows = 0  # batches and windows added to `total`
+    data_hash = hashlib.sha256()
+
+    group = Group(device)
+    report = Progress(progress and group.rank == 0, None if max_windows is None else max_windows * seq_len)
+    try:
+        fingerprint = {}
+        saved: dict[str, Any] | None = None
+        if checkpoint is not None:
+            checkpoint = os.fspath(checkpoint)
+            fingerprint = {
+                "arguments": hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest(),
+                "model": f"{_config_sha256(config)}:{weights_sha256(model)}",
+            }
+            text = None
+            if group.rank == 0 and os.path.exists(checkpoint):
+                with open(checkpoint, encoding="utf-8") as file:
+                    text = file.read()
+            text = group.broadcast_text(text)
+            if text is not None:
+                saved = check_checkpoint(text, checkpoint, fingerprint)
+                report.note(f"resuming from {checkpoint} after batch {saved['position']}")
+
+        state: dict[str, Any] = {}
+        done: set[int] = set()
+
+        def on_qkv(layer: int) -> Any:
+            spec, slot = specs[layer], slots[layer]
+
+            def hook(module: nn.Module, args: Any, output: Tensor) -> None:
+                q, k, _ = gpt2.split_qkv(output, n_head)
+                if head_index is not None:
+                    q, k = q.index_select(1, head_index), k.index_select(1, head_index)
+                scores_ = _masked_scores(q, k, spec, blocked, contiguous_k=contiguous_k)
+                pattern = torch.empty(scores_.shape, dtype=output.dtype, device=scores_.device)
+                _softmax_into(scores_, pattern, None)
+                del scores_
+                duplicate, induction = state["keys"]
+                values = row_values(pattern, duplicate, induction, score_list)
+                del pattern
+                state["sums"][:, :, slot] = batch_sums(values).cpu()
+                # The rows that qualify depend on the tokens only: the same in every layer.
+                state["counts"] = torch.stack([rows.sum() for _, rows in values]).to(torch.float64).cpu()
+                done.add(layer)
+                if layer == last:
+                    raise capture.StopForward
+
+            return hook
+
+        def run_batch(ids: Tensor) -> Tensor:
+            ids, _, _ = gpt2.check_inputs(model, ids)
+            state["keys"] = token_keys(ids)
+            state["sums"] = torch.zeros(shape, dtype=torch.float64)
+            done.clear()
+            capture.run_until(
+                lambda: sites.run(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),  # windows are full; said, so the model does not warn
+                    use_cache=contiguous_k,
+                    output_attentions=False,
+                    output_hidden_states=False,
+                    return_dict=True,
+                )
+            )
+            if done != set(layer_list):
+                raise AttentionCaptureError(f"layers {sorted(set(layer_list) - done)} never ran their attention")
+            return torch.cat([state["sums"].flatten(), state["counts"]])
+
+        packer = Packer(seq_len, batch_size, int(eot), tokenizer, max_windows)
+        batches = packer.batches(data, text_field)
+        if saved is not None:  # skip what the checkpoint holds, checking that the data is the same
+            for _ in range(saved["position"]):
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                data_hash.update(batch.numpy().tobytes())
+                n_windows += batch.shape[0]
+            if data_hash.hexdigest() != saved["data"]:
+                raise ValueError(
+                    f"checkpoint {checkpoint} was written for other data (the first {saved['position']} batches "
+                    "differ); delete it or scan the same data"
+                )
+            position = saved["position"]
+            total = torch.tensor(saved["sums"], dtype=torch.float64).view(shape)
+            count = torch.tensor(saved["count"], dtype=torch.int64)
+
+        last_saved, last_time = position, time.perf_counter()
+        split = total.numel()
+        hooks = [(sites.layers[i].qkv, on_qkv(i)) for i in layer_list]
+        with capture.preserved(model), torch.no_grad(), capture.forward_hooks(hooks):
+            for round_ in _rounds(batches, group.size):
+                mine = run_batch(round_[group.rank]) if group.rank < len(round_) else None
+                gathered = group.all_gather(
+                    torch.zeros(split + len(score_list), dtype=torch.float64) if mine is None else mine
+                )
+                for batch, partial in zip(round_, gathered, strict=False):  # in global batch order
+                    total += partial[:split].view(shape)
+                    count += partial[split:].round().to(torch.int64)
+                    data_hash.update(batch.numpy().tobytes())
+                    n_windows += batch.shape[0]
+                    position += 1
+                    report.update(batch.numel(), n_windows * seq_len)
+                due = position - last_saved >= _CHECKPOINT_BATCHES
+                if checkpoint is not None and (due or time.perf_counter() - last_time >= _CHECKPOINT_SECONDS):
+                    if group.rank == 0:
+                        save_checkpoint(checkpoint, fingerprint, position, data_hash, total, count)
+                    last_saved, last_time = position, time.perf_counter()
+        if n_windows == 0:
+            raise ValueError(
+                f"the data holds no full window of seq_len={seq_len} tokens ({packer.n_documents} documents, "
+                f"{packer.n_empty} of them empty, {packer.dropped_tokens} tokens); pass more data or a smaller seq_len"
+            )
+        if checkpoint is not None and group.rank == 0:
+            save_checkpoint(checkpoint, fingerprint, position, data_hash, total, count)
+        report.close()
+        report.note(report.summary(n_windows * seq_len))
+    finally:
+        report.close()
+        group.close()
+
+    mean, stderr = _finish(total, count)
+    provenance = {
+        **_provenance(model, sites),
+        "scan": arguments,
+        "data_sha256": data_hash.hexdigest(),
+        "documents": packer.n_documents,
+        "empty_documents": packer.n_empty,
+        "dropped_tokens": packer.dropped_tokens,
+    }
+    full = (len(layer_list), len(head_list))
+    return ScanResult(
+        scores=score_list,
+        layers=layer_list,
+        heads=head_list,
+        mean={s: mean[i] for i, s in enumerate(score_list)},
+        stderr={s: stderr[i] for i, s in enumerate(score_list)},
+        count={s: count[i].expand(full).clone() for i, s in enumerate(score_list)},
+        n_tokens=n_windows * seq_len,
+        n_windows=n_windows,
+        provenance=provenance,
+    )

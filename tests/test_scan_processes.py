@@ -1,0 +1,120 @@
+"""scan across processes: torchrun with 1, 2 and 3 processes gives the same bytes; a killed scan resumes exactly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import attnlens
+
+ROOT = Path(attnlens.__file__).resolve().parent.parent
+
+
+def corpus(path: Path, n: int = 120) -> Path:
+    import random
+
+    from attnlens.demo.train import make_corpus
+
+    path.write_text("\n\n".join(make_corpus(random.Random(7), n)) + "\n")
+    return path
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    # Same thread count in every process (torchrun sets 1 only when it starts several): matmuls can round
+    # differently with another count.
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def torchrun(n: int, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+        "-m", "attnlens.cli", "scan", "--data", str(data), "--seq-len", "32", "--batch-size", "2",
+        "--max-tokens", "2400", "--out", str(out), *(extra or ("--quiet",)),
+    ]  # fmt: skip
+    return subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_one_two_and_three_processes_write_the_same_bytes(tmp_path) -> None:
+    data = corpus(tmp_path / "corpus.txt")
+    outputs = {}
+    for n in (1, 2, 3):
+        out = tmp_path / f"scan{n}.json"
+        done = torchrun(n, data, out)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[n] = out.read_bytes()
+    assert outputs[1] == outputs[2] == outputs[3]
+    # The API in this process (one thread, see conftest) writes the same bytes too.
+    model, tok = attnlens.load_demo()
+    here = attnlens.scan(model, data, tokenizer=tok, seq_len=32, batch_size=2, max_tokens=2400, progress=False)
+    assert here.to_json().encode() == outputs[1]
+
+    # Two processes write a checkpoint (rank 0) and, run again, both resume from it (rank 0 reads, sends it on).
+    checkpoint = tmp_path / "ck.json"
+    for name in ("first.json", "again.json"):
+        done = torchrun(2, data, tmp_path / name, "--checkpoint", str(checkpoint))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (tmp_path / name).read_bytes() == outputs[1]
+    assert "resuming from" in done.stderr and "resuming from" not in done.stdout
+    result = attnlens.ScanResult.load(tmp_path / "scan2.json")
+    assert result.n_windows == 2400 // 32 and result.top("induction", 1)[0][:2] == (1, 0)
+
+
+CHILD = """
+import importlib, sys, time
+import attnlens
+scan_module = importlib.import_module("attnlens.scan")
+scan_module._CHECKPOINT_BATCHES = 1
+data_path, checkpoint, out, slow = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "slow"
+texts = open(data_path).read().split("\\n\\n")
+
+def documents():
+    for text in texts:
+        if slow:
+            time.sleep(0.03)
+        yield text
+
+model, tok = attnlens.load_demo()
+result = attnlens.scan(model, documents(), tokenizer=tok, seq_len=32, batch_size=2,
+                       checkpoint=None if checkpoint == "-" else checkpoint)
+result.save(out)
+"""
+
+
+@pytest.mark.slow
+def test_a_scan_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path) -> None:
+    data = corpus(tmp_path / "corpus.txt", n=150)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    checkpoint, env = tmp_path / "ck.json", environment()
+
+    def child(ck: str, out: Path, mode: str) -> subprocess.Popen[str]:
+        command = [sys.executable, str(script), str(data), ck, str(out), mode]
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    victim = child(str(checkpoint), tmp_path / "never.json", "slow")
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL, "the scan ended before it could be killed"
+    assert checkpoint.exists() and not (tmp_path / "never.json").exists()
+
+    resumed = child(str(checkpoint), tmp_path / "resumed.json", "fast")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resuming from" in err
+    plain = child("-", tmp_path / "plain.json", "fast")
+    _, err = plain.communicate(timeout=300)
+    assert plain.returncode == 0, err[-3000:]
+    assert (tmp_path / "resumed.json").read_bytes() == (tmp_path / "plain.json").read_bytes()
