@@ -169,7 +169,7 @@ def _softmax_into(scores: Tensor, out: Tensor, dead: Tensor | None) -> None:
         out.masked_fill_(dead, 0.0)
 
 
-def _kernel_specs(model: Any, *, stacklevel: int) -> list[tuple[float, bool, Any]]:
+def _kernel_specs(model: Any, *, stacklevel: int, caller: str) -> list[tuple[float, bool, Any]]:
     """``(scale, upcast, divisors)`` per layer, in the arithmetic of the kernel the model runs (warns as trace does)."""
     d_head = model.config.n_embd // model.config.n_head
     specs = [(w.scale, w.upcast, w.score_divisors) for w in gpt2.extract(model).layers]
@@ -177,7 +177,7 @@ def _kernel_specs(model: Any, *, stacklevel: int) -> list[tuple[float, bool, Any
         warnings.warn(
             f"transformers {_transformers_version()} runs this model's {gpt2.attn_implementation(model)!r} attention "
             "without the scale its attention modules ask for (scale_attn_weights / scale_attn_by_inverse_layer_idx): "
-            "the model computes softmax(q k^T / sqrt(d_head)), and so does this scan; load it with "
+            f"the model computes softmax(q k^T / sqrt(d_head)), and so does this {caller}; load it with "
             "attn_implementation='eager' for the config's maths",
             UserWarning,
             stacklevel=stacklevel + 1,
@@ -278,18 +278,7 @@ def trace(
     n_head = config.n_head
     d_model = config.n_embd
     d_head = d_model // n_head
-    # (scale, upcast, divisors) per layer, in the arithmetic of the kernel the model runs.
-    specs = [(w.scale, w.upcast, w.score_divisors) for w in gpt2.extract(model).layers]
-    if gpt2.kernel_ignores_scale_flags(model):
-        warnings.warn(
-            f"transformers {_transformers_version()} runs this model's {gpt2.attn_implementation(model)!r} attention "
-            "without the scale its attention modules ask for (scale_attn_weights / scale_attn_by_inverse_layer_idx): "
-            "the model computes softmax(q k^T / sqrt(d_head)), and so does this trace; load it with "
-            "attn_implementation='eager' for the config's maths",
-            UserWarning,
-            stacklevel=3,  # past one_at_a_time's wrapper, to the caller
-        )
-        specs = [(d_head**-0.5, upcast, None) for _, upcast, _ in specs]
+    specs = _kernel_specs(model, stacklevel=3, caller="trace")  # past one_at_a_time's wrapper, to the caller
     # The model runs with its own use_cache default. With the cache on, its kernel gets the keys back from the cache,
     # contiguous, and the matmul rounds differently on a strided view: match it to reproduce its numbers bit for bit.
     contiguous_k = bool(getattr(config, "use_cache", False))
