@@ -307,9 +307,6 @@ def scan(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),  # windows are full; said, so the model does not warn
                     use_cache=contiguous_k,
-                    output_attentions=False,
-                    output_hidden_states=False,
-                    return_dict=True,
                 )
             )
             if done != set(layer_list):
@@ -339,13 +336,27 @@ def scan(
         hooks = [(sites.layers[i].qkv, on_qkv(i)) for i in layer_list]
         with capture.preserved(model), torch.no_grad(), capture.forward_hooks(hooks):
             for round_ in _rounds(batches, group.size):
-                mine = run_batch(round_[group.rank]) if group.rank < len(round_) else None
-                gathered = group.all_gather(
-                    torch.zeros(split + len(score_list), dtype=torch.float64) if mine is None else mine
-                )
+                # Every process joins every gather, also one whose batch failed: the others would wait for it forever.
+                # The last entry flags a failure; then every process stops, the failed one with its own error.
+                payload = torch.zeros(split + len(score_list) + 1, dtype=torch.float64)
+                error: Exception | None = None
+                if group.rank < len(round_):
+                    try:
+                        payload[:-1] = run_batch(round_[group.rank])
+                    except Exception as caught:
+                        error, payload[-1] = caught, 1.0
+                gathered = group.all_gather(payload)
+                if error is not None:
+                    raise error
+                failed = [rank for rank, partial in enumerate(gathered) if partial[-1] != 0]
+                if failed:
+                    raise RuntimeError(
+                        f"scan stopped: process {failed[0]} of {group.size} failed on batch {position + failed[0]} "
+                        "(its own error says why); this process stops with it"
+                    )
                 for batch, partial in zip(round_, gathered, strict=False):  # in global batch order
                     total += partial[:split].view(shape)
-                    count += partial[split:].round().to(torch.int64)
+                    count += partial[split:-1].round().to(torch.int64)
                     data_hash.update(batch.numpy().tobytes())
                     n_windows += batch.shape[0]
                     position += 1

@@ -118,3 +118,37 @@ def test_a_scan_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path
     _, err = plain.communicate(timeout=300)
     assert plain.returncode == 0, err[-3000:]
     assert (tmp_path / "resumed.json").read_bytes() == (tmp_path / "plain.json").read_bytes()
+
+
+FAILING = """
+import sys
+import torch
+import attnlens
+from attnlens.models import gpt2
+
+rank = int(sys.argv[2])
+model, tok = attnlens.load_demo()
+if torch.distributed.is_available() and int(__import__("os").environ["RANK"]) == rank:
+    def boom(module, args, output):
+        raise RuntimeError("boom in this process")
+    gpt2.sites(model).layers[1].qkv.register_forward_hook(boom)
+attnlens.scan(model, open(sys.argv[1]).read().split("\\n\\n"), tokenizer=tok, seq_len=32, batch_size=2,
+              max_tokens=2400, progress=False)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_a_failing_process_stops_every_process(tmp_path, failing_rank: int) -> None:
+    """One process's error reaches the others (they would otherwise wait in the gather forever)."""
+    data = corpus(tmp_path / "corpus.txt")
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(script), str(data), str(failing_rank),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "boom in this process" in done.stderr
+    assert f"scan stopped: process {failing_rank} of 2 failed" in done.stderr
