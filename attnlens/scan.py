@@ -229,7 +229,7 @@ def scan(
 
     device = sites.embed.weight.device
     n_head = config.n_head
-    specs = _kernel_specs(model, stacklevel=3, caller="scan")
+    specs = _kernel_specs(model, sites, stacklevel=3, caller="scan")
     contiguous_k = bool(getattr(config, "use_cache", False))
     blocked = ~functional.causal_mask(seq_len, device=device)
     head_index = None if head_list == tuple(range(n_head)) else torch.tensor(head_list, device=device)

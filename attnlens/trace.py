@@ -169,10 +169,10 @@ def _softmax_into(scores: Tensor, out: Tensor, dead: Tensor | None) -> None:
         out.masked_fill_(dead, 0.0)
 
 
-def _kernel_specs(model: Any, *, stacklevel: int, caller: str) -> list[tuple[float, bool, Any]]:
+def _kernel_specs(model: Any, sites: gpt2.Sites, *, stacklevel: int, caller: str) -> list[tuple[float, bool, Any]]:
     """``(scale, upcast, divisors)`` per layer, in the arithmetic of the kernel the model runs (warns as trace does)."""
     d_head = model.config.n_embd // model.config.n_head
-    specs = [(w.scale, w.upcast, w.score_divisors) for w in gpt2.extract(model).layers]
+    specs = [layer.spec for layer in sites.layers]
     if gpt2.kernel_ignores_scale_flags(model):
         warnings.warn(
             f"transformers {_transformers_version()} runs this model's {gpt2.attn_implementation(model)!r} attention "
@@ -278,7 +278,7 @@ def trace(
     n_head = config.n_head
     d_model = config.n_embd
     d_head = d_model // n_head
-    specs = _kernel_specs(model, stacklevel=3, caller="trace")  # past one_at_a_time's wrapper, to the caller
+    specs = _kernel_specs(model, sites, stacklevel=3, caller="trace")  # past one_at_a_time's wrapper, to the caller
     # The model runs with its own use_cache default. With the cache on, its kernel gets the keys back from the cache,
     # contiguous, and the matmul rounds differently on a strided view: match it to reproduce its numbers bit for bit.
     contiguous_k = bool(getattr(config, "use_cache", False))
@@ -309,14 +309,14 @@ def trace(
         stacks[name][slot].copy_(x)
 
     def on_qkv(layer: int) -> Callable[[nn.Module, Any, Tensor], None]:
-        (scale, upcast, divisors), slot = specs[layer], slots[layer]
+        spec, slot = specs[layer], slots[layer]
 
         def hook(module: nn.Module, args: Any, output: Tensor) -> None:
             q, k, v = gpt2.split_qkv(output, n_head)
             if head_index is not None:
                 q, k, v = (x.index_select(1, head_index) for x in (q, k, v))
             if "pattern" in names or "scores" in names:
-                scores = _masked_scores(q, k, (scale, upcast, divisors), blocked, contiguous_k=contiguous_k)
+                scores = _masked_scores(q, k, spec, blocked, contiguous_k=contiguous_k)
                 if "scores" in names:
                     put("scores", slot, scores)
                 if "pattern" in names:

@@ -775,3 +775,14 @@ def test_prepend_bos_is_refused_where_it_cannot_be_right() -> None:
     doubled.add_bos_token = True  # a tokenizer that puts the bos in front itself
     with pytest.raises(ValueError, match="already puts a bos token"):
         attnlens.trace(model, "the cat", tokenizer=doubled, prepend_bos=True)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [{}, {"scale_attn_by_inverse_layer_idx": True}, {"scale_attn_weights": False}, {"reorder_and_upcast_attn": True}],
+)
+def test_sites_carry_the_same_attention_spec_as_the_extracted_weights(flags: dict[str, Any]) -> None:
+    model = make_gpt2(n_layer=3, **flags)
+    sites = attnlens.models.gpt2.sites(model)
+    weights = attnlens.extract_weights(model)
+    assert [s.spec for s in sites.layers] == [(w.scale, w.upcast, w.score_divisors) for w in weights.layers]

@@ -320,12 +320,15 @@ class LayerSites:
         z: its input is the heads' outputs merged, ``[batch, pos, (head d_head)]``; its ``weight`` is ``W_O``
             as ``[(head d_head), d_model]``.
         attn: its output (the first element when a tuple) is the attention output ``[batch, pos, d_model]``.
+        spec: ``(scale, upcast, score_divisors)``, the layer's attention arithmetic as its module runs it (the same
+            as the layer's :class:`~attnlens.weights.LayerWeights` carry), read without extracting any weight.
     """
 
     attn_input: Any
     qkv: Any
     z: Any
     attn: Any
+    spec: tuple[float, bool, tuple[float, ...] | None]
 
 
 @dataclass(frozen=True)
@@ -377,9 +380,11 @@ def sites(model: PreTrainedModel) -> Sites:
             "forward it fails or attends to other keys than the model's mask allows. Switch the model to "
             f"{' or '.join(repr(k) for k in EXACT_KERNELS)} (model.set_attn_implementation('sdpa')) to trace it"
         )
+    blocks: list[Any] = list(base.h)
+    specs = _attention_specs(model.config, [block.attn for block in blocks])
     layers = tuple(
-        LayerSites(plain(block.ln_1), plain(block.attn.c_attn), plain(block.attn.c_proj), block.attn)
-        for block in base.h
+        LayerSites(plain(block.ln_1), plain(block.attn.c_attn), plain(block.attn.c_proj), block.attn, spec)
+        for block, spec in zip(blocks, specs, strict=True)
     )
     lm_head = plain(getattr(model, "lm_head", None))
     return Sites(base, layers, plain(base.wte), plain(base.ln_f), lm_head if isinstance(lm_head, nn.Linear) else None)
