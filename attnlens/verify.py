@@ -279,14 +279,8 @@ def _compare(reference: Tensor, recomputed: Tensor, keep: Tensor, head_dim: int 
         raise AttentionCaptureError(
             f"captured tensor of shape {tuple(reference.shape)}, recomputed {tuple(recomputed.shape)}"
         )
-    ref = reference.double()
-    error = (recomputed.double() - ref).abs().masked_fill(~keep, 0.0)
-    magnitude = ref.abs().masked_fill(~keep, 0.0)
-    if head_dim is None:
-        errors, magnitudes = error.amax().reshape(1), magnitude.amax().reshape(1)
-    else:
-        dims = [d for d in range(error.ndim) if d != head_dim]
-        errors, magnitudes = error.amax(dim=dims), magnitude.amax(dim=dims)
+    errors = _amax(recomputed.double() - reference.double(), keep, head_dim).reshape(-1)
+    magnitudes = _amax(reference, keep, head_dim).reshape(-1)
     out = []
     for err, mag in zip(errors.tolist(), magnitudes.tolist()):
         rel = err / mag if mag > 0 else (0.0 if err == 0 else math.inf)
