@@ -31,6 +31,7 @@ __all__ = [
     "first_positions",
     "real_pairs",
     "score_keys",
+    "token_keys",
 ]
 
 
@@ -63,6 +64,25 @@ def excluded_keys(valid: Tensor, exclude_bos: bool, exclude_current_token: bool)
     if exclude_current_token:
         out |= torch.eye(n_pos, dtype=torch.bool, device=valid.device)
     return out
+
+
+def token_keys(ids: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Key sets ``[batch, q_pos, k_pos]`` (bool) of the duplicate-token and induction scores.
+
+    ``duplicate[b, i, j]``: ``j < i`` and ``t[b, j] == t[b, i]``; ``induction[b, i, j + 1]``: ``j + 1 < i`` and
+    ``t[b, j] == t[b, i]`` (``j + 1`` is what followed an earlier copy of token ``i``). With ``valid [batch, pos]``,
+    only real tokens take part (as queries, as copies, and as keys).
+    """
+    same = ids[:, :, None] == ids[:, None, :]
+    if valid is not None:
+        same &= valid[:, :, None] & valid[:, None, :]
+    earlier = torch.ones_like(same[0]).tril(-1)
+    induction = torch.zeros_like(same)
+    induction[:, :, 1:] = same[:, :, :-1]
+    induction &= earlier
+    if valid is not None:
+        induction &= valid[:, None, :]
+    return same & earlier, induction
 
 
 def real_pairs(valid: Tensor) -> Tensor:

@@ -41,6 +41,7 @@ from attnlens._detection import (
     first_positions,
     real_pairs,
     score_keys,
+    token_keys,
 )
 from attnlens.errors import UnsupportedModelError
 from attnlens.models import gpt2
@@ -209,21 +210,14 @@ def duplicate_token_scores(
     """
     exclude_bos, exclude_current_token = check_options(exclude_bos, exclude_current_token)
     ids, valid = _token_ids(tr, input_ids), _valid(tr)
-    same = ids[:, :, None] == ids[:, None, :]
-    earlier = torch.ones_like(same[0]).tril(-1)
-    keys = same & earlier & valid[:, :, None] & valid[:, None, :]
+    keys, _ = token_keys(ids, valid)
     excluded = excluded_keys(valid, exclude_bos, exclude_current_token)
     return score_keys(tr, keys, excluded, "the duplicate-token score")
 
 
 def _induction_on_trace(tr: AttentionTrace, input_ids: Tensor | None, excluded_opts: tuple[bool, bool]) -> Tensor:
     ids, valid = _token_ids(tr, input_ids), _valid(tr)
-    # keys[b, i, j+1] = t[b, j] == t[b, i] for j + 1 < i: j+1 is what followed an earlier copy of token i.
-    same = ids[:, :, None] == ids[:, None, :]
-    same = same & valid[:, :, None] & valid[:, None, :]
-    keys = torch.zeros_like(same)
-    keys[:, :, 1:] = same[:, :, :-1]
-    keys &= torch.ones_like(same[0]).tril(-1) & valid[:, None, :]
+    _, keys = token_keys(ids, valid)
     return score_keys(tr, keys, excluded_keys(valid, *excluded_opts), "the induction score")
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlens import capture, functional
+from attnlens._detection import token_keys
 from attnlens._indices import check_indices
 from attnlens.errors import AttentionCaptureError
 from attnlens.models import gpt2
@@ -44,19 +45,6 @@ _CHECKPOINT_SECONDS = 60.0
 
 
 # ---------------------------------------------------------------------------------------------- statistics ---
-
-
-def token_keys(ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Key sets ``[batch, q_pos, k_pos]`` (bool) of the duplicate-token and induction scores of full windows.
-
-    ``duplicate[b, i, j]``: ``j < i`` and ``t[b, j] == t[b, i]``; ``induction[b, i, j + 1]``: ``j + 1 < i`` and
-    ``t[b, j] == t[b, i]`` (as :func:`attnlens.metrics.duplicate_token_scores` and ``induction_scores`` on a trace).
-    """
-    same = ids[:, :, None] == ids[:, None, :]
-    earlier = torch.ones_like(same[0]).tril(-1)
-    induction = torch.zeros_like(same)
-    induction[:, :, 1:] = same[:, :, :-1]
-    return same & earlier, induction & earlier
 
 
 def row_values(
@@ -79,8 +67,8 @@ def row_values(
 
     Args:
         pattern: ``[batch, head, q_pos, k_pos]``.
-        duplicate: ``[batch, q_pos, k_pos]`` key set from :func:`token_keys`.
-        induction: ``[batch, q_pos, k_pos]`` key set from :func:`token_keys`.
+        duplicate: ``[batch, q_pos, k_pos]`` key set from :func:`attnlens._detection.token_keys`.
+        induction: ``[batch, q_pos, k_pos]`` key set from :func:`attnlens._detection.token_keys`.
         names: the scores wanted, from :data:`SCORE_NAMES`.
 
     Returns:
