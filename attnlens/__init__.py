@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from attnlens import functional
+from attnlens.ablation import ablate, head_importance
 from attnlens.errors import (
     AttentionCaptureError,
     StaleWeightsError,
@@ -47,8 +48,10 @@ __all__ = [
     "VerificationReport",
     "VerificationRow",
     "__version__",
+    "ablate",
     "extract_weights",
     "functional",
+    "head_importance",
     "load_demo",
     "metrics",
     "scan",

@@ -26,7 +26,15 @@ from torch.utils.hooks import RemovableHandle
 
 from attnlens.models import gpt2
 
-__all__ = ["StopForward", "forward_hooks", "model_lock", "one_at_a_time", "preserved", "run_until"]
+__all__ = [
+    "StopForward",
+    "forward_hooks",
+    "intervening",
+    "model_lock",
+    "one_at_a_time",
+    "preserved",
+    "run_until",
+]
 
 
 class StopForward(Exception):
@@ -72,11 +80,12 @@ def one_at_a_time(function: Callable[P, R]) -> Callable[P, R]:
 class _OwnHook:
     """One of attnlens's hooks: it acts in the thread that registered it, and lets other threads' passes through."""
 
-    __slots__ = ("hook", "owner")
+    __slots__ = ("hook", "intervenes", "owner")
 
-    def __init__(self, hook: Hook) -> None:
+    def __init__(self, hook: Hook, intervenes: bool = False) -> None:
         self.hook = hook
         self.owner = threading.get_ident()
+        self.intervenes = intervenes
 
     def __call__(self, *args: Any) -> Any:
         # torch treats None as "no change" for forward and forward-pre hooks alike.
@@ -86,7 +95,9 @@ class _OwnHook:
 
 
 @contextlib.contextmanager
-def forward_hooks(hooks: Iterable[tuple[Any, Hook]], *, with_kwargs: bool = False, pre: bool = False) -> Iterator[None]:
+def forward_hooks(
+    hooks: Iterable[tuple[Any, Hook]], *, with_kwargs: bool = False, pre: bool = False, intervening: bool = False
+) -> Iterator[None]:
     """Register forward (or forward-pre) hooks for the duration of a ``with`` block; always removed after.
 
     The hooks act only on forward passes run by the thread that entered the block.
@@ -95,26 +106,35 @@ def forward_hooks(hooks: Iterable[tuple[Any, Hook]], *, with_kwargs: bool = Fals
         hooks: ``(module, hook)`` pairs, with torch's hook signatures.
         with_kwargs: pass the module's keyword arguments to the hooks.
         pre: register forward-pre hooks instead of forward hooks.
+        intervening: the hooks change what the model computes (see :func:`intervening`).
     """
     handles: list[RemovableHandle] = []
     try:
         for module, hook in hooks:
+            own = _OwnHook(hook, intervening)
             if pre:
-                handles.append(module.register_forward_pre_hook(_OwnHook(hook), with_kwargs=with_kwargs))
+                handles.append(module.register_forward_pre_hook(own, with_kwargs=with_kwargs))
             else:
-                handles.append(module.register_forward_hook(_OwnHook(hook), with_kwargs=with_kwargs))
+                handles.append(module.register_forward_hook(own, with_kwargs=with_kwargs))
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _own_hooks_left(model: nn.Module) -> int:
-    return sum(
-        isinstance(hook, _OwnHook)
+def _own_hooks(model: nn.Module) -> list[_OwnHook]:
+    return [
+        hook
         for m in model.modules()
         for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
-    )
+        if isinstance(hook, _OwnHook)
+    ]
+
+
+def intervening(model: nn.Module) -> bool:
+    """Whether hooks that change what ``model`` computes act in this thread (an :func:`attnlens.ablate` block)."""
+    me = threading.get_ident()
+    return any(hook.intervenes and hook.owner == me for hook in _own_hooks(model))
 
 
 @contextlib.contextmanager
@@ -132,6 +152,8 @@ def preserved(model: Any, *, eval_mode: bool = True, attn_implementation: str | 
         attn_implementation: switch to this attention kernel for the block (e.g. ``"eager"``).
     """
     with model_lock(model):
+        # Hooks of enclosing blocks (an ablation the caller runs this call inside) stay; only new ones would be a bug.
+        hooks_before = len(_own_hooks(model))
         switched = [m for m in model.modules() if m.training] if eval_mode else []
         implementation = gpt2.attn_implementation(model)
         grad = torch.is_grad_enabled()
@@ -147,7 +169,7 @@ def preserved(model: Any, *, eval_mode: bool = True, attn_implementation: str | 
                 gpt2.set_attn_implementation(model, implementation)
             for module in switched:
                 module.training = True
-            if _own_hooks_left(model):  # pragma: no cover - a bug in attnlens if it ever fires
+            if len(_own_hooks(model)) > hooks_before:  # pragma: no cover - a bug in attnlens if it ever fires
                 raise RuntimeError("attnlens left a hook on the model; please report this")
 
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from attnlens import functional
 from attnlens._indices import index_list
-from attnlens.capture import forward_hooks, one_at_a_time, preserved
+from attnlens.capture import forward_hooks, intervening, one_at_a_time, preserved
 from attnlens.errors import AttentionCaptureError
 from attnlens.models import extract_weights, gpt2
 from attnlens.models.gpt2_config import unknown_keys
@@ -360,10 +360,16 @@ def verify(
         ValueError: bad inputs (ids out of range, too many positions, a mask of the wrong shape), unknown layers or
             tolerances, or weights that do not fit the model.
         AttentionCaptureError: the model did not return its attention probabilities, or returned them incomplete.
+        RuntimeError: called inside an :func:`attnlens.ablate` block in the same thread.
     """
     if isinstance(model, (str, os.PathLike)):
         model = gpt2.load(os.fspath(model))
     gpt2.base_model(model)  # refuses anything but a supported GPT-2, before touching it
+    if intervening(model):
+        raise RuntimeError(
+            "verify was called inside an attnlens.ablate block: the model then computes something its weights do not "
+            "describe, and every ablated head would fail; call verify outside the block"
+        )
     ids, mask, pos = gpt2.check_inputs(model, input_ids, attention_mask, position_ids)
     reference = extract_weights(model)
     if weights is None:
