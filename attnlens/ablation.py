@@ -96,6 +96,8 @@ def _check_mode(mode: Any, reference: Any) -> str:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
     if mode == "zero" and reference is not None:
         raise ValueError("mode='zero' takes no reference; pass mode='mean' or 'resample' to use one")
+    if mode != "zero" and reference is None:
+        raise ValueError(f"mode={mode!r} needs a reference: input_ids, (input_ids, attention_mask) or a mapping")
     return str(mode)
 
 
@@ -133,8 +135,6 @@ def _replacements(
     layers = sorted({layer for layer, _ in heads})
     z_ref: Tensor | None = None
     if mode != "zero":
-        if reference is None:
-            raise ValueError(f"mode={mode!r} needs a reference: input_ids, (input_ids, attention_mask) or a mapping")
         ids, mask = _reference_inputs(reference)
         ids, mask, _ = gpt2.check_inputs(model, ids, mask)
         if mode == "resample" and mask is not None and not bool(mask.all()):
@@ -327,15 +327,16 @@ def head_importance(
         ValueError, TypeError: bad inputs, mode, reference, ``heads_per_pass`` or metric result.
     """
     sites = gpt2.sites(model)
-    if sites.unembed is None:
+    unembed = sites.unembed
+    if unembed is None:
         raise UnsupportedModelError(
             f"head_importance needs logits over the vocabulary, and {type(gpt2.unwrap(model)).__name__} has no "
             "language-model head; load the checkpoint as GPT2LMHeadModel"
         )
     ids, mask, _ = gpt2.check_inputs(model, input_ids, attention_mask)
-    mode = _check_mode(mode, reference)
     if mode == "mean" and reference is None:
         reference = (ids, mask)
+    mode = _check_mode(mode, reference)
     config = model.config
     n_layer, n_head = int(config.n_layer), int(config.n_head)
     d_head = int(config.n_embd) // n_head
@@ -356,7 +357,7 @@ def head_importance(
         run_mask = None if mask is None else mask.repeat(copies, 1)
         hidden = sites.run(input_ids=run_ids, attention_mask=run_mask, use_cache=use_cache).last_hidden_state
         for copy in range(copies):  # one copy's logits at a time: [batch, pos, d_vocab] is the large tensor
-            yield sites.unembed(hidden[copy * batch : (copy + 1) * batch])
+            yield unembed(hidden[copy * batch : (copy + 1) * batch])
 
     out = torch.full((n_layer, n_head), math.nan, dtype=torch.float64)
     with capture.preserved(model), torch.no_grad():
