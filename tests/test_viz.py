@@ -358,7 +358,7 @@ def test_browser_hostile_tokens_render_as_text(tmp_path: Path) -> None:
     assert status is not None
     assert status.group(1).startswith(
         "&lt;/script&gt;&lt;script&gt;document.title='PWNED'&lt;/script&gt; -&gt; "
-        '&lt;img␣src=x␣onerror="document.title=\'PWNED\'"&gt;: 0.'
+        "&lt;img␣src=x␣onerror=\"document.title='PWNED'\"&gt;: 0."
     )
     assert "(layer 4, head 2, query 1, key 0)" in status.group(1)
 
