@@ -120,7 +120,7 @@ def test_batch_row_and_trace_padding() -> None:
 
 
 def test_token_labels_decode_each_id_and_show_bytes() -> None:
-    model, tokenizer = attnlens.load_demo()
+    _, tokenizer = attnlens.load_demo()
     ids = tokenizer("The cat\n\tsat 日", return_tensors="pt").input_ids[0]
     assert any(piece.startswith("Ġ") for piece in tokenizer.convert_ids_to_tokens(ids.tolist()))
     labels = viz.token_labels(tokenizer, ids)
