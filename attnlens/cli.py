@@ -169,33 +169,47 @@ def cmd_heads(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Draw one layer's (or head's) pattern to a PNG or a self-contained HTML file."""
+    """Draw a head, every head (overview) or the text view to a PNG/SVG/PDF or a self-contained HTML file."""
     from attnlens import viz
     from attnlens.trace import trace
 
-    if not args.out.endswith(".html"):
-        try:
-            import matplotlib  # noqa: F401 - only to say what is missing before any work is done
-        except ImportError:
-            raise ValueError(
-                f'writing {args.out} needs matplotlib: pip install "attnlens[viz]" (FILE.html needs nothing more)'
-            ) from None
+    html = args.out.endswith(".html")
+    if args.view == "text" and not html:
+        raise ValueError(f"--view text writes a page: give --out FILE.html, not {args.out}")
+    if args.view == "head" and args.layer is None:
+        raise ValueError("--view head needs --layer N (or use --view overview for every layer)")
+    if not html:
+        import matplotlib  # noqa: F401 - to name the missing extra before any work is done
+
     model, tokenizer = _load(args)
-    ids, tokens = _inputs(args, model, tokenizer)
+    ids, _ = _inputs(args, model, tokenizer)
     n_layers = model.config.n_layer
-    if not 0 <= args.layer < n_layers:
+    if args.layer is not None and not 0 <= args.layer < n_layers:
         raise ValueError(f"--layer must lie in [0, {n_layers}), got {args.layer}")
-    t = trace(model, ids, layers=[args.layer])
-    pattern = t.pattern(args.layer)[0].float()  # [head, q_pos, k_pos]
-    if args.head is not None and not 0 <= args.head < pattern.shape[0]:
-        raise ValueError(f"--head must lie in [0, {pattern.shape[0]}), got {args.head}")
-    labels = tokens or [str(i) for i in ids[0].tolist()]
-    if args.out.endswith(".html"):
-        viz.save_html(viz.pattern_html(pattern[None], labels, layers=[args.layer]), args.out)
+    labels = viz.token_texts(tokenizer, ids[0]) if tokenizer is not None else [str(i) for i in ids[0].tolist()]
+    if args.view == "head":
+        t = trace(model, ids, layers=[args.layer])
+        pattern = t.pattern(args.layer)[0].float()  # [head, q_pos, k_pos]
+        if args.head is not None and not 0 <= args.head < pattern.shape[0]:
+            raise ValueError(f"--head must lie in [0, {pattern.shape[0]}), got {args.head}")
+        if html:
+            viz.save_html(viz.pattern_html(pattern[None], labels, layers=[args.layer]), args.out)
+        else:
+            head = 0 if args.head is None else args.head
+            fig = viz.plot_pattern(pattern[head], labels, title=f"layer {args.layer}, head {head}")
+            viz.save_figure(fig, args.out)
     else:
-        head = 0 if args.head is None else args.head
-        fig = viz.plot_pattern(pattern[head], labels, title=f"layer {args.layer}, head {head}")
-        viz.save_figure(fig, args.out)
+        t = trace(model, ids, tokenizer=tokenizer)
+        if args.head is not None and not 0 <= args.head < t.n_heads:
+            raise ValueError(f"--head must lie in [0, {t.n_heads}), got {args.head}")
+        if args.view == "overview" and html:
+            viz.overview_html(t, labels, title="attnlens overview").save(args.out)
+        elif args.view == "overview":
+            viz.save_figure(viz.plot_overview(t.patterns[:, 0].float()), args.out)
+        else:
+            layer = n_layers - 1 if args.layer is None else args.layer
+            head = 0 if args.head is None else args.head
+            viz.text_html(t, labels, heads=[(layer, head)], title="attnlens text view").save(args.out)
     print(f"wrote {args.out}")
     return 0
 
@@ -294,10 +308,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_heads)
 
-    p = with_input(command("inspect", "draw a layer's attention pattern to PNG or HTML"))
-    p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--head", type=int)
-    p.add_argument("--out", required=True, help="FILE.png, FILE.svg, FILE.pdf or FILE.html")
+    p = with_input(command("inspect", "draw attention patterns (a head, every head, or the text view) to PNG or HTML"))
+    p.add_argument(
+        "--view",
+        choices=("head", "overview", "text"),
+        default="head",
+        help="head: one layer's heads (default); overview: every layer x head; text: tokens coloured by attention",
+    )
+    p.add_argument("--layer", type=int, help="the layer (needed by --view head; text view: the first head's layer)")
+    p.add_argument("--head", type=int, help="the head drawn in image output, or selected first in the text view")
+    p.add_argument("--out", required=True, help="FILE.png, FILE.svg, FILE.pdf or FILE.html (--view text: .html)")
     p.set_defaults(func=cmd_inspect)
     p = command("scan", "head statistics over a corpus, written as JSON (works under torchrun)")
     p.add_argument("--data", help="a .txt (blank-line-separated documents) or .jsonl file (default: demo text)")
@@ -326,6 +346,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, AttentionCaptureError) as error:
         print("attnlens: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
+    except ImportError as error:
+        print("attnlens: " + _missing_extra(error), file=sys.stderr)
+        return 2
+
+
+# Optional dependencies and the extra that installs each.
+_EXTRAS = {"matplotlib": "viz"}
+
+
+def _missing_extra(error: ImportError) -> str:
+    """One line naming the missing module and the ``pip install`` that brings it."""
+    name = (error.name or "").split(".")[0]
+    if not name:  # an ImportError raised by hand (attnlens.viz's own says what to install)
+        return " ".join(str(error).split())
+    extra = _EXTRAS.get(name)
+    if extra is not None:
+        return f"this needs {name}, which is not installed: pip install 'attnlens[{extra}]'"
+    return f"this needs the module {name}, which is not installed: pip install {name}"
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def test_png_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch) -
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     out = tmp_path / "x.png"
     assert main(["inspect", "--layer", "0", "--out", str(out)]) == 2
-    assert 'pip install "attnlens[viz]"' in one_line_error(capsys)
+    assert "pip install 'attnlens[viz]'" in one_line_error(capsys)
     assert not out.exists()
 
 

@@ -81,7 +81,7 @@ def test_html_data_round_trips_rounded_weights() -> None:
     data = decode(html)
     assert data["layers"] == [2, 5, 9]
     assert (data["n_head"], data["q_pos"], data["k_pos"]) == (2, 6, 6)
-    assert data["q_tokens"] == data["k_tokens"] == PLAIN[:6]
+    assert data["q_labels"] == data["k_labels"] == [viz.visible(t) for t in PLAIN[:6]]
     np.testing.assert_allclose(dense(data), patterns.numpy(), rtol=0, atol=0.5e-4 + 1e-9)
     # Stored as ints in units of 1e-4, i.e. rounded to 4 decimals.
     assert all(isinstance(v, int) for heads in data["patterns"] for rows in heads for row in rows for v in row)
@@ -93,8 +93,8 @@ def test_html_data_round_trips_rounded_weights() -> None:
 def test_html_queries_are_the_last_tokens_when_fewer_queries_than_keys() -> None:
     patterns = causal_patterns(1, 2, 5)[:, :, -2:, :]
     data = decode(viz.pattern_html(patterns, PLAIN[:5]))
-    assert data["q_tokens"] == PLAIN[3:5]
-    assert data["k_tokens"] == PLAIN[:5]
+    assert data["q_labels"] == ["␣on", "␣the"]
+    assert data["k_labels"] == ["The", "␣cat", "␣sat", "␣on", "␣the"]
     np.testing.assert_allclose(dense(data), patterns.numpy(), atol=0.5e-4 + 1e-9)
 
 
@@ -108,7 +108,7 @@ def test_html_escapes_hostile_tokens_and_title() -> None:
     assert "onerror=" not in html.split("<script", 1)[0]  # nothing hostile in the markup before the data block
     assert "&lt;script&gt;alert(&#x27;t&#x27;)&lt;/script&gt;" in html
     # The data block decodes back to the exact token strings.
-    assert decode(html)["k_tokens"] == tokens
+    assert decode(html)["k_labels"] == [viz.visible(t) for t in tokens]
     data_block = html[html.index('type="application/json"') : html.index("</script>")]
     assert not set("<&") & set(data_block.split(">", 1)[1]), "raw < or & inside the JSON block"
 
@@ -119,7 +119,7 @@ def test_html_is_offline_ascii_and_fetches_nothing() -> None:
     lowered = html.lower()
     for needle in ("http:", "https:", "//cdn", "src=", "href=", "@import", "url(", "fetch(", "xmlhttprequest"):
         assert needle not in lowered, needle
-    assert decode(html)["k_tokens"] == [" é", "日本", "$x$", "\u2028"]
+    assert decode(html)["k_labels"] == ["␣é", "日本", "$x$", "\u2028"]
 
 
 def test_html_ids_are_unique_per_call() -> None:
@@ -139,7 +139,7 @@ def test_html_initial_view_and_nan() -> None:
     patterns[1, 2, 3, 1] = np.nan
     data = decode(viz.pattern_html(patterns, None, layers=[4, 6], layer=6, head=2))
     assert data["initial"] == {"layer": 1, "head": 2}
-    assert data["k_tokens"] == ["0", "1", "2", "3"]
+    assert data["k_labels"] == ["0", "1", "2", "3"]
     assert data["patterns"][1][2][3][1] is None
     assert np.isnan(dense(data)[1, 2, 3, 1])
 
@@ -218,8 +218,8 @@ def test_plot_pattern_labels_and_colour_bar(mpl: Any) -> None:
     fig = viz.plot_pattern(pattern, tokens, title="L0H0")
     assert isinstance(fig, Figure)
     heatmap, colour_bar = fig.axes
-    assert tick_texts(heatmap.get_xticklabels()) == ["The", r" \$5", "\\n", " cat"]
-    assert tick_texts(heatmap.get_yticklabels()) == ["The", r" \$5", "\\n", " cat"]
+    assert tick_texts(heatmap.get_xticklabels()) == ["The", r"␣\$5", "⏎", "␣cat"]
+    assert tick_texts(heatmap.get_yticklabels()) == ["The", r"␣\$5", "⏎", "␣cat"]
     assert (heatmap.get_xlabel(), heatmap.get_ylabel(), heatmap.get_title()) == ("key", "query", "L0H0")
     assert colour_bar.get_ylabel() == "attention weight"
     np.testing.assert_allclose(np.asarray(heatmap.images[0].get_array()), pattern.numpy(), rtol=1e-6)
@@ -233,7 +233,7 @@ def test_plot_pattern_queries_are_last_tokens_and_ax_is_used(mpl: Any) -> None:
     ax = fig.add_subplot()
     pattern = np.full((2, 5), 0.2)
     assert viz.plot_pattern(pattern, PLAIN[:5], ax=ax, vmax=None) is fig
-    assert tick_texts(ax.get_yticklabels()) == PLAIN[3:5]
+    assert tick_texts(ax.get_yticklabels()) == ["␣on", "␣the"]
     assert ax.images[0].get_clim() == pytest.approx((0.0, 0.2))
     with pytest.raises(ValueError, match=r"one head: pattern must be \[q_pos, k_pos\]"):
         viz.plot_pattern(np.zeros((1, 2, 2)))
@@ -357,8 +357,8 @@ def test_browser_hostile_tokens_render_as_text(tmp_path: Path) -> None:
     status = re.search(r'data-role="status">(.*?)</div>', dom, re.S)
     assert status is not None
     assert status.group(1).startswith(
-        "\"&lt;/script&gt;&lt;script&gt;document.title='PWNED'&lt;/script&gt;\" -&gt; "
-        '"&lt;img src=x onerror=\\"document.title=\'PWNED\'\\"&gt;": 0.'
+        "&lt;/script&gt;&lt;script&gt;document.title='PWNED'&lt;/script&gt; -&gt; "
+        "&lt;img␣src=x␣onerror=\"document.title='PWNED'\"&gt;: 0."
     )
     assert "(layer 4, head 2, query 1, key 0)" in status.group(1)
 

@@ -1,277 +1,42 @@
-"""Pictures of attention: matplotlib heatmaps and self-contained interactive HTML views.
+"""The head view: one layer and head at a time as an interactive heatmap, in self-contained HTML.
 
-Everything here takes plain tensors (torch or numpy) and token strings, so it draws patterns from any source:
-:func:`attnlens.trace`, a model's own ``outputs.attentions``, or hand-made arrays.
-
-* :func:`plot_pattern` draws one head's pattern ``[q_pos, k_pos]``; :func:`plot_head_scores` draws a
-  ``[layer, head]`` grid of head scores with the values written in the cells. Both return a matplotlib
-  ``Figure``.
-* :func:`pattern_html` returns an HTML fragment (a ``<div>`` with its own style and script) that lets the reader pick
-  a layer and a head and hover a cell to read ``query -> key: weight``. :func:`save_html` writes it as a page.
-
-Caveats:
-
-* matplotlib is an optional dependency (``pip install attnlens[viz]``) and is imported inside the plotting functions
-  only: importing this module, or making HTML, never loads it.
-* Figures made here are not registered with ``pyplot``: nothing accumulates in pyplot's figure list when drawing
-  hundreds of heads, and a notebook shows a returned figure once. To show one in a script's window, pass ``ax=``
-  from ``plt.subplots()`` and call ``plt.show()``.
-* The HTML works offline and fetches nothing: data, style and script are inline. Token text only ever reaches the
-  page as JSON (with ``<``, ``>`` and ``&`` escaped) that the script puts on a canvas or in ``textContent``, so a
-  token such as ``</script><script>...`` or ``<img onerror=...>`` shows as text and never runs.
-* Weights are stored in the HTML rounded to 4 decimals (as integers in units of 1e-4), and the trailing zeros of
-  each row (the masked future of a causal pattern) are dropped: a causal GPT-2-small view of 128 tokens
-  (12 layers x 12 heads) is 4.1 MB, against 6.4 MB dense and 12.9 MB as 4-decimal floats.
+Token text only ever reaches the page as JSON (with ``<``, ``>`` and ``&`` escaped) that the script puts on a canvas
+or in ``textContent``, so a token such as ``</script><script>...`` or ``<img onerror=...>`` shows as text and never
+runs. Weights are stored rounded to 4 decimals (integers in units of 1e-4) with the trailing zeros of each row (the
+masked future of a causal pattern) dropped; for every head of a model at once, :func:`attnlens.viz.overview_html`
+stores patterns far more compactly.
 """
 
 from __future__ import annotations
 
 import html as _html
-import json
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
+from attnlens.viz._checks import _check_layers, _check_tokens, _json_for_script, _query_tokens, _to_numpy, new_id
+from attnlens.viz.labels import visible
 
-__all__ = ["pattern_html", "plot_head_scores", "plot_pattern", "save_figure", "save_html"]
+__all__ = ["HTMLView", "pattern_html", "save_html"]
 
-_FIGURE_SUFFIXES = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+
+class HTMLView(str):
+    """A view's self-contained HTML: a ``str`` that a notebook displays as the view, and that saves as a page."""
+
+    __slots__ = ()
+
+    def _repr_html_(self) -> str:
+        return str(self)
+
+    def save(self, path: str | Path, *, title: str = "attnlens") -> Path:
+        """Write the view as a complete page (see :func:`save_html`); returns the path."""
+        return save_html(str(self), path, title=title)
+
+
 # Weights are stored as integers in units of 1 / _SCALE, i.e. rounded to 4 decimals.
 _SCALE = 10_000
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Input checks shared by the matplotlib and HTML paths.
-
-
-def _to_numpy(values: Any, name: str) -> np.ndarray:
-    """A float64 numpy copy of a torch tensor (any dtype or device, with or without grad) or an array-like."""
-    if hasattr(values, "detach") and hasattr(values, "cpu"):
-        # bfloat16 has no numpy dtype, hence the cast before .numpy().
-        values = values.detach().cpu().double().numpy()
-    try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a torch tensor or a numeric array, got {type(values).__name__}") from exc
-    return array
-
-
-def _check_tokens(tokens: Sequence[str] | None, k_pos: int, name: str = "tokens") -> list[str]:
-    """The token strings of the key positions; positions as strings when tokens is None."""
-    if tokens is None:
-        return [str(i) for i in range(k_pos)]
-    if isinstance(tokens, str):
-        raise TypeError(f"{name} must be a sequence of token strings, got one string {tokens[:40]!r}")
-    tokens = list(tokens)
-    for i, token in enumerate(tokens):
-        if not isinstance(token, str):
-            raise TypeError(f"{name}[{i}] must be a str, got {type(token).__name__} {token!r}")
-    if len(tokens) != k_pos:
-        raise ValueError(f"got {len(tokens)} {name} for a pattern over {k_pos} key positions (k_pos); they must match")
-    return tokens
-
-
-def _query_tokens(tokens: list[str], q_pos: int) -> list[str]:
-    # With fewer queries than keys (a KV cache, or only the last positions traced) the queries are the last tokens.
-    if q_pos > len(tokens):
-        raise ValueError(f"pattern has more query positions ({q_pos}) than key positions ({len(tokens)})")
-    return tokens[len(tokens) - q_pos :]
-
-
-def _mpl_label(token: str, max_chars: int = 20) -> str:
-    """A token as a one-line matplotlib tick label: newlines visible, ``$`` not taken for mathtext."""
-    text = token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    if len(text) > max_chars:
-        text = text[: max_chars - 1] + "…"
-    return text.replace("$", r"\$")
-
-
-def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise ImportError("attnlens.viz plotting needs matplotlib: pip install 'attnlens[viz]'") from exc
-    if ax is not None:
-        # The root figure, also when ax sits in a SubFigure.
-        root = ax.figure
-        while not isinstance(root, Figure):
-            root = root.figure
-        return root, ax
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig, fig.add_subplot()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# matplotlib
-
-
-def plot_pattern(
-    pattern: Any,
-    tokens: Sequence[str] | None = None,
-    *,
-    ax: Axes | None = None,
-    title: str | None = None,
-    cmap: str = "viridis",
-    vmin: float | None = 0.0,
-    vmax: float | None = 1.0,
-) -> Figure:
-    """Heatmap of one head's attention pattern, queries down the y axis and keys along the x axis.
-
-    Args:
-        pattern: ``[q_pos, k_pos]`` attention weights (torch tensor or numpy array) of one head and batch item.
-        tokens: The ``k_pos`` token strings of the key positions. When ``q_pos < k_pos`` the queries are the last
-            ``q_pos`` tokens. None labels the axes with positions.
-        ax: Axes to draw into; by default a new figure is made (not registered with pyplot).
-        title: Title of the axes.
-        cmap: A matplotlib colour map name.
-        vmin: Weight at the bottom of the colour scale; None uses the pattern's minimum.
-        vmax: Weight at the top of the colour scale. The default 0..1 keeps colours comparable across heads; None
-            stretches the scale to the pattern's maximum.
-
-    Returns:
-        The matplotlib Figure holding the heatmap and its colour bar.
-
-    Raises:
-        ValueError: If ``pattern`` is not 2-D or the number of tokens does not match ``k_pos``.
-        ImportError: If matplotlib is not installed.
-    """
-    weights = _to_numpy(pattern, "pattern")
-    if weights.ndim != 2:
-        raise ValueError(
-            f"plot_pattern draws one head: pattern must be [q_pos, k_pos], got shape {tuple(weights.shape)}; "
-            "select a batch item, layer and head first, e.g. patterns[0, layer, head]"
-        )
-    q_pos, k_pos = weights.shape
-    key_tokens = _check_tokens(tokens, k_pos)
-    query_tokens = _query_tokens(key_tokens, q_pos)
-
-    side = max(4.0, 0.28 * max(q_pos, k_pos) + 2.0)
-    fig, ax = _new_axes(ax, (side + 1.0, side))
-    image = ax.imshow(weights, cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal", interpolation="nearest")
-    ax.figure.colorbar(image, ax=ax, label="attention weight", shrink=0.8)
-
-    # Every label up to 128 tokens; beyond that matplotlib's own sparse ticks (positions) stay readable.
-    if tokens is not None and max(q_pos, k_pos) <= 128:
-        fontsize = float(np.clip(360 / max(q_pos, k_pos), 4, 10))
-        ax.set_xticks(range(k_pos), [_mpl_label(t) for t in key_tokens], rotation=90, fontsize=fontsize)
-        ax.set_yticks(range(q_pos), [_mpl_label(t) for t in query_tokens], fontsize=fontsize)
-    ax.set_xlabel("key")
-    ax.set_ylabel("query")
-    if title is not None:
-        ax.set_title(title)
-    return fig
-
-
-def plot_head_scores(
-    scores: Any,
-    *,
-    title: str | None = None,
-    ax: Axes | None = None,
-    layers: Sequence[int] | None = None,
-    cmap: str = "viridis",
-    fmt: str = ".2f",
-    annotate: bool | None = None,
-) -> Figure:
-    """Grid heatmap of one score per head, layers down the y axis and heads along the x axis, values in the cells.
-
-    Args:
-        scores: ``[layer, head]`` scores (torch tensor or numpy array), e.g. a previous-token or induction score.
-            NaN cells (a score that is undefined for that head) are left blank.
-        title: Title of the axes.
-        ax: Axes to draw into; by default a new figure is made (not registered with pyplot).
-        layers: The model's layer numbers of the rows, when the scores cover only some layers; default 0, 1, ...
-        cmap: A matplotlib colour map name.
-        fmt: Format spec of the values written in the cells.
-        annotate: Write the values in the cells; None (default) writes them when there are at most 1024 cells.
-
-    Returns:
-        The matplotlib Figure holding the grid and its colour bar.
-
-    Raises:
-        ValueError: If ``scores`` is not 2-D or ``layers`` does not have one entry per row.
-        ImportError: If matplotlib is not installed.
-    """
-    grid = _to_numpy(scores, "scores")
-    if grid.ndim != 2:
-        raise ValueError(f"scores must be [layer, head], got shape {tuple(grid.shape)}")
-    n_layer, n_head = grid.shape
-    layer_numbers = _check_layers(layers, n_layer)
-    if annotate is None:
-        annotate = grid.size <= 1024
-
-    fig, ax = _new_axes(ax, (max(4.0, 0.6 * n_head + 2.0), max(3.0, 0.45 * n_layer + 1.5)))
-    finite = grid[np.isfinite(grid)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    ax.figure.colorbar(image, ax=ax, label="score")
-    ax.set_xticks(range(n_head), [str(h) for h in range(n_head)])
-    ax.set_yticks(range(n_layer), [str(layer) for layer in layer_numbers])
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    if title is not None:
-        ax.set_title(title)
-
-    if annotate:
-        colormap = image.get_cmap()
-        fontsize = float(np.clip(110 / max(n_head, n_layer), 5, 9))
-        for (row, col), value in np.ndenumerate(grid):
-            if not np.isfinite(value):
-                continue
-            # Dark text on light cells and light text on dark ones, judged by the cell colour's luminance.
-            red, green, blue, _ = colormap(image.norm(value))
-            luminance = 0.299 * red + 0.587 * green + 0.114 * blue
-            colour = "black" if luminance > 0.5 else "white"
-            ax.text(col, row, format(value, fmt), ha="center", va="center", color=colour, fontsize=fontsize)
-    return fig
-
-
-def save_figure(fig: Figure, path: str | Path, *, dpi: int = 150) -> Path:
-    """Write a figure as PNG, SVG or PDF, chosen by the file's suffix.
-
-    Args:
-        fig: A matplotlib Figure, e.g. from :func:`plot_pattern`.
-        path: Destination ending in ``.png``, ``.svg`` or ``.pdf``; its folder must exist.
-        dpi: Resolution of PNG output.
-
-    Returns:
-        The path written.
-
-    Raises:
-        ValueError: If the suffix is not one of the three.
-    """
-    path = Path(path)
-    fmt = _FIGURE_SUFFIXES.get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"cannot tell the figure format of {str(path)!r}: use one of {sorted(_FIGURE_SUFFIXES)}")
-    fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# HTML
-
-
-def _check_layers(layers: Sequence[int] | None, n_layer: int) -> list[int]:
-    if layers is None:
-        return list(range(n_layer))
-    numbers = [int(layer) for layer in layers]
-    if len(numbers) != n_layer:
-        raise ValueError(f"layers names {len(numbers)} layers but the data has {n_layer} along its layer axis")
-    if len(set(numbers)) != len(numbers):
-        raise ValueError(f"layers must not repeat a layer number, got {numbers}")
-    return numbers
-
-
-def _json_for_script(value: Any) -> str:
-    """JSON that is inert inside a ``<script>`` element: no ``<``, ``>`` or ``&`` left to end or open a tag."""
-    text = json.dumps(value, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _encode_rows(weights: np.ndarray) -> list[Any]:
@@ -304,7 +69,7 @@ def pattern_html(
     title: str = "",
     layer: int | None = None,
     head: int = 0,
-) -> str:
+) -> HTMLView:
     """A self-contained interactive view of attention patterns, as an HTML fragment.
 
     The reader picks a layer and a head; the pattern is drawn as a heatmap on a canvas (queries down, keys across,
@@ -326,7 +91,8 @@ def pattern_html(
         head: Head shown first.
 
     Returns:
-        An HTML fragment (pure ASCII) with inline style, data and script; it loads nothing from the network.
+        An HTML fragment (pure ASCII) with inline style, data and script, as an :class:`HTMLView` (a ``str`` that
+        notebooks display); it loads nothing from the network.
 
     Raises:
         ValueError: If ``patterns`` is not 4-D, the tokens do not match ``k_pos``, or ``layer``/``head`` is not in
@@ -354,15 +120,15 @@ def pattern_html(
         "n_head": n_head,
         "q_pos": q_pos,
         "k_pos": k_pos,
-        "q_tokens": query_tokens,
-        "k_tokens": key_tokens,
+        "q_labels": [visible(t) for t in query_tokens],
+        "k_labels": [visible(t) for t in key_tokens],
         "scale": _SCALE,
         "initial": {"layer": layer_numbers.index(layer), "head": head},
         "patterns": _encode_rows(weights),
     }
-    view_id = f"attnlens-{uuid.uuid4().hex[:12]}"
+    view_id = new_id()
     heading = f'<div class="al-title">{_html.escape(title)}</div>' if title else ""
-    return (
+    return HTMLView(
         _TEMPLATE.replace("@ID@", view_id)
         .replace("@HEADING@", heading.encode("ascii", "xmlcharrefreplace").decode("ascii"))
         .replace("@DATA@", _json_for_script(data))
@@ -447,11 +213,10 @@ _TEMPLATE = """\
     if (k >= row.length) { return 0; }
     return row[k] === null ? NaN : row[k] / data.scale;
   }
-  function show(token, limit) {
-    // JSON quoting makes spaces and newlines inside tokens visible.
-    var text = JSON.stringify(token);
+  function show(label, limit) {
+    // Labels arrive readable (spaces and newlines made visible): only long ones are cut.
     limit = limit || 24;
-    return text.length > limit ? text.slice(0, limit - 2) + "\\u2026\\"" : text;
+    return label.length > limit ? label.slice(0, limit - 1) + "\\u2026" : label;
   }
   function addOption(select, value, text) {
     var option = document.createElement("option");
@@ -469,8 +234,8 @@ _TEMPLATE = """\
   var left = 0, top = 0;
   if (labels) {
     ctx.font = font;
-    data.q_tokens.forEach(function (t) { left = Math.max(left, ctx.measureText(show(t)).width); });
-    data.k_tokens.forEach(function (t) { top = Math.max(top, ctx.measureText(show(t)).width); });
+    data.q_labels.forEach(function (t) { left = Math.max(left, ctx.measureText(show(t)).width); });
+    data.k_labels.forEach(function (t) { top = Math.max(top, ctx.measureText(show(t)).width); });
     left = Math.ceil(left) + 6;
     top = Math.ceil(top) + 6;
   }
@@ -525,8 +290,8 @@ _TEMPLATE = """\
       ctx.fillStyle = "#222";
       ctx.textBaseline = "middle";
       ctx.textAlign = "right";
-      data.q_tokens.forEach(function (t, i) { ctx.fillText(show(t), left - 4, top + (i + 0.5) * cell); });
-      data.k_tokens.forEach(function (t, i) {
+      data.q_labels.forEach(function (t, i) { ctx.fillText(show(t), left - 4, top + (i + 0.5) * cell); });
+      data.k_labels.forEach(function (t, i) {
         ctx.save();
         ctx.translate(left + (i + 0.5) * cell, top - 4);
         ctx.rotate(-Math.PI / 2);
@@ -544,7 +309,7 @@ _TEMPLATE = """\
 
   function describe(q, k) {
     var sel = current(), w = weight(sel[0], sel[1], q, k);
-    return show(data.q_tokens[q], 80) + " -> " + show(data.k_tokens[k], 80) + ": " + (isNaN(w) ? "nan" : w.toFixed(4)) +
+    return show(data.q_labels[q], 80) + " -> " + show(data.k_labels[k], 80) + ": " + (isNaN(w) ? "nan" : w.toFixed(4)) +
       "   (layer " + data.layers[sel[0]] + ", head " + sel[1] + ", query " + (nk - nq + q) + ", key " + k + ")";
   }
   function pin(q, k) {

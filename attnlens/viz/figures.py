@@ -1,0 +1,255 @@
+"""matplotlib figures: one head's pattern, a ``[layer, head]`` grid of head scores, every head of a trace at once.
+
+matplotlib is an optional dependency (``pip install 'attnlens[viz]'``) imported inside these functions only. Figures
+are not registered with ``pyplot``: nothing accumulates in pyplot's figure list when drawing hundreds of heads, and a
+notebook shows a returned figure once. To show one in a script's window, pass ``ax=`` from ``plt.subplots()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from attnlens.viz._checks import _check_layers, _check_tokens, _query_tokens, _to_numpy
+from attnlens.viz.labels import visible
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["plot_head_scores", "plot_overview", "plot_pattern", "save_figure"]
+
+_FIGURE_SUFFIXES = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+
+
+def _mpl_label(token: str, max_chars: int = 20) -> str:
+    """A token as a one-line matplotlib tick label: spaces and newlines visible, ``$`` not taken for mathtext."""
+    text = visible(token)
+    if len(text) > max_chars:
+        text = text[: max_chars - 1] + "…"
+    return text.replace("$", r"\$")
+
+
+def _new_axes(ax: Axes | None, figsize: tuple[float, float], *, subplots: bool = True) -> tuple[Figure, Any]:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError("attnlens.viz plotting needs matplotlib: pip install 'attnlens[viz]'") from exc
+    if ax is not None:
+        # The root figure, also when ax sits in a SubFigure.
+        root = ax.figure
+        while not isinstance(root, Figure):
+            root = root.figure
+        return root, ax
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.add_subplot() if subplots else None
+
+
+def plot_pattern(
+    pattern: Any,
+    tokens: Sequence[str] | None = None,
+    *,
+    ax: Axes | None = None,
+    title: str | None = None,
+    cmap: str = "viridis",
+    vmin: float | None = 0.0,
+    vmax: float | None = 1.0,
+) -> Figure:
+    """Heatmap of one head's attention pattern, queries down the y axis and keys along the x axis.
+
+    Args:
+        pattern: ``[q_pos, k_pos]`` attention weights (torch tensor or numpy array) of one head and batch item.
+        tokens: The ``k_pos`` token strings of the key positions. When ``q_pos < k_pos`` the queries are the last
+            ``q_pos`` tokens. None labels the axes with positions.
+        ax: Axes to draw into; by default a new figure is made (not registered with pyplot).
+        title: Title of the axes.
+        cmap: A matplotlib colour map name.
+        vmin: Weight at the bottom of the colour scale; None uses the pattern's minimum.
+        vmax: Weight at the top of the colour scale. The default 0..1 keeps colours comparable across heads; None
+            stretches the scale to the pattern's maximum.
+
+    Returns:
+        The matplotlib Figure holding the heatmap and its colour bar.
+
+    Raises:
+        ValueError: If ``pattern`` is not 2-D or the number of tokens does not match ``k_pos``.
+        ImportError: If matplotlib is not installed.
+    """
+    weights = _to_numpy(pattern, "pattern")
+    if weights.ndim != 2:
+        raise ValueError(
+            f"plot_pattern draws one head: pattern must be [q_pos, k_pos], got shape {tuple(weights.shape)}; "
+            "select a batch item, layer and head first, e.g. patterns[0, layer, head]"
+        )
+    q_pos, k_pos = weights.shape
+    key_tokens = _check_tokens(tokens, k_pos)
+    query_tokens = _query_tokens(key_tokens, q_pos)
+
+    side = max(4.0, 0.28 * max(q_pos, k_pos) + 2.0)
+    fig, ax = _new_axes(ax, (side + 1.0, side))
+    image = ax.imshow(weights, cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal", interpolation="nearest")
+    ax.figure.colorbar(image, ax=ax, label="attention weight", shrink=0.8)
+
+    # Every label up to 128 tokens; beyond that matplotlib's own sparse ticks (positions) stay readable.
+    if tokens is not None and max(q_pos, k_pos) <= 128:
+        fontsize = float(np.clip(360 / max(q_pos, k_pos), 4, 10))
+        ax.set_xticks(range(k_pos), [_mpl_label(t) for t in key_tokens], rotation=90, fontsize=fontsize)
+        ax.set_yticks(range(q_pos), [_mpl_label(t) for t in query_tokens], fontsize=fontsize)
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    if title is not None:
+        ax.set_title(title)
+    return fig
+
+
+def plot_head_scores(
+    scores: Any,
+    name: str | None = None,
+    *,
+    title: str | None = None,
+    ax: Axes | None = None,
+    layers: Sequence[int] | None = None,
+    cmap: str = "viridis",
+    fmt: str = ".2f",
+    annotate: bool | None = None,
+) -> Figure:
+    """Grid heatmap of one score per head, layers down the y axis and heads along the x axis, values in the cells.
+
+    Args:
+        scores: ``[layer, head]`` scores (torch tensor or numpy array), e.g. a previous-token or induction score;
+            or an :class:`attnlens.metrics.HeadScores` or :class:`attnlens.ScanResult` with ``name`` naming the
+            score (its layers label the rows, the name is the default title). NaN cells (a score that is
+            undefined for that head) are left blank.
+        name: The score to draw from a ``HeadScores`` or ``ScanResult``; must be None for a plain grid.
+        title: Title of the axes.
+        ax: Axes to draw into; by default a new figure is made (not registered with pyplot).
+        layers: The model's layer numbers of the rows, when the scores cover only some layers; default 0, 1, ...
+        cmap: A matplotlib colour map name.
+        fmt: Format spec of the values written in the cells.
+        annotate: Write the values in the cells; None (default) writes them when there are at most 1024 cells.
+
+    Returns:
+        The matplotlib Figure holding the grid and its colour bar.
+
+    Raises:
+        ValueError: If ``scores`` is not 2-D or ``layers`` does not have one entry per row.
+        ImportError: If matplotlib is not installed.
+    """
+    scores, layers, title = _named_scores(scores, name, layers, title)
+    grid = _to_numpy(scores, "scores")
+    if grid.ndim != 2:
+        raise ValueError(f"scores must be [layer, head], got shape {tuple(grid.shape)}")
+    n_layer, n_head = grid.shape
+    layer_numbers = _check_layers(layers, n_layer)
+    if annotate is None:
+        annotate = grid.size <= 1024
+
+    fig, ax = _new_axes(ax, (max(4.0, 0.6 * n_head + 2.0), max(3.0, 0.45 * n_layer + 1.5)))
+    finite = grid[np.isfinite(grid)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.figure.colorbar(image, ax=ax, label="score")
+    ax.set_xticks(range(n_head), [str(h) for h in range(n_head)])
+    ax.set_yticks(range(n_layer), [str(layer) for layer in layer_numbers])
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    if title is not None:
+        ax.set_title(title)
+
+    if annotate:
+        colormap = image.get_cmap()
+        fontsize = float(np.clip(110 / max(n_head, n_layer), 5, 9))
+        for (row, col), value in np.ndenumerate(grid):
+            if not np.isfinite(value):
+                continue
+            # Dark text on light cells and light text on dark ones, judged by the cell colour's luminance.
+            red, green, blue, _ = colormap(image.norm(value))
+            luminance = 0.299 * red + 0.587 * green + 0.114 * blue
+            colour = "black" if luminance > 0.5 else "white"
+            ax.text(col, row, format(value, fmt), ha="center", va="center", color=colour, fontsize=fontsize)
+    return fig
+
+
+def _named_scores(scores: Any, name: str | None, layers: Any, title: str | None) -> tuple[Any, Any, str | None]:
+    """The grid, row layers and title of one named score of a ``HeadScores`` or ``ScanResult``."""
+    table = scores.mean if hasattr(scores, "mean") and isinstance(scores.mean, dict) else None
+    if table is None and hasattr(scores, "names") and hasattr(scores, "heads"):
+        table = {n: getattr(scores, n) for n in scores.names}
+    if table is None:
+        if name is not None:
+            raise ValueError("name= picks a score of a HeadScores or ScanResult; pass a plain grid without it")
+        return scores, layers, title
+    if name is None or name not in table:
+        raise ValueError(f"name the score to draw, one of {sorted(table)}; got {name!r}")
+    if table[name] is None:
+        raise ValueError(f"the {name} score is undefined for these tokens (no repeated token?)")
+    if list(scores.heads) != list(range(len(scores.heads))):
+        raise ValueError(
+            f"plot_head_scores draws heads 0, 1, ... in order; these scores keep heads {list(scores.heads)}"
+        )
+    return table[name], list(scores.layers) if layers is None else layers, name if title is None else title
+
+
+def plot_overview(
+    patterns: Any,
+    *,
+    layers: Sequence[int] | None = None,
+    cmap: str = "viridis",
+    panel: float = 1.1,
+) -> Figure:
+    """Every head's pattern as a small heatmap: layers down, heads across (a picture of :func:`overview_html`).
+
+    Args:
+        patterns: ``[layer, head, q_pos, k_pos]`` attention weights of one batch item.
+        layers: The model's layer numbers along the first axis; default 0, 1, ...
+        cmap: A matplotlib colour map name; the scale is 0 to 1 in every panel.
+        panel: Size of one panel in inches.
+
+    Returns:
+        The matplotlib Figure.
+
+    Raises:
+        ValueError: If ``patterns`` is not 4-D.
+        ImportError: If matplotlib is not installed.
+    """
+    weights = _to_numpy(patterns, "patterns")
+    if weights.ndim != 4 or 0 in weights.shape:
+        raise ValueError(f"patterns must be [layer, head, q_pos, k_pos], got shape {tuple(weights.shape)}")
+    n_layer, n_head = weights.shape[:2]
+    layer_numbers = _check_layers(layers, n_layer)
+    fig, _ = _new_axes(None, (panel * n_head + 1.0, panel * n_layer + 0.5), subplots=False)
+    axes = fig.subplots(n_layer, n_head, squeeze=False)
+    for (row, col), ax in np.ndenumerate(axes):
+        ax.imshow(weights[row, col], cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if row == 0:
+            ax.set_title(f"head {col}", fontsize=8)
+        if col == 0:
+            ax.set_ylabel(f"layer {layer_numbers[row]}", fontsize=8)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 150) -> Path:
+    """Write a figure as PNG, SVG or PDF, chosen by the file's suffix.
+
+    Args:
+        fig: A matplotlib Figure, e.g. from :func:`plot_pattern`.
+        path: Destination ending in ``.png``, ``.svg`` or ``.pdf``; its folder must exist.
+        dpi: Resolution of PNG output.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: If the suffix is not one of the three.
+    """
+    path = Path(path)
+    fmt = _FIGURE_SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot tell the figure format of {str(path)!r}: use one of {sorted(_FIGURE_SUFFIXES)}")
+    fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight")
+    return path
