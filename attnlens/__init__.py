@@ -63,8 +63,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # metrics and viz are submodules; load_demo lives in attnlens.demo. All three load on first use.
-    if name in ("metrics", "viz"):
+    # These submodules and load_demo (in attnlens.demo) load on first use, so `import attnlens` stays light.
+    if name in ("attribution", "circuits", "metrics", "viz"):
         return importlib.import_module(f"attnlens.{name}")
     if name == "load_demo":
         return importlib.import_module("attnlens.demo").load_demo
