@@ -188,7 +188,7 @@ def _frozen_sigma(residual: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
 # -------------------------------------------------------------------------------------------- the result ---
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Decomposition:
     """The final residual stream at chosen positions, split into the components that wrote it.
 
@@ -199,6 +199,7 @@ class Decomposition:
         residual: ``[batch, pos, d_model]``, the model's own residual entering the final layer norm there.
         positions: ``[batch, pos]`` int64, the input position of each entry (its column in ``input_ids``).
         valid: ``[batch, pos]`` bool: the entry is a real token (False only for padding with ``positions=None``).
+        n_layers: the model's number of layers.
     """
 
     names: tuple[str, ...]
@@ -211,6 +212,13 @@ class Decomposition:
     _unembed: tuple[Tensor, Tensor | None] | None = field(repr=False)
     _versions: tuple[int, ...] = field(repr=False)
     _model_class: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        batch, n_pos, d_model = self.residual.shape
+        return (
+            f"Decomposition({len(self.names)} components, batch={batch}, pos={n_pos}, d_model={d_model}, "
+            f"{str(self.residual.dtype).removeprefix('torch.')})"
+        )
 
     def index(self, name: str) -> int:
         """The position of a component on the ``component`` axis, by name (``"L1H3"``, ``"L0.mlp"``, ...)."""
@@ -385,9 +393,9 @@ def _select_positions(positions: Any, mask: Tensor) -> tuple[Tensor, Tensor]:
     if isinstance(positions, (str, bytes, float)):
         raise ValueError(f"positions must be integers (or None for every position), got {positions!r}")
     given = positions
-    if isinstance(given, Tensor):
-        if given.dtype == torch.bool or given.dtype.is_floating_point:
-            raise ValueError(f"positions must be integers, got a {given.dtype} tensor")
+    if isinstance(given, Tensor) and (given.dtype == torch.bool or given.dtype.is_floating_point):
+        raise ValueError(f"positions must be integers, got a {given.dtype} tensor")
+    if hasattr(given, "tolist"):  # tensors and numpy arrays; their elements are then checked one by one
         given = given.tolist()
     if isinstance(given, Sequence) and given and all(isinstance(row, (Sequence, Tensor)) for row in given):
         rows = [[as_index(i, "positions") for i in row] for row in given]  # [batch, pos]: one list per row

@@ -130,6 +130,7 @@ def test_names_shapes_and_chosen_positions_only() -> None:
         column = int(d.positions[row, 0])
         assert torch.equal(d.contributions[:, row, 0], everything.contributions[:, row, column])
         assert torch.equal(d.residual[row, 0], everything.residual[row, column])
+    assert repr(d) == "Decomposition(20 components, batch=3, pos=1, d_model=32, float32)"
     with pytest.raises(KeyError, match="L9H0"):
         d.index("L9H0")
 
@@ -169,6 +170,9 @@ def test_positions_per_row_and_refusals() -> None:
     d = decompose(model, ids, mask, positions=[[1, 2], [0, -1], [-2, -1]])
     assert d.positions.tolist() == [[1, 2], [0, 8], [10, 11]]
     d.check()
+    import numpy as np
+
+    assert decompose(model, ids, mask, positions=np.array([1, -1])).positions.tolist() == [[1, 11], [1, 8], [5, 11]]
     bad = {
         "out of range for row 1, which has 9 real tokens": [0, 9],
         "out of range for row 2, which has 8 real tokens": -9,
