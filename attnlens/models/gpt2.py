@@ -322,6 +322,8 @@ class LayerSites:
         attn: its output (the first element when a tuple) is the attention output ``[batch, pos, d_model]``.
         spec: ``(scale, upcast, score_divisors)``, the layer's attention arithmetic as its module runs it (the same
             as the layer's :class:`~attnlens.weights.LayerWeights` carry), read without extracting any weight.
+        mlp: its output is the MLP's contribution to the residual stream ``[batch, pos, d_model]`` (after its
+            dropout, which is the identity in eval mode).
     """
 
     attn_input: Any
@@ -329,6 +331,7 @@ class LayerSites:
     z: Any
     attn: Any
     spec: tuple[float, bool, tuple[float, ...] | None]
+    mlp: Any
 
 
 @dataclass(frozen=True)
@@ -342,6 +345,8 @@ class Sites:
         embed: the token embedding (its ``weight`` is ``W_E``; its dtype and device are the model's).
         final_norm: its output is the final hidden state ``[batch, pos, d_model]``.
         unembed: the language-model head (``hidden @ W_U``), or ``None`` for classes without one.
+        pos_embed: the position embedding (its ``weight`` is ``W_pos``); its output is added to the token
+            embedding's to start the residual stream.
     """
 
     base: Any
@@ -349,6 +354,7 @@ class Sites:
     embed: Any
     final_norm: Any
     unembed: nn.Linear | None
+    pos_embed: Any
 
     def run(self, **kwargs: Any) -> Any:
         """Run the transformer, uncompiled, on keyword arguments (see ``base``), every output switch explicit.
@@ -383,11 +389,12 @@ def sites(model: PreTrainedModel) -> Sites:
     blocks: list[Any] = list(base.h)
     specs = _attention_specs(model.config, [block.attn for block in blocks])
     layers = tuple(
-        LayerSites(plain(block.ln_1), plain(block.attn.c_attn), plain(block.attn.c_proj), block.attn, spec)
+        LayerSites(plain(block.ln_1), plain(block.attn.c_attn), plain(block.attn.c_proj), block.attn, spec, block.mlp)
         for block, spec in zip(blocks, specs, strict=True)
     )
     lm_head = plain(getattr(model, "lm_head", None))
-    return Sites(base, layers, plain(base.wte), plain(base.ln_f), lm_head if isinstance(lm_head, nn.Linear) else None)
+    unembed = lm_head if isinstance(lm_head, nn.Linear) else None
+    return Sites(base, layers, plain(base.wte), plain(base.ln_f), unembed, plain(base.wpe))
 
 
 def layout_lines(model: PreTrainedModel, weights: ModelWeights, layer: int) -> list[str]:

@@ -1,0 +1,538 @@
+"""Direct attribution: the final residual stream split into what each component wrote, and each one's direct logit.
+
+:func:`decompose` runs the base transformer once, with hooks, and splits the residual stream that enters the final
+layer norm, at chosen positions, into its components: the token embedding, the position embedding, every head's result
+``z_h @ W_O[h]``, every layer's attention output bias ``b_O`` and every MLP's output. Their sum is the model's own
+residual (:meth:`Decomposition.check` measures by how much it is not, and refuses more than rounding).
+
+:meth:`Decomposition.logit_attribution` sends each component through the final layer norm with its scale frozen at
+the value the real residual gives it (the standard linearisation), then through the unembedding columns of the
+requested tokens only: for a component ``c``, with ``x`` the real residual at that position,
+
+    attribution_c = ((c - mean(c)) / sigma(x)) . (gamma * W_U[:, t]),   sigma(x) = sqrt(var(x) + eps),
+
+and ``sum_c attribution_c + beta . W_U[:, t] + b_U[t]`` is the model's logit of token ``t`` (``b_U`` only where the
+head has a bias; GPT-2's has none): :meth:`Decomposition.logit_bias` gives that last term.
+
+Caveats:
+
+* The linearisation is exact for the sum, not a causal statement about each part: the final norm's scale
+  ``sigma`` depends on all components together; removing one would change it, and so every other component's share.
+* The norm subtracts the mean over ``d_model``; each component's own mean is subtracted from it here (its share of
+  the centring), so a component that only shifts the residual uniformly gets an attribution of 0.
+* Contributions are in the model's dtype, computed as the model computes them, except that the model adds all
+  heads' results in one matrix product (plus ``b_O``) and rounds the attention output once, where each head's result
+  is rounded here on its own: the float64 sum of the parts then differs from the model's residual by rounding alone
+  (see :func:`check_tolerance`). Logit attributions are computed in float32 (float64 for a float64 model).
+* Only the base transformer runs, and the forward pass stops at the final layer norm: the cost is one forward pass
+  without the unembedding.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from einops import einsum, rearrange
+from torch import Tensor, nn
+
+from attnlens import capture
+from attnlens._indices import as_index
+from attnlens.errors import AttentionCaptureError, StaleWeightsError, UnsupportedModelError
+from attnlens.models import gpt2
+from attnlens.tolerances import UNIT_ROUNDOFF
+
+__all__ = [
+    "Decomposition",
+    "DecompositionError",
+    "check_tolerance",
+    "component_names",
+    "decompose",
+    "linearised_logits",
+    "logit_tolerance",
+    "residual_error",
+]
+
+_ACCUMULATOR = {torch.float64: torch.float64}  # every other dtype accumulates (and attributes logits) in float32
+
+
+class DecompositionError(ArithmeticError):
+    """The components of a :class:`Decomposition` do not sum to the model's residual within rounding."""
+
+
+# ------------------------------------------------------------------------------------------------ the maths ---
+
+
+def component_names(n_layers: int, n_heads: int) -> tuple[str, ...]:
+    """The components in the order of a decomposition's ``component`` axis.
+
+    ``"embed"``, ``"pos_embed"``, then per layer ``l``: ``"L{l}H{h}"`` for each head, ``"L{l}.b_O"``, ``"L{l}.mlp"``.
+    """
+    names = ["embed", "pos_embed"]
+    for layer in range(n_layers):
+        names += [f"L{layer}H{head}" for head in range(n_heads)]
+        names += [f"L{layer}.b_O", f"L{layer}.mlp"]
+    return tuple(names)
+
+
+def residual_error(contributions: Tensor, residual: Tensor, valid: Tensor) -> tuple[float, float]:
+    """How far the float64 sum of the parts is from the residual, and how much the parts cancel.
+
+    Args:
+        contributions: ``[component, batch, pos, d_model]``.
+        residual: ``[batch, pos, d_model]``, the model's own.
+        valid: ``[batch, pos]`` bool, the entries to compare (real tokens).
+
+    Returns:
+        ``(error, cancellation)``: the largest over valid entries of ``max_d |sum_c c - x| / max_d |x|``, and of
+        ``max_d sum_c |c| / max_d |x|`` (at least 1; how much larger the parts are than their sum).
+    """
+    parts = contributions.double()
+    scale = residual.double().abs().amax(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+    error = (parts.sum(dim=0) - residual.double()).abs().amax(dim=-1) / scale
+    cancellation = parts.abs().sum(dim=0).amax(dim=-1) / scale
+    if not bool(valid.any()):
+        return 0.0, 1.0
+    # NaN anywhere (a non-finite residual) must not hide behind amax: report it as such.
+    worst = error[valid]
+    worst_error = float("nan") if bool(worst.isnan().any()) else float(worst.amax())
+    return worst_error, float(cancellation[valid].amax())
+
+
+def check_tolerance(dtype: torch.dtype, n_layers: int, d_model: int, cancellation: float = 1.0) -> float:
+    """The largest relative error :meth:`Decomposition.check` accepts: rounding, and nothing else, can explain it.
+
+    ``cancellation * ((4 * n_layers + 2) * u + 6 * u_acc * sqrt(d_model * n_layers))``, from:
+
+    * ``4 * n_layers + 2`` roundings to the model's dtype (unit roundoff ``u``), each at most ``u`` times the sum of
+      the parts' magnitudes: the model's ``2 * n_layers + 1`` residual additions, its rounding of each attention
+      output, the rounding of each head's result here, and one of margin;
+    * the model's attention output projection sums ``d_model`` products in one order, the per-head results here in
+      another: per layer a probabilistic ``sqrt(d_model)`` bound in the accumulator's precision ``u_acc`` (float32
+      for half dtypes), independent across layers (``sqrt(n_layers)``), with the constant 6 of
+      :data:`attnlens.tolerances.TOLERANCES` (two orders, about 4.5 standard deviations);
+    * ``cancellation``: ``max_d sum_c |c| / max_d |x|`` measured on the decomposition, since every rounding is
+      relative to the parts, and ``check`` divides by the residual.
+
+    Args:
+        dtype: the model's dtype.
+        n_layers: the number of layers.
+        d_model: the residual width.
+        cancellation: see above (1 if the parts never cancel).
+
+    Raises:
+        ValueError: a dtype attnlens has no unit roundoff for.
+    """
+    name = str(dtype).removeprefix("torch.")
+    if name not in UNIT_ROUNDOFF:
+        raise ValueError(f"no tolerance for a {name} model; attnlens supports {', '.join(UNIT_ROUNDOFF)}")
+    u = UNIT_ROUNDOFF[name]
+    u_acc = UNIT_ROUNDOFF["float64" if dtype == torch.float64 else "float32"]
+    return cancellation * ((4 * n_layers + 2) * u + 6 * u_acc * math.sqrt(d_model * n_layers))
+
+
+def logit_tolerance(dtype: torch.dtype, n_layers: int, d_model: int, cancellation: float = 1.0) -> float:
+    """How far ``logit_attribution(t).sum(0) + logit_bias(t)`` may be from the model's logit, relative to ``S``.
+
+    ``S = (max_d |x_d| / sigma) * sum_d |gamma_d W_U[d, t]| + sum_d |beta_d W_U[d, t]| + |b_U[t]|`` bounds every term
+    of the logit (:meth:`Decomposition.logit_bound` is ``logit_tolerance * S``; for a difference, ``S_a + S_b``).
+    The tolerance is ``2 * check_tolerance(...) + 8 * u + 12 * u_acc * sqrt(d_model)``:
+
+    * the parts' sum is off the residual by at most ``check_tolerance * max_d |x|``; centred, then sent through
+      ``gamma * W_U[:, t] / sigma``, that is at most twice the check tolerance times ``S``;
+    * the model rounds the normalised residual (``|y_d| <= 2 S``-sized terms: ``2u``), sums ``d_model`` products in
+      its accumulator (6, as in :func:`check_tolerance`, for each of the two sides' orders) and rounds the logit
+      (``2u``); its layer-norm statistics and the attribution here add a few ``u`` (margin to 8).
+
+    Args:
+        dtype: the model's dtype.
+        n_layers: the number of layers.
+        d_model: the residual width.
+        cancellation: as for :func:`check_tolerance`.
+    """
+    name = str(dtype).removeprefix("torch.")
+    u = UNIT_ROUNDOFF.get(name)
+    if u is None:
+        raise ValueError(f"no tolerance for a {name} model; attnlens supports {', '.join(UNIT_ROUNDOFF)}")
+    u_acc = UNIT_ROUNDOFF["float64" if dtype == torch.float64 else "float32"]
+    residual = check_tolerance(dtype, n_layers, d_model, cancellation)
+    return 2 * residual + 8 * u + 12 * u_acc * math.sqrt(d_model)
+
+
+def linearised_logits(contributions: Tensor, sigma: Tensor, direction: Tensor) -> Tensor:
+    """Each component's direct effect on a logit through a layer norm whose scale is frozen.
+
+    Args:
+        contributions: ``[component, batch, pos, d_model]``.
+        sigma: ``[batch, pos]``, ``sqrt(var(x) + eps)`` of the real residual ``x``.
+        direction: ``[batch, pos, d_model]``, ``gamma * W_U[:, t]`` (or ``gamma * (W_U[:, a] - W_U[:, b])``).
+
+    Returns:
+        ``[component, batch, pos]``: ``((c - mean_d(c)) / sigma) . direction``, in the dtype of ``direction``.
+    """
+    parts = contributions.to(direction.dtype)
+    centred = parts - parts.mean(dim=-1, keepdim=True)
+    return einsum(centred, direction, "component batch pos d_model, batch pos d_model -> component batch pos") / sigma
+
+
+def _frozen_sigma(residual: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """``sqrt(var(x) + eps)`` over ``d_model`` (biased variance, as layer norm uses), in ``dtype``: ``[batch, pos]``."""
+    x = residual.to(dtype)
+    return torch.sqrt(x.var(dim=-1, unbiased=False) + eps)
+
+
+# -------------------------------------------------------------------------------------------- the result ---
+
+
+@dataclass(frozen=True, repr=False)
+class Decomposition:
+    """The final residual stream at chosen positions, split into the components that wrote it.
+
+    Attributes:
+        names: one name per component (see :func:`component_names`).
+        contributions: ``[component, batch, pos, d_model]`` in the model's dtype; ``pos`` indexes the chosen
+            positions, not the input's.
+        residual: ``[batch, pos, d_model]``, the model's own residual entering the final layer norm there.
+        positions: ``[batch, pos]`` int64, the input position of each entry (its column in ``input_ids``).
+        valid: ``[batch, pos]`` bool: the entry is a real token (False only for padding with ``positions=None``).
+        n_layers: the model's number of layers.
+    """
+
+    names: tuple[str, ...]
+    contributions: Tensor
+    residual: Tensor
+    positions: Tensor
+    valid: Tensor
+    n_layers: int = field(repr=False)
+    _norm: tuple[Tensor, Tensor | None, float] = field(repr=False)
+    _unembed: tuple[Tensor, Tensor | None] | None = field(repr=False)
+    _versions: tuple[int, ...] = field(repr=False)
+    _model_class: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        batch, n_pos, d_model = self.residual.shape
+        return (
+            f"Decomposition({len(self.names)} components, batch={batch}, pos={n_pos}, d_model={d_model}, "
+            f"{str(self.residual.dtype).removeprefix('torch.')})"
+        )
+
+    def index(self, name: str) -> int:
+        """The position of a component on the ``component`` axis, by name (``"L1H3"``, ``"L0.mlp"``, ...)."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"no component {name!r}; components are {self.names[0]}, ..., {self.names[-1]}") from None
+
+    def errors(self) -> tuple[float, float]:
+        """``(error, tolerance)``: the largest relative error of the sum (see :func:`residual_error`) and its bound."""
+        error, cancellation = residual_error(self.contributions, self.residual, self.valid)
+        d_model = self.residual.shape[-1]
+        return error, check_tolerance(self.residual.dtype, self.n_layers, d_model, cancellation)
+
+    def logit_bound(self, tokens: Any) -> Tensor:
+        """The largest gap from the model's own logit that rounding explains, ``[batch, pos]``.
+
+        That is, between ``logit_attribution(t).sum(0) + logit_bias(t)`` and the model's logit (or logit difference):
+        ``logit_tolerance * S`` (see :func:`logit_tolerance`). Arguments and errors as :meth:`logit_attribution`.
+        """
+        with torch.no_grad():
+            _, _, scale = self._direction(tokens)
+        _, cancellation = residual_error(self.contributions, self.residual, self.valid)
+        d_model = self.residual.shape[-1]
+        return logit_tolerance(self.residual.dtype, self.n_layers, d_model, cancellation) * scale
+
+    def check(self) -> float:
+        """The largest relative error of the sum of the components against the model's residual; raises above tolerance.
+
+        Per entry (batch, position), the error is ``max_d |sum_c c - x| / max_d |x|``, summed in float64; the
+        largest over the real tokens is returned. In float32 it stays within a few ``1e-7`` on small models; the
+        bound is :func:`check_tolerance`.
+
+        Raises:
+            DecompositionError: the error is above the tolerance, or not finite.
+        """
+        error, tolerance = self.errors()
+        if not error <= tolerance:
+            raise DecompositionError(
+                f"the {len(self.names)} components sum to the model's residual only within a relative error of "
+                f"{error:.3g}, more than rounding explains ({tolerance:.3g} for {self.residual.dtype}); were the "
+                "contributions or the residual modified?"
+            )
+        return error
+
+    def logit_attribution(self, tokens: Any) -> Tensor:
+        """Each component's direct contribution to the logit of ``tokens`` (or to a logit difference).
+
+        The final layer norm's scale is frozen at the value of the real residual (module docstring):
+        ``logit_attribution(t).sum(0) + logit_bias(t)`` is the model's logit, up to rounding. Only the requested
+        tokens' columns of ``W_U`` are read.
+
+        Args:
+            tokens: target token ids: an int, ``[batch]`` (one per row) or ``[batch, pos]`` (one per entry), as
+                ints, lists, arrays or integer tensors; or a tuple ``(a, b)`` of two such for the logit difference
+                ``a - b`` (a tuple is always a pair: give per-row ids as a list or a tensor).
+
+        Returns:
+            ``[component, batch, pos]``, float32 (float64 for a float64 model).
+
+        Raises:
+            UnsupportedModelError: the model has no language-model head.
+            ValueError: ids out of the vocabulary, of the wrong shape, or not integers.
+            StaleWeightsError: the final norm or the unembedding was modified in place since :func:`decompose`.
+        """
+        with torch.no_grad():  # an attribution, not a graph: nothing here is meant for gradients
+            direction, _, _ = self._direction(tokens)
+            return linearised_logits(self.contributions, self._sigma(direction.dtype), direction)
+
+    def logit_bias(self, tokens: Any) -> Tensor:
+        """``beta . W_U[:, t] + b_U[t]``: the part of the logit that no component writes, ``[batch, pos]``.
+
+        For a pair ``(a, b)``, the same difference. Arguments, dtype and errors as :meth:`logit_attribution`.
+        """
+        with torch.no_grad():
+            _, bias, _ = self._direction(tokens)
+        return bias
+
+    def _sigma(self, dtype: torch.dtype) -> Tensor:
+        return _frozen_sigma(self.residual, self._norm[2], dtype)
+
+    def _direction(self, tokens: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """``gamma * W_U[:, t]`` ``[batch, pos, d_model]``, ``beta . W_U[:, t] + b_U[t]`` and ``S`` ``[batch, pos]``."""
+        if self._unembed is None:
+            raise UnsupportedModelError(
+                f"{self._model_class} has no language-model head (no W_U), so there are no logits to attribute; "
+                "the residual decomposition stands. Use GPT2LMHeadModel (or GPT2DoubleHeadsModel) for logits"
+            )
+        if _versions(self._norm, self._unembed) != self._versions:
+            raise StaleWeightsError(
+                "the final layer norm or the unembedding was modified in place after decompose(); decompose again"
+            )
+        dtype = _ACCUMULATOR.get(self.residual.dtype, torch.float32)
+        if isinstance(tokens, tuple):
+            if len(tokens) != 2:
+                raise ValueError(f"a tuple of tokens is a pair (a, b) for the logit difference; got {len(tokens)}")
+            direction_a, bias_a, scale_a = self._direction_one(tokens[0], dtype)
+            direction_b, bias_b, scale_b = self._direction_one(tokens[1], dtype)
+            return direction_a - direction_b, bias_a - bias_b, scale_a + scale_b
+        return self._direction_one(tokens, dtype)
+
+    def _direction_one(self, tokens: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        assert self._unembed is not None
+        weight, b_U = self._unembed  # weight: [d_vocab, d_model], row t is W_U[:, t]
+        gamma, beta, _ = self._norm
+        batch, n_pos = self.positions.shape
+        ids = _target_ids(tokens, batch, n_pos, weight.shape[0]).to(weight.device)
+        columns = weight.index_select(0, ids.reshape(-1)).to(dtype).reshape(batch, n_pos, -1)
+        direction = columns * gamma.to(dtype)
+        stretch = self.residual.to(dtype).abs().amax(dim=-1) / self._sigma(dtype)
+        scale = stretch * direction.abs().sum(dim=-1)
+        bias = torch.zeros((batch, n_pos), dtype=dtype, device=weight.device)
+        if beta is not None:
+            bias = bias + einsum(columns, beta.to(dtype), "batch pos d_model, d_model -> batch pos")
+            scale = scale + (columns * beta.to(dtype)).abs().sum(dim=-1)
+        if b_U is not None:
+            b_t = b_U.index_select(0, ids.reshape(-1)).to(dtype).reshape(batch, n_pos)
+            bias, scale = bias + b_t, scale + b_t.abs()
+        return direction, bias, scale
+
+
+def _versions(
+    norm: tuple[Tensor, Tensor | None, float], unembed: tuple[Tensor, Tensor | None] | None
+) -> tuple[int, ...]:
+    tensors = [norm[0], norm[1], *(unembed or ())]
+    return tuple(-1 if t is None else int(t._version) for t in tensors)
+
+
+def _target_ids(tokens: Any, batch: int, n_pos: int, d_vocab: int) -> Tensor:
+    """Target ids as ``[batch, pos]`` int64, from an int, ``[batch]`` or ``[batch, pos]``."""
+    if isinstance(tokens, bool) or (isinstance(tokens, Tensor) and tokens.dtype == torch.bool):
+        raise ValueError(f"tokens must be integer token ids, got the bool {tokens!r}")
+    if isinstance(tokens, (int,)) or (getattr(tokens, "ndim", None) == 0):
+        ids = torch.tensor(as_index(tokens, "tokens")).expand(batch, n_pos)
+    else:
+        try:
+            ids = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"tokens must be token ids (an int, [batch] or [batch, pos]), got {tokens!r}") from None
+        if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise ValueError(f"tokens must be integer token ids, got dtype {ids.dtype}")
+        if tuple(ids.shape) == (batch,):
+            ids = ids[:, None].expand(batch, n_pos)
+        elif tuple(ids.shape) != (batch, n_pos):
+            raise ValueError(
+                f"tokens has shape {tuple(ids.shape)}; give an int, [batch] = [{batch}] or [batch, pos] = "
+                f"[{batch}, {n_pos}] (pos: the decomposition's positions)"
+            )
+    ids = ids.long()
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= d_vocab:
+        raise ValueError(f"tokens must lie in [0, {d_vocab}) (d_vocab), got values from {low} to {high}")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------- positions ---
+
+
+def _select_positions(positions: Any, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Input columns ``[batch, pos]`` of the chosen positions and which of them are real tokens.
+
+    ``positions`` count among each row's real tokens (``0`` its first, ``-1`` its last); ``None`` takes every
+    column of the input, padding included.
+    """
+    batch, n_pos = mask.shape
+    real = mask.bool()
+    if positions is None:
+        columns = torch.arange(n_pos, device=mask.device).expand(batch, n_pos)
+        return columns, real
+    if isinstance(positions, bool):
+        raise ValueError(f"positions must be integers, got the bool {positions!r}")
+    if isinstance(positions, (str, bytes, float)):
+        raise ValueError(f"positions must be integers (or None for every position), got {positions!r}")
+    given = positions
+    if isinstance(given, Tensor) and (given.dtype == torch.bool or given.dtype.is_floating_point):
+        raise ValueError(f"positions must be integers, got a {given.dtype} tensor")
+    if hasattr(given, "tolist"):  # tensors and numpy arrays; their elements are then checked one by one
+        given = given.tolist()
+    if isinstance(given, Sequence) and given and all(isinstance(row, (Sequence, Tensor)) for row in given):
+        rows = [[as_index(i, "positions") for i in row] for row in given]  # [batch, pos]: one list per row
+        if len(rows) != batch or len({len(row) for row in rows}) != 1:
+            raise ValueError(f"positions given per row must be [batch, pos] = [{batch}, n], got rows of {rows}")
+    else:
+        flat = [as_index(i, "positions") for i in (given if isinstance(given, Sequence) else [given])]
+        rows = [flat] * batch
+    if not rows[0]:
+        raise ValueError("positions is empty; give at least one position, or None for all")
+    lengths = real.sum(dim=-1).tolist()
+    order = torch.argsort((~real).to(torch.int8), dim=-1, stable=True)  # each row's real columns first, in order
+    index = []
+    for row, (wanted, length) in enumerate(zip(rows, lengths, strict=True)):
+        bad = [i for i in wanted if not -length <= i < length]
+        if bad:
+            raise ValueError(
+                f"positions {bad} are out of range for row {row}, which has {length} real tokens (count among the "
+                f"row's real tokens: 0..{length - 1}, or -{length}..-1 from its last)"
+            )
+        index.append([i % length for i in wanted])
+    columns = order.gather(1, torch.tensor(index, device=mask.device))
+    return columns, torch.ones_like(columns, dtype=torch.bool)
+
+
+# ------------------------------------------------------------------------------------------------ running ---
+
+
+@capture.one_at_a_time
+def decompose(
+    model: Any,
+    input_ids: Any,
+    attention_mask: Any = None,
+    *,
+    positions: Any = -1,
+    position_ids: Any = None,
+) -> Decomposition:
+    """Split the model's final residual stream (entering its final layer norm) into its components.
+
+    One forward pass of the base transformer with hooks, stopped at the final layer norm; the model is left as it
+    was found (hooks removed, also on error; eval mode for the pass only; one attnlens call per model at a time).
+    Each head's result ``z_h @ W_O[h]`` is computed at the chosen positions only.
+
+    Args:
+        model: a supported GPT-2 model (any class; logits need one with a language-model head).
+        input_ids: ``[batch, pos]`` (or ``[pos]``) token ids.
+        attention_mask: ``[batch, pos]`` of 1 (token) and 0 (padding), left or right padding.
+        positions: which positions to decompose, counted among each row's real tokens under the mask: an int
+            (default ``-1``: each row's last real token), a list of ints (the same in every row), ``[batch, n]``
+            ints (per row); negative ints count from the row's last real token. ``None``: every column of the
+            input, padding included (see :attr:`Decomposition.valid`).
+        position_ids: ``[batch, pos]`` position ids, passed to the model as they are (the model's default is
+            ``0..pos-1`` whatever the padding).
+
+    Returns:
+        A :class:`Decomposition`; its ``.check()`` measures that the parts sum to the residual.
+
+    Raises:
+        UnsupportedModelError: not a supported GPT-2 model, or one that attnlens refuses (see
+            :func:`attnlens.models.gpt2.sites`).
+        ValueError: bad inputs (see :func:`attnlens.models.gpt2.check_inputs`) or positions out of a row's range.
+        AttentionCaptureError: a layer or the final norm never ran.
+
+    Example:
+        >>> d = attnlens.attribution.decompose(model, ids)  # each row's last token
+        >>> d.check()  # largest relative error of the sum
+        >>> d.logit_attribution(target)  # [component, batch, pos]
+    """
+    if isinstance(model, (str, bytes, os.PathLike)):
+        raise TypeError(f"decompose needs a loaded GPT-2 model, got the name or path {model!r}: load it first")
+    sites = gpt2.sites(model)
+    ids, mask, pos_ids = gpt2.check_inputs(model, input_ids, attention_mask, position_ids)
+    columns, valid = _select_positions(positions, torch.ones_like(ids) if mask is None else mask)
+    config = gpt2.unwrap(model).config
+    n_layers, n_heads, d_model = config.n_layer, config.n_head, config.n_embd
+    d_head = d_model // n_heads
+    names = component_names(n_layers, n_heads)
+    param = sites.embed.weight
+    batch, n_sel = columns.shape
+    contributions = torch.empty((len(names), batch, n_sel, d_model), dtype=param.dtype, device=param.device)
+    captured: dict[str, Tensor] = {}
+    seen: set[str] = set()
+    gather_index = columns[:, :, None].expand(batch, n_sel, d_model)
+
+    def at_positions(x: Tensor) -> Tensor:
+        return x.expand(batch, -1, -1).gather(1, gather_index)  # the position embedding comes as [1, pos, d_model]
+
+    def put(slot: int, key: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            contributions[slot].copy_(at_positions(output[0] if isinstance(output, tuple) else output))
+            seen.add(key)
+
+        return hook
+
+    def heads(layer: int) -> Callable[[nn.Module, Any], None]:
+        first = names.index(f"L{layer}H0")
+
+        def hook(module: Any, args: Any) -> None:
+            z = rearrange(at_positions(args[0]), "batch pos (head d_head) -> batch pos head d_head", head=n_heads)
+            W_O = module.weight.view(n_heads, d_head, d_model)
+            result = einsum(z, W_O, "batch pos head d_head, head d_head d_model -> head batch pos d_model")
+            contributions[first : first + n_heads].copy_(result)
+            contributions[first + n_heads].copy_(module.bias.expand(batch, n_sel, d_model))
+            seen.add(f"L{layer}.z")
+
+        return hook
+
+    def final(module: nn.Module, args: Any) -> None:
+        captured["residual"] = at_positions(args[0])
+        raise capture.StopForward
+
+    post = [(sites.embed, put(0, "embed")), (sites.pos_embed, put(1, "pos_embed"))]
+    post += [(s.mlp, put(names.index(f"L{i}.mlp"), f"L{i}.mlp")) for i, s in enumerate(sites.layers)]
+    pre = [(s.z, heads(i)) for i, s in enumerate(sites.layers)] + [(sites.final_norm, final)]
+
+    def forward() -> None:
+        sites.run(input_ids=ids, attention_mask=mask, position_ids=pos_ids)
+
+    with capture.preserved(model), torch.no_grad(), capture.forward_hooks(post), capture.forward_hooks(pre, pre=True):
+        capture.run_until(forward)
+
+    expected = {"embed", "pos_embed", *(f"L{i}.{k}" for i in range(n_layers) for k in ("z", "mlp"))}
+    missing = sorted(expected - seen) + ([] if "residual" in captured else ["final norm"])
+    if missing:
+        raise AttentionCaptureError(f"the forward pass never ran {', '.join(missing)}; nothing to decompose")
+    norm = sites.final_norm
+    norm_params = (norm.weight, norm.bias, float(norm.eps))
+    unembed = None if sites.unembed is None else (sites.unembed.weight, sites.unembed.bias)
+    return Decomposition(
+        names=names,
+        contributions=contributions,
+        residual=captured["residual"],
+        positions=columns.clone(),
+        valid=valid.clone(),
+        n_layers=n_layers,
+        _norm=norm_params,
+        _unembed=unembed,
+        _versions=_versions(norm_params, unembed),
+        _model_class=type(gpt2.unwrap(model)).__name__,
+    )
