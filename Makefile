@@ -37,7 +37,7 @@ docs: $(BIN)/attnlens  ## the site in site/, with the notebooks executed (a fail
 	$(BIN)/python -m pip install --quiet -e ".[docs]"
 	$(DOCS_ENV) $(BIN)/mkdocs build --strict
 
-docs-check: docs  ## open the built notebook pages in headless Chromium; screenshots go to SCREENSHOTS
+docs-check: $(BIN)/attnlens  ## after `make docs`: open the notebook pages of site/ in headless Chromium, screenshots to SCREENSHOTS
 	$(BIN)/python docs/check_site.py site --screenshots $(SCREENSHOTS)
 
 bench: $(BIN)/attnlens  ## side-by-side benchmarks against HF, TransformerLens and nnsight (not part of the tests)

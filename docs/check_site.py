@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import importlib.util
 import json
 import re
 import sys
@@ -221,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.site / "index.html").is_file():
         print(f"error: {args.site} is not a built site (no index.html); run `make docs` first", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("playwright") is None:
+        print("error: the site check needs playwright: pip install playwright (no browser download)", file=sys.stderr)
+        return 2
+    if not Path(args.chromium).is_file():
+        print(f"error: no Chromium at {args.chromium}; install it or pass --chromium", file=sys.stderr)
         return 2
     reports, refused = check(args.site.resolve(), args.screenshots, args.chromium)
     failed = False
