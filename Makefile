@@ -7,7 +7,7 @@ TRANSFORMERS ?= 5.23.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint docs bench clean
+.PHONY: demo test lint docs docs-check bench clean
 
 $(BIN)/attnlens: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,16 @@ lint: $(BIN)/attnlens
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-docs: $(BIN)/attnlens
+# The notebooks (tutorials, gallery) are executed by the build: offline, and without progress bars in their outputs.
+DOCS_ENV := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS="ignore:IProgress not found"
+SCREENSHOTS ?= /tmp/attnlens-site-screenshots
+
+docs: $(BIN)/attnlens  ## the site in site/, with the notebooks executed (a failing cell fails the build)
 	$(BIN)/python -m pip install --quiet -e ".[docs]"
-	$(BIN)/mkdocs build --strict
+	$(DOCS_ENV) $(BIN)/mkdocs build --strict
+
+docs-check: $(BIN)/attnlens  ## after `make docs`: open the notebook pages of site/ in headless Chromium, screenshots to SCREENSHOTS
+	$(BIN)/python docs/check_site.py site --screenshots $(SCREENSHOTS)
 
 bench: $(BIN)/attnlens  ## side-by-side benchmarks against HF, TransformerLens and nnsight (not part of the tests)
 	$(BIN)/python benchmarks/run.py

@@ -1,8 +1,9 @@
-"""The tutorial notebooks in docs/tutorials run from top to bottom in the current environment.
+"""The notebooks of the docs (the tutorials in docs/tutorials and docs/gallery.ipynb) run from top to bottom.
 
-The docs render the notebooks without executing them; this is where they are executed. Each runs with nbclient in a
-fresh temporary working directory on the ``python3`` kernel, which jupyter_client starts with the interpreter running
-the tests (checked by a cell put first), with the hub switched off so that nothing is downloaded.
+They are stored without outputs; the docs build executes them (mkdocs-jupyter, ``execute: true``), and so do these
+tests, in both environments. Each runs with nbclient in a fresh temporary working directory on the ``python3``
+kernel, which jupyter_client starts with the interpreter running the tests (checked by a cell put first), with the hub
+switched off so that nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-TUTORIALS = Path(__file__).resolve().parent.parent / "docs" / "tutorials"
-NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+TUTORIALS = DOCS / "tutorials"
+NOTEBOOKS = [*sorted(TUTORIALS.glob("*.ipynb")), DOCS / "gallery.ipynb"]
 TIMEOUT = 300
 
 
