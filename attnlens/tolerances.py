@@ -17,7 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["QUANTITIES", "TOLERANCES", "UNIT_ROUNDOFF", "ErrorBound", "bitwise_guaranteed", "derived_tolerances"]
+__all__ = [
+    "QUANTITIES",
+    "TOLERANCES",
+    "UNIT_ROUNDOFF",
+    "ErrorBound",
+    "bitwise_guaranteed",
+    "check_tolerance",
+    "derived_tolerances",
+    "logit_tolerance",
+]
 
 QUANTITIES = ("q", "k", "v", "pattern_hf_order", "pattern", "z", "attn_out", "hidden", "logits")
 """What verify compares, in report order. The first six are per head, ``attn_out`` per layer, the last two once."""
@@ -152,3 +161,66 @@ def bitwise_guaranteed(model: nn.Module, dtype: torch.dtype, device: torch.devic
         for module in model.modules()
     )
     return not compiled and device.type == "cpu" and dtype in (torch.float32, torch.float64)
+
+
+# Decompositions (attnlens.attribution): how far a sum of parts, or a logit attributed to them, may drift.
+
+
+def check_tolerance(dtype: torch.dtype, n_layers: int, d_model: int, cancellation: float = 1.0) -> float:
+    """The largest relative error ``Decomposition.check`` accepts (:mod:`attnlens.attribution`): rounding explains it.
+
+    ``cancellation * ((4 * n_layers + 2) * u + 6 * u_acc * sqrt(d_model * n_layers))``, from:
+
+    * ``4 * n_layers + 2`` roundings to the model's dtype (unit roundoff ``u``), each at most ``u`` times the sum of
+      the parts' magnitudes: the model's ``2 * n_layers + 1`` residual additions, its rounding of each attention
+      output, the rounding of each head's result here, and one of margin;
+    * the model's attention output projection sums ``d_model`` products in one order, the per-head results here in
+      another: per layer a probabilistic ``sqrt(d_model)`` bound in the accumulator's precision ``u_acc`` (float32
+      for half dtypes), independent across layers (``sqrt(n_layers)``), with the constant 6 of
+      :data:`attnlens.tolerances.TOLERANCES` (two orders, about 4.5 standard deviations);
+    * ``cancellation``: ``max_d sum_c |c| / max_d |x|`` measured on the decomposition, since every rounding is
+      relative to the parts, and ``check`` divides by the residual.
+
+    Args:
+        dtype: the model's dtype.
+        n_layers: the number of layers.
+        d_model: the residual width.
+        cancellation: see above (1 if the parts never cancel).
+
+    Raises:
+        ValueError: a dtype attnlens has no unit roundoff for.
+    """
+    name = str(dtype).removeprefix("torch.")
+    if name not in UNIT_ROUNDOFF:
+        raise ValueError(f"no tolerance for a {name} model; attnlens supports {', '.join(UNIT_ROUNDOFF)}")
+    u = UNIT_ROUNDOFF[name]
+    u_acc = UNIT_ROUNDOFF["float64" if dtype == torch.float64 else "float32"]
+    return cancellation * ((4 * n_layers + 2) * u + 6 * u_acc * math.sqrt(d_model * n_layers))
+
+
+def logit_tolerance(dtype: torch.dtype, n_layers: int, d_model: int, cancellation: float = 1.0) -> float:
+    """How far ``logit_attribution(t).sum(0) + logit_bias(t)`` may be from the model's logit, relative to ``S``.
+
+    ``S = (max_d |x_d| / sigma) * sum_d |gamma_d W_U[d, t]| + sum_d |beta_d W_U[d, t]| + |b_U[t]|`` bounds every term
+    of the logit (``Decomposition.logit_bound`` is ``logit_tolerance * S``; for a difference, ``S_a + S_b``).
+    The tolerance is ``2 * check_tolerance(...) + 8 * u + 12 * u_acc * sqrt(d_model)``:
+
+    * the parts' sum is off the residual by at most ``check_tolerance * max_d |x|``; centred, then sent through
+      ``gamma * W_U[:, t] / sigma``, that is at most twice the check tolerance times ``S``;
+    * the model rounds the normalised residual (``|y_d| <= 2 S``-sized terms: ``2u``), sums ``d_model`` products in
+      its accumulator (6, as in :func:`check_tolerance`, for each of the two sides' orders) and rounds the logit
+      (``2u``); its layer-norm statistics and the attribution here add a few ``u`` (margin to 8).
+
+    Args:
+        dtype: the model's dtype.
+        n_layers: the number of layers.
+        d_model: the residual width.
+        cancellation: as for :func:`check_tolerance`.
+    """
+    name = str(dtype).removeprefix("torch.")
+    u = UNIT_ROUNDOFF.get(name)
+    if u is None:
+        raise ValueError(f"no tolerance for a {name} model; attnlens supports {', '.join(UNIT_ROUNDOFF)}")
+    u_acc = UNIT_ROUNDOFF["float64" if dtype == torch.float64 else "float32"]
+    residual = check_tolerance(dtype, n_layers, d_model, cancellation)
+    return 2 * residual + 8 * u + 12 * u_acc * math.sqrt(d_model)
