@@ -364,6 +364,8 @@ def trace(
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             projection = fused.pop(layer)
             weights = gpt2.kernel_pattern(output)
+            if weights is not None and tuple(weights.shape) != (ids.shape[0], n_head, n_pos, n_pos):
+                weights = None  # not the pattern of these inputs: never copy what is not known to be it
             if weights is None:  # the kernel kept it to itself after all: compute it as for any other kernel
                 q, k, v = gpt2.split_qkv(projection, n_head)
                 if head_index is not None:

@@ -147,17 +147,40 @@ def test_eager_kernel_patterns_are_bitwise_the_recomputed_ones_and_the_models_ow
         assert torch.equal(kernel.pattern(layer), expected[layer].masked_fill(dead, 0.0)), f"layer {layer} differs"
 
 
-def test_eager_kernel_without_a_pattern_falls_back_to_recomputing(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("handed_out", [None, torch.zeros(3, 4, 10, 1)], ids=["none", "wrong_shape"])
+def test_eager_kernel_without_a_pattern_falls_back_to_recomputing(
+    handed_out: torch.Tensor | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = make_gpt2(n_layer=3, attn_implementation="eager", initializer_range=0.2)
     ids, mask = padded(model, "left")
     store = ("pattern", "z")
     expected = attnlens.trace(model, ids, mask, heads=[3, 1], store=store)
     calls = count_score_computations(monkeypatch)
-    monkeypatch.setattr(attnlens.models.gpt2, "kernel_pattern", lambda output: None)
+    monkeypatch.setattr(attnlens.models.gpt2, "kernel_pattern", lambda output: handed_out)
     got = attnlens.trace(model, ids, mask, heads=[3, 1], store=store)
     assert calls[0] == 3
     assert torch.equal(got.patterns, expected.patterns)
     assert torch.equal(got["z"], expected["z"])
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_sites_say_which_kernels_hand_out_their_pattern(implementation: str) -> None:
+    model = make_gpt2(n_layer=1, attn_implementation=implementation)
+    sites = attnlens.models.gpt2.sites(model)
+    assert sites.kernel_returns_pattern is (implementation == "eager")
+    seen: list[Any] = []
+    handle = sites.layers[0].attn.register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            model(random_ids(model))
+    finally:
+        handle.remove()
+    pattern = attnlens.models.gpt2.kernel_pattern(seen[0])
+    assert (pattern is not None) is (implementation == "eager")
+    if pattern is not None:
+        assert pattern.shape == (2, 4, 12, 12)
+        torch.testing.assert_close(pattern.sum(-1), torch.ones(2, 4, 12))
+    assert attnlens.models.gpt2.kernel_pattern(seen[0][0]) is None  # a bare tensor carries no pattern
 
 
 def test_eager_kernel_patterns_keep_heads_and_ignore_training_dropout() -> None:
