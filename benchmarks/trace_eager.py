@@ -1,12 +1,14 @@
 """attnlens.trace on an eager-run model against Hugging Face's own forward passes, in one process, calls interleaved.
 
-Four calls on a GPT-2-small-shaped GPT2LMHeadModel (12 layers, 12 heads, d_model 768, seeded random weights), every
+Five calls on a GPT-2-small-shaped GPT2LMHeadModel (12 layers, 12 heads, d_model 768, seeded random weights), every
 one under ``torch.no_grad`` and returning every layer's pattern except the plain forward:
 
 * ``trace_eager``: ``attnlens.trace(model, ids)`` on a model loaded with ``attn_implementation="eager"``;
 * ``hf_eager_attn``: the eager twin's ``model(ids, output_attentions=True)`` (the usual way to get patterns);
 * ``hf_sdpa``: a plain forward of the SDPA twin (no patterns: the floor);
-* ``trace_sdpa``: ``attnlens.trace`` on the SDPA twin.
+* ``trace_sdpa``: ``attnlens.trace`` on the SDPA twin;
+* ``hf_eager_base``: a plain forward of the eager model's ``GPT2Model`` (no task head, no patterns): the floor of any
+  trace that lets an eager model run its own kernel (trace also skips the last layer's MLP, and copies patterns).
 
 Each repetition runs the four once, in an order rotated from one repetition to the next, after one warm-up round;
 ratios are taken within a repetition (paired) and reported as their median and min-max over the repetitions. Each
@@ -35,13 +37,15 @@ import transformers
 
 import attnlens
 
-TOOLS = ("trace_eager", "hf_eager_attn", "hf_sdpa", "trace_sdpa")
+TOOLS = ("trace_eager", "hf_eager_attn", "hf_sdpa", "trace_sdpa", "hf_eager_base")
 RATIOS = (
     ("trace_eager", "hf_eager_attn"),
     ("trace_sdpa", "hf_eager_attn"),
     ("trace_eager", "hf_sdpa"),
     ("trace_sdpa", "hf_sdpa"),
     ("trace_eager", "trace_sdpa"),
+    ("trace_eager", "hf_eager_base"),
+    ("hf_eager_base", "hf_eager_attn"),
 )
 
 
@@ -59,6 +63,8 @@ def tools(seed: int) -> dict[str, Callable[[torch.Tensor], Any]]:
         "hf_eager_attn": lambda ids: hf_eager(ids, output_attentions=True).attentions,
         "hf_sdpa": lambda ids: sdpa(ids).logits,
         "trace_sdpa": lambda ids: attnlens.trace(trace_sdpa, ids).patterns,
+        # trace never asks this model for attentions, so 5.x's recording hooks are not on it either
+        "hf_eager_base": lambda ids: trace_eager.transformer(ids, use_cache=False).last_hidden_state,
     }
 
 
