@@ -214,19 +214,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number_list(values: list[str] | None, option: str) -> list[int] | None:
+    """Layer or head numbers from an option's words, each a number or a comma-separated list (``0 3``, ``0,3``)."""
+    if values is None:
+        return None
+    numbers = []
+    for item in (part for value in values for part in value.split(",")):
+        try:
+            numbers.append(int(item))
+        except ValueError:
+            raise ValueError(f"{option} takes integers (e.g. {option} 0 3 or {option} 0,3), got {item!r}") from None
+    return numbers
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     """Scan a corpus (or, with neither MODEL nor --data, the demo's held-out text) and write the statistics as JSON."""
     import os
     import random
 
+    from attnlens._indices import check_indices
     from attnlens.scan import scan
 
     if args.data is None and args.model is not None:
         raise ValueError("--data is needed with a MODEL: a .txt file (blank-line-separated documents) or a .jsonl file")
+    layers, heads = _number_list(args.layers, "--layers"), _number_list(args.heads, "--heads")
     # Under torchrun each process takes its own GPU: --device cuda means cuda:LOCAL_RANK.
     if args.device == "cuda" and "LOCAL_RANK" in os.environ:
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
     model, tokenizer = _load(args)
+    # Checked here too, so that the message names the options (scan itself says "layers" / "heads").
+    if layers is not None:
+        check_indices(layers, model.config.n_layer, "--layers")
+    if heads is not None:
+        check_indices(heads, model.config.n_head, "--heads")
     if args.data is None:
         from attnlens.demo.train import make_corpus
 
@@ -241,6 +261,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         max_tokens=args.max_tokens,
+        layers=layers,
+        heads=heads,
         progress=not args.quiet,
         checkpoint=args.checkpoint,
         text_field=args.text_field,
@@ -325,6 +347,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="tokens per window (default: the model's n_ctx)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--max-tokens", type=int, help="scan at most this many tokens")
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="LAYER",
+        help="scan only these layers, e.g. --layers 0 5 or --layers 0,5 (negative count from the end; default all)",
+    )
+    p.add_argument("--heads", nargs="+", metavar="HEAD", help="keep only these heads, e.g. --heads 1,3 (default all)")
     p.add_argument("--out", default="scan.json", help="the JSON file to write (default scan.json)")
     p.add_argument("--checkpoint", help="save partial sums here every few batches; resume from it if it exists")
     p.add_argument("--top", type=int, default=3, help="heads to list per score")

@@ -2,9 +2,11 @@
 
 :func:`trace` hooks the fused q/k/v projection of each traced layer while the model runs with its own attention
 kernel (an SDPA model stays SDPA), and recomputes each layer's pattern from that layer's q and k inside the hook, in
-the arithmetic order of the installed transformers release's eager kernel. So the patterns are the model's own:
-bitwise for an eager-run model, within float rounding of the kernel for an SDPA-run one (whose hidden states differ
-from eager's by that rounding).
+the arithmetic order of the installed transformers release's eager kernel. An eager kernel hands out the pattern it
+has just computed, so there it is copied from the attention module's output instead (except for the last traced
+layer when the forward pass stops at its projection: recomputing one pattern costs less than running the layer on).
+So the patterns are the model's own: bitwise for an eager-run model (both ways, tests/test_trace.py), within float
+rounding of the kernel for an SDPA-run one (whose hidden states differ from eager's by that rounding).
 
 Caveats:
 
@@ -202,7 +204,8 @@ def trace(
     """Run a GPT-2 model on some inputs and keep the attention of the layers asked for.
 
     The model keeps its own attention kernel; each traced layer's pattern is recomputed from its own q and k (the
-    fused q/k/v projection) inside a hook, so an eager-run model's patterns are bitwise its ``output_attentions``.
+    fused q/k/v projection) inside a hook, or under the eager kernel taken from the kernel itself, so an eager-run
+    model's patterns are bitwise its ``output_attentions`` (but for rows with no key to attend to: 0 here).
     Only the base ``GPT2Model`` runs, in eval mode and without gradients, and only up to the last traced layer. The
     model is left exactly as it was found, also on error. Calls on one model from several threads run one at a time,
     each giving its single-threaded result; attnlens's hooks never act on a forward pass the user runs meanwhile.
@@ -301,35 +304,83 @@ def trace(
     dead = no_key if bool(no_key.any()) else None
 
     stacks: dict[str, Tensor] = {}
-    done: dict[str, set[int]] = {"qkv": set(), "z": set()}
+    done: dict[str, set[int]] = {"qkv": set(), "z": set(), "pattern": set()}
+    # An eager kernel hands out the pattern it has just computed (bitwise the model's own): take it there instead of
+    # computing it again. Not for the last traced layer when nothing after its q/k/v is asked for: the forward stops
+    # at its projection, and computing one pattern costs less than running that layer's kernel to the end.
+    from_kernel = (
+        {layer for layer in layer_list if sites.kernel_returns_pattern and (layer != last or want_z)}
+        if "pattern" in names
+        else set()
+    )
+    fused: dict[int, Tensor] = {}  # a kernel layer's q/k/v projection, should its kernel not hand out the pattern
 
     def put(name: str, slot: int, x: Tensor) -> None:
         if name not in stacks:
             stacks[name] = torch.empty((len(layer_list), *x.shape), dtype=x.dtype, device=x.device)
         stacks[name][slot].copy_(x)
 
+    def pattern_out(slot: int, like: Tensor, dtype: torch.dtype) -> Tensor:
+        """A layer's slot in the pattern stack (allocated once, in ``dtype``: v's, as the kernel's pattern is)."""
+        if "pattern" not in stacks:
+            shape = (len(layer_list), like.shape[0], len(head_list), n_pos, n_pos)
+            stacks["pattern"] = torch.empty(shape, dtype=dtype, device=like.device)
+        return stacks["pattern"][slot]
+
+    def recompute_pattern(q: Tensor, k: Tensor, v: Tensor, spec: tuple[float, bool, Any], slot: int) -> None:
+        scores = _masked_scores(q, k, spec, blocked, contiguous_k=contiguous_k)
+        _softmax_into(scores, pattern_out(slot, scores, v.dtype), dead)
+
     def on_qkv(layer: int) -> Callable[[nn.Module, Any, Tensor], None]:
         spec, slot = specs[layer], slots[layer]
+        recompute = "pattern" in names and layer not in from_kernel
 
         def hook(module: nn.Module, args: Any, output: Tensor) -> None:
             q, k, v = gpt2.split_qkv(output, n_head)
             if head_index is not None:
                 q, k, v = (x.index_select(1, head_index) for x in (q, k, v))
-            if "pattern" in names or "scores" in names:
+            if "scores" in names:
                 scores = _masked_scores(q, k, spec, blocked, contiguous_k=contiguous_k)
-                if "scores" in names:
-                    put("scores", slot, scores)
-                if "pattern" in names:
-                    if "pattern" not in stacks:
-                        shape = (len(layer_list), *scores.shape)
-                        stacks["pattern"] = torch.empty(shape, dtype=v.dtype, device=scores.device)
-                    _softmax_into(scores, stacks["pattern"][slot], dead)
+                put("scores", slot, scores)
+                if recompute:
+                    _softmax_into(scores, pattern_out(slot, scores, v.dtype), dead)
                 del scores
+            elif recompute:
+                recompute_pattern(q, k, v, spec, slot)
+            if layer in from_kernel:
+                fused[layer] = output  # a reference only: the model holds it until its kernel has run
             for name, x in (("q", q), ("k", k), ("v", v)):
                 if name in names:
                     put(name, slot, x)
             done["qkv"].add(layer)
             if layer == last and not want_z:
+                raise capture.StopForward
+
+        return hook
+
+    def on_attn(layer: int) -> Callable[[nn.Module, Any, Any], None]:
+        spec, slot = specs[layer], slots[layer]
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            projection = fused.pop(layer)
+            weights = gpt2.kernel_pattern(output)
+            if weights is not None and tuple(weights.shape) != (ids.shape[0], n_head, n_pos, n_pos):
+                weights = None  # not the pattern of these inputs: never copy what is not known to be it
+            if weights is None:  # the kernel kept it to itself after all: compute it as for any other kernel
+                q, k, v = gpt2.split_qkv(projection, n_head)
+                if head_index is not None:
+                    q, k = (x.index_select(1, head_index) for x in (q, k))
+                recompute_pattern(q, k, v, spec, slot)
+            else:
+                out = pattern_out(slot, weights, weights.dtype)
+                if head_index is None:
+                    out.copy_(weights)
+                else:
+                    torch.index_select(weights, 1, head_index, out=out)
+                if dead is not None:  # the kernel leaves an additive mask's leftovers there; trace's rows are 0
+                    out.masked_fill_(dead, 0.0)
+            done["pattern"].add(layer)
+            if layer == last:
                 raise capture.StopForward
 
         return hook
@@ -348,12 +399,13 @@ def trace(
                 result = einsum(z, W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
                 put("result", slot, result)
             done["z"].add(layer)
-            if layer == last:
+            if layer == last and last not in from_kernel:  # else its kernel's pattern is still to come
                 raise capture.StopForward
 
         return hook
 
     post = [(sites.layers[i].qkv, on_qkv(i)) for i in layer_list] if want_qkv else []
+    post += [(sites.layers[i].attn, on_attn(i)) for i in sorted(from_kernel)]
     pre = [(sites.layers[i].z, on_z(i)) for i in layer_list] if want_z else []
 
     def forward() -> None:
@@ -364,6 +416,7 @@ def trace(
 
     missing = sorted(set(layer_list) - done["qkv"]) if want_qkv else []
     missing += sorted(set(layer_list) - done["z"]) if want_z else []
+    missing += sorted(from_kernel - done["pattern"])
     if missing:
         raise AttentionCaptureError(f"layers {sorted(set(missing))} never ran their attention; nothing was captured")
     return AttentionTrace(

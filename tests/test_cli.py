@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+import torch
 from conftest import make_gpt2
 
 from attnlens import extract_weights
@@ -172,3 +173,43 @@ def test_console_script_runs() -> None:
     ).stdout
     for command in ("weights", "verify", "heads", "inspect"):
         assert command in out
+
+
+# ---------------------------------------------------------------------------------------------------- scan ---
+
+SCAN = ["scan", "--seq-len", "32", "--max-tokens", "128", "--quiet"]
+
+
+def test_scan_layers_and_heads_restrict_the_result(tmp_path) -> None:
+    from attnlens.scan_result import ScanResult
+
+    full, part, last = (tmp_path / f"{name}.json" for name in ("full", "part", "last"))
+    assert main([*SCAN, "--out", str(full)]) == 0
+    assert main([*SCAN, "--out", str(part), "--layers", "1", "--heads", "3,0"]) == 0
+    assert main([*SCAN, "--out", str(last), "--layers", "-1", "0", "--heads", "2"]) == 0
+    everything, some, ordered = (ScanResult.load(path) for path in (full, part, last))
+    assert everything.layers == (0, 1) and everything.heads == (0, 1, 2, 3)
+    assert some.layers == (1,) and some.heads == (3, 0)
+    assert ordered.layers == (1, 0) and ordered.heads == (2,)
+    for name, mean in everything.mean.items():
+        assert some.mean[name].shape == (1, 2)
+        torch.testing.assert_close(some.mean[name], mean[[1]][:, [3, 0]], rtol=0, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(ordered.mean[name], mean[[1, 0]][:, [2]], rtol=0, atol=1e-12, equal_nan=True)
+    assert some.n_tokens == everything.n_tokens
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (["--layers", "x"], "--layers takes integers (e.g. --layers 0 3 or --layers 0,3), got 'x'"),
+        (["--heads", "1,,2"], "--heads takes integers (e.g. --heads 0 3 or --heads 0,3), got ''"),
+        (["--layers", "2"], "--layers 2 is out of range: the model has 2 (0..1)"),
+        (["--heads", "0", "-5"], "--heads -5 is out of range: the model has 4 (0..3)"),
+        (["--heads", "1", "1"], "--heads [1] given more than once"),
+    ],
+)
+def test_scan_bad_layers_or_heads_exit_2_with_one_line(options, words, tmp_path, capsys) -> None:
+    out = tmp_path / "scan.json"
+    assert main([*SCAN, "--out", str(out), *options]) == 2
+    assert words in one_line_error(capsys)
+    assert not out.exists()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -85,6 +86,121 @@ def test_sdpa_model_patterns_match_eager_output_attentions(config: dict[str, Any
     rows = valid_rows(mask)
     for layer in range(3):
         torch.testing.assert_close(tr.pattern(layer) * rows, expected[layer] * rows, atol=1e-6, rtol=0)
+
+
+# The configs whose eager arithmetic differs (issue 12): plain, inverse-layer scaling, the float32 reordered path.
+KERNEL_CONFIGS = {name: CONFIGS[name] for name in ("default", "inverse_layer_idx", "reorder_and_upcast", "d_head_16")}
+
+
+def count_score_computations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count trace's recomputations of a layer's scores (the work an eager kernel's own pattern saves)."""
+    module = sys.modules["attnlens.trace"]
+    real, calls = module._masked_scores, [0]
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_masked_scores", counted)
+    return calls
+
+
+def recompute_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make trace treat the model's kernel as one that hands out no pattern: every layer's is recomputed."""
+    real = attnlens.models.gpt2.sites
+    monkeypatch.setattr(
+        attnlens.models.gpt2, "sites", lambda model: dataclasses.replace(real(model), kernel_returns_pattern=False)
+    )
+
+
+def no_key_rows(mask: torch.Tensor) -> torch.Tensor:
+    return ~attnlens.functional.padding_mask(mask).any(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("config", KERNEL_CONFIGS.values(), ids=KERNEL_CONFIGS.keys())
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_eager_kernel_patterns_are_bitwise_the_recomputed_ones_and_the_models_own(
+    config: dict[str, Any], padding: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_gpt2(n_layer=3, attn_implementation="eager", initializer_range=0.2, **config).to(dtype)
+    ids, mask = padded(model, padding)
+    calls = count_score_computations(monkeypatch)
+    kernel = attnlens.trace(model, ids, mask)  # layers 0 and 1 from the kernel; the forward stops at layer 2's q/k/v
+    assert calls[0] == 1
+    kernel_z = attnlens.trace(model, ids, mask, store=("pattern", "z"))  # every layer from the kernel
+    assert calls[0] == 1
+    recompute_everywhere(monkeypatch)
+    recomputed = attnlens.trace(model, ids, mask)
+    assert calls[0] == 4
+    assert kernel.patterns.dtype == kernel_z.patterns.dtype == recomputed.patterns.dtype == dtype
+    assert torch.equal(kernel.patterns, recomputed.patterns)
+    assert torch.equal(kernel_z.patterns, recomputed.patterns)
+    # The model's own output_attentions (a twin: 5.x keeps recording hooks on a model once asked for them), on every
+    # row; rows of queries with no key to attend to are 0 in a trace, whatever the kernel left there.
+    twin = make_gpt2(n_layer=3, attn_implementation="eager", initializer_range=0.2, **config).to(dtype)
+    with torch.no_grad():
+        expected = twin(ids, attention_mask=mask, output_attentions=True).attentions
+    dead = no_key_rows(mask)
+    assert bool(dead.any()) == (padding == "left")
+    for layer in range(3):
+        assert torch.equal(kernel.pattern(layer), expected[layer].masked_fill(dead, 0.0)), f"layer {layer} differs"
+
+
+@pytest.mark.parametrize("handed_out", [None, torch.zeros(3, 4, 10, 1)], ids=["none", "wrong_shape"])
+def test_eager_kernel_without_a_pattern_falls_back_to_recomputing(
+    handed_out: torch.Tensor | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_gpt2(n_layer=3, attn_implementation="eager", initializer_range=0.2)
+    ids, mask = padded(model, "left")
+    store = ("pattern", "z")
+    expected = attnlens.trace(model, ids, mask, heads=[3, 1], store=store)
+    calls = count_score_computations(monkeypatch)
+    monkeypatch.setattr(attnlens.models.gpt2, "kernel_pattern", lambda output: handed_out)
+    got = attnlens.trace(model, ids, mask, heads=[3, 1], store=store)
+    assert calls[0] == 3
+    assert torch.equal(got.patterns, expected.patterns)
+    assert torch.equal(got["z"], expected["z"])
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_sites_say_which_kernels_hand_out_their_pattern(implementation: str) -> None:
+    model = make_gpt2(n_layer=1, attn_implementation=implementation)
+    sites = attnlens.models.gpt2.sites(model)
+    assert sites.kernel_returns_pattern is (implementation == "eager")
+    seen: list[Any] = []
+    handle = sites.layers[0].attn.register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            model(random_ids(model))
+    finally:
+        handle.remove()
+    pattern = attnlens.models.gpt2.kernel_pattern(seen[0])
+    assert (pattern is not None) is (implementation == "eager")
+    if pattern is not None:
+        assert pattern.shape == (2, 4, 12, 12)
+        torch.testing.assert_close(pattern.sum(-1), torch.ones(2, 4, 12))
+    assert attnlens.models.gpt2.kernel_pattern(seen[0][0]) is None  # a bare tensor carries no pattern
+
+
+def test_eager_kernel_patterns_keep_heads_and_ignore_training_dropout() -> None:
+    model = make_gpt2(n_layer=3, attn_implementation="eager", attn_pdrop=0.5, initializer_range=0.2)
+    ids, mask = padded(model, "left")
+    full = attnlens.trace(model, ids, mask, store=("pattern", "z"))
+    model.train()
+    torch.manual_seed(0)
+    tr = attnlens.trace(model, ids, mask, heads=[3, 1], store=("pattern", "z"))
+    assert model.training and model.transformer.h[0].attn.attn_dropout.training
+    assert torch.equal(tr.patterns, full.patterns[:, :, [3, 1]])
+    # The kernel's tensor is copied into the trace's own stack, never kept.
+    seen: list[torch.Tensor] = []
+    handle = model.transformer.h[0].attn.register_forward_hook(lambda m, a, out: seen.append(out[1]))
+    try:
+        again = attnlens.trace(model.eval(), ids, mask, store=("pattern", "z"))
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and torch.equal(again.pattern(0), seen[0].masked_fill(no_key_rows(mask), 0.0))
+    assert again.patterns.untyped_storage().data_ptr() != seen[0].untyped_storage().data_ptr()
 
 
 @pytest.mark.skipif(not V4, reason="transformers 5.x passes the scale to every kernel")

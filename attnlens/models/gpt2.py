@@ -49,6 +49,7 @@ __all__ = [
     "extract",
     "is_gpt2",
     "kernel_ignores_scale_flags",
+    "kernel_pattern",
     "layout_lines",
     "load",
     "lock_key",
@@ -347,6 +348,8 @@ class Sites:
         unembed: the language-model head (``hidden @ W_U``), or ``None`` for classes without one.
         pos_embed: the position embedding (its ``weight`` is ``W_pos``); its output is added to the token
             embedding's to start the residual stream.
+        kernel_returns_pattern: whether the model's attention kernel hands its pattern out in each
+            ``LayerSites.attn`` output (read it with :func:`kernel_pattern`): true for the eager kernel.
     """
 
     base: Any
@@ -355,6 +358,7 @@ class Sites:
     final_norm: Any
     unembed: nn.Linear | None
     pos_embed: Any
+    kernel_returns_pattern: bool = False
 
     def run(self, **kwargs: Any) -> Any:
         """Run the transformer, uncompiled, on keyword arguments (see ``base``), every output switch explicit.
@@ -394,7 +398,29 @@ def sites(model: PreTrainedModel) -> Sites:
     )
     lm_head = plain(getattr(model, "lm_head", None))
     unembed = lm_head if isinstance(lm_head, nn.Linear) else None
-    return Sites(base, layers, plain(base.wte), plain(base.ln_f), unembed, plain(base.wpe))
+    return Sites(
+        base,
+        layers,
+        plain(base.wte),
+        plain(base.ln_f),
+        unembed,
+        plain(base.wpe),
+        kernel_returns_pattern=kernel == "eager",
+    )
+
+
+def kernel_pattern(output: Any) -> Tensor | None:
+    """The attention pattern in the output of a layer's attention module (``LayerSites.attn``), or ``None``.
+
+    ``GPT2Attention`` returns ``(attn_output, attn_weights)`` on transformers 4.57 and 5.x alike, whatever
+    ``output_attentions`` says. Under the eager kernel ``attn_weights`` is the softmax ``[batch, head, q_pos, k_pos]``
+    that the kernel multiplies the values by, in their dtype (soft-maxed in float32 first under
+    ``reorder_and_upcast_attn``): the probabilities themselves in eval mode, after dropout in training mode (and on
+    4.x after any ``head_mask``). Rows of queries with no key to attend to hold whatever the additive mask leaves
+    there. Other kernels (sdpa) return ``None`` there. The tensor is the model's: copy what you keep.
+    """
+    weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+    return weights if isinstance(weights, Tensor) and weights.ndim == 4 else None
 
 
 def layout_lines(model: PreTrainedModel, weights: ModelWeights, layer: int) -> list[str]:
