@@ -19,12 +19,14 @@ Sections:
 * ``memory``: peak RSS (``getrusage``) of scan as ``max_tokens`` grows 1x, 10x, 100x, and of the trace-and-keep-
   patterns loop at 1x and 10x.
 * ``dist``: scan in 2 processes x 1 thread (``torch.distributed.run``, gloo) against 1 process x 2 threads.
+* ``inprocess``: one process, calls interleaved: scan and the trace and HF loops' per-batch work as multiples of a
+  bare SDPA forward (the floor every one of them pays), at ``--sizes``.
 
-    python benchmarks/scan_bench.py                      # default sizes, about 15-20 minutes on 2 busy cores
+    python benchmarks/scan_bench.py                      # default sizes, about 20-25 minutes on 2 busy cores
     python benchmarks/scan_bench.py --sections speed --reps 7 --windows 16
 
-The driver needs only the standard library. It uses ``--attnlens-python`` (default ``/work/main/.venv/bin/python``
-if it exists, else this interpreter) with this checkout first on ``PYTHONPATH``, and builds the TransformerLens 3.9
+The driver needs only the standard library. It runs attnlens and Hugging Face with ``--attnlens-python`` (default
+the checkout's ``.venv/bin/python`` if it exists, else this interpreter), this checkout first on ``PYTHONPATH``, and builds the TransformerLens 3.9
 venv (``benchmarks/envs.py``, ``.work/venvs/tl_hooked``) and the offline checkpoint (``make_checkpoint.py``,
 ``.work/hf``) when they are missing. Results: ``benchmarks/results/scan.md`` and ``scan.json``.
 """
@@ -333,19 +335,86 @@ def child_memory(args) -> dict:
 
 def child_dist(args) -> dict | None:
     import torch
+    import torch.distributed as dist
 
     data = _data(args)
     model = _load_hf(args, eager=False)
-    _run_scan(model, data, args.batch_size * int(os.environ.get("WORLD_SIZE", "1")), args)  # warm-up round
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        # One group for both calls (scan uses a group it finds): the group's start-up is not timed, and a second
+        # group created and destroyed by scan in the same processes can fail to connect (see docs/benchmarks.md).
+        dist.init_process_group("gloo")
+    _run_scan(model, data, args.batch_size * world, args)  # warm-up round
     start = time.perf_counter()
     result = _run_scan(model, data, args.windows, args)
     seconds = time.perf_counter() - start
+    if world > 1:
+        dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     return {
         "tool": args.tool, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "threads": torch.get_num_threads(),
         "seconds": seconds, "tokens": result.n_tokens, "tokens_per_s": result.n_tokens / seconds,
     }  # fmt: skip
+
+
+def child_inprocess(args) -> dict:
+    """One process, calls interleaved: a bare SDPA forward of the base model (the floor every loop pays), scan, and
+    the trace and HF loops' per-batch work, on one batch of each size in ``--sizes``."""
+    import statistics as st
+
+    import torch
+
+    import attnlens
+    from attnlens import metrics
+
+    sdpa, eager = _load_hf(args, eager=False), _load_hf(args, eager=True)
+    out: dict = {}
+    for size in args.sizes.split(","):
+        batch, seq = (int(x) for x in size.split("x"))
+        g = torch.Generator().manual_seed(args.seed)
+        half = torch.randint(0, 50256, (batch, seq // 2), generator=g)
+        ids = torch.cat([half, half], 1)  # every token repeats: duplicate and induction rows everywhere
+        stream = ids.flatten()[1:]  # scan puts the end-of-text id first: its windows differ in that one token
+
+        def trace_loop(ids=ids):
+            tr = attnlens.trace(sdpa, ids)
+            metrics.head_scores(tr)
+            _, _, after = _row_sets(ids)
+            [_distance_self(tr.pattern(i), after) for i in tr.layers]
+
+        def hf_loop(ids=ids):
+            attentions = eager.base_model(ids, output_attentions=True).attentions
+            dup, ind, after = _row_sets(ids)
+            [_score_layer(a, dup, ind, after) for a in attentions]
+
+        calls = {
+            "forward": lambda ids=ids: sdpa.base_model(ids),
+            "scan": lambda stream=stream, b=batch, s=seq: attnlens.scan(
+                sdpa, [stream], seq_len=s, batch_size=b, max_tokens=b * s, progress=False
+            ),
+            "trace": trace_loop,
+            "hf": hf_loop,
+        }
+        for f in calls.values():
+            f()  # warm-up
+        times: dict = {k: [] for k in calls}
+        for _ in range(args.reps):
+            for k, f in calls.items():
+                start = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - start)
+        out[size] = {
+            "seconds": times,
+            "ratio_to_forward": {
+                k: _spread([a / b for a, b in zip(v, times["forward"], strict=True)]) for k, v in times.items()
+            },
+            "ratio_scan_over": {
+                k: _spread([b / a for a, b in zip(times["scan"], v, strict=True)]) for k, v in times.items()
+            },
+        }
+        print(f"[inprocess] {size}: " + json.dumps({k: st.median(v) for k, v in times.items()}), file=sys.stderr)
+    return out
 
 
 def child_prepare(args) -> dict:
@@ -373,7 +442,10 @@ def child_main(args) -> int:
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    fn = {"speed": child_speed, "memory": child_memory, "dist": child_dist, "prepare": child_prepare}[args.child]
+    fn = {
+        "speed": child_speed, "memory": child_memory, "dist": child_dist, "prepare": child_prepare,
+        "inprocess": child_inprocess,
+    }[args.child]  # fmt: skip
     out = fn(args)
     if out is not None:
         print("RESULT " + json.dumps(out), flush=True)
@@ -420,7 +492,7 @@ def _load() -> list[float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="speed,memory,dist")
+    ap.add_argument("--sections", default="speed,memory,dist,inprocess")
     ap.add_argument("--tools", default=",".join(SPEED_TOOLS), help="speed section: " + ", ".join(SPEED_TOOLS))
     ap.add_argument("--reps", type=int, default=5, help="repetitions of the speed section")
     ap.add_argument("--dist-reps", type=int, default=3, help="repetitions of the dist section")
@@ -432,11 +504,13 @@ def main() -> int:
     ap.add_argument("--memory-tokens", default="2048,20480,204800", help="scan's max_tokens: 1x, 10x, 100x")
     ap.add_argument("--memory-shape", default="small", choices=("small", "gpt2"), help="model of the memory section")
     ap.add_argument("--keep-points", type=int, default=2, help="memory points also run with the keep-patterns loop")
-    ap.add_argument("--attnlens-python", default=None)
+    ap.add_argument("--sizes", default="4x256,1x1024", help="inprocess section: batch x seq_len sizes")
+    ap.add_argument("--inprocess-reps", type=int, default=3, help="repetitions of the inprocess section")
+    ap.add_argument("--attnlens-python", default=None, help="a Python with torch and transformers (see above)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--seed", type=int, default=0)
     # child mode
-    ap.add_argument("--child", choices=("speed", "memory", "dist", "prepare"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("speed", "memory", "dist", "prepare", "inprocess"), help=argparse.SUPPRESS)
     ap.add_argument("--tool", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--shape", default="gpt2", help=argparse.SUPPRESS)
@@ -444,7 +518,7 @@ def main() -> int:
     if args.child:
         return child_main(args)
 
-    default_py = Path("/work/main/.venv/bin/python")
+    default_py = REPO / ".venv" / "bin" / "python"
     py = args.attnlens_python or (str(default_py) if default_py.exists() else sys.executable)
     sys.path.insert(0, str(HERE))
     import envs
@@ -476,6 +550,14 @@ def main() -> int:
         "setup": setup,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if v is not None},
     }
+    previous = args.out / "scan.json"
+    if previous.exists():  # keep the sections this run does not redo, with their own command and date
+        kept = json.loads(previous.read_text())
+        for name in ("speed", "memory", "dist", "dist_first_attempt", "inprocess"):
+            if name.split("_")[0] not in sections and name in kept:
+                results[name] = kept[name]
+        if "tl_hooked" not in setup and "tl_hooked" in kept.get("setup", {}):
+            setup["tl_hooked"] = kept["setup"]["tl_hooked"]
     loads = [_load()]
     common = ["--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
 
@@ -488,6 +570,16 @@ def main() -> int:
                 raise SystemExit(f"could not prepare the data: {r['error']}")
         return str(path)
 
+    def context(first: int) -> dict:
+        """What a section's numbers came from: the command, when, and the load it ran under (samples from first)."""
+        samples = [x[0] for x in loads[first:]]
+        return {
+            "command": results["command"], "created": results["created"], "threads": args.threads,
+            "seq_len": args.seq_len, "batch_size": args.batch_size, "windows": args.windows,
+            "reps": args.reps, "dist_reps": args.dist_reps,
+            "loadavg_1min": {"min": min(samples), "median": statistics.median(samples), "max": max(samples)},
+        }  # fmt: skip
+
     def write() -> None:
         results["machine"]["loadavg_samples"] = loads
         args.out.mkdir(parents=True, exist_ok=True)
@@ -495,6 +587,7 @@ def main() -> int:
         (args.out / "scan.md").write_text(report(results) + "\n")
 
     if "speed" in sections:
+        first = len(loads)
         data = prepare("speed", args.windows, args.seq_len)
         runs: dict = {t: [] for t in tools}
         for rep in range(args.reps):
@@ -507,9 +600,11 @@ def main() -> int:
                 print(f"[speed] rep {rep + 1}/{args.reps} {t}: "
                       f"{r.get('tokens_per_s', 0):.0f} tokens/s {r.get('error', '')}", file=sys.stderr, flush=True)  # fmt: skip
         results["speed"] = speed_summary(runs, args)
+        results["speed"]["context"] = context(first)
         write()
 
     if "memory" in sections:
+        first = len(loads)
         mem_tokens = [int(x) for x in args.memory_tokens.split(",")]
         seq = args.memory_seq_len
         data = prepare("memory", max(mem_tokens) // seq, seq)
@@ -524,10 +619,11 @@ def main() -> int:
                 loads.append(_load())
                 print(f"[memory] {tool} {n} tokens: peak {r.get('peak_rss_kb', 0) / 1024:.0f} MiB "
                       f"{r.get('error', '')}", file=sys.stderr, flush=True)  # fmt: skip
-        results["memory"] = {"shape": args.memory_shape, "seq_len": seq, "rows": rows}
+        results["memory"] = {"shape": args.memory_shape, "seq_len": seq, "rows": rows, "context": context(first)}
         write()
 
     if "dist" in sections:
+        first = len(loads)
         data = prepare("speed", args.windows, args.seq_len)
         argv = ["--child", "dist", "--tool", "scan", "--data", data, "--windows", str(args.windows), *common]
         torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python", py]
@@ -546,10 +642,28 @@ def main() -> int:
         ]
         results["dist"] = {
             "runs": runs,
+            "context": context(first),
             "ratio_2x1_over_1x2": _spread(ratios) if ratios else None,
             "tokens_per_s": {k: _spread([r["tokens_per_s"] for r in v if "tokens_per_s" in r]) for k, v in runs.items()
                              if any("tokens_per_s" in r for r in v)},
         }  # fmt: skip
+        write()
+    if "inprocess" in sections:
+        first = len(loads)
+        argv = [
+            "--child",
+            "inprocess",
+            "--sizes",
+            args.sizes,
+            "--reps",
+            str(args.inprocess_reps),
+            "--seed",
+            str(args.seed),
+        ]
+        r = _child(py, argv, args.threads, log)
+        loads.append(_load())
+        results["inprocess"] = {"sizes": r, "context": context(first)}
+        results["inprocess"]["context"]["reps"] = args.inprocess_reps
         write()
     results["machine"]["loadavg_end"] = _load()
     write()
@@ -604,7 +718,7 @@ def report(res: dict) -> str:
     lines = [
         "# attnlens.scan against the corpus loops",
         "",
-        f"Created {res['created']} by `{res['command']}`.",
+        f"Last written {res['created']} by `{res['command']}`; each section names the run it comes from.",
         "",
         f"Machine: {m['cpus']} CPUs ({m['uname']}), shared with other jobs: 1-minute load average "
         f"{min(loads, default=0):.2f}-{max(loads, default=0):.2f} during the run "
@@ -615,9 +729,11 @@ def report(res: dict) -> str:
     a = res["args"]
     if "speed" in res:
         s = res["speed"]
+        a = s.get("context", res["args"])
         lines += [
             "## Speed (tokens/s, higher is better)",
             "",
+            *_section_note(res["speed"]),
             f"GPT-2-small-shaped checkpoint (12 layers, 12 heads, d_model 768, vocab 50257, seeded random weights, "
             f"`benchmarks/make_checkpoint.py`), fp32 CPU, {a['threads']} thread(s) per process; {a['windows']} "
             f"windows of {a['seq_len']} tokens in batches of {a['batch_size']} per timed loop, after one untimed "
@@ -654,12 +770,14 @@ def report(res: dict) -> str:
         lines.append("")
     if "memory" in res:
         mm = res["memory"]
+        a = mm.get("context", res["args"])
         shape = "GPT-2 small (12 layers, 768)" if mm["shape"] == "gpt2" else (
             f"a small GPT-2 ({SMALL_SHAPE['n_layer']} layers, {SMALL_SHAPE['n_head']} heads, d_model "
             f"{SMALL_SHAPE['n_embd']}, vocab 50257, seeded)")  # fmt: skip
         lines += [
             "## Peak memory as the corpus grows",
             "",
+            *_section_note(res["memory"]),
             f"{shape}, seq_len {mm['seq_len']}, batch {a['batch_size']}, one fresh process each. Process peak: "
             "`getrusage` `ru_maxrss` of the whole process (import and model load included, whose transient peak can "
             "hide the loop's); loop peak: `VmHWM` after resetting it (`/proc/self/clear_refs`) just before the "
@@ -695,9 +813,11 @@ def report(res: dict) -> str:
         lines.append("")
     if "dist" in res:
         d = res["dist"]
+        a = d.get("context", res["args"])
         lines += [
             "## 2 processes x 1 thread against 1 process x 2 threads",
             "",
+            *_section_note(res["dist"]),
             "`python -m torch.distributed.run --standalone --nproc_per_node 2` (gloo) running scan on the speed "
             f"section's windows, against one process with `torch.set_num_threads(2)`; {a['dist_reps']} repetitions, "
             "interleaved.",
@@ -710,8 +830,49 @@ def report(res: dict) -> str:
         errs = [r["error"] for v in d["runs"].values() for r in v if "error" in r]
         if errs:
             lines.append(f"- {len(errs)} runs failed: {errs[0]}")
+        if "dist_first_attempt" in res:
+            lines += ["", res["dist_first_attempt"]["note"] + " (`dist_first_attempt` in scan.json)."]
+        lines.append("")
+    if "inprocess" in res:
+        ip = res["inprocess"]
+        lines += [
+            "## In one process: the floor",
+            "",
+            *_section_note(ip),
+            "One process, the four calls interleaved per repetition after one warm-up each: a bare SDPA forward of "
+            "the base model (no statistics: the floor every loop pays), scan, and the per-batch work of the trace "
+            "and HF loops, on one batch of windows in which every token repeats. Time / forward and scan's speed-up, "
+            "median (min-max).",
+            "",
+            "| batch x seq | forward s | scan / forward | trace loop / forward | HF loop / forward | scan speed-up over trace, HF |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        sizes = ip["sizes"]
+        if "error" in sizes:
+            lines.append(f"| failed: {sizes['error']} | | | | | |")
+        for size, v in sizes.items():
+            if not isinstance(v, dict) or "ratio_to_forward" not in v:
+                continue
+            rf, so = v["ratio_to_forward"], v["ratio_scan_over"]
+            fwd = statistics.median(v["seconds"]["forward"])
+            lines.append(
+                f"| {size} | {fwd:.2f} | {_fmt_spread(rf['scan'])} | {_fmt_spread(rf['trace'])} | "
+                f"{_fmt_spread(rf['hf'])} | {so['trace']['median']:.2f}x, {so['hf']['median']:.2f}x |"
+            )
         lines.append("")
     return "\n".join(lines)
+
+
+def _section_note(sec: dict) -> list[str]:
+    c = sec.get("context")
+    if not c:
+        return []
+    load = c["loadavg_1min"]
+    return [
+        f"Run {c['created']} by `{c['command']}`; 1-minute load average {load['min']:.1f}-{load['max']:.1f} "
+        f"(median {load['median']:.1f}) on the 2 cores during this section.",
+        "",
+    ]
 
 
 if __name__ == "__main__":
