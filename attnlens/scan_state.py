@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -41,6 +42,9 @@ class Group:
             if device.type == "cuda" and device.index is not None:
                 torch.cuda.set_device(device)  # nccl binds this process to the model's GPU, not to a guessed one
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # Kept for the process's life: creating the group again in the same processes (a second scan) races
+            # torchrun's store (refused connections, hangs); it is destroyed when the process exits.
+            atexit.register(_destroy_if_initialized)
             self.created = True
         if dist.is_initialized():
             self.rank, self.size = dist.get_rank(), dist.get_world_size()
@@ -76,12 +80,12 @@ class Group:
         dist.broadcast(buffer, 0)
         return bytes(buffer.cpu().tolist()).decode()
 
-    def close(self) -> None:
-        """Destroy the process group if this object created it (one the caller made is left alone)."""
-        if self.created:
-            import torch.distributed as dist
 
-            dist.destroy_process_group()
+def _destroy_if_initialized() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def weights_sha256(model: nn.Module) -> str:

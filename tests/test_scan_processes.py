@@ -152,3 +152,33 @@ def test_a_failing_process_stops_every_process(tmp_path, failing_rank: int) -> N
     assert done.returncode != 0
     assert "boom in this process" in done.stderr
     assert f"scan stopped: process {failing_rank} of 2 failed" in done.stderr
+
+
+REPEATED = """
+import sys
+import attnlens
+import torch.distributed as dist
+model, tok = attnlens.load_demo()
+results = [
+    attnlens.scan(model, sys.argv[1], tokenizer=tok, seq_len=32, batch_size=2, max_tokens=640, progress=False)
+    for _ in range(3)
+]
+assert dist.is_initialized() and dist.get_world_size() == 2  # one group, created by the first call, kept
+assert len({r.to_json() for r in results}) == 1
+print("rank", dist.get_rank(), "ok", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_scan_called_again_in_the_same_processes(tmp_path) -> None:
+    # Creating and destroying the process group on every call raced torchrun's store: refused connections or a
+    # hang on the second call. The group is created once and kept for the processes' life.
+    data = corpus(tmp_path / "corpus.txt", n=40)
+    script = tmp_path / "repeated.py"
+    script.write_text(REPEATED)
+    for _ in range(2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                   str(data)]  # fmt: skip
+        done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count(" ok") == 2
