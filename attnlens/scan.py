@@ -267,26 +267,51 @@ def scan(
         state: dict[str, Any] = {}
         done: set[int] = set()
 
-        def on_qkv(layer: int) -> Any:
-            spec, slot = specs[layer], slots[layer]
+        # An eager kernel hands each layer's pattern out (bitwise what scan computes; see gpt2.kernel_pattern): read it
+        # there, except at the last layer, where the forward stops at the projection (one pattern costs less to compute
+        # than that layer's kernel). The projection is kept until then, should a kernel not hand it out.
+        from_kernel = {layer for layer in layer_list if sites.kernel_returns_pattern and layer != last}
+        fused: dict[int, Tensor] = {}
 
+        def reduce(layer: int, pattern: Tensor) -> None:
+            duplicate, induction = state["keys"]
+            values = row_values(pattern, duplicate, induction, score_list)
+            state["sums"][:, :, slots[layer]] = batch_sums(values).cpu()
+            # The rows that qualify depend on the tokens only: the same in every layer.
+            state["counts"] = torch.stack([rows.sum() for _, rows in values]).to(torch.float64).cpu()
+            done.add(layer)
+
+        def computed(layer: int, projection: Tensor) -> Tensor:
+            q, k, _ = gpt2.split_qkv(projection, n_head)
+            if head_index is not None:
+                q, k = q.index_select(1, head_index), k.index_select(1, head_index)
+            scores_ = _masked_scores(q, k, specs[layer], blocked, contiguous_k=contiguous_k)
+            pattern = torch.empty(scores_.shape, dtype=projection.dtype, device=scores_.device)
+            _softmax_into(scores_, pattern, None)
+            return pattern
+
+        def on_qkv(layer: int) -> Any:
             def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-                q, k, _ = gpt2.split_qkv(output, n_head)
-                if head_index is not None:
-                    q, k = q.index_select(1, head_index), k.index_select(1, head_index)
-                scores_ = _masked_scores(q, k, spec, blocked, contiguous_k=contiguous_k)
-                pattern = torch.empty(scores_.shape, dtype=output.dtype, device=scores_.device)
-                _softmax_into(scores_, pattern, None)
-                del scores_
-                duplicate, induction = state["keys"]
-                values = row_values(pattern, duplicate, induction, score_list)
-                del pattern
-                state["sums"][:, :, slot] = batch_sums(values).cpu()
-                # The rows that qualify depend on the tokens only: the same in every layer.
-                state["counts"] = torch.stack([rows.sum() for _, rows in values]).to(torch.float64).cpu()
-                done.add(layer)
+                if layer in from_kernel:
+                    fused[layer] = output
+                    return
+                reduce(layer, computed(layer, output))
                 if layer == last:
                     raise capture.StopForward
+
+            return hook
+
+        def on_attn(layer: int) -> Any:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                projection = fused.pop(layer)
+                pattern = gpt2.kernel_pattern(output)
+                if pattern is not None and tuple(pattern.shape) != (projection.shape[0], n_head, seq_len, seq_len):
+                    pattern = None  # not the pattern of these inputs: never use what is not known to be it
+                if pattern is None:
+                    pattern = computed(layer, projection)
+                elif head_index is not None:
+                    pattern = pattern.index_select(1, head_index)
+                reduce(layer, pattern)
 
             return hook
 
@@ -295,6 +320,7 @@ def scan(
             state["keys"] = token_keys(ids)
             state["sums"] = torch.zeros(shape, dtype=torch.float64)
             done.clear()
+            fused.clear()
             capture.run_until(
                 lambda: sites.run(
                     input_ids=ids,
@@ -327,6 +353,7 @@ def scan(
         last_saved, last_time = position, time.perf_counter()
         split = total.numel()
         hooks = [(sites.layers[i].qkv, on_qkv(i)) for i in layer_list]
+        hooks += [(sites.layers[i].attn, on_attn(i)) for i in sorted(from_kernel)]
         with capture.preserved(model), torch.no_grad(), capture.forward_hooks(hooks):
             for round_ in _rounds(batches, group.size):
                 # Every process joins every gather, also one whose batch failed: the others would wait for it forever.

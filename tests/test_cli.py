@@ -191,10 +191,11 @@ def test_scan_layers_and_heads_restrict_the_result(tmp_path) -> None:
     assert everything.layers == (0, 1) and everything.heads == (0, 1, 2, 3)
     assert some.layers == (1,) and some.heads == (3, 0)
     assert ordered.layers == (1, 0) and ordered.heads == (2,)
+    # Fewer heads change only the rounding of the float32 row sums (a contraction blocks by the number of heads).
     for name, mean in everything.mean.items():
         assert some.mean[name].shape == (1, 2)
-        torch.testing.assert_close(some.mean[name], mean[[1]][:, [3, 0]], rtol=0, atol=1e-12, equal_nan=True)
-        torch.testing.assert_close(ordered.mean[name], mean[[1, 0]][:, [2]], rtol=0, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(some.mean[name], mean[[1]][:, [3, 0]], rtol=1e-6, atol=1e-9, equal_nan=True)
+        torch.testing.assert_close(ordered.mean[name], mean[[1, 0]][:, [2]], rtol=1e-6, atol=1e-9, equal_nan=True)
     assert some.n_tokens == everything.n_tokens
 
 

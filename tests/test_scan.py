@@ -285,3 +285,28 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(tiny, monkeypatch) -> None:
     text = terminal.getvalue()
     assert "scan:" in text and "tok/s" in text  # the bar, with its rate
     assert text.index("tok/s") < text.index("attnlens scan: done:")  # the bar closed before the summary
+
+
+@pytest.mark.parametrize("heads", [None, [2, 0]])
+def test_eager_models_are_scanned_from_the_kernels_patterns(monkeypatch, heads) -> None:
+    # Every layer but the last reads the eager kernel's pattern; computing it instead gives the same bits.
+    from attnlens.models import gpt2
+
+    model = make_gpt2(n_layer=3, n_positions=32, vocab_size=13, attn_implementation="eager")
+    docs = token_docs()
+    handed = []
+    original = gpt2.kernel_pattern
+
+    def counting(output):
+        pattern = original(output)
+        handed.append(pattern is not None)
+        return pattern
+
+    monkeypatch.setattr(gpt2, "kernel_pattern", counting)
+    from_kernel = attnlens.scan(model, docs, seq_len=16, batch_size=3, heads=heads, progress=False)
+    assert handed and all(handed)
+    assert len(handed) == 2 * math.ceil(from_kernel.n_windows / 3)  # layers 0 and 1, every batch
+
+    monkeypatch.setattr(gpt2, "kernel_pattern", lambda output: None)  # a kernel that keeps its pattern to itself
+    computed = attnlens.scan(model, docs, seq_len=16, batch_size=3, heads=heads, progress=False)
+    assert from_kernel.to_json() == computed.to_json()
