@@ -69,15 +69,19 @@ SUMMARY_JS = """() => {
     complete: img.complete, width: img.naturalWidth, height: img.naturalHeight,
   }));
   const views = [...nb.querySelectorAll('.jp-OutputArea-output [data-state]')].map(view => {
+    // Inked: some canvas of the view (a thumbnail may be a few pixels wide) holds at least 3 colours.
     let inked = null;
-    const canvas = view.querySelector('canvas');
-    if (canvas && canvas.width && canvas.height) {
-      const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+    const canvases = [...view.querySelectorAll('canvas')].filter(c => c.width && c.height);
+    for (const c of canvases) {
+      const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      const step = 4 * Math.max(1, Math.floor(data.length / 4 / 20000));
       const colours = new Set();
-      for (let i = 0; i < data.length && colours.size < 3; i += 4 * 97) colours.add(data.slice(i, i + 4).join());
+      for (let i = 0; i < data.length && colours.size < 3; i += step) colours.add(data.slice(i, i + 4).join());
       inked = colours.size >= 3;
+      if (inked) break;
     }
-    return {state: view.getAttribute('data-state'), cls: view.className, canvas: !!canvas, inked};
+    const canvas = canvases.length > 0;
+    return {state: view.getAttribute('data-state'), cls: view.className, canvas, inked};
   });
   return {prompts, outputs: outputs.length, errors, images, views};
 }"""
