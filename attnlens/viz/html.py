@@ -126,10 +126,19 @@ def pattern_html(
         "initial": {"layer": layer_numbers.index(layer), "head": head},
         "patterns": _encode_rows(weights),
     }
-    view_id = new_id()
+    return render(_TEMPLATE, data, title)
+
+
+def render(template: str, data: dict[str, Any], title: str, **parts: str) -> HTMLView:
+    """A view's template filled in: a fresh element id, the escaped title, the data as script-safe JSON.
+
+    ``parts`` fill further ``@NAME@`` slots verbatim (trusted code such as a shared script, never user text).
+    """
     heading = f'<div class="al-title">{_html.escape(title)}</div>' if title else ""
+    for name, text in parts.items():
+        template = template.replace(f"@{name}@", text)
     return HTMLView(
-        _TEMPLATE.replace("@ID@", view_id)
+        template.replace("@ID@", new_id())
         .replace("@HEADING@", heading.encode("ascii", "xmlcharrefreplace").decode("ascii"))
         .replace("@DATA@", _json_for_script(data))
     )

@@ -6,13 +6,11 @@ and drawn on ``<canvas>`` elements: a GPT-2-small-shaped view (12 x 12 heads) of
 
 from __future__ import annotations
 
-import html as _html
 from collections.abc import Sequence
 from typing import Any
 
-from attnlens.viz._checks import _json_for_script, new_id
 from attnlens.viz._packing import UNPACK_JS, pack_patterns, resolve, score_table
-from attnlens.viz.html import HTMLView
+from attnlens.viz.html import HTMLView, render
 from attnlens.viz.labels import visible
 
 __all__ = ["overview_html"]
@@ -72,14 +70,7 @@ def overview_html(
         "scores": score_table(scores, layer_numbers, len(head_numbers)),
         "packed": pack_patterns(weights),
     }
-    view_id = new_id()
-    heading = f'<div class="al-title">{_html.escape(title)}</div>' if title else ""
-    return HTMLView(
-        _TEMPLATE.replace("@UNPACK@", UNPACK_JS)
-        .replace("@ID@", view_id)
-        .replace("@HEADING@", heading.encode("ascii", "xmlcharrefreplace").decode("ascii"))
-        .replace("@DATA@", _json_for_script(data))
-    )
+    return render(_TEMPLATE, data, title, UNPACK=UNPACK_JS)
 
 
 _TEMPLATE = """\

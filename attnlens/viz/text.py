@@ -7,13 +7,11 @@ Patterns are stored as in the overview (one byte per weight, lower triangle, zli
 
 from __future__ import annotations
 
-import html as _html
 from collections.abc import Sequence
 from typing import Any
 
-from attnlens.viz._checks import _json_for_script, new_id
 from attnlens.viz._packing import UNPACK_JS, pack_patterns, resolve
-from attnlens.viz.html import HTMLView
+from attnlens.viz.html import HTMLView, render
 from attnlens.viz.labels import visible
 
 __all__ = ["text_html"]
@@ -78,14 +76,7 @@ def text_html(
         "initial": {"heads": initial, "direction": direction, "token": token},
         "packed": pack_patterns(weights),
     }
-    view_id = new_id()
-    heading = f'<div class="al-title">{_html.escape(title)}</div>' if title else ""
-    return HTMLView(
-        _TEMPLATE.replace("@UNPACK@", UNPACK_JS)
-        .replace("@ID@", view_id)
-        .replace("@HEADING@", heading.encode("ascii", "xmlcharrefreplace").decode("ascii"))
-        .replace("@DATA@", _json_for_script(data))
-    )
+    return render(_TEMPLATE, data, title, UNPACK=UNPACK_JS)
 
 
 _TEMPLATE = """\
