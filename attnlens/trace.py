@@ -275,7 +275,9 @@ def trace(
     ids, mask, pos = gpt2.check_inputs(model, input_ids, attention_mask, position_ids)
     tokens = None
     if tokenizer is not None:
-        tokens = [[str(t) for t in tokenizer.batch_decode([[i] for i in row])] for row in ids.tolist()]
+        from attnlens.viz.labels import token_texts  # each id decoded alone; a partial UTF-8 character as its bytes
+
+        tokens = [token_texts(tokenizer, row) for row in ids.tolist()]
 
     n_pos = ids.shape[1]
     n_head = config.n_head

@@ -902,3 +902,13 @@ def test_sites_carry_the_same_attention_spec_as_the_extracted_weights(flags: dic
     sites = attnlens.models.gpt2.sites(model)
     weights = attnlens.extract_weights(model)
     assert [s.spec for s in sites.layers] == [(w.scale, w.upcast, w.score_divisors) for w in weights.layers]
+
+
+def test_token_strings_show_partial_characters_as_their_bytes() -> None:
+    # The demo tokenizer cuts 日 into three byte tokens: each is shown as its byte, never as U+FFFD.
+    model, tokenizer = attnlens.load_demo()
+    tr = attnlens.trace(model, "a 日", tokenizer=tokenizer)
+    assert tr.tokens is not None
+    assert tr.tokens[0][-3:] == ["\\xe6", "\\x97", "\\xa5"]
+    assert not any("\ufffd" in text for text in tr.tokens[0])
+    assert "".join(tr.tokens[0][:-3]) == tokenizer.decode(tr.input_ids[0, :-3].tolist())
