@@ -64,3 +64,12 @@ def tiny_gpt2() -> Any:
 def random_ids(model: Any, batch: int = 2, pos: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.vocab_size, (batch, pos), generator=g)
+
+
+def nontrivial_ln(model: Any) -> None:
+    """Seeded layer-norm weights and biases: default init leaves w = 1, b = 0, where folding them tests nothing."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn(p.shape, generator=g))

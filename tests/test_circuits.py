@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_gpt2
+from conftest import make_gpt2, nontrivial_ln
 from torch.testing import assert_close
 
 import attnlens
@@ -32,15 +32,6 @@ def dense_scores(w: attnlens.ModelWeights, kind: str) -> torch.Tensor:
 def valid_mask(L: int, H: int) -> torch.Tensor:
     layer = torch.arange(L)
     return (layer[:, None] < layer[None, :])[:, None, :, None].expand(L, H, L, H)
-
-
-def nontrivial_ln(model) -> None:
-    """Default init leaves every layer norm at w = 1, where folding would test nothing."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln_" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize("kind", ["Q", "K", "V"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_gpt2, random_ids
+from conftest import make_gpt2, nontrivial_ln, random_ids
 from torch.testing import assert_close
 
 import attnlens
@@ -17,15 +17,6 @@ def forward(w: attnlens.ModelWeights, ids: torch.Tensor) -> tuple[torch.Tensor, 
     hidden, logits = _rebuild(w, ids, pos, allowed)
     assert logits is not None
     return hidden, logits
-
-
-def nontrivial_ln(model) -> None:
-    """Default init leaves every layer norm at w = 1, b = 0, where folding them would test nothing."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln_" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize(
