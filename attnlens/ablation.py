@@ -47,6 +47,7 @@ from attnlens import capture
 from attnlens._indices import as_index
 from attnlens.errors import UnsupportedModelError
 from attnlens.models import gpt2
+from attnlens.models.wrappers import is_compiled
 from attnlens.trace import trace
 
 __all__ = ["MODES", "ablate", "head_importance"]
@@ -188,11 +189,7 @@ def _hook(layer: int, replacement: _Replacement) -> Callable[..., Any]:
 
 
 def _check_uncompiled(model: Any) -> None:
-    compiled = any(
-        getattr(m, "_orig_mod", None) is not None or getattr(m, "_compiled_call_impl", None) is not None
-        for m in (model, *gpt2.unwrap(model).modules())
-    )
-    if compiled:
+    if is_compiled(model):
         raise UnsupportedModelError(
             "ablate hooks the model's modules, and compiled code need not run hooks added after compiling: ablate the "
             "uncompiled model (torch.compile's wrapper holds it as ._orig_mod)"

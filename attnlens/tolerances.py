@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnlens.models.wrappers import is_compiled
+
 __all__ = [
     "QUANTITIES",
     "TOLERANCES",
@@ -156,11 +158,7 @@ def bitwise_guaranteed(model: nn.Module, dtype: torch.dtype, device: torch.devic
     multiplication by the reciprocal), and half precision rounds the scores where an order change shows; there a
     derived tolerance applies instead.
     """
-    compiled = any(
-        getattr(module, "_compiled_call_impl", None) is not None or hasattr(module, "_orig_mod")
-        for module in model.modules()
-    )
-    return not compiled and device.type == "cpu" and dtype in (torch.float32, torch.float64)
+    return not is_compiled(model) and device.type == "cpu" and dtype in (torch.float32, torch.float64)
 
 
 # Decompositions (attnlens.attribution): how far a sum of parts, or a logit attributed to them, may drift.

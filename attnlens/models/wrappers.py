@@ -21,7 +21,7 @@ from torch import nn
 
 from attnlens.errors import UnsupportedModelError
 
-__all__ = ["check_state", "plain", "unwrap"]
+__all__ = ["check_state", "is_compiled", "plain", "unwrap"]
 
 
 def _loaded_class(module: str, name: str) -> Any:
@@ -36,6 +36,19 @@ def _compiled_class() -> Any:
 
 def _tuner_layer_class() -> Any:
     return _loaded_class("peft.tuners.tuners_utils", "BaseTunerLayer")
+
+
+def _runs_compiled(module: nn.Module, compiled: Any) -> bool:
+    """A ``torch.compile`` wrapper (``compiled``: its class, or None) or a module compiled in place (``.compile()``)."""
+    return (compiled is not None and isinstance(module, compiled)) or getattr(
+        module, "_compiled_call_impl", None
+    ) is not None
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether the model, or any module inside it, runs compiled code (a ``torch.compile`` wrapper, ``.compile()``)."""
+    compiled = _compiled_class()
+    return any(_runs_compiled(module, compiled) for module in model.modules())
 
 
 def unwrap(model: Any) -> Any:
@@ -84,7 +97,7 @@ def check_state(model: nn.Module, base: nn.Module) -> None:
     for module in base.modules():
         if module is base:  # the transformer itself is run uncompiled (Sites.run); its blocks cannot be
             continue
-        if (compiled is not None and isinstance(module, compiled)) or getattr(module, "_compiled_call_impl", None):
+        if _runs_compiled(module, compiled):
             name = next(n for n, m in base.named_modules() if m is module)
             raise UnsupportedModelError(
                 f"module {name or 'transformer'!r} is compiled on its own (torch.compile of a block, or "
