@@ -43,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+from child import _reset_peak, _status_kb  # the same /proc readings as the other benchmarks
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORK = HERE / ".work"
@@ -60,29 +62,11 @@ SMALL_SHAPE = {"n_layer": 4, "n_embd": 256, "n_head": 4}  # the --memory-shape s
 
 
 def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    return _status_kb("VmRSS") or 0
 
 
 def _hwm_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_hwm() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM), so that the peak of the loop is not the peak of the model load."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    return _status_kb("VmHWM") or 0
 
 
 def _peak_kb() -> int:
@@ -314,7 +298,7 @@ def child_memory(args) -> dict:
     model = _load_hf(args, eager=False)
     n_windows = args.windows
     before = _rss_kb()
-    reset = _reset_hwm()
+    reset = _reset_peak()  # the kernel's peak-RSS mark (VmHWM): the loop's peak, not the model load's
     start = time.perf_counter()
     if args.tool == "scan":
         result = _run_scan(model, data, n_windows, args)
