@@ -2,16 +2,50 @@
 
 from __future__ import annotations
 
+import copy
+import importlib
+import os
 from collections.abc import Callable
-from typing import Any
+from types import ModuleType
+from typing import Any, NoReturn
 
 import pytest
 import torch
 
+# CI installs every optional test dependency and sets this, so that a test skipped for a missing one fails there.
+REQUIRE_OPTIONAL = os.environ.get("ATTNLENS_REQUIRE_OPTIONAL", "") not in ("", "0")
+
+
+def pytest_report_header() -> str:
+    """The kernels this run rounds with: a bitwise assertion must hold on every one of them."""
+    cbwr = os.environ.get("MKL_CBWR", "unset")
+    return (
+        f"attnlens: torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"MKL_CBWR {cbwr}, {torch.get_num_threads()} intra-op thread(s), optional dependencies "
+        f"{'required' if REQUIRE_OPTIONAL else 'skipped where missing'}"
+    )
+
+
+def missing(what: str) -> NoReturn:
+    """Skip for a missing optional test dependency, naming it; fail instead where CI requires every one."""
+    if REQUIRE_OPTIONAL:
+        pytest.fail(f"{what}, and ATTNLENS_REQUIRE_OPTIONAL is set (CI installs every optional test dependency)")
+    pytest.skip(what, allow_module_level=True)
+
+
+def optional(name: str, install: str = "pip install -e '.[dev]'") -> ModuleType:
+    """Import an optional test dependency (peft, accelerate, hypothesis, playwright, ...), or skip naming it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing(f"{name} is not installed ({install})")
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 # Tiny models gain nothing from intra-op threads, and on a busy machine their synchronisation costs 10-100x the work.
-torch.set_num_threads(1)
+# CI runs the quick suite once more with ATTNLENS_TEST_THREADS=2: the tests must hold at any thread count.
+torch.set_num_threads(int(os.environ.get("ATTNLENS_TEST_THREADS", "1")))
 
 
 def make_gpt2(
@@ -59,6 +93,48 @@ def gpt2_factory() -> Callable[..., Any]:
 @pytest.fixture
 def tiny_gpt2() -> Any:
     return make_gpt2()
+
+
+def eager_reference(model: Any, ids: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The model's own attention probabilities: ``output_attentions`` of an eager deep copy.
+
+    A copy, not a twin built from defaults: every config switch (``use_cache``, ``return_dict``, scale flags, dtype)
+    stays as the model has it, so the eager kernel runs the same arithmetic on the same shapes as the model would, the
+    condition under which a bitwise comparison is a contract. The model itself is not touched (transformers 5.x keeps
+    recording hooks on a model once asked for its attentions).
+    """
+    twin = copy.deepcopy(model).eval()
+    twin.set_attn_implementation("eager")
+    twin.config.return_dict = True  # an output switch only; 5.x's task heads break with it off in the config
+    with torch.no_grad():
+        out = twin(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert out is not None and len(out) == twin.config.n_layer, "the reference returned no attentions"
+    return list(out)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = eps / 2: the largest relative error of one rounding in ``dtype``."""
+    return torch.finfo(dtype).eps / 2
+
+
+def two_sums_bound(magnitude: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Elementwise bound on the difference of two roundings of the same sums of ``n`` products.
+
+    Each computation of ``sum_i x_i y_i`` in floating point is within ``gamma_n * sum_i |x_i y_i|`` of the exact
+    value, ``gamma_n = n u / (1 - n u)`` (Higham, Accuracy and Stability, 3.1), whatever order or blocking a kernel
+    chooses; two such computations (say, one matmul shape against another) differ by at most twice that.
+    ``magnitude`` is ``sum_i |x_i y_i|`` (computed in float64, so its own rounding is negligible).
+    """
+    u = unit_roundoff(dtype)
+    gamma = n * u / (1 - n * u)
+    return 2 * gamma * magnitude
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, what: str = "") -> None:
+    """``|actual - expected| <= bound`` elementwise (bound broadcast), with the worst excess in the message."""
+    diff = (actual.double() - expected.double()).abs()
+    excess = diff - bound.double()
+    assert bool((excess <= 0).all()), f"{what}: difference above its bound by {float(excess.max()):.3g}"
 
 
 def random_ids(model: Any, batch: int = 2, pos: int = 12, seed: int = 1) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_gpt2, random_ids
+from conftest import assert_within, make_gpt2, random_ids, two_sums_bound
 from test_hub_configs import load, make_checkpoint
 
 import attnlens
@@ -126,10 +126,27 @@ def test_names_shapes_and_chosen_positions_only() -> None:
     # positions=-1 is each row's last real token under the mask (right padding: 8, left padding: 11).
     assert d.positions.tolist() == [[11], [8], [11]] and bool(d.valid.all())
     everything = decompose(model, ids, mask, positions=None)
+    heads = [i for i, name in enumerate(d.names) if "H" in name]
+    copied = [i for i in range(len(d.names)) if i not in heads]
+    # Each head's z @ W_O over d_head terms, at one position and at all: two matmul shapes, which may round
+    # differently (they do on some CPUs). Bound: two roundings of the same d_head-term sums.
+    z = attnlens.trace(model, ids, mask, store="z")
+    W_O = attnlens.extract_weights(model).W_O.detach().double()  # [layer, head, d_head, d_model]
+    magnitude = torch.stack(
+        [torch.einsum("bphd,hdm->hbpm", z["z", layer].double().abs(), W_O[layer].abs()) for layer in range(3)]
+    )  # [layer, head, batch, pos, d_model]
+    bound = two_sums_bound(magnitude, W_O.shape[2], torch.float32)
     for row in range(3):
         column = int(d.positions[row, 0])
-        assert torch.equal(d.contributions[:, row, 0], everything.contributions[:, row, column])
+        # Embeddings, b_O and MLP outputs are the model's own numbers (copies): bitwise. So is the residual.
+        assert torch.equal(d.contributions[copied, row, 0], everything.contributions[copied, row, column])
         assert torch.equal(d.residual[row, 0], everything.residual[row, column])
+        assert_within(
+            d.contributions[heads, row, 0],
+            everything.contributions[heads, row, column],
+            bound[:, :, row, column].reshape(len(heads), -1),
+            "head results at one position against all",
+        )
     assert repr(d) == "Decomposition(20 components, batch=3, pos=1, d_model=32, float32)"
     with pytest.raises(KeyError, match="L9H0"):
         d.index("L9H0")

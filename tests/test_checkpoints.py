@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import make_gpt2, random_ids
+from conftest import eager_reference, make_gpt2, optional, random_ids
 
 import attnlens
 from attnlens import UnsupportedModelError
@@ -60,16 +60,6 @@ def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
             assert b[0] == a[0] and torch.equal(b[1], a[1]), f"grad of {name} changed"
 
 
-def eager_patterns(twin: Any, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-    """The eager twin's own attention probabilities, checked to be there."""
-    twin = copy.deepcopy(twin).eval()
-    twin.set_attn_implementation("eager")
-    with torch.no_grad():
-        out = twin(ids, attention_mask=mask, output_attentions=True).attentions
-    assert out is not None and len(out) == twin.config.n_layer
-    return list(out)
-
-
 def assert_exact(model: Any, twin: Any, ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> float:
     """verify is ok and trace's patterns are the eager twin's (bitwise under eager); the model is left as found.
 
@@ -83,7 +73,7 @@ def assert_exact(model: Any, twin: Any, ids: torch.Tensor | None = None, mask: t
     assert report.ok, str(report)
     tr = attnlens.trace(model, ids, mask)
     assert_same_state(before, state(model))
-    expected = eager_patterns(twin, ids, mask)
+    expected = eager_reference(twin, ids, mask)
     rows = mask.bool()[:, None, :, None]
     worst = 0.0
     for layer, reference in enumerate(expected):
@@ -222,7 +212,7 @@ def test_sequence_classification_with_pad_token(tmp_path: Path) -> None:
 
 
 def lora(model: Any, **config: Any) -> Any:
-    import peft
+    peft = optional("peft")
 
     settings = {"r": 2, "target_modules": ["c_attn"], "fan_in_fan_out": True, "init_lora_weights": False, **config}
     return peft.get_peft_model(model, peft.LoraConfig(**settings))
@@ -266,12 +256,14 @@ def test_merge_and_unload_is_a_plain_gpt2() -> None:
 
 
 def test_device_map_cpu(source: Any, tmp_path: Path) -> None:
+    optional("accelerate")  # transformers loads with a device_map through it
     source.save_pretrained(tmp_path)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
     assert_exact(model, source)
 
 
 def device_map(offload_to: str) -> dict[str, str]:
+    optional("accelerate")  # transformers loads with a device_map through it
     names = ("transformer.wte", "transformer.wpe", "transformer.h.0", "transformer.ln_f", "lm_head")
     return {**dict.fromkeys(names, "cpu"), "transformer.h.1": offload_to}
 
@@ -293,7 +285,7 @@ def test_block_mapped_to_meta_is_refused(source: Any, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("how", ["init_empty_weights", "torch_device_meta"])
 def test_empty_model_is_refused(how: str) -> None:
-    import accelerate
+    accelerate = optional("accelerate")
 
     config = make_gpt2(n_layer=2).config
     empty = accelerate.init_empty_weights() if how == "init_empty_weights" else torch.device("meta")

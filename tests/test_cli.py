@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import make_gpt2
+from conftest import make_gpt2, optional
 
 from attnlens import extract_weights
 from attnlens.cli import main
@@ -28,6 +28,7 @@ def test_weights_on_demo(capsys) -> None:
     assert "the embedded demo checkpoint" in out and "W_Q = c_attn[:, 0:128]" in out
 
 
+@pytest.mark.slow  # builds GPT-2 small (124M parameters): about 7 s
 def test_weights_gpt2_small_walkthrough(capsys) -> None:
     assert main(["weights", "--gpt2-small"]) == 0
     out = capsys.readouterr().out
@@ -161,7 +162,7 @@ def test_inspect_writes_html_and_png(tmp_path, capsys) -> None:
     assert main(["inspect", "--layer", "0", "--out", str(html)]) == 0
     text = html.read_text()
     assert "<canvas" in text and "http" not in text.lower().replace("http-equiv", "")
-    pytest.importorskip("matplotlib")
+    optional("matplotlib", "pip install 'attnlens[viz]'")
     png = tmp_path / "head.png"
     assert main(["inspect", "--layer", "1", "--head", "0", "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import optional
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
+nbformat = optional("nbformat")
+nbclient = optional("nbclient")
+optional("ipykernel")
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TUTORIALS = DOCS / "tutorials"

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_gpt2
+from conftest import make_gpt2, optional
 
 import attnlens
 from attnlens import ScanResult, metrics
@@ -259,7 +259,7 @@ def test_progress_lines_and_the_command(tmp_path, capsys) -> None:
 
 
 def test_plot_draws_a_layer_by_head_heatmap(tiny) -> None:
-    matplotlib = pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'attnlens[viz]')")
+    matplotlib = optional("matplotlib", "pip install 'attnlens[viz]'")
     matplotlib.use("Agg")
     result = attnlens.scan(tiny, token_docs(), seq_len=16, progress=False, layers=[1])
     fig = result.plot("entropy")

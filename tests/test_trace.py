@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import make_gpt2, random_ids
+from conftest import eager_reference, make_gpt2, random_ids
 
 import attnlens
 from attnlens import AttentionTrace
@@ -43,13 +43,12 @@ def padded(model: Any, padding: str, batch: int = 3, pos: int = 10) -> tuple[tor
     return ids, mask
 
 
-def reference_patterns(config: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor, n_layer: int = 3) -> list:
-    """output_attentions of the eager twin of the traced model, checked to be really there."""
-    ref = make_gpt2(n_layer=n_layer, attn_implementation="eager", **config)
-    with torch.no_grad():
-        out = ref(ids, attention_mask=mask, output_attentions=True).attentions
-    assert out is not None and len(out) == n_layer, "the reference returned no attentions"
-    return list(out)
+def config_twin_patterns(config: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor, n_layer: int = 3) -> list:
+    """output_attentions of a model built from defaults plus ``config``: a deliberately different model.
+
+    For the model's own numbers use ``eager_reference(model, ...)``; this twin shows what the config alone describes.
+    """
+    return eager_reference(make_gpt2(n_layer=n_layer, attn_implementation="eager", **config), ids, mask)
 
 
 def valid_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -64,7 +63,7 @@ def valid_rows(mask: torch.Tensor) -> torch.Tensor:
 def test_eager_model_patterns_are_bitwise_its_own(config: dict[str, Any], padding: str) -> None:
     model = make_gpt2(n_layer=3, attn_implementation="eager", **config)
     ids, mask = padded(model, padding)
-    expected = reference_patterns(config, ids, mask)
+    expected = eager_reference(model, ids, mask)
     tr = attnlens.trace(model, ids, mask)
     rows = valid_rows(mask)
     for layer in range(3):
@@ -80,7 +79,7 @@ def test_sdpa_model_patterns_match_eager_output_attentions(config: dict[str, Any
     if attnlens.models.gpt2.kernel_ignores_scale_flags(model):
         pytest.skip("transformers 4.x runs SDPA without this config's scale (tested below)")
     ids, mask = padded(model, padding)
-    expected = reference_patterns(config, ids, mask)
+    expected = eager_reference(model, ids, mask)
     tr = attnlens.trace(model, ids, mask)
     assert model.config._attn_implementation == "sdpa"
     rows = valid_rows(mask)
@@ -136,11 +135,9 @@ def test_eager_kernel_patterns_are_bitwise_the_recomputed_ones_and_the_models_ow
     assert kernel.patterns.dtype == kernel_z.patterns.dtype == recomputed.patterns.dtype == dtype
     assert torch.equal(kernel.patterns, recomputed.patterns)
     assert torch.equal(kernel_z.patterns, recomputed.patterns)
-    # The model's own output_attentions (a twin: 5.x keeps recording hooks on a model once asked for them), on every
-    # row; rows of queries with no key to attend to are 0 in a trace, whatever the kernel left there.
-    twin = make_gpt2(n_layer=3, attn_implementation="eager", initializer_range=0.2, **config).to(dtype)
-    with torch.no_grad():
-        expected = twin(ids, attention_mask=mask, output_attentions=True).attentions
+    # The model's own output_attentions, on every row; rows of queries with no key to attend to are 0 in a trace,
+    # whatever the kernel left there.
+    expected = eager_reference(model, ids, mask)
     dead = no_key_rows(mask)
     assert bool(dead.any()) == (padding == "left")
     for layer in range(3):
@@ -210,7 +207,7 @@ def test_v4_sdpa_ignoring_scale_flags_is_traced_as_run_and_warned() -> None:
     with pytest.warns(UserWarning, match="without the scale"):
         tr = attnlens.trace(model, ids)
     # What the kernel really ran is the default 1/sqrt(d_head) scaling: the eager twin with scaling on.
-    expected = reference_patterns({"initializer_range": 0.3}, ids, torch.ones_like(ids), n_layer=2)
+    expected = config_twin_patterns({"initializer_range": 0.3}, ids, torch.ones_like(ids), n_layer=2)
     for layer in range(2):
         torch.testing.assert_close(tr.pattern(layer), expected[layer], atol=1e-5, rtol=0)
 
@@ -694,7 +691,7 @@ def test_config_edited_after_building_traces_what_the_modules_run(
     ignored = attnlens.models.gpt2.kernel_ignores_scale_flags(model)
     assert ignored == (V4 and implementation == "sdpa" and bool(built.get("scale_attn_by_inverse_layer_idx")))
     if ignored:
-        expected = reference_patterns({"initializer_range": 0.2}, ids, mask)
+        expected = config_twin_patterns({"initializer_range": 0.2}, ids, mask)
     else:  # the model's own patterns: its eager kernel (the one that returns them), with the modules as built
         with torch.no_grad():
             model.set_attn_implementation("eager")
@@ -703,7 +700,7 @@ def test_config_edited_after_building_traces_what_the_modules_run(
         assert len(expected) == 3
     if "reorder_and_upcast_attn" not in edit and not ignored:
         # The edit changes the maths the config describes: reading the config would be measurably wrong.
-        twin = reference_patterns({"initializer_range": 0.2, **built, **edit}, ids, mask)
+        twin = config_twin_patterns({"initializer_range": 0.2, **built, **edit}, ids, mask)
         assert max(float(((twin[i] - expected[i]) * rows).abs().max()) for i in range(3)) > 1e-3
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -821,14 +818,14 @@ def test_config_output_switches_change_nothing(switches: dict[str, Any], impleme
     for key, value in switches.items():
         setattr(model.config, key, value)
     ids, mask = padded(model, "right")
-    expected = reference_patterns({}, ids, mask, n_layer=2)
+    expected = eager_reference(model, ids, mask)
     before = model_state(model)
     tr = attnlens.trace(model, ids, mask, store=("pattern", "z"))
     assert model_state(model) == before  # no hooks of transformers' left, nor its mark
     rows = valid_rows(mask)
     for layer in range(2):
         torch.testing.assert_close(tr.pattern(layer) * rows, expected[layer] * rows, atol=1e-6, rtol=0)
-        if implementation == "eager" and not model.config.use_cache:
+        if implementation == "eager":  # the kernel's own pattern, against a copy run with the same switches
             assert torch.equal(tr.pattern(layer) * rows, expected[layer] * rows)
     report = attnlens.verify(model, ids, mask)
     assert report.ok, str(report)

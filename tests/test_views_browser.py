@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import missing, optional
 
 import attnlens
 from attnlens import viz
@@ -136,8 +137,9 @@ def test_token_labels_decode_each_id_and_show_bytes() -> None:
 
 
 def test_token_labels_keep_complete_characters_of_a_merged_token() -> None:
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
+    import transformers
+
     # A byte-level BPE with one merge: the first two bytes of 日 (e6 97) become one token, the last (a5) stays.
     alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
     vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
@@ -183,7 +185,7 @@ def test_inspect_writes_every_view(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_inspect_overview_png(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    optional("matplotlib", "pip install 'attnlens[viz]'")
     out = tmp_path / "overview.png"
     assert main(["inspect", "--view", "overview", "--out", str(out)]) == 0
     assert out.read_bytes().startswith(b"\x89PNG")
@@ -202,7 +204,7 @@ def test_missing_matplotlib_is_one_line_naming_the_extra(argv: list[str], tmp_pa
 
 
 def test_plot_head_scores_of_a_trace_and_a_scan_result() -> None:
-    pytest.importorskip("matplotlib")
+    optional("matplotlib", "pip install 'attnlens[viz]'")
     model, tokenizer = attnlens.load_demo()
     tr = attnlens.trace(model, "a b a b a b", tokenizer=tokenizer)
     scores = attnlens.metrics.head_scores(tr)
@@ -222,10 +224,10 @@ def test_plot_head_scores_of_a_trace_and_a_scan_result() -> None:
 
 @pytest.fixture(scope="module")
 def browser() -> Any:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
+    sync_api = optional("playwright.sync_api")
     executable = shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(executable).exists():
-        pytest.skip("no chromium binary (Debian: apt-get install chromium)")
+        missing("no chromium binary (Debian: apt-get install chromium)")
     with sync_api.sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield launched

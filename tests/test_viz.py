@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import missing, optional
 
 from attnlens import viz
 
@@ -201,7 +202,7 @@ def test_html_from_a_real_model(gpt2_factory: Any) -> None:
 
 @pytest.fixture
 def mpl() -> Any:
-    matplotlib = pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'attnlens[viz]')")
+    matplotlib = optional("matplotlib", "pip install 'attnlens[viz]'")
     matplotlib.use("Agg")
     return matplotlib
 
@@ -279,7 +280,7 @@ def test_plotting_without_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyP
 def chromium_binary() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
-        pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium)")
+        missing("no chromium binary on PATH (Debian: apt-get install chromium)")
     return found
 
 
@@ -375,7 +376,7 @@ def test_browser_screenshot_shows_the_selected_head(tmp_path: Path) -> None:
     content = shot.read_bytes()
     assert content.startswith(b"\x89PNG") and len(content) > 2000
 
-    image_module = pytest.importorskip("matplotlib.image", reason="matplotlib is needed to read the screenshot")
+    image_module = optional("matplotlib.image", "pip install 'attnlens[viz]'")
     pixels = np.rint(image_module.imread(shot)[..., :3] * 255).astype(int)
 
     def area(rgb: tuple[int, int, int]) -> int:
