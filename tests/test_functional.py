@@ -13,11 +13,13 @@ from torch.testing import assert_close
 
 from attnlens import extract_weights, functional
 from attnlens.functional import (
+    apply_rotary,
     attention,
     attention_scores,
     causal_mask,
     masked_softmax,
     padding_mask,
+    rotary_cos_sin,
     scaled_dot_product_attention,
 )
 from attnlens.models import gpt2
@@ -339,3 +341,102 @@ def test_sdpa_mask_broadcasts_like_torch_and_refuses_integer_masks() -> None:
     assert_close(out, F.scaled_dot_product_attention(query, key, key, attn_mask=mask), rtol=1e-6, atol=1e-6)
     with pytest.raises(TypeError, match="bool .* or float"):
         functional.scaled_dot_product_attention(query, key, key, attn_mask=mask.long())
+
+
+# Rotary position embeddings. Unit roundoff u: float64 1.1e-16, float32 6.0e-8, float16 4.9e-4, bfloat16 3.9e-3.
+def _u(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def test_rotary_quarter_turn_by_hand() -> None:
+    # cos 0, sin 1 turns each pair (i, i + rotary_dim/2) by 90 degrees: (1, 0) -> (0, 1), (0, 1) -> (-1, 0).
+    x = torch.tensor([[[[1.0, 0.0, 5.0, -7.0]], [[0.0, 1.0, 5.0, -7.0]]]])  # [batch 1, pos 2, head 1, d_head 4]
+    out = apply_rotary(x, torch.zeros(1, 2, 2), torch.ones(1, 2, 2), rotary_dim=2)
+    assert torch.equal(out, torch.tensor([[[[0.0, 1.0, 5.0, -7.0]], [[-1.0, 0.0, 5.0, -7.0]]]]))  # the rest passes
+    # Feature 0 pairs with feature d/2 = 2 (rotate-half), not with its neighbour 1 (GPT-J's interleaved pairs).
+    e0 = torch.tensor([1.0, 0.0, 0.0, 0.0]).reshape(1, 1, 1, 4)
+    assert torch.equal(apply_rotary(e0, torch.zeros(1, 4), torch.ones(1, 4)).flatten(), torch.tensor([0.0, 0, 1, 0]))
+
+
+def test_rotary_cos_sin_by_hand() -> None:
+    # rotary_dim 4, base 100: pairs turn by position * [1, 100 ** -0.5] = position * [1, 0.1].
+    cos, sin = rotary_cos_sin(torch.tensor([[0, 3]]), rotary_dim=4, base=100.0)
+    angles = torch.tensor([[0.0, 0.0, 0.0, 0.0], [3.0, 0.3, 3.0, 0.3]], dtype=torch.float64)
+    # Angles and their cosines are computed in float32: a few roundings of values of magnitude <= 3.
+    tol = {"atol": 8 * _u(torch.float32) * 3, "rtol": 0.0}
+    assert_close(cos[0].double(), angles.cos(), **tol)
+    assert_close(sin[0].double(), angles.sin(), **tol)
+
+
+def test_rotary_scores_depend_only_on_relative_position() -> None:
+    d_head, rotary_dim, n_pos = 8, 4, 24
+    q, k = randn(d_head, dtype=torch.float64), randn(d_head, seed=1, dtype=torch.float64)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    angles = torch.arange(n_pos, dtype=torch.float64)[:, None] * inv_freq
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    q_rot = apply_rotary(q.expand(1, n_pos, 1, d_head), cos, sin)[0, :, 0]
+    k_rot = apply_rotary(k.expand(1, n_pos, 1, d_head), cos, sin)[0, :, 0]
+    scores = q_rot @ k_rot.T  # [q_pos, k_pos]
+    # float64 angles up to n_pos and a d_head-term dot product: a few roundings of each, relative to |q| |k|.
+    tol = 8 * _u(torch.float64) * (n_pos + d_head) * float(q.norm() * k.norm())
+    for shift in range(1, n_pos):
+        assert_close(scores[shift:, shift:], scores[:-shift, :-shift], atol=tol, rtol=0.0)
+    assert float(scores[:, 0].max() - scores[:, 0].min()) > 1e3 * tol  # and it does depend on the offset
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rotary_pct", [0.25, 0.5, 1.0])
+def test_rotary_is_bitwise_transformers_gpt_neox(dtype: torch.dtype, rotary_pct: float) -> None:
+    # The same two products and one sum per element, in the same dtype, as transformers' apply_rotary_pos_emb, and
+    # cosines from the same float32 angles as GPTNeoXRotaryEmbedding: equal bits, whatever the axis order.
+    import transformers
+    from transformers.models.gpt_neox import modeling_gpt_neox as hf
+
+    n_heads, d_head = 3, 16
+    rotary_dim = int(d_head * rotary_pct)
+    config = transformers.GPTNeoXConfig(
+        hidden_size=n_heads * d_head, num_attention_heads=n_heads, rotary_pct=rotary_pct, rotary_emb_base=500
+    )
+    position_ids = torch.tensor([[0, 1, 2, 3, 7, 40], [5, 6, 7, 8, 9, 10]])
+    q, k = randn(2, 6, n_heads, d_head, dtype=dtype), randn(2, 6, n_heads, d_head, seed=1, dtype=dtype)
+    hf_cos, hf_sin = hf.GPTNeoXRotaryEmbedding(config)(q, position_ids)
+    cos, sin = rotary_cos_sin(position_ids, rotary_dim=rotary_dim, base=500, dtype=dtype)
+    assert torch.equal(cos, hf_cos) and torch.equal(sin, hf_sin)
+    hf_q, hf_k = hf.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    assert torch.equal(apply_rotary(q, cos, sin, rotary_dim=rotary_dim), hf_q.transpose(1, 2))
+    assert torch.equal(apply_rotary(k, cos, sin), hf_k.transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_rotary_in_half_precision_is_within_roundoff(dtype: torch.dtype) -> None:
+    x = randn(2, 9, 2, 8, dtype=dtype)
+    cos, sin = rotary_cos_sin(torch.arange(9).expand(2, 9), rotary_dim=8, base=10000.0, dtype=dtype)
+    out = apply_rotary(x, cos, sin)
+    assert out.dtype == dtype
+    exact = apply_rotary(x.double(), cos.double(), sin.double())  # the same half inputs, rotated in float64
+    # Each output is x1 * cos + (-+x2) * sin: two rounded products and a rounded sum, each within u of its value.
+    assert_close(out.double(), exact, atol=4 * _u(dtype) * float(x.abs().max()), rtol=0.0)
+
+
+@pytest.mark.parametrize(
+    ("cos_shape", "kwargs", "dtype", "words"),
+    [
+        ((1, 5, 4), {"rotary_dim": 2}, torch.float32, "rotary_dim=2 but cos and sin are 4 wide"),
+        ((1, 5, 3), {}, torch.float32, "must be even and at most d_head=8, got 3"),
+        ((1, 5, 10), {}, torch.float32, "at most d_head=8, got 10"),
+        ((1, 6, 4), {}, torch.float32, "with the same pos"),
+        ((1, 5, 4), {}, torch.float64, "must have x's dtype torch.float32"),
+    ],
+)
+def test_rotary_errors_name_the_problem(cos_shape, kwargs, dtype, words) -> None:
+    x = randn(1, 5, 2, 8)
+    cos = torch.zeros(cos_shape, dtype=dtype)
+    with pytest.raises((ValueError, TypeError), match=words):
+        apply_rotary(x, cos, cos.clone(), **kwargs)
+
+
+def test_rotary_shape_errors() -> None:
+    with pytest.raises(ValueError, match="one shape"):
+        apply_rotary(randn(1, 5, 2, 8), torch.zeros(1, 5, 4), torch.zeros(1, 5, 2))
+    with pytest.raises(ValueError, match="even and positive"):
+        rotary_cos_sin(torch.zeros(1, 3, dtype=torch.long), rotary_dim=3, base=10000.0)
