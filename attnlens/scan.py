@@ -259,7 +259,7 @@ def scan(
             }
             text = None
             if group.rank == 0 and os.path.exists(checkpoint):
-                with open(checkpoint, encoding="utf-8") as file:
+                with open(checkpoint, encoding="utf-8", errors="replace") as file:  # junk is refused below
                     text = file.read()
             text = group.broadcast_text(text)
             if text is not None:

@@ -234,9 +234,10 @@ def test_checkpoint_of_other_arguments_model_or_data_is_refused(tiny, tmp_path) 
         attnlens.scan(other, docs, seq_len=8, batch_size=2, progress=False, checkpoint=path)
     with pytest.raises(ValueError, match="other data"):
         attnlens.scan(tiny, token_docs(5), seq_len=8, batch_size=2, progress=False, checkpoint=path)
-    path.write_text("{}")
-    with pytest.raises(ValueError, match="not an attnlens scan checkpoint"):
-        attnlens.scan(tiny, docs, seq_len=8, batch_size=2, progress=False, checkpoint=path)
+    for junk in (b"{}", b"\xff\xfe\x00 not text"):
+        path.write_bytes(junk)
+        with pytest.raises(ValueError, match="not an attnlens scan checkpoint"):
+            attnlens.scan(tiny, docs, seq_len=8, batch_size=2, progress=False, checkpoint=path)
 
 
 def _without(saved: dict, key: str) -> dict:
