@@ -199,8 +199,8 @@ class FactoredMatrix:
         if any(isinstance(i, Tensor) for i in lead) and any(isinstance(i, Tensor) for i in rest):
             raise IndexError(
                 f"tensors index both the leading dimensions and the rows or columns of a FactoredMatrix of shape "
-                f"{list(self.shape)}, which a dense tensor would pair element by element; index the leading dimensions "
-                f"first, then the rows and columns: fm[lead][:, rows]"
+                f"{list(self.shape)}, which a dense tensor would pair element by element; index in two steps: the "
+                f"leading dimensions first (sub = fm[lead]), then the rows and columns of sub"
             )
         A, B = self._expanded()
         if lead:

@@ -295,7 +295,7 @@ def test_indexing_refuses_what_has_no_matrix_meaning() -> None:
         fm[0, 0, :, -10]
     with pytest.raises(IndexError, match=r"boolean mask of shape \[4, 8\] covers .*leading dimensions"):
         fm[0, torch.ones(4, 8, dtype=torch.bool)]
-    with pytest.raises(IndexError, match=r"index the leading dimensions first"):
+    with pytest.raises(IndexError, match=r"index in two steps: the leading dimensions first"):
         fm[torch.tensor([0, 1]), 0, torch.tensor([1, 2])]
     with pytest.raises(IndexError, match=r"True/False"):
         fm[0, True]
