@@ -266,6 +266,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         checkpoint=args.checkpoint,
         text_field=args.text_field,
+        encoding=args.encoding,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # every process holds the result; the first writes it
@@ -344,6 +345,7 @@ def _parser() -> argparse.ArgumentParser:
     p = command("scan", "head statistics over a corpus, written as JSON (works under torchrun)")
     p.add_argument("--data", help="a .txt (blank-line-separated documents) or .jsonl file (default: demo text)")
     p.add_argument("--text-field", default="text", help="the field holding the text in .jsonl lines")
+    p.add_argument("--encoding", default="utf-8", help="the encoding of the --data file (default utf-8)")
     p.add_argument("--seq-len", type=int, help="tokens per window (default: the model's n_ctx)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--max-tokens", type=int, help="scan at most this many tokens")

@@ -16,6 +16,7 @@ TransformerLens's ``svd()`` returns ``torch.svd``'s ``U, S, V`` (it names the th
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -29,13 +30,67 @@ def _linalg(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _keep_dim(index: Any) -> Any:
-    """An integer index becomes a one-wide slice, so that indexing a matrix dimension keeps the result a matrix."""
-    if isinstance(index, int):
-        return slice(index, index + 1 if index != -1 else None)
-    if isinstance(index, Tensor) and index.ndim == 0:
-        return index.reshape(1)
-    return index
+def _describe(x: Tensor | FactoredMatrix) -> tuple[list[int], torch.dtype, torch.device]:
+    """Shape, dtype and device of a product's side, as the user made it (a FactoredMatrix by its ``A``)."""
+    tensor = x.A if isinstance(x, FactoredMatrix) else x
+    return list(x.shape), tensor.dtype, tensor.device
+
+
+def _check_product(left: Tensor | FactoredMatrix, right: Tensor | FactoredMatrix) -> None:
+    """Refuse ``left @ right`` by the user's shapes, dtypes and devices before torch meets the factors inside."""
+    (ls, ldt, ldev), (rs, rdt, rdev) = _describe(left), _describe(right)
+    what = f"FactoredMatrix product {ls} @ {rs}"
+    if len(rs) == 1 and ls[-1] != rs[0]:
+        raise ValueError(f"{what}: the left side's {ls[-1]} columns do not match a vector of {rs[0]}")
+    if len(ls) == 1 and ls[0] != rs[-2]:
+        raise ValueError(f"{what}: a vector of {ls[0]} does not match the right side's {rs[-2]} rows")
+    if len(ls) > 1 and len(rs) > 1:
+        if ls[-1] != rs[-2]:
+            raise ValueError(f"{what}: the left side's {ls[-1]} columns do not match the right side's {rs[-2]} rows")
+        try:
+            torch.broadcast_shapes(torch.Size(ls[:-2]), torch.Size(rs[:-2]))
+        except RuntimeError:
+            raise ValueError(f"{what}: leading dimensions {ls[:-2]} and {rs[:-2]} do not broadcast") from None
+    if ldt != rdt:
+        raise TypeError(f"{what}: the sides have different dtypes ({ldt} @ {rdt}); convert one first, e.g. .to({ldt})")
+    if ldev != rdev:
+        raise ValueError(f"{what}: the sides are on different devices ({ldev} @ {rdev}); move one first with .to()")
+
+
+def _index_item(item: Any) -> int | slice | Tensor:
+    """One element of an index as a dense tensor reads it: an int, a slice, or an integer or boolean tensor.
+
+    Numpy integers and 0-d integer tensors are ints (torch selects with them, as with ints); lists and arrays become
+    tensors. True/False (which torch reads as a new axis, not a selection) are refused.
+    """
+    if item is None or item is Ellipsis:
+        raise IndexError("a FactoredMatrix is indexed by integers, slices or tensors; None and ... are not used")
+    if isinstance(item, slice):
+        return item
+    if isinstance(item, bool) or (isinstance(item, Tensor) and item.dtype == torch.bool and item.ndim == 0):
+        raise IndexError(f"a FactoredMatrix is not indexed by True/False (got {item!r}); use integers or a mask")
+    if isinstance(item, Tensor):
+        if item.dtype != torch.bool and (item.is_floating_point() or item.is_complex()):
+            raise IndexError(f"tensors that index a FactoredMatrix must be integer or boolean, got {item.dtype}")
+        return int(item) if item.ndim == 0 else item
+    try:
+        return operator.index(item)  # Python and numpy integers
+    except TypeError:
+        pass
+    try:
+        tensor = torch.as_tensor(item)
+    except (TypeError, ValueError, RuntimeError):
+        raise IndexError(f"cannot index a FactoredMatrix with {type(item).__name__} {item!r}") from None
+    return _index_item(tensor)
+
+
+def _keep_dim(index: int | slice | Tensor, size: int, what: str) -> slice | Tensor:
+    """A row or column index; an integer becomes a one-wide slice, so that the result stays a matrix."""
+    if not isinstance(index, int):
+        return index
+    if not -size <= index < size:
+        raise IndexError(f"{what} {index} is out of range for {size} {what}s")
+    return slice(index, index + 1 if index != -1 else None)
 
 
 class FactoredMatrix:
@@ -64,6 +119,13 @@ class FactoredMatrix:
             raise ValueError(
                 f"leading dimensions do not broadcast: A is {tuple(A.shape)}, B is {tuple(B.shape)}"
             ) from None
+        if A.dtype != B.dtype:
+            raise TypeError(
+                f"factors have different dtypes: A is {A.dtype} and B is {B.dtype}; a FactoredMatrix needs the same "
+                f"dtype for both (convert one, e.g. B.to(A.dtype))"
+            )
+        if A.device != B.device:
+            raise ValueError(f"factors are on different devices: A on {A.device}, B on {B.device}; move one with .to()")
         self.A = A
         self.B = B
 
@@ -107,26 +169,46 @@ class FactoredMatrix:
     def __getitem__(self, index: Any) -> FactoredMatrix:
         """Index the leading dimensions, then optionally the rows and the columns: ``fm[layer, head, rows, cols]``.
 
-        Rows index ``A`` and columns index ``B``, so a block of a huge product costs only its own size. An integer row
-        or column index keeps that dimension (one wide), as in TransformerLens, so the result stays a matrix.
-        Integers, slices, and 1-D integer or boolean tensors are accepted; ``None`` and ``...`` are not.
+        The leading dimensions are indexed as the dense product would be: integers (also numpy's), negative numbers,
+        slices, integer tensors, and boolean masks, a mask over ``k`` dimensions using ``k`` of them
+        (``w.QK[mask, :, 5]`` with a ``[layer, head]`` mask takes column 5 of each selected head). Rows index ``A``
+        and columns index ``B``, so a block of a huge product costs only its own size; an integer row or column keeps
+        that dimension (one wide), as in TransformerLens, so the result stays a matrix; tensors on both the rows and
+        the columns select a block (``dense[rows][:, cols]``), not elements. ``None``, ``...`` and True/False are not
+        used, nor a mask across the matrix dimensions, nor tensors on both the leading dimensions and the rows or
+        columns (a dense tensor would pair them: index in two steps instead).
         """
-        index = index if isinstance(index, tuple) else (index,)
-        if any(i is None or i is Ellipsis for i in index):
-            raise IndexError(
-                "a FactoredMatrix is indexed by integers, slices or 1-D tensors; None and ... are not used"
-            )
+        items = [_index_item(i) for i in (index if isinstance(index, tuple) else (index,))]
         n_lead = self.ndim - 2
-        if len(index) > self.ndim:
-            raise IndexError(f"too many indices ({len(index)}) for a FactoredMatrix of shape {tuple(self.shape)}")
+        used = [i.ndim if isinstance(i, Tensor) and i.dtype == torch.bool else 1 for i in items]
+        if sum(used) > self.ndim:
+            raise IndexError(f"too many indices ({sum(used)}) for a FactoredMatrix of shape {list(self.shape)}")
+        split, start = len(items), 0
+        for position, (item, n) in enumerate(zip(items, used)):
+            if start < n_lead < start + n or (start >= n_lead and n > 1):
+                shape = list(item.shape) if isinstance(item, Tensor) else []
+                raise IndexError(
+                    f"a boolean mask of shape {shape} covers dimensions {start}..{start + n - 1} of a FactoredMatrix "
+                    f"of shape {list(self.shape)}: a mask selects along leading dimensions, or along the rows or the "
+                    f"columns alone"
+                )
+            if start >= n_lead and split == len(items):
+                split = position
+            start += n
+        lead, rest = items[:split], items[split:]
+        if any(isinstance(i, Tensor) for i in lead) and any(isinstance(i, Tensor) for i in rest):
+            raise IndexError(
+                f"tensors index both the leading dimensions and the rows or columns of a FactoredMatrix of shape "
+                f"{list(self.shape)}, which a dense tensor would pair element by element; index in two steps: the "
+                f"leading dimensions first (sub = fm[lead]), then the rows and columns of sub"
+            )
         A, B = self._expanded()
-        lead, rest = index[:n_lead], index[n_lead:]
         if lead:
-            A, B = A[lead], B[lead]
+            A, B = A[tuple(lead)], B[tuple(lead)]
         if len(rest) >= 1:
-            A = A[..., _keep_dim(rest[0]), :]
+            A = A[..., _keep_dim(rest[0], self.ldim, "row"), :]
         if len(rest) == 2:
-            B = B[..., _keep_dim(rest[1])]
+            B = B[..., _keep_dim(rest[1], self.rdim, "column")]
         return FactoredMatrix(A, B)
 
     def unsqueeze(self, dim: int) -> FactoredMatrix:
@@ -159,6 +241,8 @@ class FactoredMatrix:
 
     def __matmul__(self, other: Tensor | FactoredMatrix) -> Any:
         """``self @ other``: a FactoredMatrix for a matrix or FactoredMatrix, a tensor ``[..., ldim]`` for a vector."""
+        if isinstance(other, (FactoredMatrix, Tensor)):
+            _check_product(self, other)
         if isinstance(other, FactoredMatrix):
             # Multiply through the smaller inner dimension so the result stays low-rank.
             if other.mdim <= self.mdim:
@@ -173,6 +257,7 @@ class FactoredMatrix:
     def __rmatmul__(self, other: Tensor) -> Any:
         """``other @ self``: a FactoredMatrix for a matrix, a tensor ``[..., rdim]`` for a vector."""
         if isinstance(other, Tensor):
+            _check_product(other, self)
             if other.ndim == 1:
                 return ((other.unsqueeze(-2) @ self.A) @ self.B).squeeze(-2)
             return FactoredMatrix(other @ self.A, self.B)
@@ -198,34 +283,38 @@ class FactoredMatrix:
     def svd(self) -> tuple[Tensor, Tensor, Tensor]:
         """Thin SVD of the product, from QR decompositions of the factors (``torch.linalg.svd``'s convention).
 
+        With ``k = min(ldim, mdim, rdim)`` (``mdim`` for circuits, whose inner ``d_head`` is the smallest; less for a
+        block of fewer rows or columns than ``mdim``):
+
         Returns:
-            ``U [..., ldim, mdim]``, ``S [..., mdim]`` (descending) and ``Vh [..., mdim, rdim]`` with
+            ``U [..., ldim, k]``, ``S [..., k]`` (descending) and ``Vh [..., k, rdim]`` with
             ``U @ diag(S) @ Vh == A @ B``. (TransformerLens's third value is ``Vh.mT`` here: see :attr:`V`.)
         """
         A, B = _linalg(self.A), _linalg(self.B)
-        Q_A, R_A = torch.linalg.qr(A)
-        Q_B, R_B = torch.linalg.qr(B.transpose(-1, -2))
-        U, S, Vh = torch.linalg.svd(R_A @ R_B.transpose(-1, -2))
+        Q_A, R_A = torch.linalg.qr(A)  # R_A [..., min(ldim, mdim), mdim]
+        Q_B, R_B = torch.linalg.qr(B.transpose(-1, -2))  # R_B [..., min(rdim, mdim), mdim]
+        # The core is min(ldim, mdim) x min(rdim, mdim); only its thin SVD has factors that Q_A and Q_B can take.
+        U, S, Vh = torch.linalg.svd(R_A @ R_B.transpose(-1, -2), full_matrices=False)
         return Q_A @ U, S, Vh @ Q_B.transpose(-1, -2)
 
     @property
     def U(self) -> Tensor:
-        """Left singular vectors ``[..., ldim, mdim]``."""
+        """Left singular vectors ``[..., ldim, k]``, ``k = min(ldim, mdim, rdim)``."""
         return self.svd()[0]
 
     @property
     def S(self) -> Tensor:
-        """Singular values ``[..., mdim]``, descending."""
+        """Singular values ``[..., k]``, descending, ``k = min(ldim, mdim, rdim)``."""
         return self.svd()[1]
 
     @property
     def Vh(self) -> Tensor:
-        """Right singular vectors as rows ``[..., mdim, rdim]`` (``U @ diag(S) @ Vh`` is the product)."""
+        """Right singular vectors as rows ``[..., k, rdim]`` (``U @ diag(S) @ Vh`` is the product)."""
         return self.svd()[2]
 
     @property
     def V(self) -> Tensor:
-        """Right singular vectors as columns ``[..., rdim, mdim]``: what TransformerLens's ``svd()`` returns third."""
+        """Right singular vectors as columns ``[..., rdim, k]``: what TransformerLens's ``svd()`` returns third."""
         return self.svd()[2].transpose(-1, -2)
 
     @property
@@ -244,12 +333,12 @@ class FactoredMatrix:
         return FactoredMatrix(U * root[..., None, :], root[..., :, None] * Vh)
 
     def collapse_l(self) -> Tensor:
-        """``diag(S) @ Vh`` ``[..., mdim, rdim]``: the product with its orthonormal left factor ``U`` removed."""
+        """``diag(S) @ Vh`` ``[..., k, rdim]``: the product with its orthonormal left factor ``U`` removed."""
         _, S, Vh = self.svd()
         return S[..., :, None] * Vh
 
     def collapse_r(self) -> Tensor:
-        """``U @ diag(S)`` ``[..., ldim, mdim]``: the product with its orthonormal right factor ``Vh`` removed."""
+        """``U @ diag(S)`` ``[..., ldim, k]``: the product with its orthonormal right factor ``Vh`` removed."""
         U, S, _ = self.svd()
         return U * S[..., None, :]
 

@@ -157,6 +157,7 @@ def scan(
     progress: bool = True,
     checkpoint: str | os.PathLike[str] | None = None,
     text_field: str = "text",
+    encoding: str = "utf-8",
 ) -> ScanResult:
     """Per-head attention statistics of a GPT-2 model over a corpus: mean, standard error and row count.
 
@@ -186,6 +187,7 @@ def scan(
         checkpoint: a file to save partial sums to every few batches (atomically); when it exists, the scan
             resumes from it, after checking that it was written for the same arguments, model and data.
         text_field: the field holding the text in ``.jsonl`` lines and dict rows.
+        encoding: the encoding of a ``.txt`` or ``.jsonl`` file (bytes that are not are named by file and line).
 
     Returns:
         The :class:`ScanResult` (on every process).
@@ -257,11 +259,11 @@ def scan(
             }
             text = None
             if group.rank == 0 and os.path.exists(checkpoint):
-                with open(checkpoint, encoding="utf-8") as file:
+                with open(checkpoint, encoding="utf-8", errors="replace") as file:  # junk is refused below
                     text = file.read()
             text = group.broadcast_text(text)
             if text is not None:
-                saved = check_checkpoint(text, checkpoint, fingerprint)
+                saved = check_checkpoint(text, checkpoint, fingerprint, (total.numel(), count.numel()))
                 report.note(f"resuming from {checkpoint} after batch {saved['position']}")
 
         state: dict[str, Any] = {}
@@ -333,7 +335,7 @@ def scan(
             return torch.cat([state["sums"].flatten(), state["counts"]])
 
         packer = Packer(seq_len, batch_size, int(eot), tokenizer, max_windows)
-        batches = packer.batches(data, text_field)
+        batches = packer.batches(data, text_field, encoding)
         if saved is not None:  # skip what the checkpoint holds, checking that the data is the same
             for _ in range(saved["position"]):
                 batch = next(batches, None)

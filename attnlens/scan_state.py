@@ -4,7 +4,8 @@
   checkpoint text sent to every rank as bytes in a tensor (never pickled).
 * Checkpoints: JSON written to a temporary file, flushed to disk, then renamed over the old one (``os.replace``), so a
   process killed at any moment leaves a whole checkpoint behind; refused by name when written for other arguments or
-  another model (the data is checked by the caller, while it skips the batches a checkpoint holds).
+  another model, or when damaged (a field missing, unknown, of the wrong type or length); the data is checked by the
+  caller, while it skips the batches a checkpoint holds.
 * :class:`Progress`: tqdm on a terminal (imported only then), plain lines every few seconds otherwise.
 """
 
@@ -25,6 +26,7 @@ __all__ = ["Group", "Progress", "check_checkpoint", "save_checkpoint", "weights_
 
 PROGRESS_SECONDS = 10.0  # plain progress lines, when stderr is not a terminal
 _CHECKPOINT_KIND = "attnlens.scan.checkpoint"
+_CHECKPOINT_FIELDS = ("kind", "fingerprint", "position", "data", "sums", "count")  # what save_checkpoint writes
 
 
 class Group:
@@ -158,8 +160,52 @@ def save_checkpoint(
     _write_atomic(path, json.dumps(state) + "\n")
 
 
-def check_checkpoint(text: str, path: str, fingerprint: dict[str, str]) -> dict[str, Any]:
-    """The checkpoint's contents, or a ValueError naming what differs (arguments or model)."""
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _damage(saved: dict[str, Any], sizes: tuple[int, int] | None, lengths: bool) -> str | None:
+    """What is wrong with a checkpoint's fields (``None`` when nothing is); with ``lengths``, their lengths too."""
+    missing = [key for key in _CHECKPOINT_FIELDS if key not in saved]
+    if missing:
+        return f"it lacks {', '.join(map(repr, missing))}"
+    unknown = [key for key in saved if key not in _CHECKPOINT_FIELDS]
+    if unknown:
+        return f"unknown field {', '.join(map(repr, unknown))}"
+    fingerprint = saved["fingerprint"]
+    if not isinstance(fingerprint, dict) or not all(
+        isinstance(fingerprint.get(k), str) for k in ("arguments", "model")
+    ):
+        return f"'fingerprint' must be an object with 'arguments' and 'model' strings, got {fingerprint!r}"
+    if not _count(saved["position"]):
+        return f"'position' must be an integer >= 0, got {saved['position']!r}"
+    digest = saved["data"]
+    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= set("0123456789abcdef"):
+        return f"'data' must be a SHA-256 hex digest, got {digest!r}"
+    n_sums, n_counts = sizes if sizes is not None else (None, None)
+    sums, count = saved["sums"], saved["count"]
+    if not isinstance(sums, list) or not all(map(_number, sums)) or (lengths and n_sums not in (None, len(sums))):
+        return f"'sums' must be a list of {'' if n_sums is None else f'{n_sums} '}numbers"
+    if not isinstance(count, list) or not all(map(_count, count)) or (lengths and n_counts not in (None, len(count))):
+        return f"'count' must be a list of {'' if n_counts is None else f'{n_counts} '}integers >= 0"
+    return None
+
+
+def check_checkpoint(
+    text: str, path: str, fingerprint: dict[str, str], sizes: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """The checkpoint's contents, every field checked, or a ValueError naming what differs or what is damaged.
+
+    Args:
+        text: the file's text.
+        path: the file, for the messages.
+        fingerprint: the ``arguments`` and ``model`` digests of this scan.
+        sizes: the lengths ``sums`` and ``count`` must have for this scan's arguments.
+    """
     try:
         saved = json.loads(text)
         ok = saved.get("kind") == _CHECKPOINT_KIND
@@ -167,7 +213,16 @@ def check_checkpoint(text: str, path: str, fingerprint: dict[str, str]) -> dict[
         ok = False
     if not ok:
         raise ValueError(f"{path} is not an attnlens scan checkpoint; delete it or name another checkpoint file")
-    for key, what in (("arguments", "other scan arguments"), ("model", "another model (config or weights differ)")):
-        if saved["fingerprint"].get(key) != fingerprint[key]:
-            raise ValueError(f"checkpoint {path} was written for {what}; delete it or scan with the same ones")
+    # Types first, then the fingerprint (a checkpoint of other arguments has other lengths), then the lengths.
+    damage = _damage(saved, sizes, lengths=False)
+    if damage is None:
+        for key, what in (("arguments", "other scan arguments"), ("model", "another model (config or weights differ)")):
+            if saved["fingerprint"][key] != fingerprint[key]:
+                raise ValueError(f"checkpoint {path} was written for {what}; delete it or scan with the same ones")
+        damage = _damage(saved, sizes, lengths=True)
+    if damage is not None:
+        raise ValueError(
+            f"checkpoint {path} is damaged: {damage}; delete it to start the scan over (or name another "
+            "checkpoint file)"
+        )
     return dict(saved)

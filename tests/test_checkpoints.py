@@ -8,6 +8,7 @@ for bit when the model runs eager, within float rounding when it runs sdpa (:dat
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +251,67 @@ def test_merge_and_unload_is_a_plain_gpt2() -> None:
     merged = lora(make_gpt2(n_layer=2)).merge_and_unload()
     assert type(merged) is transformers.GPT2LMHeadModel
     assert_exact(merged, copy.deepcopy(merged))
+
+
+class HandMadeLoRA(torch.nn.Module):
+    """A LoRA-style wrapper written by hand (not PEFT's class): the base layer plus a low-rank update.
+
+    It passes the base layer's ``weight`` and ``bias`` through, as such wrappers often do, so that code reading
+    ``c_attn.weight`` finds the base weights while the model computes with base + update.
+    """
+
+    def __init__(self, base: torch.nn.Module, rank: int = 2) -> None:
+        super().__init__()
+        self.base_layer = base
+        d_in, d_out = base.weight.shape  # Conv1D stores [in, out]
+        g = torch.Generator().manual_seed(0)
+        self.lora_A = torch.nn.Parameter(torch.randn(d_in, rank, generator=g) * 0.3)
+        self.lora_B = torch.nn.Parameter(torch.randn(rank, d_out, generator=g) * 0.3)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + x @ self.lora_A @ self.lora_B
+
+
+class Conv1DSubclass(transformers.pytorch_utils.Conv1D):
+    """A subclass of the projection's class: its forward may compute anything, so it is not recognised either."""
+
+
+@pytest.mark.parametrize(
+    ("path", "wrap"),
+    [
+        ("h.1.attn.c_attn", HandMadeLoRA),
+        ("h.0.attn.c_proj", HandMadeLoRA),
+        ("h.1.mlp.c_fc", HandMadeLoRA),
+        ("h.0.mlp.c_proj", HandMadeLoRA),
+        ("h.1.attn.c_attn", lambda m: Conv1DSubclass(m.weight.shape[1], m.weight.shape[0])),
+    ],
+)
+def test_a_projection_module_not_recognised_exactly_is_refused(path: str, wrap: Any) -> None:
+    model = make_gpt2(n_layer=2)
+    parent, name = path.rsplit(".", 1)
+    module = wrap(model.transformer.get_submodule(path))
+    setattr(model.transformer.get_submodule(parent), name, module)
+    kind = f"{type(module).__module__}.{type(module).__qualname__}"
+    layer = path.split(".")[1]
+    assert_refused(
+        model,
+        rf"layer {layer}'s {path.split('.', 2)[2]} \(transformer\.{re.escape(path)}\) is a {re.escape(kind)}, not "
+        r"transformers' Conv1D.*PEFT",
+    )
+
+
+def test_a_hand_made_lm_head_wrapper_is_refused() -> None:
+    model = make_gpt2(n_layer=2)
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    assert_refused(model, r"lm_head is a torch\.nn\.modules\.container\.Sequential, not torch's nn\.Linear")
 
 
 # ----------------------------------------------------------------------------------------- accelerate ---

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -49,8 +50,9 @@ def test_svd_follows_torch_linalg_and_V_is_transformerlens_third_value(fm_dense)
 
 def test_eigenvalues_are_the_nonzero_ones_of_the_product() -> None:
     g = torch.Generator().manual_seed(1)
-    fm = FactoredMatrix(torch.randn(2, 8, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, 8, generator=g))
-    fm = FactoredMatrix(fm.A, fm.B.double())
+    fm = FactoredMatrix(
+        torch.randn(2, 8, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, 8, generator=g).double()
+    )
     dense_eig = torch.linalg.eigvals(fm.AB)
     for i in range(2):
         top = dense_eig[i][dense_eig[i].abs().argsort(descending=True)[:3]]
@@ -147,3 +149,155 @@ def test_full_ov_circuit_top1_on_the_demo_model_batched_equals_dense() -> None:
     # The number the docs quote for the induction head L1H0.
     ov = w.OV[1, 0]
     assert round(full_ov_top1_dense(W_E @ FactoredMatrix(ov.A.double(), ov.B.double()) @ W_U), 4) == 0.0088
+
+
+@pytest.mark.parametrize("shape", [(5, 8, 6), (6, 8, 5), (5, 3, 7), (7, 3, 5), (4, 4, 4), (2, 9, 2), (3, 1, 4)])
+def test_thin_svd_and_make_even_in_every_shape_case(shape: tuple[int, int, int]) -> None:
+    # ldim, mdim, rdim in every order: the inner dimension above, between and below the outer ones.
+    ldim, mdim, rdim = shape
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(2, ldim, mdim, generator=g, dtype=torch.float64)
+    B = torch.randn(2, mdim, rdim, generator=g, dtype=torch.float64)
+    fm, dense, k = FactoredMatrix(A, B), A @ B, min(shape)
+    U, S, Vh = fm.svd()
+    assert U.shape == (2, ldim, k) and S.shape == (2, k) and Vh.shape == (2, k, rdim)
+    assert_close(U @ torch.diag_embed(S) @ Vh, dense)
+    assert_close(S, torch.linalg.svdvals(dense)[:, :k])
+    assert_close(U.mT @ U, torch.eye(k, dtype=torch.float64).expand(2, k, k))
+    assert_close(Vh @ Vh.mT, torch.eye(k, dtype=torch.float64).expand(2, k, k))
+    assert_close(fm.norm(), torch.linalg.matrix_norm(dense))
+    even = fm.make_even()
+    assert even.mdim == k
+    assert_close(even.AB, dense)
+    assert_close(U @ fm.collapse_l(), dense)
+    assert_close(fm.collapse_r() @ Vh, dense)
+
+
+def test_svd_of_a_block_of_the_demo_ov_circuit() -> None:
+    model, _ = attnlens.load_demo()
+    block = attnlens.extract_weights(model).OV[1, 0][:5, :7]  # d_head 32 > 5, 7
+    with torch.no_grad():
+        U, S, Vh = block.svd()
+        assert U.shape == (5, 5) and S.shape == (5,) and Vh.shape == (5, 7)
+        # float32 factors through an inner dimension of 32: a few units of roundoff times the sizes.
+        tol = 32 * 32 * torch.finfo(torch.float32).eps
+        assert_close(U @ torch.diag(S) @ Vh, block.AB, atol=tol * block.AB.abs().max().item(), rtol=tol)
+        assert_close(block.make_even().AB, block.AB, atol=tol * block.AB.abs().max().item(), rtol=tol)
+
+
+def test_products_name_the_users_shapes_and_dtypes() -> None:
+    g = torch.Generator().manual_seed(4)
+    fm = FactoredMatrix(torch.randn(3, 5, 2, generator=g), torch.randn(3, 2, 6, generator=g))
+    with pytest.raises(ValueError, match=r"\[3, 5, 6\] @ \[5, 3\]: .*6 columns.*5 rows"):
+        fm @ torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"\[2, 4\] @ \[3, 5, 6\]: .*4 columns.*5 rows"):
+        torch.randn(2, 4) @ fm
+    with pytest.raises(ValueError, match=r"\[5, 6\] @ \[5, 3\]: .*6 columns.*5 rows"):
+        fm[0] @ FactoredMatrix(torch.randn(5, 2), torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"\[3, 5, 6\] @ \[5\]: .*6 columns.*vector of 5"):
+        fm @ torch.randn(5)
+    with pytest.raises(ValueError, match=r"\[4\] @ \[3, 5, 6\]: .*vector of 4.*5 rows"):
+        torch.randn(4) @ fm
+    with pytest.raises(ValueError, match=r"leading dimensions \[3\] and \[2\] do not broadcast"):
+        fm @ torch.randn(2, 6, 4)
+    with pytest.raises(
+        TypeError, match=r"torch\.float32 @ torch\.float64\); convert one first, e\.g\. \.to\(torch\.float32\)"
+    ):
+        fm @ torch.randn(6, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"\[4, 5\] @ \[3, 5, 6\]: .*\(torch\.float64 @ torch\.float32\)"):
+        torch.randn(4, 5, dtype=torch.float64) @ fm
+    with pytest.raises(TypeError, match=r"\(torch\.float32 @ torch\.float64\)"):
+        fm @ FactoredMatrix(torch.randn(6, 2, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"A is torch\.float32 and B is torch\.float64.*same dtype"):
+        FactoredMatrix(torch.randn(5, 2), torch.randn(2, 6, dtype=torch.float64))
+    # The products that do fit still work, broadcasting over leading dimensions as torch.matmul does.
+    M = torch.randn(2, 1, 6, 4, generator=g)
+    assert_close((fm @ M).AB, fm.AB @ M)
+
+
+def _dense(dense: torch.Tensor, index: tuple, n_lead: int) -> torch.Tensor:
+    """What a FactoredMatrix index means on the dense product, in the fewest dense indexing steps.
+
+    Integers on rows and columns keep their dimension (one-wide slices); tensors on both rows and columns select a
+    block, so the columns are a second step (one dense step would pair them element by element).
+    """
+    items, seen = [], 0
+    for i in index:
+        if seen >= n_lead and isinstance(i, (int, np.integer, torch.Tensor)) and np.ndim(i) == 0:
+            i = slice(int(i), int(i) + 1 if int(i) != -1 else None)
+        items.append(i)
+        seen += i.ndim if isinstance(i, torch.Tensor) and i.dtype == torch.bool else 1
+    if seen == n_lead + 2 and all(isinstance(i, (torch.Tensor, list, np.ndarray)) for i in items[-2:]):
+        return dense[tuple(items[:-1])][..., items[-1]]
+    return dense[tuple(items)]
+
+
+def _indexing_forms() -> list[tuple]:
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, 1] = mask[1, 2] = True
+    heads = torch.tensor([True, False, True, True])
+    return [
+        (1,),
+        (np.int64(1),),
+        (-1, -2),
+        (np.int64(-1), np.int32(2), np.int64(3)),
+        (0, 1, np.int64(3)),  # a numpy integer on a row keeps the row
+        (0, 1, slice(None), np.int64(5)),
+        (mask,),
+        (mask, 3),
+        (mask, slice(None), 5),
+        (mask, slice(2, 6), -1),
+        (mask, np.int64(-3), slice(1, None, 2)),
+        (slice(None), heads),
+        (slice(None), heads, 2, 3),
+        (torch.tensor([True, False]), heads),
+        (torch.tensor([1, 0, 1]), torch.tensor([3, 3, 0])),
+        (torch.tensor([1, 0]), torch.tensor([3, 2]), slice(None), 4),
+        (torch.tensor(1), torch.tensor(-1), torch.tensor(2)),
+        (np.array([1, 0]),),
+        (1, [3, 0]),
+        (1, 2, [3, 0], np.array([7, 1])),
+        (1, slice(None), torch.tensor([7, 0, -1])),
+        (1, 2, torch.tensor([0, 7, 3]), slice(1, 3)),
+        (0, 3, torch.tensor([True, False] * 4), torch.tensor([False, True] * 4 + [True])),
+        (slice(None), slice(1, 3), slice(0, 8, 3), slice(5, None)),
+    ]
+
+
+@pytest.mark.parametrize("index", _indexing_forms(), ids=repr)
+def test_indexing_matches_the_dense_product(index: tuple) -> None:
+    # [layer, head, ldim, rdim] = [2, 4, 8, 9], the stacked shape of w.QK with small matrices.
+    g = torch.Generator().manual_seed(5)
+    fm = FactoredMatrix(torch.randn(2, 4, 8, 3, generator=g, dtype=torch.float64), torch.randn(2, 4, 3, 9).double())
+    dense = fm.AB
+    got = fm[index]
+    want = _dense(dense, index, 2)
+    assert got.shape == want.shape
+    assert_close(got.AB, want)
+
+
+def test_indexing_the_demo_qk_with_a_head_mask_then_a_column() -> None:
+    model, _ = attnlens.load_demo()
+    w = attnlens.extract_weights(model)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, 1] = mask[1, 2] = True
+    with torch.no_grad():
+        assert w.QK[mask, :, 5].shape == (2, 128, 1)
+        assert torch.equal(w.QK[mask, :, 5].AB, w.QK.AB[mask][:, :, 5:6])
+        assert torch.equal(w.QK[0, 0, np.int64(3)].AB, w.QK[0, 0, 3].AB)
+
+
+def test_indexing_refuses_what_has_no_matrix_meaning() -> None:
+    fm = FactoredMatrix(torch.randn(2, 4, 8, 3), torch.randn(2, 4, 3, 9))
+    with pytest.raises(IndexError, match=r"row 8 is out of range for 8 rows"):
+        fm[0, 0, 8]
+    with pytest.raises(IndexError, match=r"column -10 is out of range for 9 columns"):
+        fm[0, 0, :, -10]
+    with pytest.raises(IndexError, match=r"boolean mask of shape \[4, 8\] covers .*leading dimensions"):
+        fm[0, torch.ones(4, 8, dtype=torch.bool)]
+    with pytest.raises(IndexError, match=r"index in two steps: the leading dimensions first"):
+        fm[torch.tensor([0, 1]), 0, torch.tensor([1, 2])]
+    with pytest.raises(IndexError, match=r"True/False"):
+        fm[0, True]
+    with pytest.raises(IndexError, match=r"integer or boolean"):
+        fm[torch.tensor([0.0])]

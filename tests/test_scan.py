@@ -234,9 +234,45 @@ def test_checkpoint_of_other_arguments_model_or_data_is_refused(tiny, tmp_path) 
         attnlens.scan(other, docs, seq_len=8, batch_size=2, progress=False, checkpoint=path)
     with pytest.raises(ValueError, match="other data"):
         attnlens.scan(tiny, token_docs(5), seq_len=8, batch_size=2, progress=False, checkpoint=path)
-    path.write_text("{}")
-    with pytest.raises(ValueError, match="not an attnlens scan checkpoint"):
-        attnlens.scan(tiny, docs, seq_len=8, batch_size=2, progress=False, checkpoint=path)
+    for junk in (b"{}", b"\xff\xfe\x00 not text"):
+        path.write_bytes(junk)
+        with pytest.raises(ValueError, match="not an attnlens scan checkpoint"):
+            attnlens.scan(tiny, docs, seq_len=8, batch_size=2, progress=False, checkpoint=path)
+
+
+def _without(saved: dict, key: str) -> dict:
+    return {k: v for k, v in saved.items() if k != key}
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda s: _without(s, "fingerprint"), "it lacks 'fingerprint'"),
+        (lambda s: _without(s, "sums"), "it lacks 'sums'"),
+        (lambda s: _without(s, "count"), "it lacks 'count'"),
+        (lambda s: _without(s, "position"), "it lacks 'position'"),
+        (lambda s: _without(s, "data"), "it lacks 'data'"),
+        (lambda s: {**s, "fingerprint": "x"}, "'fingerprint' must be an object with 'arguments' and 'model'"),
+        (lambda s: {**s, "fingerprint": {"model": s["fingerprint"]["model"]}}, "'fingerprint' must be an object"),
+        (lambda s: {**s, "position": -1}, "'position' must be an integer >= 0, got -1"),
+        (lambda s: {**s, "position": True}, "'position' must be an integer >= 0, got True"),
+        (lambda s: {**s, "data": 7}, "'data' must be a SHA-256 hex digest"),
+        (lambda s: {**s, "sums": s["sums"][:-1]}, r"'sums' must be a list of \d+ numbers"),
+        (lambda s: {**s, "sums": [*s["sums"][:-1], "1.0"]}, r"'sums' must be a list of \d+ numbers"),
+        (lambda s: {**s, "count": [*s["count"], 3]}, r"'count' must be a list of \d+ integers >= 0"),
+        (lambda s: {**s, "count": [-1.5] * len(s["count"])}, r"'count' must be a list of \d+ integers >= 0"),
+        (lambda s: {**s, "extra": 1}, "unknown field 'extra'"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_by_name(tiny, tmp_path, damage, words) -> None:
+    docs, path = token_docs(6), tmp_path / "ck.json"
+    kwargs = {"seq_len": 8, "batch_size": 2, "progress": False, "checkpoint": path}
+    attnlens.scan(tiny, docs, **kwargs)
+    path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+    with pytest.raises(ValueError, match=rf"checkpoint {path} is damaged: {words}.*delete it to start the scan over"):
+        attnlens.scan(tiny, docs, **kwargs)
+    path.unlink()  # as the message says: the scan starts over
+    assert attnlens.scan(tiny, docs, **kwargs).n_windows > 0
 
 
 def test_progress_lines_and_the_command(tmp_path, capsys) -> None:

@@ -105,3 +105,59 @@ def test_other_file_kinds_are_refused(tmp_path) -> None:
     path.write_text("a,b")
     with pytest.raises(ValueError, match=r"\.txt .* or \.jsonl"):
         list(documents(path))
+
+
+class Splits(dict):
+    """A dict of splits, as ``datasets.load_dataset`` returns without ``split=`` (a DatasetDict is a dict)."""
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"text": TEXTS, "id": list(range(5))}, r"a dict of columns \('text', 'id'\).*pass the column: data\['text'\]"),
+        (Splits(train=Rows(TEXTS), test=Rows(TEXTS)), r"keys 'train', 'test'.*pass one split, e\.g\. data\['train'\]"),
+        ({"text": TEXTS[0]}, r"one row.*pass a list of rows or of texts"),
+        ({}, r"an empty mapping"),
+    ],
+)
+def test_a_mapping_is_refused_by_name(demo, data, words) -> None:
+    model, tok = demo
+    with pytest.raises(TypeError, match=rf"data is a {type(data).__name__}.*{words}"):
+        attnlens.scan(model, data, tokenizer=tok, seq_len=2, progress=False)
+    with pytest.raises(TypeError, match=words):
+        list(documents(data))
+
+
+def test_a_file_that_is_not_utf8_is_named_by_file_and_line(demo, tmp_path) -> None:
+    model, tok = demo
+    path = tmp_path / "latin.txt"
+    text = "The cat sat.\n\nA second document,\nwith a café in its third line.\n"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{path}:4: not utf-8 text \(byte 0xe9 at column 11\).*encoding="):
+        attnlens.scan(model, path, tokenizer=tok, seq_len=4, progress=False)
+    jsonl = tmp_path / "latin.jsonl"
+    jsonl.write_bytes('{"text": "fine"}\n{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{jsonl}:2: not utf-8 text \(byte 0xe9 at column 14\)"):
+        list(documents(jsonl))
+    # With its encoding named, the file reads as the same documents as its UTF-8 twin.
+    twin = tmp_path / "utf8.txt"
+    twin.write_text(text, encoding="utf-8")
+    assert [d for d, _ in documents(path, encoding="latin-1")] == [d for d, _ in documents(twin)]
+    expected = attnlens.scan(model, twin, tokenizer=tok, seq_len=4, progress=False)
+    got = attnlens.scan(model, path, tokenizer=tok, seq_len=4, progress=False, encoding="latin-1")
+    assert got.n_windows == expected.n_windows > 0
+    for name in expected.scores:  # the same windows through the same kernels: the same bits (NaN where undefined)
+        torch.testing.assert_close(got.mean[name], expected.mean[name], rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match=r"unknown encoding 'no-such-codec'"):
+        list(documents(path, encoding="no-such-codec"))
+
+
+def test_the_command_names_the_line_and_takes_an_encoding(tmp_path, capsys) -> None:
+    from attnlens.cli import main
+
+    path, out = tmp_path / "latin.txt", tmp_path / "out.json"
+    path.write_bytes(("The café sat on the mat. " * 8 + "\n").encode("latin-1"))
+    assert main(["scan", "--data", str(path), "--seq-len", "4", "--out", str(out), "--quiet"]) == 2
+    assert f"{path}:1: not utf-8 text (byte 0xe9 at column 8)" in capsys.readouterr().err
+    assert main(["scan", "--data", str(path), "--encoding", "latin-1", "--seq-len", "4", "--out", str(out)]) == 0
+    assert attnlens.ScanResult.load(out).n_windows > 0

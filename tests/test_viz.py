@@ -114,6 +114,32 @@ def test_html_escapes_hostile_tokens_and_title() -> None:
     assert not set("<&") & set(data_block.split(">", 1)[1]), "raw < or & inside the JSON block"
 
 
+# Every slot any view's template has: a user's string that names one is shown as given, never filled in.
+PLACEHOLDERS = ["@ID@", "@DATA@", "@HEADING@", "@UNPACK@"]
+
+
+@pytest.mark.parametrize("view", ["pattern_html", "overview_html", "text_html"])
+@pytest.mark.parametrize("slot", PLACEHOLDERS)
+def test_html_placeholders_in_user_strings_stay_text(view: str, slot: str) -> None:
+    tokens = [slot, f"a{slot}b", "ok", slot * 2]
+    title = f"{slot} and {slot}"
+    kwargs: dict[str, Any] = {"title": title}
+    if view == "overview_html":
+        kwargs["scores"] = {slot: np.zeros((1, 2)), "plain": np.ones((1, 2))}
+    html = getattr(viz, view)(causal_patterns(1, 2, len(tokens)), tokens, **kwargs)
+    headings = re.findall(r'<div class="al-title">(.*?)</div>', html, re.S)
+    assert [unescape(h) for h in headings] == [title]
+    data = decode(html)
+    assert data["labels" if view != "pattern_html" else "k_labels"] == [viz.visible(t) for t in tokens]
+    if view == "text_html":
+        assert data["texts"] == tokens
+    if view == "overview_html":
+        assert list(data["scores"]) == [slot, "plain"]
+    # The template's own slots were all filled once: one data block, one script, the id where the template puts it.
+    assert html.count('type="application/json"') == 1 and html.count("<script") == 2
+    assert html.count(f'id="{data["id"]}"') == 1
+
+
 def test_html_is_offline_ascii_and_fetches_nothing() -> None:
     html = viz.pattern_html(causal_patterns(2, 2, 4), [" é", "日本", "$x$", "\u2028"], title="Ünïcode")
     assert html.isascii()

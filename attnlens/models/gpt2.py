@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from attnlens.errors import UnsupportedModelError
 from attnlens.models.gpt2_config import check_config
-from attnlens.models.wrappers import check_state, plain, unwrap
+from attnlens.models.wrappers import check_exact, check_state, plain, unwrap
 from attnlens.weights import LayerNormWeights, LayerWeights, MLPWeights, ModelWeights
 
 if TYPE_CHECKING:
@@ -129,6 +129,19 @@ def base_model(model: PreTrainedModel) -> GPT2Model:
     base: Any = inner if isinstance(inner, GPT2Model) else inner.transformer
     base = unwrap(base)  # model.transformer = torch.compile(model.transformer)
     check_state(inner, base)
+    # The projections whose weights attnlens reads: exactly transformers' Conv1D and torch's Linear, nothing wrapped.
+    # (Read from _modules: nn.Module's attribute fallback would cost more than the rest of this check.)
+    from transformers.pytorch_utils import Conv1D
+
+    at = "" if base is inner else "transformer."
+    named = (
+        (f"layer {i}'s {a}.{b} ({at}h.{i}.{a}.{b})", block._modules[a]._modules.get(b))
+        for i, block in enumerate(base.h)
+        for a, b in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
+    )
+    check_exact(named, Conv1D, "transformers' Conv1D")
+    if isinstance(getattr(inner, "lm_head", None), nn.Module):
+        check_exact([("lm_head", inner.lm_head)], nn.Linear, "torch's nn.Linear")
     return base
 
 

@@ -5,8 +5,9 @@
   and unmerged, or merged and enabled).
 * Refused by name, because the parameters are not what the model computes with: active (unmerged) adapters, adapters
   merged but disabled (peft unmerges them on the next forward), parameters on the meta device (offloaded by
-  accelerate, or never loaded), and modules compiled on their own (``Module.compile()``, ``torch.compile`` of a block),
-  whose compiled code would run instead of the modules attnlens hooks.
+  accelerate, or never loaded), modules compiled on their own (``Module.compile()``, ``torch.compile`` of a block),
+  whose compiled code would run instead of the modules attnlens hooks, and modules whose class is not exactly the
+  one an adapter expects (:func:`check_exact`: a hand-made LoRA wrapper, a subclass).
 
 torch's compiler and peft are looked up only if the user has already imported them, so that checking a model never
 imports them (``import attnlens`` stays light).
@@ -15,13 +16,14 @@ imports them (``import attnlens`` stays light).
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
 from attnlens.errors import UnsupportedModelError
 
-__all__ = ["check_state", "is_compiled", "plain", "unwrap"]
+__all__ = ["check_exact", "check_state", "is_compiled", "plain", "unwrap"]
 
 
 def _loaded_class(module: str, name: str) -> Any:
@@ -128,6 +130,26 @@ def _base_layer_is_exact(layer: Any) -> bool:
     the base weights) and enabled. Disabled but merged, they unmerge on the next forward, changing the weights.
     """
     return bool(layer.disable_adapters) != bool(layer.merged)
+
+
+def check_exact(modules: Iterable[tuple[str, Any]], expected: type, expected_name: str) -> None:
+    """Refuse each ``(what, module)`` whose module is not exactly of class ``expected`` (seen through :func:`plain`).
+
+    attnlens reads a projection's weights from the class it knows. A subclass, or a wrapper around one (a hand-made
+    LoRA holding the base layer and low-rank factors, say), may compute anything from them, and may even pass the
+    base layer's ``weight`` through, so only the exact class is trusted, whatever the module wraps. PEFT's adapter
+    layers are checked by :func:`check_state` and seen through when exact.
+    """
+    tuner = _tuner_layer_class()
+    for what, module in modules:
+        inner = module.get_base_layer() if tuner is not None and isinstance(module, tuner) else module
+        if type(inner) is not expected:
+            raise UnsupportedModelError(
+                f"{what} is a {type(inner).__module__}.{type(inner).__qualname__}, not {expected_name}: attnlens "
+                "reads the weights of the modules it knows and cannot tell what another computes (a wrapper's own "
+                "update, say); merge any update into the weights and put the original module back, or use PEFT's "
+                "LoRA, whose adapter layers attnlens checks"
+            )
 
 
 def plain(module: Any) -> Any:

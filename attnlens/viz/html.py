@@ -10,6 +10,7 @@ stores patterns far more compactly.
 from __future__ import annotations
 
 import html as _html
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -135,13 +136,14 @@ def render(template: str, data: dict[str, Any], title: str, **parts: str) -> HTM
     ``parts`` fill further ``@NAME@`` slots verbatim (trusted code such as a shared script, never user text).
     """
     heading = f'<div class="al-title">{_html.escape(title)}</div>' if title else ""
-    for name, text in parts.items():
-        template = template.replace(f"@{name}@", text)
-    return HTMLView(
-        template.replace("@ID@", new_id())
-        .replace("@HEADING@", heading.encode("ascii", "xmlcharrefreplace").decode("ascii"))
-        .replace("@DATA@", _json_for_script(data))
-    )
+    slots = {
+        **parts,
+        "ID": new_id(),
+        "HEADING": heading.encode("ascii", "xmlcharrefreplace").decode("ascii"),
+        "DATA": _json_for_script(data),
+    }
+    # One pass over the template only: a title or token that spells a slot (say "@DATA@") is text, never filled in.
+    return HTMLView(re.sub(r"@([A-Z]+)@", lambda m: slots[m.group(1)], template))
 
 
 def save_html(html: str, path: str | Path, *, title: str = "attnlens") -> Path:
