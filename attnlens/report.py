@@ -136,7 +136,7 @@ class VerificationReport:
             *(f"note: {note}" for note in self.notes),
             "",
             f"{'layer':>5}  {'quantity':<16}  {'worst head':>10}  {'max abs err':>11}  {'max rel err':>11}  "
-            f"{'tolerance':>9}  ok",
+            f"{'rel tol':>9}  ok",  # the tolerance bounds the relative error, the column beside it
         ]
         groups: dict[tuple[int | None, str], list[VerificationRow]] = {}
         for row in self.rows:

@@ -296,6 +296,8 @@ def test_report_table_dict_and_json() -> None:
     table = [line for line in text.splitlines() if line.strip() and line.split()[0] in ("0", "1", "final")]
     assert len(table) == 2 * 7 + 2  # one line per layer x quantity, and hidden, logits
     assert "float32 on cpu" in text and "transformers" in text
+    # The tolerance bounds the relative error: its column says so and stands beside that error.
+    assert "max rel err    rel tol  ok" in text and "tolerance" not in text
     data = report.to_dict()
     assert data["ok"] is True and len(data["rows"]) == len(report.rows)
     assert set(data["rows"][0]) == {"layer", "head", "quantity", "max_abs_error", "max_rel_error", "tolerance", "ok"}
