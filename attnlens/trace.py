@@ -21,8 +21,6 @@ Caveats:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -36,14 +34,11 @@ from attnlens import capture, functional
 from attnlens._indices import check_indices
 from attnlens.attention_trace import STORE_NAMES, AttentionTrace
 from attnlens.errors import AttentionCaptureError
-from attnlens.models import gpt2
-from attnlens.models.gpt2_config import unknown_keys
+from attnlens.models import Adapter, AttentionSpec, adapt
 
 __all__ = ["STORE_NAMES", "AttentionTrace", "trace"]
 
 _HALF = (torch.float16, torch.bfloat16)
-# Bookkeeping config entries that say nothing about the network itself.
-_UNHASHED = frozenset({"_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"})
 
 
 # ------------------------------------------------------------------------------------------------ tracing ---
@@ -105,54 +100,21 @@ def _tokenize(texts: list[str], tokenizer: Any, prepend_bos: bool = False) -> tu
     return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
-def _config_sha256(config: Any) -> str:
-    entries = {k: v for k, v in config.to_dict().items() if k not in _UNHASHED and not k.startswith("_attn")}
-    return hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return str(transformers.__version__)
-
-
-def _provenance(model: Any, sites: gpt2.Sites) -> dict[str, str]:
-    import transformers
-
-    from attnlens import __version__
-
-    param = sites.embed.weight
-    return {
-        "model": str(getattr(model.config, "_name_or_path", "") or ""),
-        "model_class": type(model).__name__,
-        "config_sha256": _config_sha256(model.config),
-        "attn_implementation": gpt2.attn_implementation(model),
-        "dtype": str(param.dtype).removeprefix("torch."),
-        "device": str(param.device),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "attnlens": __version__,
-        # Config keys of unknown effect (comma-separated, "" if none): the numbers are only as good as a verify run.
-        "unknown_config_keys": ",".join(unknown_keys(model.config)),
-    }
-
-
 def _masked_scores(
     q: Tensor,
     k: Tensor,
-    spec: tuple[float, bool, Any],
+    spec: AttentionSpec,
     blocked: Tensor,
     *,
     contiguous_k: bool,
 ) -> Tensor:
     """A layer's scaled scores ``[batch, head, q_pos, k_pos]`` in the model's kernel arithmetic, ``-inf`` if blocked.
 
-    ``spec`` is ``(scale, upcast, divisors)`` of the layer; ``contiguous_k`` matches a kernel that reads the keys
-    back from its cache (contiguous), whose matmul rounds differently from one on a strided view.
+    ``contiguous_k`` matches a kernel that reads the keys back from its cache (contiguous), whose matmul rounds
+    differently from one on a strided view.
     """
-    scale, upcast, divisors = spec
     k_c = k.contiguous() if contiguous_k else k
-    scores = functional.attention_scores(q, k_c, scale, upcast=upcast, divisors=divisors)
+    scores = functional.attention_scores(q, k_c, spec.scale, upcast=spec.upcast, divisors=spec.divisors)
     # The same maths as functional.masked_softmax, but in place on the scores (which are ours).
     scores.masked_fill_(blocked, float("-inf"))
     return scores
@@ -171,26 +133,21 @@ def _softmax_into(scores: Tensor, out: Tensor, dead: Tensor | None) -> None:
         out.masked_fill_(dead, 0.0)
 
 
-def _kernel_specs(model: Any, sites: gpt2.Sites, *, stacklevel: int, caller: str) -> list[tuple[float, bool, Any]]:
-    """``(scale, upcast, divisors)`` per layer, in the arithmetic of the kernel the model runs (warns as trace does)."""
-    d_head = model.config.n_embd // model.config.n_head
-    specs = [layer.spec for layer in sites.layers]
-    if gpt2.kernel_ignores_scale_flags(model):
+def _kernel_specs(adapter: Adapter, *, stacklevel: int, caller: str) -> tuple[AttentionSpec, ...]:
+    """Each layer's spec in the arithmetic of the kernel the model runs; warns when that is not what its modules say."""
+    if adapter.kernel_departure is not None:
         warnings.warn(
-            f"transformers {_transformers_version()} runs this model's {gpt2.attn_implementation(model)!r} attention "
-            "without the scale its attention modules ask for (scale_attn_weights / scale_attn_by_inverse_layer_idx): "
-            f"the model computes softmax(q k^T / sqrt(d_head)), and so does this {caller}; load it with "
-            "attn_implementation='eager' for the config's maths",
+            f"{adapter.kernel_departure}, and so does this {caller}; load it with attn_implementation='eager' for the "
+            "config's maths",
             UserWarning,
             stacklevel=stacklevel + 1,
         )
-        specs = [(d_head**-0.5, upcast, None) for _, upcast, _ in specs]
-    return specs
+    return adapter.kernel_specs
 
 
 @capture.one_at_a_time
 def trace(
-    model: Any,
+    model: nn.Module | Adapter,
     input_ids: Tensor | Any,
     attention_mask: Tensor | Any | None = None,
     *,
@@ -211,7 +168,7 @@ def trace(
     each giving its single-threaded result; attnlens's hooks never act on a forward pass the user runs meanwhile.
 
     Args:
-        model: a Hugging Face GPT-2 model of any supported class.
+        model: a Hugging Face GPT-2 model of any supported class (or its :class:`~attnlens.models.Adapter`).
         input_ids: ``[batch, pos]`` (or ``[pos]``) token ids; or, with ``tokenizer``, a text or a list of texts
             (padded on the tokenizer's ``padding_side`` to the longest).
         attention_mask: ``[batch, pos]``, 1 for tokens and 0 for padding; only with token ids.
@@ -233,11 +190,11 @@ def trace(
     Raises:
         ValueError: bad ``layers`` / ``heads`` (not integers, out of range, repeated), unknown ``store`` names, text
             without a tokenizer, ``prepend_bos`` with token ids or with a tokenizer that has no bos/eos token (or
-            adds one itself), or inputs that :func:`attnlens.models.gpt2.check_inputs` refuses.
+            adds one itself), or inputs that :meth:`attnlens.models.Adapter.check_inputs` refuses.
         TypeError: ``model`` is a name or path (load it first), ``store`` is not names, ``input_ids`` is not
             token ids at all, or ``prepend_bos`` is not a bool.
         UnsupportedModelError: not a supported GPT-2 model, an attention kernel outside
-            :data:`attnlens.models.gpt2.EXACT_KERNELS`, or attention modules that disagree with the config.
+            the adapter's ``exact_kernels``, or attention modules that disagree with the config.
         AttentionCaptureError: a traced layer never ran.
 
     Example:
@@ -247,15 +204,14 @@ def trace(
     if isinstance(model, (str, os.PathLike)):
         raise TypeError(
             f"trace needs a loaded model, got the name or path {os.fspath(model)!r}: load it first, e.g. "
-            "attnlens.models.gpt2.load(path) or transformers' from_pretrained (verify and extract_weights also take "
-            "a path)"
+            "attnlens.models.load(path) or transformers' from_pretrained (verify and extract_weights also take a path)"
         )
-    sites = gpt2.sites(model)
-    gpt2.check_kernel(model)
-    config = model.config
+    adapter = adapt(model)
+    sites = adapter.sites
+    adapter.check_kernel()
     names = _check_store(store)
-    layer_list = check_indices(layers, config.n_layer, "layers")
-    head_list = check_indices(heads, config.n_head, "heads")
+    layer_list = check_indices(layers, adapter.n_layers, "layers")
+    head_list = check_indices(heads, adapter.n_heads, "heads")
 
     is_text = isinstance(input_ids, str) or (
         isinstance(input_ids, (list, tuple)) and bool(input_ids) and all(isinstance(t, str) for t in input_ids)
@@ -272,7 +228,7 @@ def trace(
             "prepend_bos applies to text; token ids are used as given: put the bos id in front of them yourself "
             "(and a 1 in front of each attention_mask row)"
         )
-    ids, mask, pos = gpt2.check_inputs(model, input_ids, attention_mask, position_ids)
+    ids, mask, pos = adapter.check_inputs(input_ids, attention_mask, position_ids)
     tokens = None
     if tokenizer is not None:
         from attnlens.viz.labels import token_texts  # each id decoded alone; a partial UTF-8 character as its bytes
@@ -280,13 +236,11 @@ def trace(
         tokens = [token_texts(tokenizer, row) for row in ids.tolist()]
 
     n_pos = ids.shape[1]
-    n_head = config.n_head
-    d_model = config.n_embd
-    d_head = d_model // n_head
-    specs = _kernel_specs(model, sites, stacklevel=3, caller="trace")  # past one_at_a_time's wrapper, to the caller
+    n_head = adapter.n_heads
+    specs = _kernel_specs(adapter, stacklevel=3, caller="trace")  # past one_at_a_time's wrapper, to the caller
     # The model runs with its own use_cache default. With the cache on, its kernel gets the keys back from the cache,
     # contiguous, and the matmul rounds differently on a strided view: match it to reproduce its numbers bit for bit.
-    contiguous_k = bool(getattr(config, "use_cache", False))
+    contiguous_k = adapter.use_cache
     slots = {layer: slot for slot, layer in enumerate(layer_list)}
     head_index = None if len(head_list) == n_head and head_list == tuple(range(n_head)) else torch.tensor(head_list)
     if head_index is not None:
@@ -311,7 +265,7 @@ def trace(
     # computing it again. Not for the last traced layer when nothing after its q/k/v is asked for: the forward stops
     # at its projection, and computing one pattern costs less than running that layer's kernel to the end.
     from_kernel = (
-        {layer for layer in layer_list if sites.kernel_returns_pattern and (layer != last or want_z)}
+        {layer for layer in layer_list if adapter.kernel_returns_pattern and (layer != last or want_z)}
         if "pattern" in names
         else set()
     )
@@ -329,7 +283,7 @@ def trace(
             stacks["pattern"] = torch.empty(shape, dtype=dtype, device=like.device)
         return stacks["pattern"][slot]
 
-    def recompute_pattern(q: Tensor, k: Tensor, v: Tensor, spec: tuple[float, bool, Any], slot: int) -> None:
+    def recompute_pattern(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, slot: int) -> None:
         scores = _masked_scores(q, k, spec, blocked, contiguous_k=contiguous_k)
         _softmax_into(scores, pattern_out(slot, scores, v.dtype), dead)
 
@@ -338,7 +292,7 @@ def trace(
         recompute = "pattern" in names and layer not in from_kernel
 
         def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-            q, k, v = gpt2.split_qkv(output, n_head)
+            q, k, v = adapter.split_qkv(layer, (output,))
             if head_index is not None:
                 q, k, v = (x.index_select(1, head_index) for x in (q, k, v))
             if "scores" in names:
@@ -365,11 +319,11 @@ def trace(
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             projection = fused.pop(layer)
-            weights = gpt2.kernel_pattern(output)
+            weights = adapter.kernel_pattern(output)
             if weights is not None and tuple(weights.shape) != (ids.shape[0], n_head, n_pos, n_pos):
                 weights = None  # not the pattern of these inputs: never copy what is not known to be it
             if weights is None:  # the kernel kept it to itself after all: compute it as for any other kernel
-                q, k, v = gpt2.split_qkv(projection, n_head)
+                q, k, v = adapter.split_qkv(layer, (projection,))
                 if head_index is not None:
                     q, k = (x.index_select(1, head_index) for x in (q, k))
                 recompute_pattern(q, k, v, spec, slot)
@@ -392,7 +346,7 @@ def trace(
 
         def hook(module: Any, args: Any) -> None:
             z = rearrange(args[0], "batch pos (head d_head) -> batch pos head d_head", head=n_head)
-            W_O = module.weight.view(n_head, d_head, d_model)
+            W_O = adapter.W_O(layer)
             if head_index is not None:
                 z, W_O = z.index_select(2, head_index), W_O.index_select(0, head_index)
             if "z" in names:
@@ -406,14 +360,15 @@ def trace(
 
         return hook
 
-    post = [(sites.layers[i].qkv, on_qkv(i)) for i in layer_list] if want_qkv else []
+    # One fused q/k/v module per layer here (the tap of the next step takes any).
+    post = [(sites.layers[i].qkv[0], on_qkv(i)) for i in layer_list] if want_qkv else []
     post += [(sites.layers[i].attn, on_attn(i)) for i in sorted(from_kernel)]
     pre = [(sites.layers[i].z, on_z(i)) for i in layer_list] if want_z else []
 
     def forward() -> None:
         sites.run(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=contiguous_k)
 
-    with capture.preserved(model), torch.no_grad(), capture.forward_hooks(post), capture.forward_hooks(pre, pre=True):
+    with capture.preserved(adapter), torch.no_grad(), capture.forward_hooks(post), capture.forward_hooks(pre, pre=True):
         capture.run_until(forward)
 
     missing = sorted(set(layer_list) - done["qkv"]) if want_qkv else []
@@ -429,6 +384,6 @@ def trace(
         input_ids=ids.clone(),
         attention_mask=(torch.ones_like(ids) if mask is None else mask.clone()),
         tokens=tokens,
-        provenance=_provenance(model, sites),
+        provenance=adapter.provenance(),
         _stacks=stacks,
     )

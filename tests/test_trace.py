@@ -107,9 +107,10 @@ def count_score_computations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def recompute_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make trace treat the model's kernel as one that hands out no pattern: every layer's is recomputed."""
-    real = attnlens.models.gpt2.sites
+    adapter = attnlens.models.gpt2.GPT2Adapter
+    real = adapter.from_model
     monkeypatch.setattr(
-        attnlens.models.gpt2, "sites", lambda model: dataclasses.replace(real(model), kernel_returns_pattern=False)
+        adapter, "from_model", lambda model: dataclasses.replace(real(model), kernel_returns_pattern=False)
     )
 
 
@@ -166,8 +167,9 @@ def test_eager_kernel_without_a_pattern_falls_back_to_recomputing(
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_sites_say_which_kernels_hand_out_their_pattern(implementation: str) -> None:
     model = make_gpt2(n_layer=1, attn_implementation=implementation)
-    sites = attnlens.models.gpt2.sites(model)
-    assert sites.kernel_returns_pattern is (implementation == "eager")
+    adapter = attnlens.models.adapt(model)
+    sites = adapter.sites
+    assert adapter.kernel_returns_pattern is (implementation == "eager")
     seen: list[Any] = []
     handle = sites.layers[0].attn.register_forward_hook(lambda m, a, out: seen.append(out))
     try:
@@ -899,9 +901,11 @@ def test_prepend_bos_is_refused_where_it_cannot_be_right() -> None:
 )
 def test_sites_carry_the_same_attention_spec_as_the_extracted_weights(flags: dict[str, Any]) -> None:
     model = make_gpt2(n_layer=3, **flags)
-    sites = attnlens.models.gpt2.sites(model)
+    specs = attnlens.models.adapt(model).specs
     weights = attnlens.extract_weights(model)
-    assert [s.spec for s in sites.layers] == [(w.scale, w.upcast, w.score_divisors) for w in weights.layers]
+    assert [(s.scale, s.upcast, s.divisors) for s in specs] == [
+        (w.scale, w.upcast, w.score_divisors) for w in weights.layers
+    ]
 
 
 def test_token_strings_show_partial_characters_as_their_bytes() -> None:
