@@ -1,8 +1,8 @@
 """scan(): per-head attention statistics over a whole corpus, streamed, resumable, and torch.distributed-aware.
 
 The corpus is tokenized and packed into windows (:mod:`attnlens.scan_data`), run through the model in batches, and
-each scanned layer's pattern is computed inside a hook on its fused q/k/v projection, exactly as :func:`attnlens.trace`
-computes it, then reduced at once to per-head sums: no pattern outlives its layer. Per batch, the sums, sums of
+each scanned layer's pattern, from the pattern tap (:mod:`attnlens.patterns`) exactly as :func:`attnlens.trace` gets
+it, is reduced at once to per-head sums: no pattern outlives its layer. Per batch, the sums, sums of
 squares and row counts are taken in float64, and the per-batch sums are added in global batch order, so the result is
 the same bit for bit whatever the number of processes (given the same device type, torch build and thread count per
 process) and whether or not the scan was interrupted and resumed.
@@ -28,15 +28,14 @@ import torch
 from einops import einsum
 from torch import Tensor, nn
 
-from attnlens import capture, functional
+from attnlens import capture
 from attnlens._detection import token_keys
 from attnlens._indices import check_indices
-from attnlens.errors import AttentionCaptureError
 from attnlens.models import Adapter, adapt
+from attnlens.patterns import Sink, Tap, Wants, kernel_specs
 from attnlens.scan_data import Packer
 from attnlens.scan_result import SCORE_NAMES, ScanResult
 from attnlens.scan_state import Group, Progress, check_checkpoint, save_checkpoint, weights_sha256
-from attnlens.trace import _kernel_specs, _masked_scores, _softmax_into
 
 __all__ = ["SCORE_NAMES", "ScanResult", "scan"]
 
@@ -142,6 +141,28 @@ def _rounds(batches: Iterator[Tensor], size: int) -> Iterator[list[Tensor]]:
         yield round_
 
 
+class _Sums(Sink):
+    """Reduces each layer's pattern of one batch to per-head sums as it comes (no pattern outlives its layer)."""
+
+    def __init__(self, layers: tuple[int, ...], scores: tuple[str, ...], shape: tuple[int, ...]) -> None:
+        self.slots = {layer: slot for slot, layer in enumerate(layers)}
+        self.score_list, self.shape = scores, shape
+        self.keys: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))
+        self.sums = torch.zeros(shape, dtype=torch.float64)
+        self.counts = torch.zeros(len(scores), dtype=torch.float64)
+
+    def start(self, ids: Tensor) -> None:
+        self.keys = token_keys(ids)
+        self.sums = torch.zeros(self.shape, dtype=torch.float64)
+
+    def pattern(self, layer: int, pattern: Tensor) -> None:
+        duplicate, induction = self.keys
+        values = row_values(pattern, duplicate, induction, self.score_list)
+        self.sums[:, :, self.slots[layer]] = batch_sums(values).cpu()
+        # The rows that qualify depend on the tokens only: the same in every layer.
+        self.counts = torch.stack([rows.sum() for _, rows in values]).to(torch.float64).cpu()
+
+
 @capture.one_at_a_time
 def scan(
     model: nn.Module | Adapter,
@@ -196,7 +217,6 @@ def scan(
         UnsupportedModelError: as :func:`attnlens.trace`.
     """
     adapter = adapt(model)
-    sites = adapter.sites
     adapter.check_kernel()
     score_list = SCORE_NAMES if scores is None else tuple(s for s in SCORE_NAMES if s in set(scores))
     unknown = sorted(set(SCORE_NAMES if scores is None else scores) - set(SCORE_NAMES))
@@ -220,14 +240,7 @@ def scan(
     if eot is None:
         raise ValueError("no end-of-text token id: neither the tokenizer nor the model config has an eos_token_id")
 
-    device = adapter.device
-    n_head = adapter.n_heads
-    specs = _kernel_specs(adapter, stacklevel=3, caller="scan")
-    contiguous_k = adapter.use_cache
-    blocked = ~functional.causal_mask(seq_len, device=device)
-    head_index = None if head_list == tuple(range(n_head)) else torch.tensor(head_list, device=device)
-    slots = {layer: slot for slot, layer in enumerate(layer_list)}
-    last = max(layer_list)
+    specs = kernel_specs(adapter, caller="scan", stacklevel=3)
     arguments = {
         "scores": list(score_list),
         "seq_len": seq_len,
@@ -244,7 +257,7 @@ def scan(
     position = n_windows = 0  # batches and windows added to `total`
     data_hash = hashlib.sha256()
 
-    group = Group(device)
+    group = Group(adapter.device)
     report = Progress(progress and group.rank == 0, None if max_windows is None else max_windows * seq_len)
     try:
         fingerprint = {}
@@ -264,73 +277,14 @@ def scan(
                 saved = check_checkpoint(text, checkpoint, fingerprint)
                 report.note(f"resuming from {checkpoint} after batch {saved['position']}")
 
-        state: dict[str, Any] = {}
-        done: set[int] = set()
-
-        # An eager kernel hands each layer's pattern out (bitwise what scan computes; Adapter.kernel_pattern): read it
-        # there, except at the last layer, where the forward stops at the projection (one pattern costs less to compute
-        # than that layer's kernel). The projection is kept until then, should a kernel not hand it out.
-        from_kernel = {layer for layer in layer_list if adapter.kernel_returns_pattern and layer != last}
-        fused: dict[int, Tensor] = {}
-
-        def reduce(layer: int, pattern: Tensor) -> None:
-            duplicate, induction = state["keys"]
-            values = row_values(pattern, duplicate, induction, score_list)
-            state["sums"][:, :, slots[layer]] = batch_sums(values).cpu()
-            # The rows that qualify depend on the tokens only: the same in every layer.
-            state["counts"] = torch.stack([rows.sum() for _, rows in values]).to(torch.float64).cpu()
-            done.add(layer)
-
-        def computed(layer: int, projection: Tensor) -> Tensor:
-            q, k, _ = adapter.split_qkv(layer, (projection,))
-            if head_index is not None:
-                q, k = q.index_select(1, head_index), k.index_select(1, head_index)
-            scores_ = _masked_scores(q, k, specs[layer], blocked, contiguous_k=contiguous_k)
-            pattern = torch.empty(scores_.shape, dtype=projection.dtype, device=scores_.device)
-            _softmax_into(scores_, pattern, None)
-            return pattern
-
-        def on_qkv(layer: int) -> Any:
-            def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-                if layer in from_kernel:
-                    fused[layer] = output
-                    return
-                reduce(layer, computed(layer, output))
-                if layer == last:
-                    raise capture.StopForward
-
-            return hook
-
-        def on_attn(layer: int) -> Any:
-            def hook(module: nn.Module, args: Any, output: Any) -> None:
-                projection = fused.pop(layer)
-                pattern = adapter.kernel_pattern(output)
-                if pattern is not None and tuple(pattern.shape) != (projection.shape[0], n_head, seq_len, seq_len):
-                    pattern = None  # not the pattern of these inputs: never use what is not known to be it
-                if pattern is None:
-                    pattern = computed(layer, projection)
-                elif head_index is not None:
-                    pattern = pattern.index_select(1, head_index)
-                reduce(layer, pattern)
-
-            return hook
+        sink = _Sums(layer_list, score_list, shape)
+        tap = Tap(adapter, layer_list, head_list, sink, Wants(), specs)
 
         def run_batch(ids: Tensor) -> Tensor:
             ids, _, _ = adapter.check_inputs(ids)
-            state["keys"] = token_keys(ids)
-            state["sums"] = torch.zeros(shape, dtype=torch.float64)
-            done.clear()
-            fused.clear()
-            capture.run_until(
-                lambda: sites.run(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),  # windows are full; said, so the model does not warn
-                    use_cache=contiguous_k,
-                )
-            )
-            if done != set(layer_list):
-                raise AttentionCaptureError(f"layers {sorted(set(layer_list) - done)} never ran their attention")
-            return torch.cat([state["sums"].flatten(), state["counts"]])
+            sink.start(ids)
+            tap.run(ids, torch.ones_like(ids))  # windows are full; said, so the model does not warn
+            return torch.cat([sink.sums.flatten(), sink.counts])
 
         packer = Packer(seq_len, batch_size, int(eot), tokenizer, max_windows)
         batches = packer.batches(data, text_field)
@@ -352,11 +306,7 @@ def scan(
 
         last_saved, last_time = position, time.perf_counter()
         split = total.numel()
-        hooks = [
-            (sites.layers[i].qkv[0], on_qkv(i)) for i in layer_list
-        ]  # one fused q/k/v module (the tap of the next step takes any)
-        hooks += [(sites.layers[i].attn, on_attn(i)) for i in sorted(from_kernel)]
-        with capture.preserved(adapter), torch.no_grad(), capture.forward_hooks(hooks):
+        with capture.preserved(adapter), torch.no_grad(), tap.hooked():
             for round_ in _rounds(batches, group.size):
                 # Every process joins every gather, also one whose batch failed: the others would wait for it forever.
                 # The last entry flags a failure; then every process stops, the failed one with its own error.

@@ -36,7 +36,8 @@ from attnlens import functional
 from attnlens._indices import index_list
 from attnlens.capture import forward_hooks, intervening, one_at_a_time, preserved
 from attnlens.errors import AttentionCaptureError
-from attnlens.models import QKV, Adapter, Sites, adapt, extract_weights, load
+from attnlens.models import QKV, Adapter, AttentionSpec, Sites, adapt, extract_weights, load
+from attnlens.patterns import masked_scores, qkv_hooks
 from attnlens.report import _PER_HEAD, VerificationReport, VerificationRow
 from attnlens.tolerances import (
     _ACCUMULATOR,
@@ -197,16 +198,12 @@ def _run(
     sites = adapter.sites
     store = _Capture()
 
-    def save_qkv(layer: int) -> Any:
-        def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-            store.qkv[layer] = QKV(*(x.detach() for x in adapter.split_qkv(layer, (output,))))
+    def save_qkv(layer: int, qkv: QKV) -> None:
+        store.qkv[layer] = QKV(*(x.detach() for x in qkv))
 
-        return hook
-
-    on_qkv = [
-        (sites.layers[layer].qkv[0], save_qkv(layer)) for layer in layers
-    ]  # one fused q/k/v module (the tap of the next step takes any)
+    on_qkv, rotations = qkv_hooks(adapter, layers, save_qkv)
     with (
+        forward_hooks(rotations, pre=True, with_kwargs=True),
         forward_hooks([*_hooks(sites, layers, store), *on_qkv]),
         forward_hooks(_z_hooks(sites, layers, store), pre=True),
     ):
@@ -268,17 +265,18 @@ def _rebuild(weights: ModelWeights, ids: Tensor, pos: Tensor, allowed: Tensor) -
     return hidden, logits if weights.b_U is None else logits + weights.b_U
 
 
-def _hf_order_pattern(qkv: QKV, layer: LayerWeights, allowed: Tensor) -> Tensor:
+def _hf_order_pattern(qkv: QKV, layer: LayerWeights, n_kv_heads: int, allowed: Tensor) -> Tensor:
     """The pattern from the model's own q and k, in the arithmetic order of the installed transformers' eager kernel.
 
-    HF eager scales the scores in its own order (``layer.score_divisors`` / ``layer.upcast``), adds a mask holding the
-    dtype's most negative value, and soft-maxes in the scores' own dtype (half scores stay half, unlike
-    :func:`attnlens.functional.masked_softmax`). Masked entries come out exactly 0 either way; ``-inf`` gives the same
-    row maximum and sums, so the allowed entries match bit for bit.
+    The scores are the pattern tap's (:func:`attnlens.patterns.masked_scores`), with the layer's spec as the weights
+    carry it: HF eager scales the scores in its own order (``layer.score_divisors`` / ``layer.upcast``) and masks
+    with the dtype's most negative value, where ``-inf`` is used here: that gives the same row maximum and sums, so the
+    allowed entries match bit for bit. They are soft-maxed in their own dtype (half scores stay half, unlike
+    :func:`attnlens.functional.masked_softmax` and the tap).
     """
     q, k, v = qkv
-    scores = functional.attention_scores(q, k, layer.scale, upcast=layer.upcast, divisors=layer.score_divisors)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    spec = AttentionSpec(layer.scale, q.shape[1], n_kv_heads, upcast=layer.upcast, divisors=layer.score_divisors)
+    scores = masked_scores(q, k, spec, ~allowed, contiguous_k=False)
     return torch.softmax(scores, dim=-1).to(v.dtype)
 
 
@@ -428,7 +426,7 @@ def verify(
             q, k, v = own.qkv[index]
             model_z = rearrange(own.z[index], "batch pos (head d_head) -> batch pos head d_head", head=n_heads)
             model_pattern = eager.pattern(index)
-            hf_order = _hf_order_pattern(eager.qkv[index], layer, allowed)
+            hf_order = _hf_order_pattern(eager.qkv[index], layer, adapter.n_kv_heads, allowed)
             pattern = (
                 mine.pattern if eager is own else functional.attention(eager.attn_in[index], layer, allowed).pattern
             )

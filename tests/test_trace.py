@@ -93,15 +93,15 @@ KERNEL_CONFIGS = {name: CONFIGS[name] for name in ("default", "inverse_layer_idx
 
 
 def count_score_computations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count trace's recomputations of a layer's scores (the work an eager kernel's own pattern saves)."""
-    module = sys.modules["attnlens.trace"]
-    real, calls = module._masked_scores, [0]
+    """Count the tap's recomputations of a layer's scores (the work an eager kernel's own pattern saves)."""
+    module = sys.modules["attnlens.patterns"]
+    real, calls = module.masked_scores, [0]
 
     def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "_masked_scores", counted)
+    monkeypatch.setattr(module, "masked_scores", counted)
     return calls
 
 

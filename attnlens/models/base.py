@@ -351,8 +351,11 @@ class Adapter(ABC):
         """Refuse a model whose attention kernel attnlens has not been shown to reproduce (see ``exact_kernels``).
 
         Raises:
-            UnsupportedModelError: naming the kernel and the ones that are supported.
+            UnsupportedModelError: naming the kernel and the ones that are supported (or, for a kernel that cannot
+                run a plain forward, ``kernel_refusal``).
         """
+        if self.kernel_refusal is not None:
+            raise UnsupportedModelError(self.kernel_refusal)
         if self.kernel not in self.exact_kernels:
             raise UnsupportedModelError(
                 f"this model runs the attention kernel {self.kernel!r}, which attnlens has not been shown to "
