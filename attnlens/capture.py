@@ -97,7 +97,7 @@ class _OwnHook:
 
 @contextlib.contextmanager
 def forward_hooks(
-    hooks: Iterable[tuple[Any, Hook]], *, with_kwargs: bool = False, pre: bool = False, intervening: bool = False
+    hooks: Iterable[tuple[nn.Module, Hook]], *, with_kwargs: bool = False, pre: bool = False, intervening: bool = False
 ) -> Iterator[None]:
     """Register forward (or forward-pre) hooks for the duration of a ``with`` block; always removed after.
 

@@ -27,11 +27,10 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
 
 import torch
 from einops import einsum
-from torch import Tensor
+from torch import Tensor, nn
 
 from attnlens._detection import (
     check_flag,
@@ -270,7 +269,7 @@ def _induction_on_repeats(
 
 
 def induction_scores(
-    source: AttentionTrace | Any,
+    source: AttentionTrace | nn.Module | Adapter,
     input_ids: Tensor | None = None,
     *,
     seq_len: int | None = None,

@@ -252,12 +252,22 @@ def _mlp(x: Tensor, layer: LayerWeights) -> Tensor:
     return functional.ACTIVATIONS[mlp.act](x @ mlp.W_in + mlp.b_in) @ mlp.W_out + mlp.b_out
 
 
-def _rebuild(weights: ModelWeights, ids: Tensor, pos: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The whole forward pass from the weights alone: final hidden state ``[batch, pos, d_model]`` and logits."""
+def _rebuild(
+    weights: ModelWeights, ids: Tensor, pos: Tensor, allowed: Tensor, *, parallel_residual: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """The whole forward pass from the weights alone: final hidden state ``[batch, pos, d_model]`` and logits.
+
+    With ``parallel_residual`` (see :attr:`attnlens.models.Adapter.parallel_residual`) each block's attention and
+    MLP read the same residual stream, and both outputs are added to it.
+    """
     residual = weights.W_E[ids] + weights.W_pos[pos]
     for layer in weights.layers:
-        residual = residual + functional.attention(_layer_norm(residual, layer.ln_1), layer, allowed).output
-        residual = residual + _mlp(_layer_norm(residual, layer.ln_2), layer)
+        attn_out = functional.attention(_layer_norm(residual, layer.ln_1), layer, allowed).output
+        if parallel_residual:
+            residual = residual + attn_out + _mlp(_layer_norm(residual, layer.ln_2), layer)
+        else:
+            residual = residual + attn_out
+            residual = residual + _mlp(_layer_norm(residual, layer.ln_2), layer)
     hidden = _layer_norm(residual, weights.ln_f)
     if weights.W_U is None:
         return hidden, None
@@ -451,7 +461,7 @@ def verify(
             add("attn_out", index, _compare(own.attn_out[index], mine.output, out_keep, None), base["attn_out"])
 
         positions = torch.arange(n_pos, device=ids.device).unsqueeze(0) if pos is None else pos
-        hidden, logits = _rebuild(weights, ids, positions, allowed)
+        hidden, logits = _rebuild(weights, ids, positions, allowed, parallel_residual=adapter.parallel_residual)
         add("hidden", None, _compare(own.final(), hidden, out_keep, None), base["hidden"])
         if own_logits is not None and logits is not None:
             add("logits", None, _compare(own_logits, logits, out_keep, None), base["logits"])

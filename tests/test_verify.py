@@ -592,3 +592,25 @@ def test_compiled_demo_transformer_verifies() -> None:
             assert torch.equal(model(ids).logits, compiled)  # verify left the compiled model as it was
     assert report.ok, str(report)
     assert all(row.tolerance > 0 for row in report.rows if row.quantity == "pattern_hf_order")
+
+
+def test_the_rebuild_adds_attention_and_mlp_to_one_residual_when_the_adapter_says_parallel() -> None:
+    # GPT-NeoX's parallel residual: both read the block's input, both are added to it (verify's hidden/logits rows).
+    from attnlens.verify import _layer_norm, _mlp, _rebuild
+
+    model = make_gpt2(n_layer=2, initializer_range=0.2)
+    assert attnlens.models.adapt(model).parallel_residual is False
+    w = attnlens.extract_weights(model)
+    ids = random_ids(model)
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    allowed = functional.causal_mask(ids.shape[1])
+    with torch.no_grad():
+        parallel, _ = _rebuild(w, ids, pos, allowed, parallel_residual=True)
+        sequential, _ = _rebuild(w, ids, pos, allowed)
+        residual = w.W_E[ids] + w.W_pos[pos]
+        for layer in w.layers:
+            attn = functional.attention(_layer_norm(residual, layer.ln_1), layer, allowed).output
+            residual = residual + attn + _mlp(_layer_norm(residual, layer.ln_2), layer)
+        # The same operations in the same order: the same bits.
+        assert torch.equal(parallel, _layer_norm(residual, w.ln_f))
+        assert not torch.allclose(parallel, sequential)

@@ -7,7 +7,7 @@ specific adapter: everything is written against :class:`~attnlens.models.base.Ad
 
 from __future__ import annotations
 
-from typing import Any
+import os
 
 import torch
 from torch import nn
@@ -113,7 +113,7 @@ def load(
 
 
 def extract_weights(
-    model: Any,
+    model: nn.Module | Adapter | str | os.PathLike[str],
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
@@ -146,8 +146,8 @@ def extract_weights(
         >>> w = attnlens.extract_weights(model)
         >>> w.W_E.shape, w.layers[0].W_Q.shape   # [d_vocab, d_model], [head, d_model, d_head]
     """
-    if isinstance(model, (str,)) or hasattr(model, "__fspath__"):
-        model = load(str(model), dtype=dtype, device=device)
+    if isinstance(model, (str, os.PathLike)):
+        model = load(os.fspath(model), dtype=dtype, device=device)
     elif dtype is not None or device is not None:
         raise ValueError("dtype and device apply only when loading by name or path; extraction never converts")
     adapter = adapt(model)
