@@ -164,7 +164,10 @@ class Sink:
         """A layer's masked scores ``[batch, head, q_pos, k_pos]`` (``-inf`` where blocked; the tap's own tensor)."""
 
     def qkv(self, layer: int, qkv: QKV) -> None:
-        """A layer's q, k, v ``[batch, head, pos, d_head]`` (views of the model's tensors)."""
+        """A layer's q, k, v ``[batch, head, pos, d_head]``, k and v repeated per query head (grouped-query).
+
+        Views of the model's tensors when every head is kept and none is repeated.
+        """
 
     def z(self, layer: int, z: Tensor, W_O: Tensor) -> None:
         """A layer's z ``[batch, pos, head, d_head]`` and its ``W_O`` ``[head, d_head, d_model]`` (views)."""
@@ -172,7 +175,7 @@ class Sink:
 
 @dataclass(frozen=True)
 class Wants:
-    """What a sink asks the tap for, beyond the pattern."""
+    """What a sink asks the tap for: each layer's pattern, masked scores, q/k/v, z (with its ``W_O``)."""
 
     pattern: bool = True
     scores: bool = False
