@@ -176,7 +176,12 @@ class Adapter(ABC):
         unknown_config_keys: config keys of unknown effect (see the adapter's config policy), sorted.
         parallel_residual: attention and MLP read the same residual stream (GPT-NeoX), instead of the MLP reading
             the residual after the attention's output is added (GPT-2).
-        config_sha256: the sha256 of the config's JSON, without bookkeeping entries.
+        config_sha256: the sha256 of the config's JSON, without bookkeeping entries (see :func:`config_sha256`).
+        own_sites: the :class:`Sites`, whatever the kernel; read them through :attr:`sites`, which refuses a kernel
+            that cannot run a plain forward (weights can still be extracted from such a model).
+
+    A subclass sets the class attributes, builds every field in :meth:`from_model` (after its checks), and implements
+    the abstract operations; it is registered in :data:`attnlens.models.REGISTRY` under its ``model_type``.
     """
 
     model_type: ClassVar[str]
