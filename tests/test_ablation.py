@@ -15,7 +15,6 @@ from einops import einsum
 
 import attnlens
 from attnlens import functional
-from attnlens.models import gpt2
 
 KERNELS = ("eager", "sdpa")
 # float32: the hand-written forward and the model's differ by rounding only (measured below 2e-6 on these models).
@@ -33,7 +32,7 @@ def _state(model: Any) -> tuple[Any, ...]:
     return (
         tuple(m.training for m in model.modules()),
         tuple(p.requires_grad for p in model.parameters()),
-        gpt2.attn_implementation(model),
+        model.config._attn_implementation,
         _hooks(model),
     )
 

@@ -77,7 +77,7 @@ def test_eager_model_patterns_are_bitwise_its_own(config: dict[str, Any], paddin
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
 def test_sdpa_model_patterns_match_eager_output_attentions(config: dict[str, Any], padding: str) -> None:
     model = make_gpt2(n_layer=3, attn_implementation="sdpa", **config)
-    if attnlens.models.gpt2.kernel_ignores_scale_flags(model):
+    if attnlens.models.adapt(model).kernel_departure is not None:
         pytest.skip("transformers 4.x runs SDPA without this config's scale (tested below)")
     ids, mask = padded(model, padding)
     expected = reference_patterns(config, ids, mask)
@@ -693,7 +693,7 @@ def test_config_edited_after_building_traces_what_the_modules_run(
     ids, mask = padded(model, "left")
     rows = valid_rows(mask)
     # 4.x runs SDPA at 1/sqrt(d_head) whatever the modules' flags say (tested above): then that is the truth.
-    ignored = attnlens.models.gpt2.kernel_ignores_scale_flags(model)
+    ignored = attnlens.models.adapt(model).kernel_departure is not None
     assert ignored == (V4 and implementation == "sdpa" and bool(built.get("scale_attn_by_inverse_layer_idx")))
     if ignored:
         expected = reference_patterns({"initializer_range": 0.2}, ids, mask)

@@ -54,7 +54,7 @@ def corrupted(weights: ModelWeights, layer: int, head: int, name: str = "W_Q", f
 def state(model: Any) -> dict[str, Any]:
     """Everything verify may touch and must restore."""
     return {
-        "impl": gpt2.attn_implementation(model),
+        "impl": model.config._attn_implementation,
         "training": [m.training for m in model.modules()],
         "hooks": [
             (list(m._forward_hooks.items()), list(m._forward_pre_hooks.items()), dict(m._forward_hooks_with_kwargs))
@@ -405,7 +405,7 @@ def test_model_left_as_found_when_a_hook_raises(during: str) -> None:
         pass
 
     def explode(module: nn.Module, args: Any, output: Any) -> None:
-        if gpt2.attn_implementation(model) == ("sdpa" if during == "own" else "eager"):
+        if model.config._attn_implementation == ("sdpa" if during == "own" else "eager"):
             raise Boom
 
     handle = model.transformer.h[1].attn.register_forward_hook(explode)

@@ -42,14 +42,11 @@ __all__ = [
     "EXACT_KERNELS",
     "SUPPORTED_CLASSES",
     "GPT2Adapter",
-    "attn_implementation",
     "base_model",
     "check_config",
     "is_gpt2",
-    "kernel_ignores_scale_flags",
     "kernel_pattern",
     "load",
-    "sites",
     "split_qkv",
     "unwrap",
 ]
@@ -327,11 +324,6 @@ def split_qkv(fused: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     return qkv[0], qkv[1], qkv[2]
 
 
-def attn_implementation(model: PreTrainedModel) -> str:
-    """The attention kernel the model runs (``"eager"``, ``"sdpa"``, ...)."""
-    return str(model.config._attn_implementation)
-
-
 def _ignores_scale_flags(kernel: str, attns: list[Any]) -> bool:
     """Whether a kernel ignores the attention modules' scale flags (scaling by ``1/sqrt(d_head)`` instead).
 
@@ -343,16 +335,6 @@ def _ignores_scale_flags(kernel: str, attns: list[Any]) -> bool:
     if _transformers_major() >= 5 or kernel == "eager":
         return False
     return any(not attn.scale_attn_weights or bool(attn.scale_attn_by_inverse_layer_idx) for attn in attns)
-
-
-def kernel_ignores_scale_flags(model: PreTrainedModel) -> bool:
-    """Whether the model's attention kernel ignores its attention modules' scale flags (see ``kernel_departure``)."""
-    return GPT2Adapter.from_model(model).kernel_departure is not None
-
-
-def sites(model: PreTrainedModel) -> Sites:
-    """The :class:`~attnlens.models.base.Sites` of a supported GPT-2 model (after every check of ``adapt``)."""
-    return GPT2Adapter.from_model(model).sites
 
 
 def _token_id(value: object) -> int | None:
