@@ -70,8 +70,9 @@ EXACT_KERNELS: tuple[str, ...] = ("eager", "sdpa")
 
 Flash kernels (CUDA only) are not listed: they cannot run where the test suite runs. ``"flex_attention"`` is refused
 for GPT-2 by transformers itself. The paged kernels (``"paged|eager"``, ``"sdpa_paged"``, ``"eager_paged"``,
-``"paged_attention"``) are refused by :func:`sites`: they serve continuous batching with a paged cache, and on a
-plain forward they fail or attend to other keys (4.57's ``"sdpa_paged"`` ran, and its patterns were 1.4e-3 off).
+``"paged_attention"``) are refused by the adapter (``Adapter.kernel_refusal``): they serve continuous batching with a
+paged cache, and on a plain forward they fail or attend to other keys (4.57's ``"sdpa_paged"`` ran, and its patterns
+were 1.4e-3 off).
 """
 
 
