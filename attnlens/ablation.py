@@ -41,12 +41,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
 from attnlens import capture
 from attnlens._indices import as_index
 from attnlens.errors import UnsupportedModelError
-from attnlens.models import gpt2
+from attnlens.models import Adapter, adapt
 from attnlens.models.wrappers import is_compiled
 from attnlens.trace import trace
 
@@ -122,38 +122,35 @@ def _reference_inputs(reference: Any) -> tuple[Any, Any]:
 
 
 def _replacements(
-    model: Any,
+    adapter: Adapter,
     heads: tuple[tuple[int, int], ...],
     mode: str,
     reference: Any,
 ) -> dict[int, _Replacement]:
     """Per ablated layer, which entries of ``z`` are replaced and by what (running the reference if the mode asks)."""
-    config = model.config
-    n_head, d_model = int(config.n_head), int(config.n_embd)
-    d_head = d_model // n_head
-    sites = gpt2.sites(model)
-    weight = sites.embed.weight
+    n_head, d_model, d_head = adapter.n_heads, adapter.d_model, adapter.d_head
+    dtype, device = adapter.dtype, adapter.device
     layers = sorted({layer for layer, _ in heads})
     z_ref: Tensor | None = None
     if mode != "zero":
         ids, mask = _reference_inputs(reference)
-        ids, mask, _ = gpt2.check_inputs(model, ids, mask)
+        ids, mask, _ = adapter.check_inputs(ids, mask)
         if mode == "resample" and mask is not None and not bool(mask.all()):
             raise ValueError(
                 "a resample reference must have no padding: its z is copied position by position, and a padded "
                 "position has no z that means anything; pass sequences of equal length"
             )
-        tr = trace(model, ids, mask, layers=layers, store="z")
+        tr = trace(adapter, ids, mask, layers=layers, store="z")
         z_ref = tr["z"]  # [layer, batch, pos, head, d_head], in the order of `layers`
         keep = tr.attention_mask.bool()
     out = {}
     for slot, layer in enumerate(layers):
         ablated = [head for lay, head in heads if lay == layer]
-        columns = torch.zeros(n_head, d_head, dtype=torch.bool, device=weight.device)
+        columns = torch.zeros(n_head, d_head, dtype=torch.bool, device=device)
         columns[ablated] = True
         columns = columns.flatten()
         if z_ref is None:
-            value = torch.zeros(1, 1, d_model, dtype=weight.dtype, device=weight.device)
+            value = torch.zeros(1, 1, d_model, dtype=dtype, device=device)
         elif mode == "mean":
             # float32 (or wider) sums over all real tokens, cast back: one vector per head.
             real = z_ref[slot][keep]  # [token, head, d_head]
@@ -188,8 +185,8 @@ def _hook(layer: int, replacement: _Replacement) -> Callable[..., Any]:
     return hook
 
 
-def _check_uncompiled(model: Any) -> None:
-    if is_compiled(model):
+def _check_uncompiled(adapter: Adapter) -> None:
+    if is_compiled(adapter.model):
         raise UnsupportedModelError(
             "ablate hooks the model's modules, and compiled code need not run hooks added after compiling: ablate the "
             "uncompiled model (torch.compile's wrapper holds it as ._orig_mod)"
@@ -197,7 +194,9 @@ def _check_uncompiled(model: Any) -> None:
 
 
 @contextlib.contextmanager
-def ablate(model: Any, heads: Iterable[Any], mode: str = "zero", reference: Any = None) -> Iterator[None]:
+def ablate(
+    model: nn.Module | Adapter, heads: Iterable[Any], mode: str = "zero", reference: Any = None
+) -> Iterator[None]:
     """Run the model with some attention heads removed, for the duration of a ``with`` block.
 
     Every forward pass of the model that this thread runs inside the block (``model(...)``, ``model.generate``,
@@ -226,13 +225,13 @@ def ablate(model: Any, heads: Iterable[Any], mode: str = "zero", reference: Any 
         >>> with attnlens.ablate(model, [(0, 0)]):
         ...     logits = model(input_ids).logits
     """
-    sites = gpt2.sites(model)
-    _check_uncompiled(model)
-    config = model.config
-    chosen = _check_heads(heads, int(config.n_layer), int(config.n_head))
+    adapter = adapt(model)
+    sites = adapter.sites
+    _check_uncompiled(adapter)
+    chosen = _check_heads(heads, adapter.n_layers, adapter.n_heads)
     mode = _check_mode(mode, reference)
-    with capture.model_lock(model):
-        replacements = _replacements(model, chosen, mode, reference) if chosen else {}
+    with capture.model_lock(adapter):
+        replacements = _replacements(adapter, chosen, mode, reference) if chosen else {}
         hooks = [(sites.layers[layer].z, _hook(layer, r)) for layer, r in replacements.items()]
         # Added under the lock, so that no attnlens call running on the model sees a hook appear mid-run.
         stack = contextlib.ExitStack()
@@ -285,7 +284,7 @@ def _metric(metric: Metric | None, ids: Tensor, mask: Tensor | None) -> Callable
 
 @capture.one_at_a_time
 def head_importance(
-    model: Any,
+    model: nn.Module | Adapter,
     input_ids: Tensor | Any,
     attention_mask: Tensor | Any | None = None,
     *,
@@ -323,20 +322,19 @@ def head_importance(
         UnsupportedModelError: not a supported GPT-2 model, or one without a language-model head.
         ValueError, TypeError: bad inputs, mode, reference, ``heads_per_pass`` or metric result.
     """
-    sites = gpt2.sites(model)
+    adapter = adapt(model)
+    sites = adapter.sites
     unembed = sites.unembed
     if unembed is None:
         raise UnsupportedModelError(
-            f"head_importance needs logits over the vocabulary, and {type(gpt2.unwrap(model)).__name__} has no "
-            "language-model head; load the checkpoint as GPT2LMHeadModel"
+            f"head_importance needs logits over the vocabulary, and {adapter.model_class} has no language-model "
+            f"head; load the checkpoint with one ({', '.join(c for c in adapter.supported_classes if 'LMHead' in c)})"
         )
-    ids, mask, _ = gpt2.check_inputs(model, input_ids, attention_mask)
+    ids, mask, _ = adapter.check_inputs(input_ids, attention_mask)
     if mode == "mean" and reference is None:
         reference = (ids, mask)
     mode = _check_mode(mode, reference)
-    config = model.config
-    n_layer, n_head = int(config.n_layer), int(config.n_head)
-    d_head = int(config.n_embd) // n_head
+    n_layer, n_head, d_head = adapter.n_layers, adapter.n_heads, adapter.d_head
     all_heads = tuple((layer, head) for layer in range(n_layer) for head in range(n_head))
     batch, n_pos = ids.shape
     if heads_per_pass is None:
@@ -344,10 +342,10 @@ def head_importance(
     elif isinstance(heads_per_pass, bool) or not isinstance(heads_per_pass, int) or heads_per_pass < 1:
         raise ValueError(f"heads_per_pass must be a positive int, got {heads_per_pass!r}")
     measure = _metric(metric, ids, mask)
-    replacements = _replacements(model, all_heads, mode, reference)
+    replacements = _replacements(adapter, all_heads, mode, reference)
     for layer in range(n_layer):
         _check_fits(replacements[layer], batch, n_pos, layer)
-    use_cache = bool(getattr(config, "use_cache", False))  # what the user's own model(...) runs with
+    use_cache = adapter.use_cache  # what the user's own model(...) runs with
 
     def logits_of(copies: int) -> Iterator[Tensor]:
         run_ids = ids.repeat(copies, 1)
@@ -357,7 +355,7 @@ def head_importance(
             yield unembed(hidden[copy * batch : (copy + 1) * batch])
 
     out = torch.full((n_layer, n_head), math.nan, dtype=torch.float64)
-    with capture.preserved(model), torch.no_grad():
+    with capture.preserved(adapter), torch.no_grad():
         clean = measure(next(logits_of(1)))
         for start in range(0, len(all_heads), heads_per_pass):
             chunk = all_heads[start : start + heads_per_pass]

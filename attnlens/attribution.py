@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from attnlens import capture
 from attnlens._indices import as_index
 from attnlens.errors import AttentionCaptureError, StaleWeightsError, UnsupportedModelError
-from attnlens.models import gpt2
+from attnlens.models import Adapter, adapt
 from attnlens.tolerances import check_tolerance, logit_tolerance
 
 __all__ = [
@@ -365,7 +365,7 @@ def _select_positions(positions: Any, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 @capture.one_at_a_time
 def decompose(
-    model: Any,
+    model: nn.Module | Adapter,
     input_ids: Any,
     attention_mask: Any = None,
     *,
@@ -379,7 +379,7 @@ def decompose(
     Each head's result ``z_h @ W_O[h]`` is computed at the chosen positions only.
 
     Args:
-        model: a supported GPT-2 model (any class; logits need one with a language-model head).
+        model: a supported GPT-2 model (any class; logits need one with a language-model head), or its Adapter.
         input_ids: ``[batch, pos]`` (or ``[pos]``) token ids.
         attention_mask: ``[batch, pos]`` of 1 (token) and 0 (padding), left or right padding.
         positions: which positions to decompose, counted among each row's real tokens under the mask: an int
@@ -394,8 +394,8 @@ def decompose(
 
     Raises:
         UnsupportedModelError: not a supported GPT-2 model, or one that attnlens refuses (see
-            :func:`attnlens.models.gpt2.sites`).
-        ValueError: bad inputs (see :func:`attnlens.models.gpt2.check_inputs`) or positions out of a row's range.
+            :func:`attnlens.models.adapt`).
+        ValueError: bad inputs (see :meth:`attnlens.models.Adapter.check_inputs`) or positions out of a row's range.
         AttentionCaptureError: a layer or the final norm never ran.
 
     Example:
@@ -405,16 +405,14 @@ def decompose(
     """
     if isinstance(model, (str, bytes, os.PathLike)):
         raise TypeError(f"decompose needs a loaded GPT-2 model, got the name or path {model!r}: load it first")
-    sites = gpt2.sites(model)
-    ids, mask, pos_ids = gpt2.check_inputs(model, input_ids, attention_mask, position_ids)
+    adapter = adapt(model)
+    sites = adapter.sites
+    ids, mask, pos_ids = adapter.check_inputs(input_ids, attention_mask, position_ids)
     columns, valid = _select_positions(positions, torch.ones_like(ids) if mask is None else mask)
-    config = gpt2.unwrap(model).config
-    n_layers, n_heads, d_model = config.n_layer, config.n_head, config.n_embd
-    d_head = d_model // n_heads
+    n_layers, n_heads, d_model = adapter.n_layers, adapter.n_heads, adapter.d_model
     names = component_names(n_layers, n_heads)
-    param = sites.embed.weight
     batch, n_sel = columns.shape
-    contributions = torch.empty((len(names), batch, n_sel, d_model), dtype=param.dtype, device=param.device)
+    contributions = torch.empty((len(names), batch, n_sel, d_model), dtype=adapter.dtype, device=adapter.device)
     captured: dict[str, Tensor] = {}
     seen: set[str] = set()
     gather_index = columns[:, :, None].expand(batch, n_sel, d_model)
@@ -432,12 +430,17 @@ def decompose(
     def heads(layer: int) -> Callable[[nn.Module, Any], None]:
         first = names.index(f"L{layer}H0")
 
-        def hook(module: Any, args: Any) -> None:
+        def hook(module: nn.Module, args: Any) -> None:
             z = rearrange(at_positions(args[0]), "batch pos (head d_head) -> batch pos head d_head", head=n_heads)
-            W_O = module.weight.view(n_heads, d_head, d_model)
-            result = einsum(z, W_O, "batch pos head d_head, head d_head d_model -> head batch pos d_model")
+            result = einsum(
+                z, adapter.W_O(layer), "batch pos head d_head, head d_head d_model -> head batch pos d_model"
+            )
             contributions[first : first + n_heads].copy_(result)
-            contributions[first + n_heads].copy_(module.bias.expand(batch, n_sel, d_model))
+            b_O = adapter.b_O(layer)
+            if b_O is None:
+                contributions[first + n_heads].zero_()
+            else:
+                contributions[first + n_heads].copy_(b_O.expand(batch, n_sel, d_model))
             seen.add(f"L{layer}.z")
 
         return hook
@@ -446,22 +449,27 @@ def decompose(
         captured["residual"] = at_positions(args[0])
         raise capture.StopForward
 
-    post = [(sites.embed, put(0, "embed")), (sites.pos_embed, put(1, "pos_embed"))]
+    post = [(sites.embed, put(0, "embed"))]
+    if sites.pos_embed is not None:
+        post.append((sites.pos_embed, put(1, "pos_embed")))
+    else:  # rotary architectures add no position term to the residual stream
+        contributions[1].zero_()
+        seen.add("pos_embed")
     post += [(s.mlp, put(names.index(f"L{i}.mlp"), f"L{i}.mlp")) for i, s in enumerate(sites.layers)]
     pre = [(s.z, heads(i)) for i, s in enumerate(sites.layers)] + [(sites.final_norm, final)]
 
     def forward() -> None:
         sites.run(input_ids=ids, attention_mask=mask, position_ids=pos_ids)
 
-    with capture.preserved(model), torch.no_grad(), capture.forward_hooks(post), capture.forward_hooks(pre, pre=True):
+    with capture.preserved(adapter), torch.no_grad(), capture.forward_hooks(post), capture.forward_hooks(pre, pre=True):
         capture.run_until(forward)
 
     expected = {"embed", "pos_embed", *(f"L{i}.{k}" for i in range(n_layers) for k in ("z", "mlp"))}
     missing = sorted(expected - seen) + ([] if "residual" in captured else ["final norm"])
     if missing:
         raise AttentionCaptureError(f"the forward pass never ran {', '.join(missing)}; nothing to decompose")
-    norm = sites.final_norm
-    norm_params = (norm.weight, norm.bias, float(norm.eps))
+    norm = adapter.final_norm()
+    norm_params = (norm.w, norm.b, norm.eps)
     unembed = None if sites.unembed is None else (sites.unembed.weight, sites.unembed.bias)
     return Decomposition(
         names=names,
@@ -473,5 +481,5 @@ def decompose(
         _norm=norm_params,
         _unembed=unembed,
         _versions=_versions(norm_params, unembed),
-        _model_class=type(gpt2.unwrap(model)).__name__,
+        _model_class=adapter.model_class,
     )

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from attnlens.models import gpt2
+from attnlens.models import Adapter, adapt, lock_key
 
 __all__ = [
     "StopForward",
@@ -49,9 +49,9 @@ _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyD
 _LOCKS_GUARD = threading.Lock()
 
 
-def model_lock(model: nn.Module) -> threading.RLock:
+def model_lock(model: nn.Module | Adapter) -> threading.RLock:
     """The re-entrant lock that attnlens holds while it runs or changes ``model`` (one per model, created once)."""
-    key = gpt2.lock_key(model)
+    key = lock_key(model.model if isinstance(model, Adapter) else model)
     with _LOCKS_GUARD:  # two threads asking for the first time must get the same lock
         lock = _LOCKS.get(key)
         if lock is None:
@@ -63,13 +63,14 @@ def one_at_a_time(function: Callable[P, R]) -> Callable[P, R]:
     """Decorate a function whose first argument (or ``model=``) is a model: hold that model's lock for the call.
 
     Calls on different models run in parallel; calls on one model run one after the other, each seeing the model as
-    its caller left it. Anything but an ``nn.Module`` (a checkpoint name, say) runs without a lock.
+    its caller left it. Anything but an ``nn.Module`` or an :class:`~attnlens.models.Adapter` (a checkpoint name,
+    say) runs without a lock.
     """
 
     @functools.wraps(function)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         model = args[0] if args else kwargs.get("model")
-        if not isinstance(model, nn.Module):
+        if not isinstance(model, (nn.Module, Adapter)):
             return function(*args, **kwargs)
         with model_lock(model):
             return function(*args, **kwargs)
@@ -96,7 +97,7 @@ class _OwnHook:
 
 @contextlib.contextmanager
 def forward_hooks(
-    hooks: Iterable[tuple[Any, Hook]], *, with_kwargs: bool = False, pre: bool = False, intervening: bool = False
+    hooks: Iterable[tuple[nn.Module, Hook]], *, with_kwargs: bool = False, pre: bool = False, intervening: bool = False
 ) -> Iterator[None]:
     """Register forward (or forward-pre) hooks for the duration of a ``with`` block; always removed after.
 
@@ -138,7 +139,9 @@ def intervening(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def preserved(model: Any, *, eval_mode: bool = True, attn_implementation: str | None = None) -> Iterator[None]:
+def preserved(
+    model: nn.Module | Adapter, *, eval_mode: bool = True, attn_implementation: str | None = None
+) -> Iterator[None]:
     """Run a block with the model in eval mode (and optionally another attention kernel), then restore it.
 
     Holds the model's lock (:func:`model_lock`) throughout. Undoes exactly what it changed, also when the block
@@ -147,26 +150,28 @@ def preserved(model: Any, *, eval_mode: bool = True, attn_implementation: str | 
     user changes meanwhile from another thread is kept, except where it is the very flag attnlens restores.
 
     Args:
-        model: a supported GPT-2 model.
+        model: a supported model, or its :class:`~attnlens.models.Adapter`.
         eval_mode: put the model in eval mode (dropout off) for the block.
         attn_implementation: switch to this attention kernel for the block (e.g. ``"eager"``).
     """
+    adapter = adapt(model)
+    model = adapter.model
     with model_lock(model):
         # Hooks of enclosing blocks (an ablation the caller runs this call inside) stay; only new ones would be a bug.
         hooks_before = len(_own_hooks(model))
         switched = [m for m in model.modules() if m.training] if eval_mode else []
-        implementation = gpt2.attn_implementation(model)
+        implementation = adapter.attn_implementation()
         grad = torch.is_grad_enabled()
         try:
             for module in switched:  # what eval() does, on only the modules that need it
                 module.training = False
             if attn_implementation is not None:
-                gpt2.set_attn_implementation(model, attn_implementation)
+                adapter.set_attn_implementation(attn_implementation)
             yield
         finally:
             torch.set_grad_enabled(grad)
-            if attn_implementation is not None and gpt2.attn_implementation(model) == attn_implementation:
-                gpt2.set_attn_implementation(model, implementation)
+            if attn_implementation is not None and adapter.attn_implementation() == attn_implementation:
+                adapter.set_attn_implementation(implementation)
             for module in switched:
                 module.training = True
             if len(_own_hooks(model)) > hooks_before:  # pragma: no cover - a bug in attnlens if it ever fires

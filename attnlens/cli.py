@@ -14,11 +14,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from attnlens.errors import AttentionCaptureError
+
+if TYPE_CHECKING:
+    from attnlens.models import Adapter
 
 __all__ = ["main"]
 
@@ -43,17 +46,18 @@ def _check_device(name: str) -> None:
         raise ValueError(f"--device {name} is not usable on this machine ({reason})") from None
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(model, tokenizer or None) from the MODEL argument, or the demo checkpoint."""
+def _load(args: argparse.Namespace) -> tuple[Adapter, Any]:
+    """(the model's adapter, tokenizer or None) from the MODEL argument, or the demo checkpoint."""
+    from attnlens.models import adapt, load
+
     _check_device(args.device)
     dtype = _DTYPES[args.dtype]
     if args.model is None:
         from attnlens.demo import load_demo
 
-        return load_demo(dtype=dtype, device=args.device)
-    from attnlens.models import gpt2
-
-    model = gpt2.load(args.model, dtype=dtype, device=args.device)
+        demo, demo_tokenizer = load_demo(dtype=dtype, device=args.device)
+        return adapt(demo), demo_tokenizer
+    model = adapt(load(args.model, dtype=dtype, device=args.device))
     folder = Path(args.model)
     if folder.is_dir() and not any((folder / name).exists() for name in ("tokenizer.json", "vocab.json")):
         return model, None  # a weights-only folder: AutoTokenizer would build an empty tokenizer from the config
@@ -66,17 +70,15 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _inputs(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[torch.Tensor, list[str] | None]:
+def _inputs(args: argparse.Namespace, model: Adapter, tokenizer: Any) -> tuple[torch.Tensor, list[str] | None]:
     """Token ids ``[1, pos]`` from --ids or --text (checked against the model), and their strings if possible."""
-    from attnlens.models import gpt2
-
     if args.ids:
         ids = torch.tensor([args.ids])
     else:
         if tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer; pass token ids with --ids")
         ids = tokenizer(args.text, return_tensors="pt")["input_ids"]
-    gpt2.check_inputs(model, ids)  # ids out of the vocabulary or too many: a named error before the tokenizer's own
+    model.check_inputs(ids)  # ids out of the vocabulary or too many: a named error before the tokenizer's own
     tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist()) if tokenizer is not None else None
     return ids, tokens
 
@@ -91,28 +93,27 @@ def _gpt2_small() -> Any:
 
 def cmd_weights(args: argparse.Namespace) -> int:
     """Print the weight walk-through: config, embeddings, the fused q/k/v split and per-head shapes."""
-    from attnlens.models import extract_weights, gpt2
+    from attnlens.models import adapt, extract_weights
 
     if args.gpt2_small:
-        model, source = _gpt2_small(), "GPT-2-small-shaped model with seeded random weights (GPT2Config() defaults)"
+        model = adapt(_gpt2_small())
+        source = "GPT-2-small-shaped model with seeded random weights (GPT2Config() defaults)"
     else:
         model, _ = _load(args)
         source = args.model or "the embedded demo checkpoint"
     w = extract_weights(model)
-    c = model.config
     if not 0 <= args.layer < w.n_layers:
         raise ValueError(f"--layer must lie in [0, {w.n_layers}), got {args.layer}")
     layer = w.layers[args.layer]
     lines = [
-        f"model: {source} ({type(model).__name__}, {c._attn_implementation} attention, {w.dtype})",
-        f"config: n_layer={c.n_layer} n_head={c.n_head} n_embd={c.n_embd} n_positions={c.n_positions} "
-        f"vocab_size={c.vocab_size} activation={c.activation_function}",
+        f"model: {source} ({type(model.model).__name__}, {model.kernel} attention, {w.dtype})",
+        *model.describe(),
         f"W_E (token embedding)    {list(w.W_E.shape)}  = {w.W_E.numel():,} parameters",
         f"W_pos (position embed.)  {list(w.W_pos.shape)}  = {w.W_pos.numel():,} parameters",
-        *gpt2.layout_lines(model, w, args.layer),
+        *model.layout_lines(w, args.layer),
         f"heads: {w.n_heads} per layer, d_head = {w.d_model} / {w.n_heads} = {w.d_head}; "
         f"scale 1/sqrt(d_head) = {layer.scale:.6g}",
-        f"total parameters: {sum(p.numel() for p in model.parameters()):,}"
+        f"total parameters: {sum(p.numel() for p in model.model.parameters()):,}"
         + (" (W_U is tied to W_E)" if w.W_U is not None and w.W_U.data_ptr() == w.W_E.data_ptr() else ""),
     ]
     print("\n".join(lines))
@@ -183,7 +184,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load(args)
     ids, _ = _inputs(args, model, tokenizer)
-    n_layers = model.config.n_layer
+    n_layers = model.n_layers
     if args.layer is not None and not 0 <= args.layer < n_layers:
         raise ValueError(f"--layer must lie in [0, {n_layers}), got {args.layer}")
     labels = viz.token_texts(tokenizer, ids[0]) if tokenizer is not None else [str(i) for i in ids[0].tolist()]
@@ -244,9 +245,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     # Checked here too, so that the message names the options (scan itself says "layers" / "heads").
     if layers is not None:
-        check_indices(layers, model.config.n_layer, "--layers")
+        check_indices(layers, model.n_layers, "--layers")
     if heads is not None:
-        check_indices(heads, model.config.n_head, "--heads")
+        check_indices(heads, model.n_heads, "--heads")
     if args.data is None:
         from attnlens.demo.train import make_corpus
 

@@ -27,11 +27,10 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
 
 import torch
 from einops import einsum
-from torch import Tensor
+from torch import Tensor, nn
 
 from attnlens._detection import (
     check_flag,
@@ -43,8 +42,7 @@ from attnlens._detection import (
     score_keys,
     token_keys,
 )
-from attnlens.errors import UnsupportedModelError
-from attnlens.models import gpt2
+from attnlens.models import Adapter, adapt
 from attnlens.trace import AttentionTrace, trace
 
 __all__ = [
@@ -221,14 +219,12 @@ def _induction_on_trace(tr: AttentionTrace, input_ids: Tensor | None, excluded_o
     return score_keys(tr, keys, excluded_keys(valid, *excluded_opts), "the induction score")
 
 
-def _bos_token_id(model: Any) -> int:
+def _bos_token_id(adapter: Adapter) -> int:
     """The id that ``prepend_bos`` puts first: the config's bos token, else its eos token (GPT-2: 50256)."""
-    config = model.config
-    for name in ("bos_token_id", "eos_token_id"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            if not 0 <= value < int(config.vocab_size):
-                raise ValueError(f"the config's {name} {value} is outside the vocabulary (size {config.vocab_size})")
+    for name, value in (("bos_token_id", adapter.bos_token_id), ("eos_token_id", adapter.eos_token_id)):
+        if value is not None:
+            if not 0 <= value < adapter.d_vocab:
+                raise ValueError(f"the config's {name} {value} is outside the vocabulary (size {adapter.d_vocab})")
             return value
     raise ValueError(
         "prepend_bos=True needs a beginning-of-sequence token, but the model's config has no integer bos_token_id "
@@ -237,9 +233,9 @@ def _bos_token_id(model: Any) -> int:
 
 
 def _induction_on_repeats(
-    model: Any, seq_len: int | None, batch: int, seed: int, prepend_bos: bool, excluded_opts: tuple[bool, bool]
+    adapter: Adapter, seq_len: int | None, batch: int, seed: int, prepend_bos: bool, excluded_opts: tuple[bool, bool]
 ) -> Tensor:
-    n_ctx = int(model.config.n_positions)
+    n_ctx = adapter.n_ctx
     extra = int(prepend_bos)
     most = (n_ctx - extra) // 2
     seq_len = min(50, most) if seq_len is None else int(seq_len)
@@ -248,13 +244,13 @@ def _induction_on_repeats(
         raise ValueError(f"seq_len must be in [2, {most}] ({fit} must fit n_ctx={n_ctx}), got {seq_len}")
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
-    bos = _bos_token_id(model) if prepend_bos else None
+    bos = _bos_token_id(adapter) if prepend_bos else None
     generator = torch.Generator().manual_seed(seed)
-    half = torch.randint(0, int(model.config.vocab_size), (batch, seq_len), generator=generator)
+    half = torch.randint(0, adapter.d_vocab, (batch, seq_len), generator=generator)
     parts = [half, half] if bos is None else [torch.full((batch, 1), bos, dtype=half.dtype), half, half]
     ids = torch.cat(parts, dim=-1)
     # An explicit mask with the bos: GPT-2's bos id is also its pad id, and transformers would warn of padding.
-    tr = trace(model, ids) if bos is None else trace(model, ids, torch.ones_like(ids))
+    tr = trace(adapter, ids) if bos is None else trace(adapter, ids, torch.ones_like(ids))
     if any(excluded_opts):
         # The target as keys: query i = extra + L + r of the second half, key i - L + 1 = r + extra + 1.
         keys = torch.zeros(batch, tr.n_pos, tr.n_pos, dtype=torch.bool, device=tr.attention_mask.device)
@@ -273,7 +269,7 @@ def _induction_on_repeats(
 
 
 def induction_scores(
-    source: AttentionTrace | Any,
+    source: AttentionTrace | nn.Module | Adapter,
     input_ids: Tensor | None = None,
     *,
     seq_len: int | None = None,
@@ -330,21 +326,17 @@ def induction_scores(
     if isinstance(source, (str, os.PathLike)):
         raise TypeError(
             f"induction_scores takes a trace or a loaded GPT-2 model, got the name or path {os.fspath(source)!r}: "
-            "load it first, e.g. attnlens.models.gpt2.load(path)"
+            "load it first, e.g. attnlens.models.load(path)"
         )
     if isinstance(source, Tensor):
         raise TypeError(
             "induction_scores takes a trace or a GPT-2 model, got a tensor: wrap patterns "
             "[layer, batch, head, q_pos, k_pos] with attnlens.AttentionTrace.from_patterns(patterns, input_ids=...)"
         )
-    if not gpt2.is_gpt2(source):
-        raise UnsupportedModelError(
-            f"induction_scores takes an AttentionTrace or a Hugging Face GPT-2 model, got "
-            f"{type(source).__module__}.{type(source).__qualname__}; supported: {', '.join(gpt2.SUPPORTED_CLASSES)}"
-        )
+    adapter = adapt(source)  # refuses anything but a supported model, naming the supported classes
     if input_ids is not None:
         raise ValueError("input_ids applies to a trace; on a model, the test draws its own tokens")
-    return _induction_on_repeats(source, seq_len, batch, seed, prepend_bos, excluded_opts)
+    return _induction_on_repeats(adapter, seq_len, batch, seed, prepend_bos, excluded_opts)
 
 
 def pattern_scores(

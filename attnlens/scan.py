@@ -1,8 +1,8 @@
 """scan(): per-head attention statistics over a whole corpus, streamed, resumable, and torch.distributed-aware.
 
 The corpus is tokenized and packed into windows (:mod:`attnlens.scan_data`), run through the model in batches, and
-each scanned layer's pattern is computed inside a hook on its fused q/k/v projection, exactly as :func:`attnlens.trace`
-computes it, then reduced at once to per-head sums: no pattern outlives its layer. Per batch, the sums, sums of
+each scanned layer's pattern, from the pattern tap (:mod:`attnlens.patterns`) exactly as :func:`attnlens.trace` gets
+it, is reduced at once to per-head sums: no pattern outlives its layer. Per batch, the sums, sums of
 squares and row counts are taken in float64, and the per-batch sums are added in global batch order, so the result is
 the same bit for bit whatever the number of processes (given the same device type, torch build and thread count per
 process) and whether or not the scan was interrupted and resumed.
@@ -28,15 +28,14 @@ import torch
 from einops import einsum
 from torch import Tensor, nn
 
-from attnlens import capture, functional
+from attnlens import capture
 from attnlens._detection import token_keys
 from attnlens._indices import check_indices
-from attnlens.errors import AttentionCaptureError
-from attnlens.models import gpt2
+from attnlens.models import Adapter, adapt
+from attnlens.patterns import Sink, Tap, Wants, kernel_specs
 from attnlens.scan_data import Packer
 from attnlens.scan_result import SCORE_NAMES, ScanResult
 from attnlens.scan_state import Group, Progress, check_checkpoint, save_checkpoint, weights_sha256
-from attnlens.trace import _config_sha256, _kernel_specs, _masked_scores, _provenance, _softmax_into
 
 __all__ = ["SCORE_NAMES", "ScanResult", "scan"]
 
@@ -142,9 +141,31 @@ def _rounds(batches: Iterator[Tensor], size: int) -> Iterator[list[Tensor]]:
         yield round_
 
 
+class _Sums(Sink):
+    """Reduces each layer's pattern of one batch to per-head sums as it comes (no pattern outlives its layer)."""
+
+    def __init__(self, layers: tuple[int, ...], scores: tuple[str, ...], shape: tuple[int, ...]) -> None:
+        self.slots = {layer: slot for slot, layer in enumerate(layers)}
+        self.score_list, self.shape = scores, shape
+        self.keys: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))
+        self.sums = torch.zeros(shape, dtype=torch.float64)
+        self.counts = torch.zeros(len(scores), dtype=torch.float64)
+
+    def start(self, ids: Tensor) -> None:
+        self.keys = token_keys(ids)
+        self.sums = torch.zeros(self.shape, dtype=torch.float64)
+
+    def pattern(self, layer: int, pattern: Tensor) -> None:
+        duplicate, induction = self.keys
+        values = row_values(pattern, duplicate, induction, self.score_list)
+        self.sums[:, :, self.slots[layer]] = batch_sums(values).cpu()
+        # The rows that qualify depend on the tokens only: the same in every layer.
+        self.counts = torch.stack([rows.sum() for _, rows in values]).to(torch.float64).cpu()
+
+
 @capture.one_at_a_time
 def scan(
-    model: Any,
+    model: nn.Module | Adapter,
     data: Any,
     *,
     tokenizer: Any = None,
@@ -173,7 +194,7 @@ def scan(
     (each process's model on its own device).
 
     Args:
-        model: a Hugging Face GPT-2 model of any supported class (left exactly as found).
+        model: a Hugging Face GPT-2 model of any supported class (left exactly as found), or its Adapter.
         data: a path to a ``.txt`` (blank-line-separated documents) or ``.jsonl`` file, an iterable of texts, of
             token-id sequences, or of dict rows (a Hugging Face ``datasets`` Dataset); see :mod:`attnlens.scan_data`.
         tokenizer: tokenizes texts; its ``eos_token_id`` separates documents (else the config's ``eos_token_id``).
@@ -197,39 +218,31 @@ def scan(
             checkpoint written for other arguments, another model or other data (named).
         UnsupportedModelError: as :func:`attnlens.trace`.
     """
-    sites = gpt2.sites(model)
-    gpt2.check_kernel(model)
-    config = model.config
+    adapter = adapt(model)
+    adapter.check_kernel()
     score_list = SCORE_NAMES if scores is None else tuple(s for s in SCORE_NAMES if s in set(scores))
     unknown = sorted(set(SCORE_NAMES if scores is None else scores) - set(SCORE_NAMES))
     if unknown or not score_list:
         raise ValueError(f"unknown or no score names {unknown}; choose from {', '.join(SCORE_NAMES)}")
-    seq_len = int(config.n_positions) if seq_len is None else seq_len
+    seq_len = adapter.n_ctx if seq_len is None else seq_len
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if seq_len < 2 or seq_len > config.n_positions:
-        raise ValueError(f"seq_len must lie in [2, {config.n_positions}] (n_ctx), got {seq_len}")
+    if seq_len < 2 or seq_len > adapter.n_ctx:
+        raise ValueError(f"seq_len must lie in [2, {adapter.n_ctx}] (n_ctx), got {seq_len}")
     max_windows = None
     if max_tokens is not None:
         max_windows = int(max_tokens) // seq_len
         if max_windows < 1:
             raise ValueError(f"max_tokens={max_tokens} is less than one window of seq_len={seq_len} tokens")
-    layer_list = check_indices(layers, config.n_layer, "layers")
-    head_list = check_indices(heads, config.n_head, "heads")
+    layer_list = check_indices(layers, adapter.n_layers, "layers")
+    head_list = check_indices(heads, adapter.n_heads, "heads")
     eot = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    eot = config.eos_token_id if eot is None else eot
+    eot = adapter.eos_token_id if eot is None else eot
     if eot is None:
         raise ValueError("no end-of-text token id: neither the tokenizer nor the model config has an eos_token_id")
 
-    device = sites.embed.weight.device
-    n_head = config.n_head
-    specs = _kernel_specs(model, sites, stacklevel=3, caller="scan")
-    contiguous_k = bool(getattr(config, "use_cache", False))
-    blocked = ~functional.causal_mask(seq_len, device=device)
-    head_index = None if head_list == tuple(range(n_head)) else torch.tensor(head_list, device=device)
-    slots = {layer: slot for slot, layer in enumerate(layer_list)}
-    last = max(layer_list)
+    specs = kernel_specs(adapter, caller="scan", stacklevel=3)
     arguments = {
         "scores": list(score_list),
         "seq_len": seq_len,
@@ -246,7 +259,7 @@ def scan(
     position = n_windows = 0  # batches and windows added to `total`
     data_hash = hashlib.sha256()
 
-    group = Group(device)
+    group = Group(adapter.device)
     report = Progress(progress and group.rank == 0, None if max_windows is None else max_windows * seq_len)
     try:
         fingerprint = {}
@@ -255,7 +268,7 @@ def scan(
             checkpoint = os.fspath(checkpoint)
             fingerprint = {
                 "arguments": hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest(),
-                "model": f"{_config_sha256(config)}:{weights_sha256(model)}",
+                "model": f"{adapter.config_sha256}:{weights_sha256(adapter.model)}",
             }
             text = None
             if group.rank == 0 and os.path.exists(checkpoint):
@@ -266,73 +279,14 @@ def scan(
                 saved = check_checkpoint(text, checkpoint, fingerprint, (total.numel(), count.numel()))
                 report.note(f"resuming from {checkpoint} after batch {saved['position']}")
 
-        state: dict[str, Any] = {}
-        done: set[int] = set()
-
-        # An eager kernel hands each layer's pattern out (bitwise what scan computes; see gpt2.kernel_pattern): read it
-        # there, except at the last layer, where the forward stops at the projection (one pattern costs less to compute
-        # than that layer's kernel). The projection is kept until then, should a kernel not hand it out.
-        from_kernel = {layer for layer in layer_list if sites.kernel_returns_pattern and layer != last}
-        fused: dict[int, Tensor] = {}
-
-        def reduce(layer: int, pattern: Tensor) -> None:
-            duplicate, induction = state["keys"]
-            values = row_values(pattern, duplicate, induction, score_list)
-            state["sums"][:, :, slots[layer]] = batch_sums(values).cpu()
-            # The rows that qualify depend on the tokens only: the same in every layer.
-            state["counts"] = torch.stack([rows.sum() for _, rows in values]).to(torch.float64).cpu()
-            done.add(layer)
-
-        def computed(layer: int, projection: Tensor) -> Tensor:
-            q, k, _ = gpt2.split_qkv(projection, n_head)
-            if head_index is not None:
-                q, k = q.index_select(1, head_index), k.index_select(1, head_index)
-            scores_ = _masked_scores(q, k, specs[layer], blocked, contiguous_k=contiguous_k)
-            pattern = torch.empty(scores_.shape, dtype=projection.dtype, device=scores_.device)
-            _softmax_into(scores_, pattern, None)
-            return pattern
-
-        def on_qkv(layer: int) -> Any:
-            def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-                if layer in from_kernel:
-                    fused[layer] = output
-                    return
-                reduce(layer, computed(layer, output))
-                if layer == last:
-                    raise capture.StopForward
-
-            return hook
-
-        def on_attn(layer: int) -> Any:
-            def hook(module: nn.Module, args: Any, output: Any) -> None:
-                projection = fused.pop(layer)
-                pattern = gpt2.kernel_pattern(output)
-                if pattern is not None and tuple(pattern.shape) != (projection.shape[0], n_head, seq_len, seq_len):
-                    pattern = None  # not the pattern of these inputs: never use what is not known to be it
-                if pattern is None:
-                    pattern = computed(layer, projection)
-                elif head_index is not None:
-                    pattern = pattern.index_select(1, head_index)
-                reduce(layer, pattern)
-
-            return hook
+        sink = _Sums(layer_list, score_list, shape)
+        tap = Tap(adapter, layer_list, head_list, sink, Wants(), specs)
 
         def run_batch(ids: Tensor) -> Tensor:
-            ids, _, _ = gpt2.check_inputs(model, ids)
-            state["keys"] = token_keys(ids)
-            state["sums"] = torch.zeros(shape, dtype=torch.float64)
-            done.clear()
-            fused.clear()
-            capture.run_until(
-                lambda: sites.run(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),  # windows are full; said, so the model does not warn
-                    use_cache=contiguous_k,
-                )
-            )
-            if done != set(layer_list):
-                raise AttentionCaptureError(f"layers {sorted(set(layer_list) - done)} never ran their attention")
-            return torch.cat([state["sums"].flatten(), state["counts"]])
+            ids, _, _ = adapter.check_inputs(ids)
+            sink.start(ids)
+            tap.run(ids, torch.ones_like(ids))  # windows are full; said, so the model does not warn
+            return torch.cat([sink.sums.flatten(), sink.counts])
 
         packer = Packer(seq_len, batch_size, int(eot), tokenizer, max_windows)
         batches = packer.batches(data, text_field, encoding)
@@ -354,9 +308,7 @@ def scan(
 
         last_saved, last_time = position, time.perf_counter()
         split = total.numel()
-        hooks = [(sites.layers[i].qkv, on_qkv(i)) for i in layer_list]
-        hooks += [(sites.layers[i].attn, on_attn(i)) for i in sorted(from_kernel)]
-        with capture.preserved(model), torch.no_grad(), capture.forward_hooks(hooks):
+        with capture.preserved(adapter), torch.no_grad(), tap.hooked():
             for round_ in _rounds(batches, group.size):
                 # Every process joins every gather, also one whose batch failed: the others would wait for it forever.
                 # The last entry flags a failure; then every process stops, the failed one with its own error.
@@ -402,7 +354,7 @@ def scan(
 
     mean, stderr = _finish(total, count)
     provenance = {
-        **_provenance(model, sites),
+        **adapter.provenance(),
         "scan": arguments,
         "data_sha256": data_hash.hexdigest(),
         "documents": packer.n_documents,

@@ -1,7 +1,7 @@
 """Prove that attnlens's numbers are the model's own: recompute attention from extracted weights and compare.
 
-:func:`verify` runs a GPT-2 model on some tokens, captures what each attention module really computed (its input,
-its fused q/k/v, the merged head outputs ``z`` entering its output projection, its output, and the attention
+:func:`verify` runs a model on some tokens, captures what each attention module really computed (its input,
+its q/k/v, the merged head outputs ``z`` entering its output projection, its output, and the attention
 probabilities from the model's eager kernel), recomputes the same quantities with :mod:`attnlens.functional` from a
 :class:`~attnlens.weights.ModelWeights`, rebuilds the whole forward pass from those weights alone, and reports the
 largest error of every quantity per layer and head against a per-dtype tolerance.
@@ -36,8 +36,8 @@ from attnlens import functional
 from attnlens._indices import index_list
 from attnlens.capture import forward_hooks, intervening, one_at_a_time, preserved
 from attnlens.errors import AttentionCaptureError
-from attnlens.models import extract_weights, gpt2
-from attnlens.models.gpt2_config import unknown_keys
+from attnlens.models import QKV, Adapter, AttentionSpec, Sites, adapt, extract_weights, load
+from attnlens.patterns import masked_scores, qkv_hooks
 from attnlens.report import _PER_HEAD, VerificationReport, VerificationRow
 from attnlens.tolerances import (
     _ACCUMULATOR,
@@ -116,7 +116,7 @@ class _Capture:
     """What one forward pass of the model computed (tensors keyed by layer)."""
 
     attn_in: dict[int, Tensor] = field(default_factory=dict)
-    qkv: dict[int, Tensor] = field(default_factory=dict)
+    qkv: dict[int, QKV] = field(default_factory=dict)
     z: dict[int, Tensor] = field(default_factory=dict)
     attn_out: dict[int, Tensor] = field(default_factory=dict)
     weights: dict[int, Tensor] = field(default_factory=dict)
@@ -136,16 +136,16 @@ class _Capture:
         return self.patterns[layer]
 
 
-def _hooks(sites: gpt2.Sites, layers: tuple[int, ...], store: _Capture) -> Iterator[Any]:
-    """Forward hooks that save each traced layer's attention input, fused qkv and output, and the final hidden.
+def _hooks(sites: Sites, layers: tuple[int, ...], store: _Capture) -> Iterator[Any]:
+    """Forward hooks that save each traced layer's attention input and output, and the final hidden state.
 
     The attention output hook also keeps the probabilities the module returns beside its output (what
     ``output_attentions`` collects), when its kernel returns them.
     """
 
-    def save(table: dict[int, Tensor], layer: int) -> Any:
+    def save_input(layer: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            table[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+            store.attn_in[layer] = (output[0] if isinstance(output, tuple) else output).detach()
 
         return hook
 
@@ -162,13 +162,12 @@ def _hooks(sites: gpt2.Sites, layers: tuple[int, ...], store: _Capture) -> Itera
 
     for layer in layers:
         site = sites.layers[layer]
-        yield site.attn_input, save(store.attn_in, layer)
-        yield site.qkv, save(store.qkv, layer)
+        yield site.attn_input, save_input(layer)
         yield site.attn, save_attn(layer)
     yield sites.final_norm, save_final
 
 
-def _z_hooks(sites: gpt2.Sites, layers: tuple[int, ...], store: _Capture) -> Iterator[Any]:
+def _z_hooks(sites: Sites, layers: tuple[int, ...], store: _Capture) -> Iterator[Any]:
     """Forward-pre hooks that save the input of each traced output projection: the heads' outputs, merged."""
 
     def save(layer: int) -> Any:
@@ -182,7 +181,7 @@ def _z_hooks(sites: gpt2.Sites, layers: tuple[int, ...], store: _Capture) -> Ite
 
 
 def _run(
-    model: nn.Module,
+    adapter: Adapter,
     ids: Tensor,
     mask: Tensor | None,
     pos: Tensor | None,
@@ -194,11 +193,20 @@ def _run(
 
     The attention probabilities come from the attention modules' own second output, which is where
     ``output_attentions`` collects them; asking for them that way instead would make transformers 5.x install
-    recording hooks on the model for good (:meth:`~attnlens.models.gpt2.Sites.run` makes every output switch explicit).
+    recording hooks on the model for good (:meth:`~attnlens.models.Sites.run` makes every output switch explicit).
     """
-    sites = gpt2.sites(model)  # type: ignore[arg-type]
+    sites = adapter.sites
     store = _Capture()
-    with forward_hooks(_hooks(sites, layers, store)), forward_hooks(_z_hooks(sites, layers, store), pre=True):
+
+    def save_qkv(layer: int, qkv: QKV) -> None:
+        store.qkv[layer] = QKV(*(x.detach() for x in qkv))
+
+    on_qkv, rotations = qkv_hooks(adapter, layers, save_qkv)
+    with (
+        forward_hooks(rotations, pre=True, with_kwargs=True),
+        forward_hooks([*_hooks(sites, layers, store), *on_qkv]),
+        forward_hooks(_z_hooks(sites, layers, store), pre=True),
+    ):
         sites.run(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
     missing = [
         f"{name} of layer {layer}"
@@ -211,23 +219,21 @@ def _run(
     if missing:
         raise AttentionCaptureError(f"the forward pass did not reach every traced module: missing {', '.join(missing)}")
     if patterns:
-        store.patterns = _check_attentions(store.weights, model, ids.shape, layers)
+        store.patterns = _check_attentions(store.weights, adapter, ids.shape, layers)
     return store
 
 
 def _check_attentions(
-    attentions: dict[int, Tensor], model: Any, shape: torch.Size, layers: tuple[int, ...]
+    attentions: dict[int, Tensor], adapter: Adapter, shape: torch.Size, layers: tuple[int, ...]
 ) -> dict[int, Tensor]:
     """The model's attention probabilities per layer, after checking that they are there and of the right shape."""
-    config = model.config
-    implementation = gpt2.attn_implementation(model)
     missing = [layer for layer in layers if layer not in attentions]
     if missing:
         raise AttentionCaptureError(
             f"the attention modules of layers {missing} returned no attention probabilities under "
-            f"attn_implementation={implementation!r}"
+            f"attn_implementation={adapter.attn_implementation()!r}"
         )
-    expected = (shape[0], config.n_head, shape[1], shape[1])
+    expected = (shape[0], adapter.n_heads, shape[1], shape[1])
     for layer in layers:
         pattern = attentions[layer]
         if tuple(pattern.shape) != expected:
@@ -246,12 +252,22 @@ def _mlp(x: Tensor, layer: LayerWeights) -> Tensor:
     return functional.ACTIVATIONS[mlp.act](x @ mlp.W_in + mlp.b_in) @ mlp.W_out + mlp.b_out
 
 
-def _rebuild(weights: ModelWeights, ids: Tensor, pos: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The whole forward pass from the weights alone: final hidden state ``[batch, pos, d_model]`` and logits."""
+def _rebuild(
+    weights: ModelWeights, ids: Tensor, pos: Tensor, allowed: Tensor, *, parallel_residual: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """The whole forward pass from the weights alone: final hidden state ``[batch, pos, d_model]`` and logits.
+
+    With ``parallel_residual`` (see :attr:`attnlens.models.Adapter.parallel_residual`) each block's attention and
+    MLP read the same residual stream, and both outputs are added to it.
+    """
     residual = weights.W_E[ids] + weights.W_pos[pos]
     for layer in weights.layers:
-        residual = residual + functional.attention(_layer_norm(residual, layer.ln_1), layer, allowed).output
-        residual = residual + _mlp(_layer_norm(residual, layer.ln_2), layer)
+        attn_out = functional.attention(_layer_norm(residual, layer.ln_1), layer, allowed).output
+        if parallel_residual:
+            residual = residual + attn_out + _mlp(_layer_norm(residual, layer.ln_2), layer)
+        else:
+            residual = residual + attn_out
+            residual = residual + _mlp(_layer_norm(residual, layer.ln_2), layer)
     hidden = _layer_norm(residual, weights.ln_f)
     if weights.W_U is None:
         return hidden, None
@@ -259,17 +275,18 @@ def _rebuild(weights: ModelWeights, ids: Tensor, pos: Tensor, allowed: Tensor) -
     return hidden, logits if weights.b_U is None else logits + weights.b_U
 
 
-def _hf_order_pattern(fused: Tensor, layer: LayerWeights, n_heads: int, allowed: Tensor) -> Tensor:
+def _hf_order_pattern(qkv: QKV, layer: LayerWeights, n_kv_heads: int, allowed: Tensor) -> Tensor:
     """The pattern from the model's own q and k, in the arithmetic order of the installed transformers' eager kernel.
 
-    HF eager scales the scores in its own order (``layer.score_divisors`` / ``layer.upcast``), adds a mask holding the
-    dtype's most negative value, and soft-maxes in the scores' own dtype (half scores stay half, unlike
-    :func:`attnlens.functional.masked_softmax`). Masked entries come out exactly 0 either way; ``-inf`` gives the same
-    row maximum and sums, so the allowed entries match bit for bit.
+    The scores are the pattern tap's (:func:`attnlens.patterns.masked_scores`), with the layer's spec as the weights
+    carry it: HF eager scales the scores in its own order (``layer.score_divisors`` / ``layer.upcast``) and masks
+    with the dtype's most negative value, where ``-inf`` is used here: that gives the same row maximum and sums, so the
+    allowed entries match bit for bit. They are soft-maxed in their own dtype (half scores stay half, unlike
+    :func:`attnlens.functional.masked_softmax` and the tap).
     """
-    q, k, v = gpt2.split_qkv(fused, n_heads)
-    scores = functional.attention_scores(q, k, layer.scale, upcast=layer.upcast, divisors=layer.score_divisors)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    q, k, v = qkv
+    spec = AttentionSpec(layer.scale, q.shape[1], n_kv_heads, upcast=layer.upcast, divisors=layer.score_divisors)
+    scores = masked_scores(q, k, spec, ~allowed, contiguous_k=False)
     return torch.softmax(scores, dim=-1).to(v.dtype)
 
 
@@ -288,29 +305,21 @@ def _compare(reference: Tensor, recomputed: Tensor, keep: Tensor, head_dim: int 
     return out
 
 
-def _notes(model: Any, implementation: str) -> tuple[str, ...]:
+def _notes(adapter: Adapter) -> tuple[str, ...]:
     """Known departures of the model's own kernel from its config, to explain failures before anyone hunts for them."""
     notes = []
-    unknown = unknown_keys(model.config)
-    if unknown:
+    if adapter.unknown_config_keys:
         notes.append(
-            f"config key(s) of unknown effect: {', '.join(unknown)}; attnlens does not know what they change, so this "
-            "report is the evidence that its numbers are the model's on these inputs"
+            f"config key(s) of unknown effect: {', '.join(adapter.unknown_config_keys)}; attnlens does not know what "
+            "they change, so this report is the evidence that its numbers are the model's on these inputs"
         )
-    if gpt2.kernel_ignores_scale_flags(model):
+    notes += adapter.notes()
+    if adapter.kernel not in adapter.exact_kernels:
         notes.append(
-            f"this transformers release runs the {implementation!r} kernel without the config's attention scale "
-            "(scale_attn_weights / scale_attn_by_inverse_layer_idx): the model computes other attention than its "
-            "config says, so z and attn_out are expected to fail where the scale is not 1/sqrt(d_head)"
+            f"the {adapter.kernel!r} kernel is not one attnlens has been shown to reproduce "
+            f"({', '.join(adapter.exact_kernels)}): z and attn_out compare what it computed with softmax attention, "
+            "and fail where it computes something else"
         )
-    if implementation not in gpt2.EXACT_KERNELS:
-        notes.append(
-            f"the {implementation!r} kernel is not one attnlens has been shown to reproduce "
-            f"({', '.join(gpt2.EXACT_KERNELS)}): z and attn_out compare what it computed with softmax attention, and "
-            "fail where it computes something else"
-        )
-    if model.config.reorder_and_upcast_attn and implementation != "eager":
-        notes.append(f"reorder_and_upcast_attn only affects the eager kernel; the {implementation!r} kernel ignores it")
     return tuple(notes)
 
 
@@ -324,7 +333,7 @@ def _versions() -> dict[str, str]:
 
 @one_at_a_time
 def verify(
-    model: Any,
+    model: nn.Module | Adapter | str | os.PathLike[str],
     input_ids: Tensor | Any,
     attention_mask: Tensor | Any | None = None,
     position_ids: Tensor | Any | None = None,
@@ -343,7 +352,7 @@ def verify(
     runs meanwhile (which sees eager attention while a non-eager model's patterns are taken, though).
 
     Args:
-        model: a Hugging Face GPT-2 model (any supported class), or a hub name / local folder of one.
+        model: a Hugging Face GPT-2 model (any supported class, or its Adapter), or a hub name / local folder of one.
         input_ids: ``[batch, pos]`` (or ``[pos]``) token ids.
         attention_mask: ``[batch, pos]``, 1 for tokens and 0 for padding (left or right).
         position_ids: ``[batch, pos]`` positions, passed to the model as given (default ``0..pos-1``).
@@ -363,31 +372,31 @@ def verify(
         RuntimeError: called inside an :func:`attnlens.ablate` block in the same thread.
     """
     if isinstance(model, (str, os.PathLike)):
-        model = gpt2.load(os.fspath(model))
-    gpt2.base_model(model)  # refuses anything but a supported GPT-2, before touching it
-    if intervening(model):
+        model = load(os.fspath(model))
+    adapter = adapt(model)  # refuses anything but a supported model, before touching it
+    if intervening(adapter.model):
         raise RuntimeError(
             "verify was called inside an attnlens.ablate block: the model then computes something its weights do not "
             "describe, and every ablated head would fail; call verify outside the block"
         )
-    ids, mask, pos = gpt2.check_inputs(model, input_ids, attention_mask, position_ids)
-    reference = extract_weights(model)
+    ids, mask, pos = adapter.check_inputs(input_ids, attention_mask, position_ids)
+    reference = extract_weights(adapter)
     if weights is None:
         weights = reference
     else:
         _check_weights(weights, reference)
     traced = _layers(layers, weights.n_layers)
     fixed = _overrides(weights.dtype, tolerances)
-    implementation = gpt2.attn_implementation(model)
+    implementation = adapter.kernel
 
-    with preserved(model), torch.no_grad():
-        own = _run(model, ids, mask, pos, traced, patterns=implementation == "eager")
+    with preserved(adapter), torch.no_grad():
+        own = _run(adapter, ids, mask, pos, traced, patterns=implementation == "eager")
         if own.patterns is None:
-            with preserved(model, attn_implementation="eager"):
-                eager = _run(model, ids, mask, pos, traced, patterns=True)
+            with preserved(adapter, attn_implementation="eager"):
+                eager = _run(adapter, ids, mask, pos, traced, patterns=True)
         else:
             eager = own
-        unembed = gpt2.sites(model).unembed
+        unembed = adapter.sites.unembed
         own_logits = unembed(own.final()) if unembed is not None and weights.W_U is not None else None
 
         batch, n_pos = ids.shape
@@ -419,22 +428,22 @@ def verify(
         name = _dtype_name(weights.dtype)
         u, u_acc = UNIT_ROUNDOFF[name], UNIT_ROUNDOFF[_ACCUMULATOR[name]]
         base = derived_tolerances(weights.dtype, weights.d_model, weights.d_head, weights.n_layers, n_pos)
-        bitwise = bitwise_guaranteed(model, weights.dtype, weights.device)
+        bitwise = bitwise_guaranteed(adapter.model, weights.dtype, weights.device)
         n_heads = weights.n_heads
         for index in traced:
             layer = weights.layers[index]
             mine = functional.attention(own.attn_in[index], layer, allowed)
-            q, k, v = gpt2.split_qkv(own.qkv[index], n_heads)
+            q, k, v = own.qkv[index]
             model_z = rearrange(own.z[index], "batch pos (head d_head) -> batch pos head d_head", head=n_heads)
             model_pattern = eager.pattern(index)
-            hf_order = _hf_order_pattern(eager.qkv[index], layer, n_heads, allowed)
+            hf_order = _hf_order_pattern(eager.qkv[index], layer, adapter.n_kv_heads, allowed)
             pattern = (
                 mine.pattern if eager is own else functional.attention(eager.attn_in[index], layer, allowed).pattern
             )
             # Derived per-head bounds (docs/verify.md): a score moves by about S * (relative error of q and k), with
             # S = scale * max|q| * max|k| / sqrt(d_head) from the model's own q and k; softmax passes at most that
             # to a probability; z inherits pattern and v errors times max|v| / max|z|.
-            q_eager, k_eager, _ = gpt2.split_qkv(eager.qkv[index], n_heads)
+            q_eager, k_eager, _ = eager.qkv[index]
             score_bound = (
                 abs(layer.scale) * _max_norm(q_eager, valid) * _max_norm(k_eager, valid) / math.sqrt(weights.d_head)
             )
@@ -452,16 +461,16 @@ def verify(
             add("attn_out", index, _compare(own.attn_out[index], mine.output, out_keep, None), base["attn_out"])
 
         positions = torch.arange(n_pos, device=ids.device).unsqueeze(0) if pos is None else pos
-        hidden, logits = _rebuild(weights, ids, positions, allowed)
+        hidden, logits = _rebuild(weights, ids, positions, allowed, parallel_residual=adapter.parallel_residual)
         add("hidden", None, _compare(own.final(), hidden, out_keep, None), base["hidden"])
         if own_logits is not None and logits is not None:
             add("logits", None, _compare(own_logits, logits, out_keep, None), base["logits"])
 
-    name = str(getattr(model.config, "_name_or_path", "") or "")
+    name = adapter.name
     return VerificationReport(
-        notes=_notes(model, implementation),
+        notes=_notes(adapter),
         rows=tuple(rows),
-        model=type(model).__name__ + (f" ({name})" if name else ""),
+        model=type(adapter.model).__name__ + (f" ({name})" if name else ""),
         dtype=_dtype_name(weights.dtype),
         device=str(weights.device),
         attn_implementation=implementation,

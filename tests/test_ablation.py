@@ -15,7 +15,6 @@ from einops import einsum
 
 import attnlens
 from attnlens import functional
-from attnlens.models import gpt2
 
 KERNELS = ("eager", "sdpa")
 # float32: the hand-written forward and the model's differ by rounding only (measured below 2e-6 on these models).
@@ -33,7 +32,7 @@ def _state(model: Any) -> tuple[Any, ...]:
     return (
         tuple(m.training for m in model.modules()),
         tuple(p.requires_grad for p in model.parameters()),
-        gpt2.attn_implementation(model),
+        model.config._attn_implementation,
         _hooks(model),
     )
 
@@ -87,7 +86,7 @@ def test_no_head_leaves_logits_bitwise_unchanged(kernel: str) -> None:
 def test_zero_every_head_of_a_layer_leaves_only_b_O(kernel: str) -> None:
     model = make_gpt2(attn_implementation=kernel, n_layer=3)
     ids = random_ids(model)
-    sites = gpt2.sites(model)
+    sites = attnlens.models.adapt(model).sites
     outputs: dict[int, torch.Tensor] = {}
 
     def keep(layer: int) -> Any:
@@ -222,7 +221,7 @@ def test_model_state_kept_and_gradients_flow() -> None:
         loss = model(ids, labels=ids).loss
         loss.backward()
     assert _state(model) == state
-    grad = gpt2.sites(model).layers[1].qkv.weight.grad
+    grad = attnlens.models.adapt(model).sites.layers[1].qkv[0].weight.grad
     assert grad is not None and bool(grad.abs().amax() > 0)
     importance = attnlens.head_importance(model, ids)
     assert _state(model) == state

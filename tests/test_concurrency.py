@@ -130,7 +130,7 @@ def test_a_users_concurrent_forward_is_untouched(attnlens_call: str) -> None:
 
 def test_hooks_act_only_in_the_thread_that_registered_them() -> None:
     model = make_gpt2(n_layer=2)
-    sites = attnlens.models.gpt2.sites(model)
+    sites = attnlens.models.adapt(model).sites
     seen: list[int] = []
 
     def stop(module: Any, args: Any, output: Any) -> None:
@@ -138,7 +138,7 @@ def test_hooks_act_only_in_the_thread_that_registered_them() -> None:
         raise capture.StopForward
 
     other: list[Any] = []
-    with capture.forward_hooks([(sites.layers[0].qkv, stop)]):
+    with capture.forward_hooks([(sites.layers[0].qkv[0], stop)]):
         thread = threading.Thread(target=lambda: other.append(model(random_ids(model)).logits))
         thread.start()
         thread.join()

@@ -107,10 +107,10 @@ def run_all(name: str, tmp_path: Path) -> None:
     ids, mask = inputs(small)
     for kernel in ("eager", "sdpa"):
         model = load(folder, small, kernel)
-        assert gpt2.attn_implementation(model) == kernel
+        assert model.config._attn_implementation == kernel
         weights = attnlens.extract_weights(model)
         assert (weights.n_layers, weights.n_heads, weights.d_head) == (N_LAYER, N_HEAD, D_HEAD)
-        if gpt2.kernel_ignores_scale_flags(model):
+        if attnlens.models.adapt(model).kernel_departure is not None:
             # transformers 4.x runs sdpa without the config's scale: trace warns and follows the kernel, and verify's
             # recomputation from the config's scale cannot match z and what follows (named in the report's notes).
             with pytest.warns(UserWarning, match="without the scale its attention modules ask for"):
@@ -129,7 +129,9 @@ def run_all(name: str, tmp_path: Path) -> None:
         if kernel == "eager":
             # An eager-run trace is bitwise the model's own output_attentions on the real tokens.
             with torch.no_grad():
-                base = gpt2.sites(model).base  # the base: some task heads break under return_dict=false in 5.x
+                base = attnlens.models.adapt(
+                    model
+                ).sites.base  # the base: some task heads break under return_dict=false in 5.x
                 own = base(input_ids=ids, attention_mask=mask, output_attentions=True, return_dict=True).attentions
             keep = mask.bool()[:, None, :, None] & mask.bool()[:, None, None, :]
             for layer in range(N_LAYER):

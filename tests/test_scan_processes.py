@@ -131,7 +131,7 @@ model, tok = attnlens.load_demo()
 if torch.distributed.is_available() and int(__import__("os").environ["RANK"]) == rank:
     def boom(module, args, output):
         raise RuntimeError("boom in this process")
-    gpt2.sites(model).layers[1].qkv.register_forward_hook(boom)
+    attnlens.models.adapt(model).sites.layers[1].qkv[0].register_forward_hook(boom)
 attnlens.scan(model, open(sys.argv[1]).read().split("\\n\\n"), tokenizer=tok, seq_len=32, batch_size=2,
               max_tokens=2400, progress=False)
 """

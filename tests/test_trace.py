@@ -76,7 +76,7 @@ def test_eager_model_patterns_are_bitwise_its_own(config: dict[str, Any], paddin
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
 def test_sdpa_model_patterns_match_eager_output_attentions(config: dict[str, Any], padding: str) -> None:
     model = make_gpt2(n_layer=3, attn_implementation="sdpa", **config)
-    if attnlens.models.gpt2.kernel_ignores_scale_flags(model):
+    if attnlens.models.adapt(model).kernel_departure is not None:
         pytest.skip("transformers 4.x runs SDPA without this config's scale (tested below)")
     ids, mask = padded(model, padding)
     expected = eager_reference(model, ids, mask)
@@ -92,23 +92,24 @@ KERNEL_CONFIGS = {name: CONFIGS[name] for name in ("default", "inverse_layer_idx
 
 
 def count_score_computations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count trace's recomputations of a layer's scores (the work an eager kernel's own pattern saves)."""
-    module = sys.modules["attnlens.trace"]
-    real, calls = module._masked_scores, [0]
+    """Count the tap's recomputations of a layer's scores (the work an eager kernel's own pattern saves)."""
+    module = sys.modules["attnlens.patterns"]
+    real, calls = module.masked_scores, [0]
 
     def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "_masked_scores", counted)
+    monkeypatch.setattr(module, "masked_scores", counted)
     return calls
 
 
 def recompute_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make trace treat the model's kernel as one that hands out no pattern: every layer's is recomputed."""
-    real = attnlens.models.gpt2.sites
+    adapter = attnlens.models.gpt2.GPT2Adapter
+    real = adapter.from_model
     monkeypatch.setattr(
-        attnlens.models.gpt2, "sites", lambda model: dataclasses.replace(real(model), kernel_returns_pattern=False)
+        adapter, "from_model", lambda model: dataclasses.replace(real(model), kernel_returns_pattern=False)
     )
 
 
@@ -163,8 +164,9 @@ def test_eager_kernel_without_a_pattern_falls_back_to_recomputing(
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_sites_say_which_kernels_hand_out_their_pattern(implementation: str) -> None:
     model = make_gpt2(n_layer=1, attn_implementation=implementation)
-    sites = attnlens.models.gpt2.sites(model)
-    assert sites.kernel_returns_pattern is (implementation == "eager")
+    adapter = attnlens.models.adapt(model)
+    sites = adapter.sites
+    assert adapter.kernel_returns_pattern is (implementation == "eager")
     seen: list[Any] = []
     handle = sites.layers[0].attn.register_forward_hook(lambda m, a, out: seen.append(out))
     try:
@@ -688,7 +690,7 @@ def test_config_edited_after_building_traces_what_the_modules_run(
     ids, mask = padded(model, "left")
     rows = valid_rows(mask)
     # 4.x runs SDPA at 1/sqrt(d_head) whatever the modules' flags say (tested above): then that is the truth.
-    ignored = attnlens.models.gpt2.kernel_ignores_scale_flags(model)
+    ignored = attnlens.models.adapt(model).kernel_departure is not None
     assert ignored == (V4 and implementation == "sdpa" and bool(built.get("scale_attn_by_inverse_layer_idx")))
     if ignored:
         expected = config_twin_patterns({"initializer_range": 0.2}, ids, mask)
@@ -896,9 +898,11 @@ def test_prepend_bos_is_refused_where_it_cannot_be_right() -> None:
 )
 def test_sites_carry_the_same_attention_spec_as_the_extracted_weights(flags: dict[str, Any]) -> None:
     model = make_gpt2(n_layer=3, **flags)
-    sites = attnlens.models.gpt2.sites(model)
+    specs = attnlens.models.adapt(model).specs
     weights = attnlens.extract_weights(model)
-    assert [s.spec for s in sites.layers] == [(w.scale, w.upcast, w.score_divisors) for w in weights.layers]
+    assert [(s.scale, s.upcast, s.divisors) for s in specs] == [
+        (w.scale, w.upcast, w.score_divisors) for w in weights.layers
+    ]
 
 
 def test_token_strings_show_partial_characters_as_their_bytes() -> None:

@@ -54,7 +54,7 @@ def corrupted(weights: ModelWeights, layer: int, head: int, name: str = "W_Q", f
 def state(model: Any) -> dict[str, Any]:
     """Everything verify may touch and must restore."""
     return {
-        "impl": gpt2.attn_implementation(model),
+        "impl": model.config._attn_implementation,
         "training": [m.training for m in model.modules()],
         "hooks": [
             (list(m._forward_hooks.items()), list(m._forward_pre_hooks.items()), dict(m._forward_hooks_with_kwargs))
@@ -407,7 +407,7 @@ def test_model_left_as_found_when_a_hook_raises(during: str) -> None:
         pass
 
     def explode(module: nn.Module, args: Any, output: Any) -> None:
-        if gpt2.attn_implementation(model) == ("sdpa" if during == "own" else "eager"):
+        if model.config._attn_implementation == ("sdpa" if during == "own" else "eager"):
             raise Boom
 
     handle = model.transformer.h[1].attn.register_forward_hook(explode)
@@ -594,3 +594,25 @@ def test_compiled_demo_transformer_verifies() -> None:
             assert torch.equal(model(ids).logits, compiled)  # verify left the compiled model as it was
     assert report.ok, str(report)
     assert all(row.tolerance > 0 for row in report.rows if row.quantity == "pattern_hf_order")
+
+
+def test_the_rebuild_adds_attention_and_mlp_to_one_residual_when_the_adapter_says_parallel() -> None:
+    # GPT-NeoX's parallel residual: both read the block's input, both are added to it (verify's hidden/logits rows).
+    from attnlens.verify import _layer_norm, _mlp, _rebuild
+
+    model = make_gpt2(n_layer=2, initializer_range=0.2)
+    assert attnlens.models.adapt(model).parallel_residual is False
+    w = attnlens.extract_weights(model)
+    ids = random_ids(model)
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    allowed = functional.causal_mask(ids.shape[1])
+    with torch.no_grad():
+        parallel, _ = _rebuild(w, ids, pos, allowed, parallel_residual=True)
+        sequential, _ = _rebuild(w, ids, pos, allowed)
+        residual = w.W_E[ids] + w.W_pos[pos]
+        for layer in w.layers:
+            attn = functional.attention(_layer_norm(residual, layer.ln_1), layer, allowed).output
+            residual = residual + attn + _mlp(_layer_norm(residual, layer.ln_2), layer)
+        # The same operations in the same order: the same bits.
+        assert torch.equal(parallel, _layer_norm(residual, w.ln_f))
+        assert not torch.allclose(parallel, sequential)

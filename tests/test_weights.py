@@ -159,18 +159,18 @@ def test_non_gpt2_checkpoint_is_refused(tmp_path) -> None:
 def test_check_inputs_errors(tiny_gpt2) -> None:
     ids = random_ids(tiny_gpt2, batch=2, pos=5)
     with pytest.raises(ValueError, match=r"\[0, 97\)"):
-        gpt2.check_inputs(tiny_gpt2, ids + 200)
+        attnlens.models.adapt(tiny_gpt2).check_inputs(ids + 200)
     with pytest.raises(ValueError, match="n_ctx=32"):
-        gpt2.check_inputs(tiny_gpt2, torch.zeros(1, 33, dtype=torch.long))
+        attnlens.models.adapt(tiny_gpt2).check_inputs(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(ValueError, match="must match"):
-        gpt2.check_inputs(tiny_gpt2, ids, torch.ones(2, 4, dtype=torch.long))
+        attnlens.models.adapt(tiny_gpt2).check_inputs(ids, torch.ones(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="only 0"):
-        gpt2.check_inputs(tiny_gpt2, ids, torch.full((2, 5), 2))
+        attnlens.models.adapt(tiny_gpt2).check_inputs(ids, torch.full((2, 5), 2))
     with pytest.raises(ValueError, match="all padding"):
-        gpt2.check_inputs(tiny_gpt2, ids, torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]))
+        attnlens.models.adapt(tiny_gpt2).check_inputs(ids, torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]))
     with pytest.raises(ValueError, match="integers"):
-        gpt2.check_inputs(tiny_gpt2, ids.float())
-    out, mask, pos = gpt2.check_inputs(tiny_gpt2, ids[0].tolist())
+        attnlens.models.adapt(tiny_gpt2).check_inputs(ids.float())
+    out, mask, pos = attnlens.models.adapt(tiny_gpt2).check_inputs(ids[0].tolist())
     assert out.shape == (1, 5) and mask is None and pos is None
 
 

@@ -1,24 +1,124 @@
-"""Adapters from model libraries to attnlens. Each architecture is one module; today: Hugging Face GPT-2."""
+"""Adapters from model libraries to attnlens: :func:`adapt` validates a model once and returns its :class:`Adapter`.
+
+One module per architecture, each an :class:`~attnlens.models.base.Adapter` subclass registered here by its
+``config.model_type``; today Hugging Face GPT-2 (:mod:`attnlens.models.gpt2`). Nothing outside this package imports a
+specific adapter: everything is written against :class:`~attnlens.models.base.Adapter`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import os
 
 import torch
+from torch import nn
 
-from attnlens.models import gpt2
+from attnlens.errors import UnsupportedModelError
+from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
+from attnlens.models.gpt2 import GPT2Adapter
+from attnlens.models.wrappers import unwrap
 from attnlens.weights import ModelWeights, track
 
-__all__ = ["extract_weights", "gpt2"]
+__all__ = [
+    "QKV",
+    "REGISTRY",
+    "Adapter",
+    "AttentionSpec",
+    "LayerSites",
+    "Rotation",
+    "Sites",
+    "adapt",
+    "extract_weights",
+    "load",
+    "lock_key",
+]
+
+REGISTRY: dict[str, type[Adapter]] = {GPT2Adapter.model_type: GPT2Adapter}
+"""The adapter class of each supported ``config.model_type``."""
+
+
+def _supported() -> str:
+    return ", ".join(name for cls in REGISTRY.values() for name in cls.supported_classes)
+
+
+def _adapter_class(model: object) -> type[Adapter]:
+    """The adapter class for a model: by its config's ``model_type``, else the one whose classes it belongs to."""
+    inner = unwrap(model)
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    cls = REGISTRY.get(model_type) if isinstance(model_type, str) else None
+    if cls is not None and cls.owns(inner):
+        return cls
+    # A supported class whose config names another model type: its adapter refuses the config by name.
+    owner = next((cls for cls in REGISTRY.values() if cls.owns(inner)), None)
+    if owner is not None:
+        return owner
+    raise UnsupportedModelError(
+        f"attnlens needs a supported Hugging Face model (GPT-2), got {type(model).__module__}."
+        f"{type(model).__qualname__}; supported: {_supported()} (or a hub name / local path of such a checkpoint; "
+        "torch.compile and PEFT wrappers of one)"
+    )
+
+
+def adapt(model: nn.Module | Adapter) -> Adapter:
+    """Check a model once and return its :class:`Adapter`, which every attnlens entry point passes down.
+
+    The adapter class is chosen by ``config.model_type`` (see :data:`REGISTRY`); it checks the class, the config
+    policy, the model's state (wrappers, PEFT adapters, meta parameters, compiled blocks) and its attention modules.
+    An Adapter is returned as it is.
+
+    Raises:
+        UnsupportedModelError: not a supported model, or one whose maths or state attnlens does not reproduce.
+    """
+    if isinstance(model, Adapter):
+        return model
+    return _adapter_class(model).from_model(model)
+
+
+def lock_key(model: nn.Module) -> nn.Module:
+    """The module whose lock calls on ``model`` share (see :mod:`attnlens.capture`); the model itself if unsupported."""
+    inner = unwrap(model)
+    for cls in REGISTRY.values():
+        if cls.owns(inner):
+            return cls.lock_key(inner)
+    return model
+
+
+def load(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """Load a supported checkpoint by hub name or local path, in eval mode (safetensors preferred, no remote code).
+
+    Raises:
+        UnsupportedModelError: the checkpoint's ``model_type`` has no adapter.
+        OSError: it could not be found or read.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise OSError(
+            f"could not read a config for {name_or_path!r}: not a local checkpoint folder, and the hub did not "
+            f"provide it ({error})"
+        ) from error
+    cls = REGISTRY.get(getattr(config, "model_type", None) or "")
+    if cls is None:
+        raise UnsupportedModelError(
+            f"{name_or_path!r} is a {config.model_type!r} checkpoint; attnlens supports GPT-2 ({_supported()})"
+        )
+    return cls.load(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
 
 
 def extract_weights(
-    model: Any,
+    model: nn.Module | Adapter | str | os.PathLike[str],
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> ModelWeights:
-    """Extract every attention weight of a GPT-2 model, split per head, as views of its own parameters.
+    """Extract every attention weight of a supported model, split per head, as views of its own parameters.
 
     Nothing is copied, moved or converted: each per-layer tensor shares storage with the model's parameter, keeps
     its device, dtype and autograd connection, and every access returns the model's current values, also after
@@ -46,11 +146,12 @@ def extract_weights(
         >>> w = attnlens.extract_weights(model)
         >>> w.W_E.shape, w.layers[0].W_Q.shape   # [d_vocab, d_model], [head, d_model, d_head]
     """
-    if isinstance(model, (str,)) or hasattr(model, "__fspath__"):
-        model = gpt2.load(str(model), dtype=dtype, device=device)
+    if isinstance(model, (str, os.PathLike)):
+        model = load(os.fspath(model), dtype=dtype, device=device)
     elif dtype is not None or device is not None:
         raise ValueError("dtype and device apply only when loading by name or path; extraction never converts")
+    adapter = adapt(model)
     # Views taken under no_grad would not carry gradients to the parameters later; take them with autograd on.
     with torch.enable_grad():
-        weights = gpt2.extract(model)
-    return track(weights, model)
+        weights = adapter.extract()
+    return track(weights, adapter.model)

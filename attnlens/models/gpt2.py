@@ -1,4 +1,4 @@
-"""Everything attnlens knows about Hugging Face GPT-2, and nothing else does.
+"""Everything attnlens knows about Hugging Face GPT-2, and nothing else does: :class:`GPT2Adapter`.
 
 * Module paths: ``transformer.wte``, ``transformer.h[i].attn.c_attn`` and so on.
 * Conv1D layout: GPT-2's linear layers are ``transformers.pytorch_utils.Conv1D``, which stores its weight as
@@ -21,15 +21,17 @@ transformers is imported lazily, inside functions, so that ``import attnlens`` s
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from attnlens.errors import UnsupportedModelError
-from attnlens.models.gpt2_config import check_config
+from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites, config_sha256
+from attnlens.models.gpt2_config import check_config, unknown_keys
 from attnlens.models.wrappers import check_exact, check_state, plain, unwrap
 from attnlens.weights import LayerNormWeights, LayerWeights, MLPWeights, ModelWeights
 
@@ -39,22 +41,12 @@ if TYPE_CHECKING:
 __all__ = [
     "EXACT_KERNELS",
     "SUPPORTED_CLASSES",
-    "LayerSites",
-    "Sites",
-    "attn_implementation",
+    "GPT2Adapter",
     "base_model",
     "check_config",
-    "check_inputs",
-    "check_kernel",
-    "extract",
     "is_gpt2",
-    "kernel_ignores_scale_flags",
     "kernel_pattern",
-    "layout_lines",
     "load",
-    "lock_key",
-    "set_attn_implementation",
-    "sites",
     "split_qkv",
     "unwrap",
 ]
@@ -78,8 +70,9 @@ EXACT_KERNELS: tuple[str, ...] = ("eager", "sdpa")
 
 Flash kernels (CUDA only) are not listed: they cannot run where the test suite runs. ``"flex_attention"`` is refused
 for GPT-2 by transformers itself. The paged kernels (``"paged|eager"``, ``"sdpa_paged"``, ``"eager_paged"``,
-``"paged_attention"``) are refused by :func:`sites`: they serve continuous batching with a paged cache, and on a
-plain forward they fail or attend to other keys (4.57's ``"sdpa_paged"`` ran, and its patterns were 1.4e-3 off).
+``"paged_attention"``) are refused by the adapter (``Adapter.kernel_refusal``): they serve continuous batching with a
+paged cache, and on a plain forward they fail or attend to other keys (4.57's ``"sdpa_paged"`` ran, and its patterns
+were 1.4e-3 off).
 """
 
 
@@ -105,7 +98,7 @@ def is_gpt2(model: object) -> bool:
     return isinstance(inner, nn.Module) and isinstance(inner, _gpt2_classes())
 
 
-def base_model(model: PreTrainedModel) -> GPT2Model:
+def base_model(model: nn.Module) -> GPT2Model:
     """The ``GPT2Model`` inside any supported class, after checking the class, the config and the model's state.
 
     Wrappers are seen through (see :func:`unwrap`); so are PEFT adapter layers whose adapters are merged or disabled
@@ -145,8 +138,8 @@ def base_model(model: PreTrainedModel) -> GPT2Model:
     return base
 
 
-def _attention_specs(config: PretrainedConfig, attns: list[Any]) -> list[tuple[float, bool, tuple[float, ...] | None]]:
-    """``(scale, upcast, score_divisors)`` of each layer, read from its attention module as the installed release does.
+def _attention_specs(config: PretrainedConfig, attns: list[Any]) -> tuple[AttentionSpec, ...]:
+    """Each layer's :class:`AttentionSpec`, read from its attention module as the installed release does.
 
     Each ``GPT2Attention`` copies the config's flags when it is built and then reads only its own copy: 5.x its
     precomputed ``scaling``, 4.x its ``scale_attn_weights``, ``scale_attn_by_inverse_layer_idx`` and ``layer_idx``;
@@ -155,12 +148,13 @@ def _attention_specs(config: PretrainedConfig, attns: list[Any]) -> list[tuple[f
     """
     _check_attention_modules(config, attns)
     legacy = _transformers_major() < 5
-    specs: list[tuple[float, bool, tuple[float, ...] | None]] = []
+    n_heads = int(config.n_head)
+    specs = []
     for attn in attns:
         upcast = bool(attn.reorder_and_upcast_attn)
         if not legacy:
             # 5.x hands every kernel this one number (eager multiplies by it, sdpa passes it as its scale).
-            specs.append((float(attn.scaling), upcast, None))
+            specs.append(AttentionSpec(float(attn.scaling), n_heads, n_heads, upcast=upcast))
             continue
         d_head = int(attn.head_dim)
         scale = 1.0
@@ -171,8 +165,8 @@ def _attention_specs(config: PretrainedConfig, attns: list[Any]) -> list[tuple[f
         if attn.scale_attn_by_inverse_layer_idx:
             scale /= float(attn.layer_idx + 1)
             divisors.append(float(attn.layer_idx + 1))
-        specs.append((scale, upcast, tuple(divisors)))
-    return specs
+        specs.append(AttentionSpec(scale, n_heads, n_heads, upcast=upcast, divisors=tuple(divisors)))
+    return tuple(specs)
 
 
 def _check_attention_modules(config: PretrainedConfig, attns: list[Any]) -> None:
@@ -210,16 +204,14 @@ def _layer_norm(module: Any) -> LayerNormWeights:
     return LayerNormWeights(w=module.weight, b=module.bias, eps=float(module.eps))
 
 
-def extract(model: PreTrainedModel) -> ModelWeights:
+def _extract(adapter: GPT2Adapter) -> ModelWeights:
     """Per-head weights of a GPT-2 model, as views of its parameters (see :func:`attnlens.extract_weights`)."""
-    base = base_model(model)
-    model = unwrap(model)
+    model: Any = adapter.module
     config = model.config
-    n_heads, d_model, act = config.n_head, config.n_embd, config.activation_function
-    d_head = d_model // n_heads
+    n_heads, d_model, d_head, act = adapter.n_heads, adapter.d_model, adapter.d_head, config.activation_function
     layers = []
+    base: Any = adapter.own_sites.base
     hf_blocks: list[Any] = list(base.h)  # HF modules are dynamically typed: Any, not nn.Module's Tensor | Module
-    specs = _attention_specs(config, [block.attn for block in hf_blocks])
     for i, block in enumerate(hf_blocks):
         attn, mlp = block.attn, block.mlp
         c_attn, c_proj, c_fc, mlp_proj = (plain(m) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj))
@@ -239,7 +231,7 @@ def extract(model: PreTrainedModel) -> ModelWeights:
         b_qkv = c_attn.bias.view(3, n_heads, d_head)
         W_Q, W_K, W_V = W_qkv[0], W_qkv[1], W_qkv[2]
         b_Q, b_K, b_V = b_qkv[0], b_qkv[1], b_qkv[2]
-        scale, upcast, divisors = specs[i]
+        spec = adapter.specs[i]
         layers.append(
             LayerWeights(
                 layer=i,
@@ -254,14 +246,13 @@ def extract(model: PreTrainedModel) -> ModelWeights:
                 ln_1=_layer_norm(plain(block.ln_1)),
                 ln_2=_layer_norm(plain(block.ln_2)),
                 mlp=MLPWeights(W_in=c_fc.weight, b_in=c_fc.bias, W_out=mlp_proj.weight, b_out=mlp_proj.bias, act=act),
-                scale=scale,
-                upcast=upcast,
-                score_divisors=divisors,
+                scale=spec.scale,
+                upcast=spec.upcast,
+                score_divisors=spec.divisors,
             )
         )
     lm_head = plain(getattr(model, "lm_head", None))
-    hf_base: Any = base
-    W_E, W_pos = plain(hf_base.wte).weight, plain(hf_base.wpe).weight
+    W_E, W_pos = plain(base.wte).weight, plain(base.wpe).weight
     return ModelWeights(
         n_layers=len(layers),
         n_heads=n_heads,
@@ -273,9 +264,9 @@ def extract(model: PreTrainedModel) -> ModelWeights:
         W_E=W_E,
         W_pos=W_pos,
         W_U=lm_head.weight.T if isinstance(lm_head, nn.Linear) else None,
-        ln_f=_layer_norm(plain(hf_base.ln_f)),
+        ln_f=_layer_norm(plain(base.ln_f)),
         layers=tuple(layers),
-        name=str(getattr(config, "_name_or_path", "") or ""),
+        name=adapter.name,
     )
 
 
@@ -324,104 +315,6 @@ def load(
     return model.eval()
 
 
-@dataclass(frozen=True)
-class LayerSites:
-    """The modules of one attention layer that attnlens hooks, named by role rather than by Hugging Face path.
-
-    Attributes:
-        attn_input: its output is the attention's input ``[batch, pos, d_model]`` (the block's first layer norm).
-        qkv: its output is the fused projection ``[batch, pos, (qkv head d_head)]``; see :func:`split_qkv`.
-        z: its input is the heads' outputs merged, ``[batch, pos, (head d_head)]``; its ``weight`` is ``W_O``
-            as ``[(head d_head), d_model]``.
-        attn: its output (the first element when a tuple) is the attention output ``[batch, pos, d_model]``.
-        spec: ``(scale, upcast, score_divisors)``, the layer's attention arithmetic as its module runs it (the same
-            as the layer's :class:`~attnlens.weights.LayerWeights` carry), read without extracting any weight.
-        mlp: its output is the MLP's contribution to the residual stream ``[batch, pos, d_model]`` (after its
-            dropout, which is the identity in eval mode).
-    """
-
-    attn_input: Any
-    qkv: Any
-    z: Any
-    attn: Any
-    spec: tuple[float, bool, tuple[float, ...] | None]
-    mlp: Any
-
-
-@dataclass(frozen=True)
-class Sites:
-    """Where a GPT-2 model computes what attnlens reads: the interface trace, verify and the rest are written against.
-
-    Attributes:
-        base: the transformer without any task head; run it with :meth:`run` (``input_ids=..., attention_mask=...,
-            position_ids=..., use_cache=..., output_attentions=...``).
-        layers: one :class:`LayerSites` per layer.
-        embed: the token embedding (its ``weight`` is ``W_E``; its dtype and device are the model's).
-        final_norm: its output is the final hidden state ``[batch, pos, d_model]``.
-        unembed: the language-model head (``hidden @ W_U``), or ``None`` for classes without one.
-        pos_embed: the position embedding (its ``weight`` is ``W_pos``); its output is added to the token
-            embedding's to start the residual stream.
-        kernel_returns_pattern: whether the model's attention kernel hands its pattern out in each
-            ``LayerSites.attn`` output (read it with :func:`kernel_pattern`): true for the eager kernel.
-    """
-
-    base: Any
-    layers: tuple[LayerSites, ...]
-    embed: Any
-    final_norm: Any
-    unembed: nn.Linear | None
-    pos_embed: Any
-    kernel_returns_pattern: bool = False
-
-    def run(self, **kwargs: Any) -> Any:
-        """Run the transformer, uncompiled, on keyword arguments (see ``base``), every output switch explicit.
-
-        ``output_attentions``, ``output_hidden_states`` default to False and ``return_dict`` to True whatever the
-        config says, so that the config neither changes what runs nor makes transformers 5.x install its recording
-        hooks on the model (it does, for good, the first time it is asked for attentions).
-        """
-        kwargs = {"output_attentions": False, "output_hidden_states": False, "return_dict": True, **kwargs}
-        # Module.compile() in place routes __call__ to compiled code; _call_impl is the plain path (hooks, forward),
-        # so a transformer compiled this way is seen through exactly as torch.compile's wrapper is (see unwrap).
-        compiled = getattr(self.base, "_compiled_call_impl", None) is not None
-        return (self.base._call_impl if compiled else self.base)(**kwargs)
-
-
-def sites(model: PreTrainedModel) -> Sites:
-    """The :class:`Sites` of a supported GPT-2 model (after the checks of :func:`base_model`).
-
-    Raises:
-        UnsupportedModelError: what :func:`base_model` refuses, and a model running a paged attention kernel (see
-            :data:`EXACT_KERNELS`).
-    """
-    base: Any = base_model(model)
-    model = unwrap(model)
-    kernel = attn_implementation(model)
-    if "paged" in kernel:
-        raise UnsupportedModelError(
-            f"attn_implementation={kernel!r} is a kernel for continuous batching with a paged cache; on a plain "
-            "forward it fails or attends to other keys than the model's mask allows. Switch the model to "
-            f"{' or '.join(repr(k) for k in EXACT_KERNELS)} (model.set_attn_implementation('sdpa')) to trace it"
-        )
-    blocks: list[Any] = list(base.h)
-    specs = _attention_specs(model.config, [block.attn for block in blocks])
-    layers = tuple(
-        LayerSites(plain(block.ln_1), plain(block.attn.c_attn), plain(block.attn.c_proj), block.attn, spec, block.mlp)
-        for block, spec in zip(blocks, specs, strict=True)
-    )
-    lm_head = plain(getattr(model, "lm_head", None))
-    unembed = lm_head if isinstance(lm_head, nn.Linear) else None
-    return Sites(
-        base,
-        layers,
-        plain(base.wte),
-        plain(base.ln_f),
-        unembed,
-        plain(base.wpe),
-        kernel_returns_pattern=kernel == "eager",
-    )
-
-
 def kernel_pattern(output: Any) -> Tensor | None:
     """The attention pattern in the output of a layer's attention module (``LayerSites.attn``), or ``None``.
 
@@ -436,21 +329,6 @@ def kernel_pattern(output: Any) -> Tensor | None:
     return weights if isinstance(weights, Tensor) and weights.ndim == 4 else None
 
 
-def layout_lines(model: PreTrainedModel, weights: ModelWeights, layer: int) -> list[str]:
-    """How one layer's per-head weights are cut from GPT-2's fused Conv1D parameters, as lines of text."""
-    d = weights.d_model
-    c_attn = sites(model).layers[layer].qkv.weight
-    per_head = weights.layers[layer]
-    square = [d, d]
-    return [
-        f"layer {layer} c_attn.weight      {list(c_attn.shape)}  (Conv1D stores [in, out]: x @ W)",
-        f"  W_Q = c_attn[:, 0:{d}]      {square} -> per head {list(per_head.W_Q.shape)}",
-        f"  W_K = c_attn[:, {d}:{2 * d}]   {square} -> per head {list(per_head.W_K.shape)}",
-        f"  W_V = c_attn[:, {2 * d}:{3 * d}]  {square} -> per head {list(per_head.W_V.shape)}",
-        f"  W_O = c_proj.weight     {square} -> per head {list(per_head.W_O.shape)}",
-    ]
-
-
 def split_qkv(fused: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """Split ``c_attn``'s output ``[batch, pos, (qkv head d_head)]`` into q, k, v ``[batch, head, pos, d_head]``.
 
@@ -460,137 +338,202 @@ def split_qkv(fused: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     return qkv[0], qkv[1], qkv[2]
 
 
-def attn_implementation(model: PreTrainedModel) -> str:
-    """The attention kernel the model runs (``"eager"``, ``"sdpa"``, ...)."""
-    return str(model.config._attn_implementation)
-
-
-def check_kernel(model: PreTrainedModel) -> None:
-    """Refuse a model whose attention kernel attnlens has not been shown to reproduce (see :data:`EXACT_KERNELS`).
-
-    Raises:
-        UnsupportedModelError: naming the kernel and the ones that are supported.
-    """
-    name = attn_implementation(model)
-    if name not in EXACT_KERNELS:
-        raise UnsupportedModelError(
-            f"this model runs the attention kernel {name!r}, which attnlens has not been shown to reproduce (it "
-            f"recomputes {', '.join(map(repr, EXACT_KERNELS))} exactly); load the model with "
-            f"attn_implementation='eager' or 'sdpa', or call model.set_attn_implementation('sdpa') first"
-        )
-
-
-def lock_key(model: nn.Module) -> nn.Module:
-    """The module that a model's per-model lock is kept for: the ``GPT2Model`` that every supported class wraps.
-
-    A task-head model and its ``transformer`` share one key, so calls on either wait for each other. Anything that is
-    not a supported GPT-2 model is its own key (the call then refuses it).
-    """
-    if not is_gpt2(model):
-        return model
-    from transformers import GPT2Model
-
-    base: Any = model if isinstance(model, GPT2Model) else getattr(model, "transformer", model)
-    return base if isinstance(base, nn.Module) else model
-
-
-def set_attn_implementation(model: PreTrainedModel, name: str) -> None:
-    """Switch the model's attention kernel in place (callers restore it)."""
-    if attn_implementation(model) != name:
-        model.set_attn_implementation(name)
-
-
-def check_inputs(
-    model: PreTrainedModel,
-    input_ids: Tensor | Any,
-    attention_mask: Tensor | Any | None = None,
-    position_ids: Tensor | Any | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Validate and normalise inputs: ``[batch, pos]`` integer tensors on the model's device.
-
-    Token ids and positions may come in any integer dtype (``int8`` to ``int64``, ``uint8``), as tensors, numpy
-    arrays or nested lists; they are returned as ``int64``. ``attention_mask`` may also be ``bool``.
-
-    Raises:
-        ValueError: naming the problem: an empty input, a wrong dtype (floats, and bool token ids) or rank, ids
-            outside the vocabulary, more positions than the model has, an ``attention_mask`` or ``position_ids`` of
-            the wrong shape or values, a row of padding only.
-        TypeError: something that is not token ids at all (text, ``None``, a list mixing numbers and strings,
-            rows of different lengths).
-    """
-    config = model.config
-    device = next(model.parameters()).device
-
-    def has_text(x: Any) -> bool:
-        return isinstance(x, str) or (isinstance(x, (list, tuple)) and any(has_text(item) for item in x))
-
-    def as_2d(x: Any, name: str, *, allow_bool: bool = False) -> Tensor:
-        if has_text(x):
-            raise TypeError(
-                f"{name} holds strings, but token ids are needed: text needs a tokenizer, e.g. "
-                "tokenizer(texts, return_tensors='pt', padding=True), or attnlens.trace(..., tokenizer=tokenizer)"
-            )
-        try:
-            x = torch.as_tensor(x)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise TypeError(
-                f"{name} must be integer token ids ([batch, pos] or [pos]: a tensor, a numpy array or a list of "
-                f"equally long lists of ints), got {type(x).__name__} that torch cannot read as one ({error})"
-            ) from None
-        if x.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one token")
-        if x.dtype == torch.bool and not allow_bool:
-            raise ValueError(f"{name} is a bool tensor; it must hold integer token ids (e.g. x.long())")
-        if x.dtype.is_floating_point or x.dtype.is_complex:
-            raise ValueError(f"{name} must hold integers, got dtype {x.dtype}; convert with .long() if exact")
-        if x.ndim == 1:
-            x = x.unsqueeze(0)
-        if x.ndim != 2:
-            raise ValueError(f"{name} must be [batch, pos] (or [pos]), got shape {tuple(x.shape)}")
-        # The embedding takes int32/int64 only; narrower and unsigned ids are widened (exactly) here.
-        return x.to(device=device, dtype=torch.bool if x.dtype == torch.bool else torch.long)
-
-    ids = as_2d(input_ids, "input_ids")
-    batch, n_pos = ids.shape
-    if n_pos > config.n_positions:
-        raise ValueError(f"input_ids has {n_pos} positions; this model has n_ctx={config.n_positions}")
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= config.vocab_size:
-        raise ValueError(f"input_ids must lie in [0, {config.vocab_size}) (d_vocab), got values from {low} to {high}")
-    mask = None
-    if attention_mask is not None:
-        mask = as_2d(attention_mask, "attention_mask", allow_bool=True)
-        if tuple(mask.shape) != (batch, n_pos):
-            raise ValueError(
-                f"attention_mask has shape {tuple(mask.shape)}, input_ids {(batch, n_pos)}: they must match"
-            )
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-        empty = (mask == 0).all(dim=-1)
-        if bool(empty.any()):
-            raise ValueError(f"attention_mask rows {empty.nonzero().flatten().tolist()} are all padding")
-        mask = mask.long()
-    pos = None
-    if position_ids is not None:
-        pos = as_2d(position_ids, "position_ids")
-        if pos.shape[-1] != n_pos or pos.shape[0] not in (1, batch):
-            raise ValueError(f"position_ids has shape {tuple(pos.shape)}, input_ids {(batch, n_pos)}")
-        if int(pos.min()) < 0 or int(pos.max()) >= config.n_positions:
-            raise ValueError(
-                f"position_ids must lie in [0, {config.n_positions}), got {int(pos.min())}..{int(pos.max())}"
-            )
-    return ids, mask, pos
-
-
-def kernel_ignores_scale_flags(model: PreTrainedModel) -> bool:
-    """Whether the model's attention kernel ignores its attention modules' scale flags (scaling by ``1/sqrt(d_head)``).
+def _ignores_scale_flags(kernel: str, attns: list[Any]) -> bool:
+    """Whether a kernel ignores the attention modules' scale flags (scaling by ``1/sqrt(d_head)`` instead).
 
     transformers 4.x's GPT-2 calls every kernel but eager (sdpa, flash) without its scale, so those kernels use their
     default ``1/sqrt(d_head)`` even under ``scale_attn_weights=False`` or ``scale_attn_by_inverse_layer_idx=True``:
     such a model computes other attention than its flags (and its eager twin) say. 5.x passes the scale. The flags
     are the modules' own, which is what the eager kernel reads (not the config's).
     """
-    if _transformers_major() >= 5 or attn_implementation(model) == "eager":
+    if _transformers_major() >= 5 or kernel == "eager":
         return False
-    attns: list[Any] = [layer.attn for layer in sites(model).layers]
     return any(not attn.scale_attn_weights or bool(attn.scale_attn_by_inverse_layer_idx) for attn in attns)
+
+
+def _token_id(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True, eq=False)
+class GPT2Adapter(Adapter):
+    """Hugging Face GPT-2 as attnlens sees it (see :class:`~attnlens.models.base.Adapter`).
+
+    Its sites: ``ln_1`` (attention input), ``attn.c_attn`` (the fused q/k/v, Conv1D ``[d_model, (qkv head d_head)]``),
+    ``attn`` (whose eager kernel hands out its pattern), ``attn.c_proj`` (z enters it; Conv1D ``[(head d_head),
+    d_model]``, so W_O is a plain view), ``mlp``; ``wte``, ``wpe``, ``ln_f`` and the LM head.
+    """
+
+    model_type: ClassVar[str] = "gpt2"
+    supported_classes: ClassVar[tuple[str, ...]] = SUPPORTED_CLASSES
+    exact_kernels: ClassVar[tuple[str, ...]] = EXACT_KERNELS
+
+    @classmethod
+    def owns(cls, model: object) -> bool:
+        """Whether ``model`` is of a supported GPT-2 class (see :func:`is_gpt2`)."""
+        return is_gpt2(model)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> GPT2Adapter:
+        """Check a GPT-2 model once (:func:`base_model`, the attention modules) and build its adapter.
+
+        Raises:
+            UnsupportedModelError: what :func:`base_model` refuses, and attention modules that disagree with the
+                config.
+        """
+        base: Any = base_model(model)  # the class, the config policy, the model's state
+        inner: Any = unwrap(model)
+        config = inner.config
+        blocks: list[Any] = list(base.h)  # HF modules are dynamically typed: Any, not nn.Module's Tensor | Module
+        attns = [block.attn for block in blocks]
+        specs = _attention_specs(config, attns)  # checks the modules against the config first
+        kernel = str(config._attn_implementation)
+        n_heads, d_model = int(config.n_head), int(config.n_embd)
+        departure, kernel_specs = None, specs
+        if _ignores_scale_flags(kernel, attns):
+            import transformers
+
+            departure = (
+                f"transformers {transformers.__version__} runs this model's {kernel!r} attention without the scale its "
+                "attention modules ask for (scale_attn_weights / scale_attn_by_inverse_layer_idx): the model computes "
+                "softmax(q k^T / sqrt(d_head))"
+            )
+            d_head = d_model // n_heads
+            kernel_specs = tuple(replace(spec, scale=d_head**-0.5, divisors=None) for spec in specs)
+        refusal = None
+        if "paged" in kernel:
+            refusal = (
+                f"attn_implementation={kernel!r} is a kernel for continuous batching with a paged cache; on a plain "
+                "forward it fails or attends to other keys than the model's mask allows. Switch the model to "
+                f"{' or '.join(repr(k) for k in EXACT_KERNELS)} (model.set_attn_implementation('sdpa')) to trace it"
+            )
+        layers = tuple(
+            LayerSites(
+                attn_input=plain(block.ln_1),
+                qkv=(plain(block.attn.c_attn),),
+                attn=block.attn,
+                z=plain(block.attn.c_proj),
+                mlp=block.mlp,
+            )
+            for block in blocks
+        )
+        lm_head = plain(getattr(inner, "lm_head", None))
+        sites = Sites(
+            base=base,
+            layers=layers,
+            embed=plain(base.wte),
+            pos_embed=plain(base.wpe),
+            final_norm=plain(base.ln_f),
+            unembed=lm_head if isinstance(lm_head, nn.Linear) else None,
+        )
+        return cls(
+            model=model,
+            module=inner,
+            n_layers=len(blocks),
+            n_heads=n_heads,
+            n_kv_heads=n_heads,
+            d_model=d_model,
+            d_head=d_model // n_heads,
+            n_ctx=int(config.n_positions),
+            d_vocab=int(config.vocab_size),
+            specs=specs,
+            kernel=kernel,
+            kernel_specs=kernel_specs,
+            kernel_departure=departure,
+            kernel_returns_pattern=kernel == "eager",
+            kernel_refusal=refusal,
+            use_cache=bool(getattr(config, "use_cache", False)),
+            bos_token_id=_token_id(getattr(config, "bos_token_id", None)),
+            eos_token_id=_token_id(getattr(config, "eos_token_id", None)),
+            name=str(getattr(config, "_name_or_path", "") or ""),
+            unknown_config_keys=unknown_keys(config),
+            parallel_residual=False,
+            config_sha256=config_sha256(config),
+            own_sites=sites,
+        )
+
+    @classmethod
+    def lock_key(cls, model: nn.Module) -> nn.Module:
+        """The ``GPT2Model`` every supported class wraps: a task-head model and its ``transformer`` share a lock."""
+        from transformers import GPT2Model
+
+        base: Any = model if isinstance(model, GPT2Model) else getattr(model, "transformer", model)
+        return base if isinstance(base, nn.Module) else model
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        attn_implementation: str | None = None,
+    ) -> nn.Module:
+        """Load a GPT-2 checkpoint (see :func:`load`)."""
+        return load(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+
+    def split_qkv(self, layer: int, outputs: Sequence[Tensor], rotation: Rotation | None = None) -> QKV:
+        """q, k, v ``[batch, head, pos, d_head]`` as views of ``c_attn``'s output (see :func:`split_qkv`)."""
+        return QKV(*split_qkv(outputs[0], self.n_heads))
+
+    def W_O(self, layer: int) -> Tensor:
+        """``c_proj.weight`` ``[(head d_head), d_model]`` (Conv1D ``[in, out]``) as ``[head, d_head, d_model]``."""
+        weight = self.own_sites.layers[layer].z.weight
+        assert isinstance(weight, Tensor)
+        return weight.view(self.n_heads, self.d_head, self.d_model)
+
+    def b_O(self, layer: int) -> Tensor | None:
+        """``c_proj.bias`` ``[d_model]``."""
+        bias = self.own_sites.layers[layer].z.bias
+        return bias if isinstance(bias, Tensor) else None
+
+    def kernel_pattern(self, output: object) -> Tensor | None:
+        """The eager kernel's pattern in ``GPT2Attention``'s output (see :func:`kernel_pattern`)."""
+        return kernel_pattern(output)
+
+    def final_norm(self) -> LayerNormWeights:
+        """``ln_f``'s weight, bias and eps."""
+        return _layer_norm(self.own_sites.final_norm)
+
+    def extract(self) -> ModelWeights:
+        """Per-head views of the Conv1D parameters (see :func:`_extract`)."""
+        return _extract(self)
+
+    def describe(self) -> list[str]:
+        """The config's sizes and activation, one line."""
+        module: Any = self.module
+        c = module.config
+        return [
+            f"config: n_layer={c.n_layer} n_head={c.n_head} n_embd={c.n_embd} n_positions={c.n_positions} "
+            f"vocab_size={c.vocab_size} activation={c.activation_function}"
+        ]
+
+    def layout_lines(self, weights: ModelWeights, layer: int) -> list[str]:
+        """How one layer's per-head weights are cut from GPT-2's fused Conv1D parameters."""
+        d = weights.d_model
+        c_attn = self.own_sites.layers[layer].qkv[0].weight
+        assert isinstance(c_attn, Tensor)
+        per_head = weights.layers[layer]
+        square = [d, d]
+        return [
+            f"layer {layer} c_attn.weight      {list(c_attn.shape)}  (Conv1D stores [in, out]: x @ W)",
+            f"  W_Q = c_attn[:, 0:{d}]      {square} -> per head {list(per_head.W_Q.shape)}",
+            f"  W_K = c_attn[:, {d}:{2 * d}]   {square} -> per head {list(per_head.W_K.shape)}",
+            f"  W_V = c_attn[:, {2 * d}:{3 * d}]  {square} -> per head {list(per_head.W_V.shape)}",
+            f"  W_O = c_proj.weight     {square} -> per head {list(per_head.W_O.shape)}",
+        ]
+
+    def notes(self) -> tuple[str, ...]:
+        """The 4.x kernels that ignore the scale flags, and ``reorder_and_upcast_attn`` outside the eager kernel."""
+        notes = []
+        if self.kernel_departure is not None:
+            notes.append(
+                f"this transformers release runs the {self.kernel!r} kernel without the config's attention scale "
+                "(scale_attn_weights / scale_attn_by_inverse_layer_idx): the model computes other attention than its "
+                "config says, so z and attn_out are expected to fail where the scale is not 1/sqrt(d_head)"
+            )
+        if any(spec.upcast for spec in self.specs) and self.kernel != "eager":
+            notes.append(
+                f"reorder_and_upcast_attn only affects the eager kernel; the {self.kernel!r} kernel ignores it"
+            )
+        return tuple(notes)
