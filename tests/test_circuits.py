@@ -213,3 +213,27 @@ def test_composition_rows_with_nan_draw_as_blank_cells() -> None:
     assert ax.images[0].get_array().mask[0].all() and not ax.images[0].get_array().mask[1:].any()
     lo, hi = ax.images[0].get_clim()
     assert math.isfinite(lo) and math.isfinite(hi) and lo < hi
+
+
+def test_composition_rows_with_nan_through_scan_result_top_and_the_views_score_table() -> None:
+    from attnlens.scan_result import ScanResult
+    from attnlens.viz._packing import score_table
+
+    w = attnlens.extract_weights(make_gpt2(n_layer=3))
+    row = circuits.composition_scores(w, "Q")[0, 3]  # [layer, head]; layer 0 is NaN
+    as_scan = ScanResult(
+        scores=("q_composition",),
+        layers=(0, 1, 2),
+        heads=(0, 1, 2, 3),
+        mean={"q_composition": row},
+        stderr={"q_composition": torch.zeros_like(row)},
+        count={"q_composition": torch.ones(3, 4, dtype=torch.int64)},
+        n_tokens=0,
+        n_windows=0,
+    )
+    for largest in (True, False):
+        ranked = as_scan.top("q_composition", 12, largest=largest)
+        assert all(layer > 0 and not math.isnan(score) for layer, _, score in ranked[:8])
+        assert all(layer == 0 and math.isnan(score) for layer, _, score in ranked[8:])
+    table = score_table({"q": row}, [0, 1, 2], 4)["q"]
+    assert table[0] == [None] * 4 and all(isinstance(v, float) for v in table[1] + table[2])  # NaN written as null
