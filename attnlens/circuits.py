@@ -44,7 +44,7 @@ from torch import Tensor
 from attnlens.factored import FactoredMatrix
 from attnlens.weights import ModelWeights, _centre
 
-__all__ = ["KINDS", "CompositionBaseline", "composition_baseline", "composition_scores"]
+__all__ = ["KINDS", "CompositionBaseline", "composition_baseline", "composition_scores", "top_pairs"]
 
 KINDS: tuple[str, ...] = ("Q", "K", "V")
 """The kinds of composition: where the earlier head's output enters the later head."""
@@ -216,6 +216,33 @@ def composition_baseline(
         d_model=d_model,
         d_head=d_head,
     )
+
+
+def top_pairs(scores: Tensor, k: int = 5, *, largest: bool = True) -> list[tuple[int, int, int, int, float]]:
+    """The ``k`` pairs of heads with the highest (or lowest) composition score: ``[(l1, h1, l2, h2, score)]``.
+
+    Args:
+        scores: ``[layer, head, layer, head]``, from :func:`composition_scores` (or the same shape of your own).
+        k: how many pairs.
+        largest: best = highest score (``False``: lowest).
+
+    Returns:
+        ``[(l1, h1, l2, h2, score)]``, best first, ties in index order. NaN entries (pairs that cannot compose: the
+        later head is not in a later layer) are not pairs and are never listed, so fewer than ``k`` may come back.
+    """
+    if not isinstance(scores, Tensor) or scores.ndim != 4:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"scores must be a [layer, head, layer, head] tensor, got {shape}")
+    n_layers, n_heads = scores.shape[:2]
+    values = scores.detach().flatten().tolist()
+    finite = [i for i, v in enumerate(values) if not math.isnan(v)]
+    order = sorted(finite, key=lambda i: -values[i] if largest else values[i])[: max(0, k)]
+
+    def pair(i: int) -> tuple[int, int, int, int]:
+        (l1, h1), (l2, h2) = divmod(i // (n_layers * n_heads), n_heads), divmod(i % (n_layers * n_heads), n_heads)
+        return l1, h1, l2, h2
+
+    return [(*pair(i), values[i]) for i in order]
 
 
 def _check(weights: object, kind: object, dtype: object) -> None:

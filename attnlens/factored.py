@@ -16,13 +16,30 @@ TransformerLens's ``svd()`` returns ``torch.svd``'s ``U, S, V`` (it names the th
 
 from __future__ import annotations
 
-import operator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["FactoredMatrix"]
+from attnlens._factored_index import ShapeMismatchError, keep_dim, split_index
+
+__all__ = ["SVD", "FactoredMatrix"]
+
+
+class SVD(NamedTuple):
+    """A thin SVD ``U [..., ldim, k]``, ``S [..., k]``, ``Vh [..., k, rdim]`` with ``U @ diag(S) @ Vh`` the product.
+
+    It unpacks as ``torch.linalg.svd``'s three values; ``.V`` is TransformerLens's third value, ``Vh.mT``.
+    """
+
+    U: Tensor
+    S: Tensor
+    Vh: Tensor
+
+    @property
+    def V(self) -> Tensor:
+        """Right singular vectors as columns ``[..., rdim, k]`` (``U @ diag(S) @ V.mT`` is the product)."""
+        return self.Vh.transpose(-1, -2)
 
 
 def _linalg(x: Tensor) -> Tensor:
@@ -30,13 +47,21 @@ def _linalg(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _describe(x: Tensor | FactoredMatrix) -> tuple[list[int], torch.dtype, torch.device]:
-    """Shape, dtype and device of a product's side, as the user made it (a FactoredMatrix by its ``A``)."""
+def _is_tensor_like(x: object) -> bool:
+    """A duck-typed tensor that TransformerLens accepts as a factor or operand: shape, ndim, ``@``, broadcast_to."""
+    return all(hasattr(x, name) for name in ("shape", "ndim", "__matmul__", "broadcast_to", "unsqueeze"))
+
+
+def _describe(x: Any) -> tuple[list[int], torch.dtype | None, torch.device | None]:
+    """Shape, dtype and device of a product's side, as the user made it (a FactoredMatrix by its ``A``).
+
+    A tensor-like that has no dtype or device gives None: nothing to compare, its own ``@`` decides.
+    """
     tensor = x.A if isinstance(x, FactoredMatrix) else x
-    return list(x.shape), tensor.dtype, tensor.device
+    return list(x.shape), getattr(tensor, "dtype", None), getattr(tensor, "device", None)
 
 
-def _check_product(left: Tensor | FactoredMatrix, right: Tensor | FactoredMatrix) -> None:
+def _check_product(left: Any, right: Any) -> None:
     """Refuse ``left @ right`` by the user's shapes, dtypes and devices before torch meets the factors inside."""
     (ls, ldt, ldev), (rs, rdt, rdev) = _describe(left), _describe(right)
     what = f"FactoredMatrix product {ls} @ {rs}"
@@ -50,47 +75,13 @@ def _check_product(left: Tensor | FactoredMatrix, right: Tensor | FactoredMatrix
         try:
             torch.broadcast_shapes(torch.Size(ls[:-2]), torch.Size(rs[:-2]))
         except RuntimeError:
-            raise ValueError(f"{what}: leading dimensions {ls[:-2]} and {rs[:-2]} do not broadcast") from None
-    if ldt != rdt:
+            raise ShapeMismatchError(
+                f"{what}: leading dimensions {ls[:-2]} and {rs[:-2]} do not broadcast (shape mismatch)"
+            ) from None
+    if ldt is not None and rdt is not None and ldt != rdt:
         raise TypeError(f"{what}: the sides have different dtypes ({ldt} @ {rdt}); convert one first, e.g. .to({ldt})")
-    if ldev != rdev:
+    if ldev is not None and rdev is not None and ldev != rdev:
         raise ValueError(f"{what}: the sides are on different devices ({ldev} @ {rdev}); move one first with .to()")
-
-
-def _index_item(item: Any) -> int | slice | Tensor:
-    """One element of an index as a dense tensor reads it: an int, a slice, or an integer or boolean tensor.
-
-    Numpy integers and 0-d integer tensors are ints (torch selects with them, as with ints); lists and arrays become
-    tensors. True/False (which torch reads as a new axis, not a selection) are refused.
-    """
-    if item is None or item is Ellipsis:
-        raise IndexError("a FactoredMatrix is indexed by integers, slices or tensors; None and ... are not used")
-    if isinstance(item, slice):
-        return item
-    if isinstance(item, bool) or (isinstance(item, Tensor) and item.dtype == torch.bool and item.ndim == 0):
-        raise IndexError(f"a FactoredMatrix is not indexed by True/False (got {item!r}); use integers or a mask")
-    if isinstance(item, Tensor):
-        if item.dtype != torch.bool and (item.is_floating_point() or item.is_complex()):
-            raise IndexError(f"tensors that index a FactoredMatrix must be integer or boolean, got {item.dtype}")
-        return int(item) if item.ndim == 0 else item
-    try:
-        return operator.index(item)  # Python and numpy integers
-    except TypeError:
-        pass
-    try:
-        tensor = torch.as_tensor(item)
-    except (TypeError, ValueError, RuntimeError):
-        raise IndexError(f"cannot index a FactoredMatrix with {type(item).__name__} {item!r}") from None
-    return _index_item(tensor)
-
-
-def _keep_dim(index: int | slice | Tensor, size: int, what: str) -> slice | Tensor:
-    """A row or column index; an integer becomes a one-wide slice, so that the result stays a matrix."""
-    if not isinstance(index, int):
-        return index
-    if not -size <= index < size:
-        raise IndexError(f"{what} {index} is out of range for {size} {what}s")
-    return slice(index, index + 1 if index != -1 else None)
 
 
 class FactoredMatrix:
@@ -98,7 +89,10 @@ class FactoredMatrix:
 
     Args:
         A: ``[..., ldim, mdim]``.
-        B: ``[..., mdim, rdim]``. The leading dimensions of ``A`` and ``B`` broadcast.
+        B: ``[..., mdim, rdim]``. The leading dimensions of ``A`` and ``B`` broadcast; both factors are expanded
+            to the common leading shape (views, no copies), as in TransformerLens. Tensor-likes (objects with
+            ``shape``, ``ndim``, ``@``, ``broadcast_to`` and ``unsqueeze``) are accepted for products; decompositions
+            and indexing need tensors.
 
     Example:
         >>> ov = w.OV[1, 0]                      # [d_model, d_model], rank <= d_head
@@ -107,40 +101,48 @@ class FactoredMatrix:
     """
 
     def __init__(self, A: Tensor, B: Tensor) -> None:
-        if not isinstance(A, Tensor) or not isinstance(B, Tensor):
-            raise TypeError(f"factors must be tensors, got {type(A).__name__} and {type(B).__name__}")
+        for factor in (A, B):
+            if not isinstance(factor, Tensor) and not _is_tensor_like(factor):
+                raise TypeError(f"factors must be tensors, got {type(A).__name__} and {type(B).__name__}")
         if A.ndim < 2 or B.ndim < 2:
             raise ValueError(f"factors must be at least 2-D, got shapes {tuple(A.shape)} and {tuple(B.shape)}")
         if A.shape[-1] != B.shape[-2]:
             raise ValueError(f"inner dimensions differ: A is {tuple(A.shape)}, B is {tuple(B.shape)}")
         try:
-            torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+            lead = torch.broadcast_shapes(torch.Size(A.shape[:-2]), torch.Size(B.shape[:-2]))
         except RuntimeError:
-            raise ValueError(
-                f"leading dimensions do not broadcast: A is {tuple(A.shape)}, B is {tuple(B.shape)}"
+            raise ShapeMismatchError(
+                f"leading dimensions do not broadcast (shape mismatch): A is {tuple(A.shape)}, B is {tuple(B.shape)}"
             ) from None
-        if A.dtype != B.dtype:
+        a_dtype, b_dtype = getattr(A, "dtype", None), getattr(B, "dtype", None)
+        if a_dtype is not None and b_dtype is not None and a_dtype != b_dtype:
             raise TypeError(
-                f"factors have different dtypes: A is {A.dtype} and B is {B.dtype}; a FactoredMatrix needs the same "
+                f"factors have different dtypes: A is {a_dtype} and B is {b_dtype}; a FactoredMatrix needs the same "
                 f"dtype for both (convert one, e.g. B.to(A.dtype))"
             )
-        if A.device != B.device:
-            raise ValueError(f"factors are on different devices: A on {A.device}, B on {B.device}; move one with .to()")
-        self.A = A
-        self.B = B
+        a_device, b_device = getattr(A, "device", None), getattr(B, "device", None)
+        if a_device is not None and b_device is not None and a_device != b_device:
+            raise ValueError(f"factors are on different devices: A on {a_device}, B on {b_device}; move one with .to()")
+        # Both factors carry the common leading shape (as views), so A, B and every product of them agree on it.
+        self.A = A if tuple(A.shape[:-2]) == tuple(lead) else A.broadcast_to((*lead, *A.shape[-2:]))
+        self.B = B if tuple(B.shape[:-2]) == tuple(lead) else B.broadcast_to((*lead, *B.shape[-2:]))
 
     # Shape -----------------------------------------------------------------------------------------------------
 
     @property
     def shape(self) -> torch.Size:
         """``[..., ldim, rdim]``, the shape of the product."""
-        batch = torch.broadcast_shapes(self.A.shape[:-2], self.B.shape[:-2])
-        return torch.Size((*batch, self.A.shape[-2], self.B.shape[-1]))
+        return torch.Size((*self.A.shape[:-2], self.A.shape[-2], self.B.shape[-1]))
 
     @property
     def ndim(self) -> int:
         """Number of dimensions of the product."""
         return len(self.shape)
+
+    @property
+    def has_leading_dims(self) -> bool:
+        """Whether the product has dimensions before its rows and columns (e.g. ``layer``, ``head``)."""
+        return self.ndim > 2
 
     @property
     def ldim(self) -> int:
@@ -162,53 +164,29 @@ class FactoredMatrix:
         """The factors ``(A, B)``."""
         return self.A, self.B
 
-    def _expanded(self) -> tuple[Tensor, Tensor]:
-        lead = self.shape[:-2]
-        return self.A.expand(*lead, *self.A.shape[-2:]), self.B.expand(*lead, *self.B.shape[-2:])
-
     def __getitem__(self, index: Any) -> FactoredMatrix:
         """Index the leading dimensions, then optionally the rows and the columns: ``fm[layer, head, rows, cols]``.
 
-        The leading dimensions are indexed as the dense product would be: integers (also numpy's), negative numbers,
-        slices, integer tensors, and boolean masks, a mask over ``k`` dimensions using ``k`` of them
-        (``w.QK[mask, :, 5]`` with a ``[layer, head]`` mask takes column 5 of each selected head). Rows index ``A``
-        and columns index ``B``, so a block of a huge product costs only its own size; an integer row or column keeps
-        that dimension (one wide), as in TransformerLens, so the result stays a matrix; tensors on both the rows and
-        the columns select a block (``dense[rows][:, cols]``), not elements. ``None``, ``...`` and True/False are not
-        used, nor a mask across the matrix dimensions, nor tensors on both the leading dimensions and the rows or
-        columns (a dense tensor would pair them: index in two steps instead).
+        The product is indexed as the dense tensor would be: integers (also numpy's), negative numbers, slices,
+        lists, arrays, integer tensors, boolean masks (a mask over ``k`` dimensions uses ``k`` of them:
+        ``w.QK[mask, :, 5]`` with a ``[layer, head]`` mask takes column 5 of each selected head), ``...`` and ``None``
+        (a new leading dimension). Rows index ``A`` and columns index ``B``, so a block of a huge product costs only
+        its own size and the inner dimension stays. Where a dense tensor and a matrix part ways:
+
+        - an integer row or column keeps that dimension (one wide), as in TransformerLens, so the result stays a
+          matrix (``fm[..., 3]`` is ``dense[..., 3:4]``);
+        - tensors on both the rows and the columns select a block (``dense[rows][:, cols]``), not elements;
+        - refused, by name: True/False, ``None`` after a row or column index, a mask across the matrix dimensions,
+          tensors on both the leading dimensions and the rows or columns (index in two steps instead).
         """
-        items = [_index_item(i) for i in (index if isinstance(index, tuple) else (index,))]
-        n_lead = self.ndim - 2
-        used = [i.ndim if isinstance(i, Tensor) and i.dtype == torch.bool else 1 for i in items]
-        if sum(used) > self.ndim:
-            raise IndexError(f"too many indices ({sum(used)}) for a FactoredMatrix of shape {list(self.shape)}")
-        split, start = len(items), 0
-        for position, (item, n) in enumerate(zip(items, used)):
-            if start < n_lead < start + n or (start >= n_lead and n > 1):
-                shape = list(item.shape) if isinstance(item, Tensor) else []
-                raise IndexError(
-                    f"a boolean mask of shape {shape} covers dimensions {start}..{start + n - 1} of a FactoredMatrix "
-                    f"of shape {list(self.shape)}: a mask selects along leading dimensions, or along the rows or the "
-                    f"columns alone"
-                )
-            if start >= n_lead and split == len(items):
-                split = position
-            start += n
-        lead, rest = items[:split], items[split:]
-        if any(isinstance(i, Tensor) for i in lead) and any(isinstance(i, Tensor) for i in rest):
-            raise IndexError(
-                f"tensors index both the leading dimensions and the rows or columns of a FactoredMatrix of shape "
-                f"{list(self.shape)}, which a dense tensor would pair element by element; index in two steps: the "
-                f"leading dimensions first (sub = fm[lead]), then the rows and columns of sub"
-            )
-        A, B = self._expanded()
-        if lead:
-            A, B = A[tuple(lead)], B[tuple(lead)]
-        if len(rest) >= 1:
-            A = A[..., _keep_dim(rest[0], self.ldim, "row"), :]
-        if len(rest) == 2:
-            B = B[..., _keep_dim(rest[1], self.rdim, "column")]
+        split = split_index(index, self.shape)
+        A, B = self.A, self.B
+        if split.lead:
+            A, B = A[split.lead], B[split.lead]
+        if split.row is not None:
+            A = A[..., keep_dim(split.row, self.ldim, "row"), :]
+        if split.column is not None:
+            B = B[..., keep_dim(split.column, self.rdim, "column")]
         return FactoredMatrix(A, B)
 
     def unsqueeze(self, dim: int) -> FactoredMatrix:
@@ -217,8 +195,7 @@ class FactoredMatrix:
         position = dim + new_ndim if dim < 0 else dim
         if not 0 <= position <= new_ndim - 3:
             raise IndexError(f"unsqueeze({dim}) of a {self.ndim}-D FactoredMatrix would not add a leading dimension")
-        A, B = self._expanded()
-        return FactoredMatrix(A.unsqueeze(position), B.unsqueeze(position))
+        return FactoredMatrix(self.A.unsqueeze(position), self.B.unsqueeze(position))
 
     # Products --------------------------------------------------------------------------------------------------
 
@@ -239,27 +216,38 @@ class FactoredMatrix:
         """The transpose ``B^T @ A^T``."""
         return FactoredMatrix(self.B.transpose(-1, -2), self.A.transpose(-1, -2))
 
-    def __matmul__(self, other: Tensor | FactoredMatrix) -> Any:
-        """``self @ other``: a FactoredMatrix for a matrix or FactoredMatrix, a tensor ``[..., ldim]`` for a vector."""
-        if isinstance(other, (FactoredMatrix, Tensor)):
-            _check_product(self, other)
+    def __matmul__(self, other: Any) -> Any:
+        """``self @ other``: a FactoredMatrix for a matrix or FactoredMatrix, a tensor ``[..., ldim]`` for a vector.
+
+        The product keeps the smallest inner dimension there is (TransformerLens's ``mdim == min(a.mdim, a.rdim,
+        b.ldim, b.mdim)``), so a chain of products never grows: where ``rdim`` is below ``mdim`` the left side is
+        formed (``AB``, no larger than ``A``) and the operand becomes the right factor.
+        """
         if isinstance(other, FactoredMatrix):
-            # Multiply through the smaller inner dimension so the result stays low-rank.
+            _check_product(self, other)
+            smallest = min(self.mdim, self.rdim, other.mdim)
+            if self.rdim == smallest < self.mdim and self.rdim < other.mdim:
+                return FactoredMatrix(self.AB, other.AB)
             if other.mdim <= self.mdim:
                 return FactoredMatrix(self.A @ (self.B @ other.A), other.B)
             return FactoredMatrix(self.A, (self.B @ other.A) @ other.B)
-        if isinstance(other, Tensor):
+        if isinstance(other, Tensor) or _is_tensor_like(other):
+            _check_product(self, other)
             if other.ndim == 1:
                 return (self.A @ (self.B @ other.unsqueeze(-1))).squeeze(-1)
+            if self.rdim < self.mdim:
+                return FactoredMatrix(self.AB, other)
             return FactoredMatrix(self.A, self.B @ other)
         return NotImplemented
 
-    def __rmatmul__(self, other: Tensor) -> Any:
-        """``other @ self``: a FactoredMatrix for a matrix, a tensor ``[..., rdim]`` for a vector."""
-        if isinstance(other, Tensor):
+    def __rmatmul__(self, other: Any) -> Any:
+        """``other @ self``: a FactoredMatrix for a matrix, a tensor ``[..., rdim]`` for a vector (smallest inner)."""
+        if isinstance(other, Tensor) or _is_tensor_like(other):
             _check_product(other, self)
             if other.ndim == 1:
                 return ((other.unsqueeze(-2) @ self.A) @ self.B).squeeze(-2)
+            if self.ldim < self.mdim:
+                return FactoredMatrix(other, self.AB)
             return FactoredMatrix(other @ self.A, self.B)
         return NotImplemented
 
@@ -280,22 +268,23 @@ class FactoredMatrix:
 
     # Decompositions --------------------------------------------------------------------------------------------
 
-    def svd(self) -> tuple[Tensor, Tensor, Tensor]:
+    def svd(self) -> SVD:
         """Thin SVD of the product, from QR decompositions of the factors (``torch.linalg.svd``'s convention).
 
         With ``k = min(ldim, mdim, rdim)`` (``mdim`` for circuits, whose inner ``d_head`` is the smallest; less for a
         block of fewer rows or columns than ``mdim``):
 
         Returns:
-            ``U [..., ldim, k]``, ``S [..., k]`` (descending) and ``Vh [..., k, rdim]`` with
-            ``U @ diag(S) @ Vh == A @ B``. (TransformerLens's third value is ``Vh.mT`` here: see :attr:`V`.)
+            An :class:`SVD` ``(U [..., ldim, k], S [..., k], Vh [..., k, rdim])``, ``S`` descending, with
+            ``U @ diag(S) @ Vh == A @ B``. TransformerLens's ``svd()`` returns ``V = Vh.mT`` third: ``svd().V``
+            (and :attr:`V`) spell it that way.
         """
         A, B = _linalg(self.A), _linalg(self.B)
         Q_A, R_A = torch.linalg.qr(A)  # R_A [..., min(ldim, mdim), mdim]
         Q_B, R_B = torch.linalg.qr(B.transpose(-1, -2))  # R_B [..., min(rdim, mdim), mdim]
         # The core is min(ldim, mdim) x min(rdim, mdim); only its thin SVD has factors that Q_A and Q_B can take.
         U, S, Vh = torch.linalg.svd(R_A @ R_B.transpose(-1, -2), full_matrices=False)
-        return Q_A @ U, S, Vh @ Q_B.transpose(-1, -2)
+        return SVD(Q_A @ U, S, Vh @ Q_B.transpose(-1, -2))
 
     @property
     def U(self) -> Tensor:

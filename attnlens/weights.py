@@ -354,32 +354,64 @@ class ModelWeights(_Live):
         return self.stacked("b_O")
 
     def processed(
-        self, *, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True
+        self,
+        *,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        fold_value_biases: bool = True,
+        center_reading_weights: bool = True,
+        refactor_factored_attn_matrices: bool = False,
     ) -> ModelWeights:
         """A processed copy, as TransformerLens's default loader makes it; these weights stay as they are.
 
+        The options carry TransformerLens's names and defaults, and run in its order:
+
         - ``fold_ln``: each layer norm's scale ``w`` and shift ``b`` move into the weights that read its output
           (``ln_1`` into ``W_Q/W_K/W_V`` and ``b_Q/b_K/b_V``, ``ln_2`` into the MLP's ``W_in/b_in``, the final norm into
-          ``W_U`` and a new ``b_U = b @ W_U``), and those reading weights are centred over ``d_model`` (the normalised
-          input has mean 0, so their mean row is never used). The layer norms become ``w = 1``, ``b = 0``. Without
-          an unembedding, the final norm stays as it is.
+          ``W_U`` and a new ``b_U = b @ W_U``). The layer norms become ``w = 1``, ``b = 0``. Without an unembedding,
+          the final norm stays as it is.
+        - ``center_reading_weights`` (with ``fold_ln``; TransformerLens's ``fold_layer_norm(center_weights=...)``):
+          the reading weights are also centred over ``d_model``. The normalised input has mean 0, so their mean row
+          is never used; ``False`` folds without centring (what TransformerLens does for RMS norms).
         - ``center_writing_weights``: ``W_E``, ``W_pos``, ``W_O``, ``b_O``, the MLP's ``W_out`` and ``b_out`` have
           their mean over ``d_model`` removed. Every reader of the residual stream is a layer norm, which removes
           that mean first, so nothing downstream changes; the residual stream itself becomes its centred version.
         - ``center_unembed``: ``W_U`` (and ``b_U``) have their mean over ``d_vocab`` removed, so the logits become
           ``logits - logits.mean(-1, keepdim=True)``: a constant per position, the same probabilities.
+        - ``fold_value_biases``: ``b_V`` becomes 0 and ``b_O`` holds ``b_O + sum_h b_V[h] @ W_O[h]`` (a pattern row
+          sums to 1, so each head's value bias adds the constant ``b_V[h] @ W_O[h]`` to the layer's output). Each
+          head's output ``z @ W_O`` then lacks that constant, which ``b_O`` carries: per-head attributions and
+          ablations of ``z`` differ from those on unfolded weights by exactly ``b_V[h] @ W_O[h]``.
+        - ``refactor_factored_attn_matrices`` (off by default, as in TransformerLens): each head's ``W_Q, b_Q, W_K,
+          b_K`` are replaced by the balanced factors of the bias-augmented ``[W_Q; b_Q] @ [W_K; b_K]^T`` (its SVD
+          ``U S Vh`` as ``U sqrt(S)`` and ``sqrt(S) Vh``), and ``W_V, W_O`` by ``U S`` and ``Vh`` of ``W_V @ W_O``
+          (so ``W_O`` has orthonormal rows), with the value biases folded as above. Scores, patterns and head
+          outputs keep their values; q, k, v and z change. Singular vectors are defined up to sign, so the factors
+          equal TransformerLens's up to the sign of each column.
 
-        Nothing else changes: the hidden state after the final layer norm and (up to that shift) the logits are the
-        model's, within float rounding. Attention patterns, ``z`` and head outputs keep their values; ``q``, ``k``,
-        ``v`` keep theirs too (the folding moves the layer norm's affine map into them).
+        Nothing else changes: the hidden state after the final layer norm and (up to the ``center_unembed`` shift)
+        the logits are the model's, within float rounding. Attention patterns keep their values, and without
+        ``fold_value_biases`` and the refactoring, so do ``z`` and head outputs; ``q``, ``k``, ``v`` keep theirs
+        without the refactoring (the folding moves the layer norm's affine map into them).
 
         Returns:
             New :class:`ModelWeights` of detached copies (same dtype and device; the maths runs in float32 at least),
             computed now: a snapshot that does not follow later changes of the model (call ``processed`` again).
             ``QK`` / ``OV`` and everything that takes weights accept it like the model's own.
         """
+        from attnlens._processing import Processing, process
+
+        options = Processing(
+            fold_ln=fold_ln,
+            center_reading_weights=center_reading_weights,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        )
         with torch.no_grad():
-            return _process(self, fold_ln, center_writing_weights, center_unembed)
+            return process(self, options)
 
     @property
     def QK(self) -> FactoredMatrix:
@@ -396,90 +428,7 @@ def _centre(x: Tensor, dim: int = -1) -> Tensor:
     return x - x.mean(dim, keepdim=True)
 
 
-def _process(weights: ModelWeights, fold_ln: bool, center_writing: bool, center_unembed: bool) -> ModelWeights:
-    """See :meth:`ModelWeights.processed` (runs under ``no_grad``)."""
-    dtype = weights.dtype
-    work = torch.promote_types(dtype, torch.float32)
-
-    def up(x: Tensor) -> Tensor:
-        return x.detach().to(work)
-
-    def down(x: Tensor) -> Tensor:
-        return x.to(dtype).clone()
-
-    def identity(ln: LayerNormWeights) -> LayerNormWeights:
-        return LayerNormWeights(w=torch.ones_like(ln.w), b=torch.zeros_like(ln.b), eps=ln.eps)
-
-    def write(x: Tensor) -> Tensor:  # a weight that writes to the residual stream: d_model is its last axis
-        return _centre(x) if center_writing else x
-
-    layers = []
-    for layer in weights.layers:
-        qkv = {}
-        for name in ("Q", "K", "V"):
-            W, b = up(getattr(layer, f"W_{name}")), up(getattr(layer, f"b_{name}"))
-            if fold_ln:
-                # x_norm * w + b read by W: x_norm @ (w[:, None] * W) + b @ W; W's mean row meets a centred x_norm.
-                b = b + torch.einsum("m,hmd->hd", up(layer.ln_1.b), W)
-                W = _centre(up(layer.ln_1.w)[None, :, None] * W, dim=-2)
-            qkv[f"W_{name}"], qkv[f"b_{name}"] = down(W), down(b)
-        mlp = layer.mlp
-        W_in, b_in = up(mlp.W_in), up(mlp.b_in)
-        if fold_ln:
-            b_in = b_in + up(layer.ln_2.b) @ W_in
-            W_in = _centre(up(layer.ln_2.w)[:, None] * W_in, dim=-2)
-        layers.append(
-            LayerWeights(
-                layer=layer.layer,
-                **qkv,
-                W_O=down(write(up(layer.W_O))),
-                b_O=down(write(up(layer.b_O))),
-                ln_1=identity(layer.ln_1) if fold_ln else _copy_ln(layer.ln_1),
-                ln_2=identity(layer.ln_2) if fold_ln else _copy_ln(layer.ln_2),
-                mlp=MLPWeights(
-                    W_in=down(W_in),
-                    b_in=down(b_in),
-                    W_out=down(write(up(mlp.W_out))),
-                    b_out=down(write(up(mlp.b_out))),
-                    act=mlp.act,
-                ),
-                scale=layer.scale,
-                upcast=layer.upcast,
-                score_divisors=layer.score_divisors,
-            )
-        )
-    W_U = None if weights.W_U is None else up(weights.W_U)
-    b_U = None if weights.b_U is None else up(weights.b_U)
-    final_norm = _copy_ln(weights.ln_f)
-    if W_U is not None:
-        if fold_ln:
-            folded = up(weights.ln_f.b) @ W_U
-            b_U = folded if b_U is None else b_U + folded
-            W_U = _centre(up(weights.ln_f.w)[:, None] * W_U, dim=-2)
-            final_norm = identity(weights.ln_f)
-        if center_unembed:
-            W_U = _centre(W_U)
-            b_U = None if b_U is None else _centre(b_U)
-    # Positional, in field order (the final norm's field name is reserved for the dataclass itself).
-    return ModelWeights(
-        weights.n_layers,
-        weights.n_heads,
-        weights.d_model,
-        weights.d_head,
-        weights.d_mlp,
-        weights.d_vocab,
-        weights.n_ctx,
-        down(write(up(weights.W_E))),
-        down(write(up(weights.W_pos))),
-        None if W_U is None else down(W_U),
-        final_norm,
-        tuple(layers),
-        weights.name,
-        None if b_U is None else down(b_U),
-    )
-
-
-def _copy_ln(ln: LayerNormWeights) -> LayerNormWeights:
+def copy_ln(ln: LayerNormWeights) -> LayerNormWeights:
     return LayerNormWeights(w=ln.w.detach().clone(), b=ln.b.detach().clone(), eps=ln.eps)
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_gpt2, nontrivial_ln
+from conftest import make_gpt2, nontrivial_ln, optional
 from torch.testing import assert_close
 
 import attnlens
@@ -175,3 +175,65 @@ def test_baseline_matches_the_scores_of_randomly_initialised_models() -> None:
         assert abs(s.square().mean().item() - 1 / d_model) < 4 * sq_stderr, kind
         # At d_head 4 the baseline's mean sits measurably below the rms (Jensen), as the docstring says.
         assert baseline.rms - baseline.mean > 4 * baseline.stderr
+
+
+def test_nan_pairs_are_never_ranked_and_rank_last_in_head_slices() -> None:
+    model = make_gpt2(n_layer=3)
+    w = attnlens.extract_weights(model)
+    scores = circuits.composition_scores(w, "K")
+    assert scores.isnan().sum() == 6 * 4 * 4  # (l1, l2) with l1 >= l2: 6 of the 9 layer pairs
+    for largest in (True, False):
+        ranked = circuits.top_pairs(scores, 1000, largest=largest)
+        assert len(ranked) == 3 * 16 and all(l1 < l2 for l1, _, l2, _, _ in ranked)
+        values = [score for *_, score in ranked]
+        assert values == sorted(values, reverse=largest) and not any(math.isnan(v) for v in values)
+        l1, h1, l2, h2, best = ranked[0]
+        assert best == float(scores[l1, h1, l2, h2])
+    assert circuits.top_pairs(scores, 2) == circuits.top_pairs(scores, 1000)[:2]
+    # One earlier head against every head: a [layer, head] slice with NaN rows, as top_heads and figures take it.
+    row = scores[1, 2]
+    assert row[:2].isnan().all() and not row[2].isnan().any()
+    for largest in (True, False):
+        ranked = attnlens.metrics.top_heads(row, 12, largest=largest)
+        assert [layer for layer, _, _ in ranked[:4]] == [2, 2, 2, 2]  # numbers first, NaN last both ways
+        assert all(math.isnan(score) for _, _, score in ranked[4:])
+    with pytest.raises(ValueError, match=r"\[layer, head, layer, head\]"):
+        circuits.top_pairs(row)
+
+
+def test_composition_rows_with_nan_draw_as_blank_cells() -> None:
+    optional("matplotlib", "pip install 'attnlens[viz]'").use("Agg")
+    from attnlens import viz
+
+    w = attnlens.extract_weights(make_gpt2(n_layer=3))
+    row = circuits.composition_scores(w, "V")[0, 1]  # layer 0 cannot be composed into: NaN
+    fig = viz.plot_head_scores(row)
+    ax = fig.axes[0]
+    assert len(ax.texts) == 2 * 4  # only the finite cells are written
+    assert ax.images[0].get_array().mask[0].all() and not ax.images[0].get_array().mask[1:].any()
+    lo, hi = ax.images[0].get_clim()
+    assert math.isfinite(lo) and math.isfinite(hi) and lo < hi
+
+
+def test_composition_rows_with_nan_through_scan_result_top_and_the_views_score_table() -> None:
+    from attnlens.scan_result import ScanResult
+    from attnlens.viz._packing import score_table
+
+    w = attnlens.extract_weights(make_gpt2(n_layer=3))
+    row = circuits.composition_scores(w, "Q")[0, 3]  # [layer, head]; layer 0 is NaN
+    as_scan = ScanResult(
+        scores=("q_composition",),
+        layers=(0, 1, 2),
+        heads=(0, 1, 2, 3),
+        mean={"q_composition": row},
+        stderr={"q_composition": torch.zeros_like(row)},
+        count={"q_composition": torch.ones(3, 4, dtype=torch.int64)},
+        n_tokens=0,
+        n_windows=0,
+    )
+    for largest in (True, False):
+        ranked = as_scan.top("q_composition", 12, largest=largest)
+        assert all(layer > 0 and not math.isnan(score) for layer, _, score in ranked[:8])
+        assert all(layer == 0 and math.isnan(score) for layer, _, score in ranked[8:])
+    table = score_table({"q": row}, [0, 1, 2], 4)["q"]
+    assert table[0] == [None] * 4 and all(isinstance(v, float) for v in table[1] + table[2])  # NaN written as null

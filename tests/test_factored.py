@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_within, two_sums_bound
 from torch.testing import assert_close
 
 import attnlens
@@ -76,8 +77,7 @@ def test_indexing_leading_rows_and_columns(fm_dense) -> None:
     assert fm[1, 2:7].A.shape == (5, 4) and fm[1, 2:7].B.shape == (4, 9)  # only A is indexed by rows
     with pytest.raises(IndexError, match="too many"):
         fm[0, 0, 0, 0]
-    with pytest.raises(IndexError, match="None and"):
-        fm[..., 0]
+    assert_close(fm[..., 0].AB, dense[..., 0:1])  # ... as in a dense index; an integer column stays one wide
 
 
 def test_products_with_scalars_vectors_matrices(fm_dense) -> None:
@@ -282,8 +282,12 @@ def test_indexing_the_demo_qk_with_a_head_mask_then_a_column() -> None:
     mask = torch.zeros(2, 4, dtype=torch.bool)
     mask[0, 1] = mask[1, 2] = True
     with torch.no_grad():
-        assert w.QK[mask, :, 5].shape == (2, 128, 1)
-        assert torch.equal(w.QK[mask, :, 5].AB, w.QK.AB[mask][:, :, 5:6])
+        block = w.QK[mask, :, 5]
+        assert block.shape == (2, 128, 1)
+        # A [128, 32] @ [32, 1] product against a column of [128, 32] @ [32, 128]: other kernel shapes, so the same
+        # sums of d_head products rounded twice (bitwise only by luck of the kernel).
+        magnitude = block.A.double().abs() @ block.B.double().abs()
+        assert_within(block.AB, w.QK.AB[mask][:, :, 5:6], two_sums_bound(magnitude, w.d_head, torch.float32))
         assert torch.equal(w.QK[0, 0, np.int64(3)].AB, w.QK[0, 0, 3].AB)
 
 
@@ -301,3 +305,172 @@ def test_indexing_refuses_what_has_no_matrix_meaning() -> None:
         fm[0, True]
     with pytest.raises(IndexError, match=r"integer or boolean"):
         fm[torch.tensor([0.0])]
+
+
+# float64 products of sizes <= 9 differ from the dense product by a few units of roundoff (~1e-15 relative), far
+# inside assert_close's float64 defaults (rtol 1e-7), and far outside any wrong entry of a standard normal product.
+_SIZES = [(3, 3, 3), (1, 1, 1), (1, 2, 1), (1, 6, 5), (5, 2, 1), (3, 2, 4), (8, 6, 5), (7, 6, 3), (3, 4, 4)]
+
+
+@pytest.mark.parametrize("left", _SIZES, ids=str)
+@pytest.mark.parametrize("right_mdim", [1, 2, 7])
+@pytest.mark.parametrize("leading", [((), ()), ((2,), ()), ((), (3,)), ((2, 3), (3,))], ids=str)
+def test_product_keeps_the_smallest_inner_dimension(left, right_mdim, leading) -> None:
+    ldim, mdim, rdim = left
+    g = torch.Generator().manual_seed(6)
+    a = FactoredMatrix(
+        torch.randn(*leading[0], ldim, mdim, generator=g, dtype=torch.float64),
+        torch.randn(*leading[0], mdim, rdim, generator=g, dtype=torch.float64),
+    )
+    b = FactoredMatrix(
+        torch.randn(*leading[1], rdim, right_mdim, generator=g, dtype=torch.float64),
+        torch.randn(*leading[1], right_mdim, 4, generator=g, dtype=torch.float64),
+    )
+    product = a @ b
+    assert product.mdim == min(a.mdim, a.rdim, b.ldim, b.mdim)  # TransformerLens's rule
+    assert_close(product.AB, a.AB @ b.AB)
+    assert product.A.shape[:-2] == product.B.shape[:-2] == product.shape[:-2]
+    M = torch.randn(*leading[1], rdim, 5, generator=g, dtype=torch.float64)
+    by_matrix = a @ M
+    assert by_matrix.mdim == min(a.mdim, a.rdim)
+    assert_close(by_matrix.AB, a.AB @ M)
+    N = torch.randn(*leading[1], 2, ldim, generator=g, dtype=torch.float64)
+    from_left = N @ a
+    assert from_left.mdim == min(a.mdim, a.ldim)
+    assert_close(from_left.AB, N @ a.AB)
+    chain, dense = a, a.AB
+    for _ in range(3):
+        before = chain.mdim
+        chain, dense = chain @ chain.T, dense @ dense.mT
+        assert chain.mdim <= before  # a chain of products never grows its inner dimension
+    assert_close(chain.AB, dense)
+
+
+def test_factors_carry_the_common_leading_shape_as_views() -> None:
+    A, B = torch.ones(5, 3), torch.ones(2, 4, 3, 7)
+    f = FactoredMatrix(A, B)
+    assert f.A.shape == (2, 4, 5, 3) and f.B is B and f.has_leading_dims and f.shape == (2, 4, 5, 7)
+    assert f.A.data_ptr() == A.data_ptr() and f.A.stride()[:2] == (0, 0)  # expanded, not copied
+    g = FactoredMatrix(torch.ones(4, 5, 3), B)
+    assert g.A.shape == (2, 4, 5, 3) and g.shape == (2, 4, 5, 7)
+    plain = FactoredMatrix(torch.ones(5, 3), torch.ones(3, 7))
+    assert not plain.has_leading_dims and plain.shape == (5, 7)
+    with pytest.raises(ValueError, match=r"do not broadcast.*A is \(9, 5, 3\), B is \(2, 4, 3, 7\)") as caught:
+        FactoredMatrix(torch.ones(9, 5, 3), B)
+    assert isinstance(caught.value, RuntimeError)  # as torch's own broadcasting errors (and TransformerLens's)
+    with pytest.raises(RuntimeError, match=r"\[2, 3, 6\] @ \[4, 6, 2\]: leading dimensions \[2\] and \[4\]"):
+        FactoredMatrix(torch.ones(2, 3, 4), torch.ones(2, 4, 6)) @ FactoredMatrix(
+            torch.ones(4, 6, 7), torch.ones(4, 7, 2)
+        )
+
+
+def _ellipsis_forms() -> list[tuple[tuple, tuple]]:
+    """(index, what it means on the dense [2, 3, 5, 7] product): integers on rows and columns stay one wide."""
+    mask = [[True, False, True], [False, True, False]]
+    return [
+        ((...,), (...,)),
+        ((..., 1), (..., slice(1, 2))),
+        ((..., -1, slice(None)), (..., slice(-1, None), slice(None))),
+        ((..., slice(1, 4), slice(2, 6)), (..., slice(1, 4), slice(2, 6))),
+        ((None, ..., slice(1, 4), slice(None)), (None, ..., slice(1, 4), slice(None))),
+        ((0, None, ..., 2), (0, None, ..., slice(2, 3))),
+        ((None, 1, None), (None, 1, None)),
+        ((..., torch.tensor([1, 4])), (..., torch.tensor([1, 4]))),
+        ((torch.tensor([1, 0]), ..., 1), (torch.tensor([1, 0]), ..., slice(1, 2))),
+        ((1, ..., 2, 3), (1, ..., slice(2, 3), slice(3, 4))),
+        ((mask, ...), (torch.tensor(mask), ...)),
+        ((tuple(map(tuple, mask)), ..., 1), (torch.tensor(mask), ..., slice(1, 2))),
+        ((np.array(mask), ..., 1, slice(None)), (torch.tensor(mask), ..., slice(1, 2), slice(None))),
+        ((None, [True, False], ..., 1), (None, torch.tensor([True, False]), ..., slice(1, 2))),
+        (([[1, 0], [0, 1]], ..., 1), (torch.tensor([[1, 0], [0, 1]]), ..., slice(1, 2))),
+        (((1, 0), ..., 1), (torch.tensor([1, 0]), ..., slice(1, 2))),
+    ]
+
+
+@pytest.mark.parametrize(("index", "dense_index"), _ellipsis_forms(), ids=repr)
+def test_ellipsis_none_and_sequences_index_as_the_dense_product(index: tuple, dense_index: tuple) -> None:
+    g = torch.Generator().manual_seed(7)
+    fm = FactoredMatrix(
+        torch.randn(2, 3, 5, 2, generator=g, dtype=torch.float64),
+        torch.randn(2, 3, 2, 7, generator=g, dtype=torch.float64),
+    )
+    got, want = fm[index], fm.AB[dense_index]
+    assert got.shape == want.shape and got.mdim == 2
+    assert_close(got.AB, want)
+
+
+def test_uint8_masks_and_index_errors() -> None:
+    fm = FactoredMatrix(torch.randn(2, 3, 5, 2), torch.randn(2, 3, 2, 7))
+    mask = torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.uint8)
+    for given in (mask, mask.numpy()):
+        with pytest.warns(UserWarning, match="uint8 .*boolean mask"):
+            got = fm[given, ...]
+        assert_close(got.AB, fm.AB[mask.bool()])
+    with pytest.raises(IndexError, match="single ellipsis"):
+        fm[..., ...]
+    with pytest.raises(ValueError, match="too long an index") as caught:
+        fm[..., 0, 0, 0, 0, 0]
+    assert isinstance(caught.value, IndexError)  # as torch's own (and a ValueError, as TransformerLens's)
+    with pytest.raises(IndexError, match="None goes before the row and column"):
+        fm[..., 1, None]
+    with pytest.raises(IndexError, match="None goes before"):
+        fm[0, 0, 1, None, 2]
+
+
+class _TensorLike:
+    """A duck-typed tensor (not a torch.Tensor subclass): what TransformerLens accepts as an operand."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    ndim = property(lambda self: self.tensor.ndim)
+    shape = property(lambda self: self.tensor.shape)
+
+    def unsqueeze(self, dim: int) -> _TensorLike:
+        return _TensorLike(self.tensor.unsqueeze(dim))
+
+    def squeeze(self, dim: int) -> _TensorLike:
+        return _TensorLike(self.tensor.squeeze(dim))
+
+    def broadcast_to(self, shape: tuple[int, ...]) -> _TensorLike:
+        return _TensorLike(self.tensor.broadcast_to(shape))
+
+    def __matmul__(self, other: object) -> object:
+        if isinstance(other, FactoredMatrix):
+            return NotImplemented
+        return _TensorLike(self.tensor @ (other.tensor if isinstance(other, _TensorLike) else other))
+
+    def __rmatmul__(self, other: torch.Tensor) -> _TensorLike:
+        return _TensorLike(other @ self.tensor)
+
+
+def test_tensor_like_operands() -> None:
+    g = torch.Generator().manual_seed(8)
+    fm = FactoredMatrix(torch.randn(3, 4, generator=g).double(), torch.randn(4, 6, generator=g).double())
+    for side, rank in ((fm, 4), (fm.T, 3)):  # rdim above and below mdim: B @ M, or AB as the left factor
+        M = torch.randn(side.rdim, 5, generator=g, dtype=torch.float64)
+        right = side @ _TensorLike(M)
+        assert isinstance(right, FactoredMatrix) and isinstance(right.AB, _TensorLike) and right.mdim == rank
+        assert_close(right.AB.tensor, side.AB @ M)
+    for shape, rank in (((5, 3), 3), ((2, 3), 3)):
+        N = torch.randn(*shape, generator=g, dtype=torch.float64)
+        left = _TensorLike(N) @ fm
+        assert isinstance(left, FactoredMatrix) and left.mdim == rank
+        assert_close(left.AB.tensor, N @ fm.AB)
+    v = torch.randn(6, generator=g, dtype=torch.float64)
+    out = fm @ _TensorLike(v)
+    assert isinstance(out, _TensorLike) and out.shape == (3,)
+    assert_close(out.tensor, fm.AB @ v)
+    with pytest.raises(ValueError, match=r"\[3, 6\] @ \[5, 2\]"):
+        fm @ _TensorLike(torch.randn(5, 2))
+    with pytest.raises(TypeError, match="factors must be tensors"):
+        FactoredMatrix(np.ones((3, 4)), torch.ones(4, 2))  # type: ignore[arg-type]
+
+
+def test_svd_unpacks_as_torch_linalg_and_names_transformerlens_v(fm_dense) -> None:
+    fm, dense = fm_dense
+    result = fm.svd()
+    U, _, Vh = result
+    assert isinstance(result, attnlens.factored.SVD) and result.Vh is Vh and result.U is U
+    assert torch.equal(result.V, Vh.mT) and torch.equal(fm.V, fm.Vh.mT)
+    assert_close(result.U @ torch.diag_embed(result.S) @ result.V.mT, dense)  # TransformerLens's reconstruction

@@ -87,3 +87,101 @@ def test_model_without_unembedding_keeps_ln_f() -> None:
     p = w.processed()
     assert p.W_U is None and p.b_U is None
     assert torch.equal(p.ln_f.w, w.ln_f.w)
+
+
+def nontrivial_biases(model) -> None:
+    """Seeded attention and MLP biases: GPT-2 initialises them to 0, where folding b_V into b_O tests nothing."""
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "ln_" not in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+# float64 (unit roundoff 2^-53 = 1.1e-16): a logit of this 2-layer, d_model 32 model sums a few thousand O(1)
+# products, also through an SVD (backward stable, ~d_model * u relative); 1e-12 absolute and 1e-10 relative leave
+# a margin of 100x and more, while a lost bias term (0.3 * O(1)) is 1e11 times larger.
+LOGIT_TOLERANCE = {"atol": 1e-12, "rtol": 1e-10}
+
+
+@pytest.mark.parametrize(
+    ("fold_ln", "center_reading_weights", "fold_value_biases", "refactor"),
+    [
+        (True, True, True, False),
+        (True, False, True, False),
+        (True, False, False, False),
+        (False, True, True, False),
+        (True, True, True, True),
+        (True, True, False, True),
+        (False, True, False, True),
+    ],
+)
+def test_transformerlens_options_reproduce_the_models_logits(
+    fold_ln, center_reading_weights, fold_value_biases, refactor
+):
+    model = make_gpt2().double()
+    nontrivial_ln(model)
+    nontrivial_biases(model)
+    ids = random_ids(model)
+    with torch.no_grad():
+        expected = model(ids).logits
+    w = attnlens.extract_weights(model)
+    p = w.processed(
+        fold_ln=fold_ln,
+        center_reading_weights=center_reading_weights,
+        center_unembed=False,
+        fold_value_biases=fold_value_biases,
+        refactor_factored_attn_matrices=refactor,
+    )
+    with torch.no_grad():
+        _, logits = forward(p, ids)
+    assert_close(logits, expected, **LOGIT_TOLERANCE)
+    if fold_ln and not center_reading_weights:
+        assert p.layers[0].W_Q.mean(-2).abs().max() > 1e-3  # folded, not centred
+    if fold_value_biases or refactor:
+        assert torch.equal(p.b_V, torch.zeros_like(p.b_V))
+    else:
+        assert p.b_V.abs().max() > 1e-2
+
+
+def test_fold_value_biases_moves_b_V_W_O_from_each_head_into_b_O() -> None:
+    model = make_gpt2().double()
+    nontrivial_ln(model)
+    nontrivial_biases(model)
+    w = attnlens.extract_weights(model)
+    kept = w.processed(fold_value_biases=False)
+    folded = w.processed(fold_value_biases=True)
+    x = torch.randn(2, 7, w.d_model, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for before, after in zip(kept.layers, folded.layers):
+        moved = torch.einsum("hd,hdm->hm", before.b_V, before.W_O)  # b_V[h] @ W_O[h]
+        assert_close(after.b_O, before.b_O + moved.sum(0), atol=1e-14, rtol=1e-13)  # one sum of 4 x 8 products
+        assert torch.equal(after.W_O, before.W_O) and torch.equal(after.W_V, before.W_V)
+        a = attnlens.functional.attention(x, before, return_result=True)
+        b = attnlens.functional.attention(x, after, return_result=True)
+        assert a.result is not None and b.result is not None
+        # Each head's output loses exactly its constant b_V[h] @ W_O[h] (pattern rows sum to 1); the layer's does not.
+        assert_close(a.result - b.result, moved.expand_as(a.result), atol=1e-13, rtol=1e-12)
+        assert_close(a.output, b.output, atol=1e-13, rtol=1e-12)
+        assert moved.abs().max() > 1e-2
+
+
+def test_refactored_factors_are_balanced_and_keep_patterns_and_head_outputs() -> None:
+    model = make_gpt2().double()
+    nontrivial_ln(model)
+    nontrivial_biases(model)
+    w = attnlens.extract_weights(model)
+    plain = w.processed()
+    refactored = w.processed(refactor_factored_attn_matrices=True)
+    x = torch.randn(2, 7, w.d_model, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    eye = torch.eye(w.d_head, dtype=torch.float64).expand(w.n_heads, -1, -1)
+    for before, after in zip(plain.layers, refactored.layers):
+        assert_close(after.W_O @ after.W_O.mT, eye)  # W_O has orthonormal rows: a rotation into d_model
+        q_eff = torch.cat([after.W_Q, after.b_Q[:, None]], 1)
+        k_eff = torch.cat([after.W_K, after.b_K[:, None]], 1)
+        assert_close(q_eff.norm(dim=1), k_eff.norm(dim=1))  # each direction's norm shared by queries and keys
+        a = attnlens.functional.attention(x, before, return_result=True)
+        b = attnlens.functional.attention(x, after, return_result=True)
+        assert_close(b.scores, a.scores, atol=1e-12, rtol=1e-10)
+        assert_close(b.result, a.result, atol=1e-12, rtol=1e-10)
+        assert_close(b.output, a.output, atol=1e-12, rtol=1e-10)
+        assert not torch.allclose(b.q, a.q)  # the factors did change
