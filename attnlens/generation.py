@@ -48,8 +48,8 @@ _REFUSED = {
     "num_beams": "beam search",
     "num_beam_groups": "diverse beam search",
     "assistant_model": "assisted decoding",
-    "prompt_lookup_num_tokens": "prompt-lookup (assisted) decoding",
-    "assistant_early_exit": "self-speculative (assisted) decoding",
+    "prompt_lookup_num_tokens": "assisted decoding by prompt lookup",
+    "assistant_early_exit": "assisted decoding by early exit (self-speculative)",
     "penalty_alpha": "contrastive search",
     "custom_generate": "a custom generation loop",
     "past_key_values": "a cache filled before the call",
@@ -125,11 +125,15 @@ class _Steps:
     def _heads(self, x: Tensor) -> Tensor:
         return x if self.all_heads else x.index_select(1, self.head_index)
 
+    def expanded_mask(self, batch: int) -> Tensor:
+        """The prompt mask for ``batch`` rows: ``num_return_sequences`` repeats each prompt row in place."""
+        if self.prompt_mask.shape[0] != batch:
+            self.prompt_mask = self.prompt_mask.repeat_interleave(batch // self.prompt_mask.shape[0], dim=0)
+        return self.prompt_mask
+
     def _blocked(self, batch: int) -> Tensor:
         """Padding keys of this step, ``[batch, 1, 1, k_pos]``: the prompt's padding; generated tokens are all real."""
-        mask = self.prompt_mask
-        if mask.shape[0] != batch:  # num_return_sequences: generate repeats each prompt row in place
-            mask = self.prompt_mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
+        mask = self.expanded_mask(batch)
         keys = torch.ones(batch, self.n_keys(), dtype=torch.bool, device=mask.device)
         keys[:, : self.prompt_len] = mask.bool()
         return ~keys[:, None, None, :]
@@ -301,7 +305,7 @@ def trace_generate(
         layers=layer_list,
         heads=head_list,
         sequences=sequences.clone(),
-        prompt_mask=steps.prompt_mask.clone(),
+        prompt_mask=steps.expanded_mask(sequences.shape[0]).clone(),
         rows=steps.rows,
         final_kv=steps.final_kv,
         positions=torch.stack(steps.positions, dim=1) if steps.positions else None,

@@ -179,6 +179,26 @@ class GenerationTrace:
             return [str(i) for i in new]
         return self.tokens[batch][self.prompt_len :]
 
+    def view(self, batch: int = 0, *, heads: list[tuple[int, int]] | None = None, title: str = "") -> Any:
+        """The text view (:func:`attnlens.viz.text_html`) of sequence ``batch``; a generated token shows its step.
+
+        Only the generated tokens' query rows (and the last prompt token's, step 0's query) hold attention; the
+        prompt's other tokens were never a query of a step and show none. Left padding is left out.
+        """
+        from attnlens.viz import text_html
+
+        n = self.sequences.shape[1] - 1  # the last generated token was never a query
+        square = self.rows.new_zeros((len(self.layers), len(self.heads), n, n))
+        square[:, :, self.prompt_len - 1 :, :] = self.rows[:, batch]
+        keep = self.attention_mask[batch].bool().cpu()
+        square = square[..., keep, :][..., keep].float().cpu()
+        texts = (
+            self.tokens[batch][:n] if self.tokens is not None else [str(i) for i in self.sequences[batch, :n].tolist()]
+        )
+        texts = [t for t, k in zip(texts, keep.tolist(), strict=True) if k]
+        first = int(keep[: self.prompt_len].sum()) - 1  # step 0's query, behind the padding
+        return text_html(square, texts, layers=list(self.layers), heads=heads, token=first, title=title)
+
     def to_trace(self, model: Any = None) -> AttentionTrace:
         """The square patterns of the sequence the model ran, from one full-sequence :func:`attnlens.trace`.
 
