@@ -39,7 +39,7 @@ from attnlens.errors import AttentionCaptureError, UnsupportedModelError
 from attnlens.generation_trace import GenerationTrace
 from attnlens.models import QKV, Adapter, adapt
 from attnlens.patterns import kernel_specs, masked_scores, qkv_hooks, softmax_into
-from attnlens.tokens import token_texts
+from attnlens.tokens import text_inputs, token_texts
 
 __all__ = ["GenerationTrace", "trace_generate"]
 
@@ -62,6 +62,7 @@ def _settings(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     base = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     settings = dict(base.to_dict()) if base is not None else {}
     settings.update({k: v for k, v in kwargs.items() if k != "generation_config"})
+    settings["_given"] = tuple(kwargs)
     return settings
 
 
@@ -73,6 +74,10 @@ def _refuse(settings: dict[str, Any]) -> None:
         raise UnsupportedModelError(
             f"trace_generate does not trace {what} ({key}={value!r}): its forward passes are not one row per "
             "sequence and step; use greedy or sampled decoding (num_beams=1, no assistant)"
+        )
+    if settings.get("disable_compile") is False and "disable_compile" in settings.get("_given", ()):
+        raise UnsupportedModelError(
+            "trace_generate runs generate uncompiled (its hooks need the Python forward); drop disable_compile=False"
         )
     if settings.get("use_cache") is False:
         raise UnsupportedModelError(
@@ -233,11 +238,12 @@ def trace_generate(
 
     Args:
         model: a Hugging Face model with a language-model head (or its :class:`~attnlens.models.Adapter`).
-        input_ids: ``[batch, prompt]`` (or ``[prompt]``) token ids; pad on the left (as ``generate`` needs).
+        input_ids: ``[batch, prompt]`` (or ``[prompt]``) token ids, padded on the left (as ``generate`` needs); or,
+            with ``tokenizer``, a text or a list of texts (set ``tokenizer.padding_side = "left"`` for several).
         attention_mask: ``[batch, prompt]``, 1 for tokens and 0 for (left) padding.
         layers: the layers to trace (negative numbers count from the end); default all.
         heads: the heads to keep; default all.
-        tokenizer: gives the token strings of the sequences (:attr:`GenerationTrace.tokens`).
+        tokenizer: turns text into ids, and gives the token strings of the sequences (:attr:`GenerationTrace.tokens`).
         **generate_kwargs: passed to ``generate`` (``max_new_tokens``, ``do_sample``, ``num_return_sequences``,
             ``cache_implementation="static"``, ``eos_token_id``, ``pad_token_id``, ...).
 
@@ -273,6 +279,7 @@ def trace_generate(
     _refuse(settings)
     layer_list = check_indices(layers, adapter.n_layers, "layers")
     head_list = check_indices(heads, adapter.n_heads, "heads")
+    input_ids, attention_mask = text_inputs(input_ids, attention_mask, tokenizer, False)
     ids, mask, _ = adapter.check_inputs(input_ids, attention_mask)
     prompt_mask = torch.ones_like(ids) if mask is None else mask
     if bool((prompt_mask[:, -1] == 0).any()):
@@ -283,7 +290,8 @@ def trace_generate(
     steps = _Steps(adapter, layer_list, head_list, prompt_mask)
     generation_config: Any = getattr(adapter.model, "generation_config", None)
     saved_config: Any = copy.deepcopy(generation_config)
-    kwargs = {**generate_kwargs, "return_dict_in_generate": True}
+    # The hooks need the eager Python forward: generate would compile it for a static cache on an accelerator.
+    kwargs = {**generate_kwargs, "return_dict_in_generate": True, "disable_compile": True}
     try:
         with (
             capture.preserved(adapter),

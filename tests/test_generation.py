@@ -187,6 +187,7 @@ def test_static_cache_matches_dynamic() -> None:
         ({"prompt_lookup_num_tokens": 2}, "assisted decoding"),
         ({"use_cache": False}, "use_cache=False"),
         ({"cache_implementation": "offloaded"}, "'offloaded'"),
+        ({"disable_compile": False}, "disable_compile=False"),
     ],
 )
 def test_refused_by_name(options: dict[str, Any], named: str) -> None:
@@ -259,9 +260,10 @@ def test_demo_model_and_cli(tmp_path: Any) -> None:
     from attnlens.cli import main
 
     model, tokenizer = attnlens.load_demo()
-    ids = tokenizer("The cat sat on the", return_tensors="pt")["input_ids"]
-    g = attnlens.trace_generate(eager_twin(model), ids, max_new_tokens=6, tokenizer=tokenizer, eos_token_id=None)
-    assert len(g.step_tokens()) == 6 and g.tokens is not None and g.tokens[0][: ids.shape[1]][0] == "The"
+    text = "The cat sat on the"
+    g = attnlens.trace_generate(eager_twin(model), text, max_new_tokens=6, tokenizer=tokenizer, eos_token_id=None)
+    assert torch.equal(g.sequences[:, : g.prompt_len], tokenizer(text, return_tensors="pt")["input_ids"])
+    assert len(g.step_tokens()) == 6 and g.tokens is not None and g.tokens[0][0] == "The"
     assert g.check(model).ok  # eager steps against the demo's own (sdpa) full-sequence trace
     out = tmp_path / "view.html"
     assert main(["generate", "--prompt", "The cat sat on the", "--max-new-tokens", "4", "--out", str(out)]) == 0
