@@ -136,11 +136,17 @@ class _Steps:
             self.prompt_mask = self.prompt_mask.repeat_interleave(batch // self.prompt_mask.shape[0], dim=0)
         return self.prompt_mask
 
-    def _blocked(self, batch: int) -> Tensor:
-        """Padding keys of this step, ``[batch, 1, 1, k_pos]``: the prompt's padding; generated tokens are all real."""
+    def _blocked(self, batch: int, layer: int) -> Tensor:
+        """Keys this step's query may not see, ``[batch, 1, 1, k_pos]``: padding, and keys outside a sliding window.
+
+        Only the prompt has padding (generated tokens are all real).
+        """
         mask = self.expanded_mask(batch)
         keys = torch.ones(batch, self.n_keys(), dtype=torch.bool, device=mask.device)
         keys[:, : self.prompt_len] = mask.bool()
+        window = self.specs[layer].window
+        if window is not None:
+            keys[:, : max(0, self.n_keys() - window)] = False
         return ~keys[:, None, None, :]
 
     # -------------------------------------------------------------------------------------------- hooks ---
@@ -155,8 +161,7 @@ class _Steps:
         self.positions.append(args[0][:, -1].clone())
 
     def on_qkv(self, layer: int, qkv: QKV) -> None:
-        q = qkv.q[:, :, -1:]  # the step's query: the last position it runs
-        self.queries[layer] = self._heads(q) if not self.all_heads else q
+        self.queries[layer] = self._heads(qkv.q[:, :, -1:])  # the step's query: the last position it runs
 
     def on_attn(self, layer: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -167,7 +172,8 @@ class _Steps:
                     raise AttentionCaptureError(
                         f"step {self.step}, layer {layer}: the kernel attends to cache slots not yet written"
                     )
-                row = self._heads(pattern[:, :, -1, :n_keys]).clone()
+                row = pattern[:, :, -1, :n_keys]
+                row = row.clone() if self.all_heads else self._heads(row)  # never the kernel's own tensor
             elif q is not None:
                 k = self.adapter.cached_kv(self.cache, layer)[0][:, :, :n_keys]
                 if k.shape[2] != n_keys:
@@ -175,7 +181,7 @@ class _Steps:
                         f"step {self.step}, layer {layer}: the cache holds {k.shape[2]} keys, the step needs {n_keys}"
                     )
                 k = self._heads(k.repeat_interleave(self.adapter.n_heads // k.shape[1], dim=1))
-                scores = masked_scores(q, k, self.specs[layer], self._blocked(q.shape[0]), contiguous_k=True)
+                scores = masked_scores(q, k, self.specs[layer], self._blocked(q.shape[0], layer), contiguous_k=True)
                 out = torch.empty(scores.shape, dtype=q.dtype, device=q.device)
                 softmax_into(scores, out, None)
                 row = out[:, :, 0]
@@ -185,18 +191,19 @@ class _Steps:
 
         return hook
 
-    def hooks(self) -> contextlib.ExitStack:
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[None]:
+        """The hooks for the ``with`` block (removed after, also on error)."""
         sites = self.adapter.sites
         post, pre_kwargs = qkv_hooks(self.adapter, self.layers, self.on_qkv)
         post += [(sites.layers[layer].attn, self.on_attn(layer)) for layer in self.layers]
         pre = [] if sites.pos_embed is None else [(sites.pos_embed, self.on_positions)]
-        stack = contextlib.ExitStack()
-        stack.enter_context(
-            capture.forward_hooks([(sites.base, self.on_base), *pre_kwargs], pre=True, with_kwargs=True)
-        )
-        stack.enter_context(capture.forward_hooks(pre, pre=True))
-        stack.enter_context(capture.forward_hooks(post))
-        return stack
+        with (
+            capture.forward_hooks([(sites.base, self.on_base), *pre_kwargs], pre=True, with_kwargs=True),
+            capture.forward_hooks(pre, pre=True),
+            capture.forward_hooks(post),
+        ):
+            yield
 
     def keep_cache(self) -> None:
         for layer in self.layers:

@@ -235,17 +235,21 @@ class GenerationTrace:
         """
         if self.n_steps < 2:
             return GenerationCheck(True, (), {})
-        full = self._full_trace(model, store=("pattern", "q", "k", "v"))
+        traced = self._full_trace(model, store=("pattern", "q", "k", "v"))
+
+        def full(name: str, layer: int) -> Tensor:
+            return traced[name, layer].float().to(self.rows.device)
+
         dtype = str(self.rows.dtype).removeprefix("torch.")
         if dtype not in UNIT_ROUNDOFF:
             raise ValueError(f"no tolerances for {dtype}")
         u = UNIT_ROUNDOFF[dtype]
         n_layers = int(self.provenance["n_layers"])
         scales = [float(x) for x in self.provenance["scales"].split(",")]
-        d_head = int(full["q", self.layers[0]].shape[-1])
+        d_head = int(traced["q", self.layers[0]].shape[-1])
         d_model = d_head * self.n_heads
         table = derived_tolerances(dtype, d_model, d_head, n_layers, self.sequences.shape[1])
-        p0, real = self.prompt_len - 1, self.attention_mask.bool()
+        p0, real = self.prompt_len - 1, self.attention_mask.bool().to(self.rows.device)
         mismatches: list[tuple[int, str]] = []
         largest = {"rows": 0.0, "keys": 0.0, "values": 0.0}
         if self.positions is not None:
@@ -260,11 +264,11 @@ class GenerationTrace:
                 )
         for slot, layer in enumerate(self.layers):
             e = table["k"] + table["hidden"] * (layer + 1) / n_layers
-            q, k = full["q", layer].float(), full["k", layer].float()
+            q, k = full("q", layer), full("k", layer)
             tol = (
                 4 * u + 4 * scales[slot] * q.norm(dim=-1).amax(dim=(0, 2)) * k.norm(dim=-1).amax(dim=(0, 2)) * e
             )  # [head]
-            reference = full.pattern(layer)[:, :, p0:].float()  # [batch, head, step, k_pos]
+            reference = full("pattern", layer)[:, :, p0:]  # [batch, head, step, k_pos]
             error = (self.rows[slot].float() - reference).abs().amax(dim=(0, 3))  # [head, step]
             ratio = error / tol[:, None]
             largest["rows"] = max(largest["rows"], float(ratio.max()))
@@ -278,7 +282,7 @@ class GenerationTrace:
                 )
             for name, cached, recomputed in (
                 ("keys", self.cache_keys[slot], k),
-                ("values", self.cache_values[slot], full["v", layer].float()),
+                ("values", self.cache_values[slot], full("v", layer)),
             ):
                 mine = cached.repeat_interleave(self.n_heads // cached.shape[1], dim=1)
                 mine = mine.index_select(1, torch.tensor(self.heads, device=mine.device)).float()
