@@ -268,3 +268,37 @@ def test_demo_model_and_cli(tmp_path: Any) -> None:
     out = tmp_path / "view.html"
     assert main(["generate", "--prompt", "The cat sat on the", "--max-new-tokens", "4", "--out", str(out)]) == 0
     assert "attnlens-text" in out.read_text()
+
+
+def test_a_sliding_window_blocks_the_keys_that_left_it() -> None:
+    """Recomputed rows (sdpa) follow the spec's window: a query sees at most ``window`` keys, itself included."""
+    from dataclasses import replace
+
+    model = make_gpt2(attn_implementation="sdpa")
+    adapter = adapt(model)
+    windowed = replace(adapter, kernel_specs=tuple(replace(spec, window=3) for spec in adapter.kernel_specs))
+    g = attnlens.trace_generate(windowed, PROMPTS[1][0], max_new_tokens=4, eos_token_id=None)
+    for step in range(4):
+        row = g.row(step, 1)  # keys 0 .. 4 + step
+        assert not row[..., : 5 + step - 3].any() and bool((row[..., -3:] > 0).all())
+        torch.testing.assert_close(row.sum(-1), torch.ones(1, 4), rtol=0, atol=8 * 2.0**-24)  # 3-term sum, rounded
+
+
+def test_concurrent_calls_on_one_model_are_each_their_own() -> None:
+    import threading
+
+    model = make_gpt2(attn_implementation="sdpa")
+    ids, mask = PROMPTS[2]
+    alone = attnlens.trace_generate(model, ids, mask, max_new_tokens=4, eos_token_id=None)
+    results: list[Any] = [None] * 4
+
+    def run(i: int) -> None:
+        results[i] = attnlens.trace_generate(model, ids, mask, max_new_tokens=4, eos_token_id=None)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for g in results:
+        assert torch.equal(g.sequences, alone.sequences) and torch.equal(g.rows, alone.rows)
