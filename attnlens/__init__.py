@@ -18,6 +18,7 @@ from attnlens.errors import (
     UnsupportedModelError,
     strict_config,
 )
+from attnlens.generation import GenerationTrace, trace_generate
 from attnlens.models import extract_weights
 
 # trace, verify and scan are imported eagerly (none needs transformers nor plotting). Were they lazy, a later
@@ -37,6 +38,7 @@ __all__ = [
     "AttentionCaptureError",
     "AttentionTrace",
     "FactoredMatrix",
+    "GenerationTrace",
     "LayerNormWeights",
     "LayerWeights",
     "MLPWeights",
@@ -57,6 +59,7 @@ __all__ = [
     "scan",
     "strict_config",
     "trace",
+    "trace_generate",
     "verify",
     "viz",
 ]

@@ -1,10 +1,11 @@
 """The ``attnlens`` command: quick looks at a GPT-2 checkpoint from a terminal.
 
-``attnlens weights | verify | heads | inspect | scan [MODEL]``. MODEL is a hub name or a local checkpoint folder;
-without one, the embedded demo checkpoint is used, so every command works offline.
+``attnlens weights | verify | heads | inspect | scan | generate [MODEL]``. MODEL is a hub name or a local checkpoint
+folder; without one, the embedded demo checkpoint is used, so every command works offline.
 
-Exit status: 0 on success, 1 when ``verify`` finds a mismatch, 2 on a usage error (a bad option value, a checkpoint
-that cannot be loaded, an unusable device, a missing optional dependency), reported as one line on stderr.
+Exit status: 0 on success, 1 when ``verify`` (or ``generate``'s check) finds a mismatch, 2 on a usage error (a bad
+option value, a checkpoint that cannot be loaded, an unusable device, a missing optional dependency), reported as one
+line on stderr.
 """
 
 from __future__ import annotations
@@ -283,6 +284,35 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate from a prompt, trace every step's attention, check it, and optionally write the text view."""
+    from attnlens.generation import trace_generate
+
+    if args.out is not None and not args.out.endswith(".html"):
+        raise ValueError(f"--out writes the text view: give FILE.html, not {args.out}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise ValueError("this checkpoint has no tokenizer; --prompt needs one")
+    ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.seed is not None}
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        options["pad_token_id"] = tokenizer.eos_token_id  # GPT-2's tokenizer has no pad token
+    g = trace_generate(model, ids, tokenizer=tokenizer, **options)
+    report = g.check(raise_error=False)
+    print(f"prompt: {args.prompt!r}")
+    print("generated: " + repr("".join(g.step_tokens())))
+    print(report)
+    if args.out is not None:
+        layer = model.n_layers - 1
+        g.view(heads=[(layer, 0)], title=f"attnlens generate: {args.prompt}").save(args.out)
+        print(f"wrote {args.out}")
+    return 0 if report.ok else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnlens", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -362,6 +392,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3, help="heads to list per score")
     p.add_argument("--quiet", action="store_true", help="no progress and no summary")
     p.set_defaults(func=cmd_scan)
+
+    p = command("generate", "generate from a prompt, trace each step's attention over the cache, and check it")
+    p.add_argument("--prompt", required=True, help="the text to continue (needs the checkpoint's tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, help="sample with this seed (default: greedy)")
+    p.add_argument("--out", help="write the text view, stepping through the generated tokens, to FILE.html")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from attnlens.errors import UnsupportedModelError
+from attnlens.errors import AttentionCaptureError, UnsupportedModelError
 from attnlens.weights import LayerNormWeights, ModelWeights
 
 __all__ = ["QKV", "Adapter", "AttentionSpec", "LayerSites", "Rotation", "Sites"]
@@ -302,6 +302,32 @@ class Adapter(ABC):
     def notes(self) -> tuple[str, ...]:
         """Known departures of the model's kernel from its config (for verify's report). Default: none."""
         return ()
+
+    def step_cache(self, kwargs: dict[str, Any]) -> Any:
+        """The key/value cache that a forward of ``sites.base`` was called with (its forward-pre hook's kwargs).
+
+        Default: Hugging Face's ``past_key_values`` keyword, or None when the forward runs without a cache.
+        """
+        return kwargs.get("past_key_values")
+
+    def cached_kv(self, cache: Any, layer: int) -> tuple[Tensor, Tensor]:
+        """A layer's cached keys and values ``[batch, kv_head, pos, d_head]``, as its kernel reads them (post-rotary).
+
+        The cache's own tensors (copy what you keep). A static cache holds all its slots, written or not. Default: a
+        Hugging Face ``Cache`` (4.57 and 5.x), one entry per layer with ``.keys`` and ``.values``.
+
+        Raises:
+            AttentionCaptureError: the cache holds no keys for the layer (not a cache this default knows).
+        """
+        entries = getattr(cache, "layers", None)
+        entry = entries[layer] if entries is not None and layer < len(entries) else None
+        keys, values = getattr(entry, "keys", None), getattr(entry, "values", None)
+        if not isinstance(keys, Tensor) or not isinstance(values, Tensor) or keys.ndim != 4:
+            raise AttentionCaptureError(
+                f"the {type(cache).__name__} holds no keys for layer {layer} that attnlens can read; use the default "
+                "dynamic cache"
+            )
+        return keys, values
 
     # --------------------------------------------------------------------------------------- for everyone ---
 
