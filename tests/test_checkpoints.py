@@ -82,7 +82,9 @@ def assert_exact(model: Any, twin: Any, ids: torch.Tensor | None = None, mask: t
         got = tr.pattern(layer)
         assert got.shape == reference.shape and got.dtype == reference.dtype
         if inner.config._attn_implementation == "eager":
-            assert_bitwise(got * rows, reference * rows, "copy")  # the eager kernel's own probabilities
+            assert_bitwise(
+                got * rows, reference * rows, "copy", what=f"layer {layer}"
+            )  # the eager kernel's own probabilities
         else:
             torch.testing.assert_close(got * rows, reference * rows, atol=SDPA_ATOL[got.dtype], rtol=0)
         worst = max(worst, float((got.double() - reference.double()).mul(rows).abs().max()))

@@ -38,7 +38,7 @@ def assert_unchanged(model: Any, before: dict[str, Any]) -> None:
         if key == "state":
             assert before["state"].keys() == after["state"].keys()
             for name, t in before["state"].items():
-                assert_bitwise(after["state"][name], t, "copy")  # the state as it was (a clone taken before)
+                assert_bitwise(after["state"][name], t, "copy", what=name)  # the state as it was (a clone taken before)
         else:
             assert after[key] == before[key], key
 

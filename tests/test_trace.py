@@ -69,7 +69,9 @@ def test_eager_model_patterns_are_bitwise_its_own(config: dict[str, Any], paddin
     for layer in range(3):
         got = tr.pattern(layer)
         assert got.shape == expected[layer].shape
-        assert_bitwise(got * rows, expected[layer] * rows, "copy")  # the eager kernel's own probabilities
+        assert_bitwise(
+            got * rows, expected[layer] * rows, "copy", what=f"layer {layer}"
+        )  # the eager kernel's own probabilities
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
@@ -143,7 +145,7 @@ def test_eager_kernel_patterns_are_bitwise_the_recomputed_ones_and_the_models_ow
     dead = no_key_rows(mask)
     assert bool(dead.any()) == (padding == "left")
     for layer in range(3):
-        assert_bitwise(kernel.pattern(layer), expected[layer].masked_fill(dead, 0.0), "copy")
+        assert_bitwise(kernel.pattern(layer), expected[layer].masked_fill(dead, 0.0), "copy", what=f"layer {layer}")
 
 
 @pytest.mark.parametrize("handed_out", [None, torch.zeros(3, 4, 10, 1)], ids=["none", "wrong_shape"])
@@ -716,7 +718,7 @@ def test_config_edited_after_building_traces_what_the_modules_run(
     assert len(messages) == int(ignored) and all("without the scale" in m for m in messages), messages
     for layer in range(3):
         if implementation == "eager":
-            assert_bitwise(tr.pattern(layer) * rows, expected[layer] * rows, "copy")
+            assert_bitwise(tr.pattern(layer) * rows, expected[layer] * rows, "copy", what=f"layer {layer}")
         else:
             torch.testing.assert_close(tr.pattern(layer) * rows, expected[layer] * rows, atol=1e-6, rtol=0)
     report = attnlens.verify(model, ids, mask)

@@ -42,9 +42,9 @@ def assert_current(w: ModelWeights, model: Any) -> None:
         assert t.dtype == ref.dtype and t.device == ref.device, label
         assert t.requires_grad == ref.requires_grad, label
         assert t.untyped_storage().data_ptr() == ref.untyped_storage().data_ptr(), f"{label} is not the model's"
-        assert_bitwise(t, ref, "copy")
+        assert_bitwise(t, ref, "copy", what=label)
     for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
-        assert_bitwise(getattr(w, name), getattr(fresh, name), "copy")
+        assert_bitwise(getattr(w, name), getattr(fresh, name), "copy", what=name)
     with torch.no_grad():  # the circuits of the same parameters, computed by the same calls
         assert_bitwise(w.QK.AB, fresh.QK.AB, "same call")
         assert_bitwise(w.OV.AB, fresh.OV.AB, "same call")
