@@ -297,10 +297,9 @@ def head_importance(
 
     Several heads are ablated in one forward pass: the batch is repeated once per head along the batch axis, each
     copy with its own head ablated, and the metric is taken on each copy's logits. The result equals ablating each
-    head in its own :func:`ablate` block to float rounding: a matrix product over more rows may round differently
-    (on CPU the results were bitwise equal; tests/test_ablation.py checks 2e-6 absolute on float32 losses near 4.6,
-    a few ulps). The model runs in eval mode without gradients and is
-    left as found.
+    head in its own :func:`ablate` block to float rounding, not bit for bit: a matrix product over more rows may
+    round differently (tests/test_ablation.py checks 2e-6 absolute on float32 losses near 4.6, a few ulps). The model
+    runs in eval mode without gradients and is left as found.
 
     Args:
         model: a GPT-2 model with a language-model head (``GPT2LMHeadModel``, ``GPT2DoubleHeadsModel``); other

@@ -137,6 +137,65 @@ def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Ten
     assert bool((excess <= 0).all()), f"{what}: difference above its bound by {float(excess.max()):.3g}"
 
 
+CONTRACTS: dict[str, str] = {
+    "copy": "one side is a copy or view of the other's numbers: the model's parameters, the eager kernel's "
+    "probabilities, a hook's tensor, a saved and loaded file, a selection of rows or heads",
+    "same call": "both sides are the same call on the same inputs (the same model or function, the same "
+    "arguments, run twice): determinism",
+    "same kernel": "the same kernels run on the same shapes in the same order, as in the HF-order recomputation, "
+    "or the same elementwise operations in the same order",
+    "exact": "the arithmetic is exact: integers, zeros, sums with one nonzero term, 0/1 weights, scaling by a power "
+    "of two",
+}
+"""The reasons a bitwise assertion may stand (CONTRIBUTING.md, "Bitwise or a derived tolerance"); anything else is
+two different computations and takes a derived tolerance (:func:`two_sums_bound`, :func:`assert_within`)."""
+
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def assert_bitwise(actual: Any, expected: Any, why: str, what: str = "") -> None:
+    """``actual`` and ``expected`` are one tensor: same dtype, same shape, same bits (NaN payloads and signed zeros
+    included), for the contract named by ``why`` (a key of :data:`CONTRACTS`).
+
+    Floating-point tensors are compared through integer views of the same width, so NaN equals NaN bit for bit and
+    ``-0.0`` differs from ``0.0``; the message names the largest difference and where it is (and ``what``).
+    """
+    label = f"{what}: {why}" if what else why
+    assert why in CONTRACTS, f"assert_bitwise: unknown contract {why!r}; one of {sorted(CONTRACTS)} (see CONTRACTS)"
+    assert isinstance(actual, torch.Tensor) and isinstance(expected, torch.Tensor), (
+        f"assert_bitwise compares tensors, got {type(actual).__name__} and {type(expected).__name__}"
+    )
+    assert actual.dtype == expected.dtype, f"[{label}] dtypes differ: {actual.dtype} and {expected.dtype}"
+    assert actual.shape == expected.shape, f"[{label}] shapes differ: {tuple(actual.shape)} and {tuple(expected.shape)}"
+    a, b = actual.detach().cpu(), expected.detach().cpu()
+    if a.is_floating_point() or a.is_complex():
+        width = _SAME_WIDTH_INT[a.element_size() // (2 if a.is_complex() else 1)]
+        bits_a = (torch.view_as_real(a) if a.is_complex() else a).view(width)
+        bits_b = (torch.view_as_real(b) if b.is_complex() else b).view(width)
+        same = bits_a == bits_b
+        if a.is_complex():
+            same = same.all(dim=-1)
+    else:
+        same = a == b
+    if bool(same.all()):
+        return
+    differ = ~same
+    first = tuple(int(i) for i in differ.nonzero()[0])
+    if a.is_floating_point():
+        diff = (a.double() - b.double()).abs()
+        diff = torch.where(a.isnan() & b.isnan(), 0.0, diff.nan_to_num(nan=float("inf")))
+        worst = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0]) if diff.numel() else first
+        largest = f"largest difference {float(diff.max()):.3g} at {worst} ({float(a[worst])!r} vs {float(b[worst])!r})"
+        if float(diff.max()) == 0:
+            largest += "; the values are equal but the bits are not (signed zeros or NaN payloads)"
+    else:
+        largest = f"first difference at {first} ({a[first].item()!r} vs {b[first].item()!r})"
+    raise AssertionError(
+        f"[{label}: {CONTRACTS[why]}] not bitwise equal: {int(differ.sum())} of {differ.numel()} elements differ, "
+        f"{largest}"
+    )
+
+
 def random_ids(model: Any, batch: int = 2, pos: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.vocab_size, (batch, pos), generator=g)

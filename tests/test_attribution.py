@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_within, make_gpt2, random_ids, two_sums_bound
+from conftest import assert_bitwise, assert_within, make_gpt2, random_ids, two_sums_bound
 from test_hub_configs import load, make_checkpoint
 
 import attnlens
@@ -64,8 +64,8 @@ def assert_sums(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> float:
     d = decompose(model, ids, mask, positions=None)
     dtype = next(model.parameters()).dtype
     assert d.contributions.dtype == dtype and d.residual.dtype == dtype
-    # The residual is the model's own: bitwise what a hook of our own sees in the same forward pass.
-    assert torch.equal(d.residual, own_residual(model, ids, mask))
+    # The residual is the model's own: bitwise what a hook of our own sees in a forward pass on the same inputs.
+    assert_bitwise(d.residual, own_residual(model, ids, mask), "copy")
     error = d.check()
     _, tolerance = d.errors()
     assert error <= tolerance
@@ -139,8 +139,8 @@ def test_names_shapes_and_chosen_positions_only() -> None:
     for row in range(3):
         column = int(d.positions[row, 0])
         # Embeddings, b_O and MLP outputs are the model's own numbers (copies): bitwise. So is the residual.
-        assert torch.equal(d.contributions[copied, row, 0], everything.contributions[copied, row, column])
-        assert torch.equal(d.residual[row, 0], everything.residual[row, column])
+        assert_bitwise(d.contributions[copied, row, 0], everything.contributions[copied, row, column], "copy")
+        assert_bitwise(d.residual[row, 0], everything.residual[row, column], "copy")
         assert_within(
             d.contributions[heads, row, 0],
             everything.contributions[heads, row, column],
@@ -158,9 +158,9 @@ def test_components_are_what_the_model_wrote() -> None:
     d = decompose(model, ids, positions=[0, 3, -1])
     assert d.positions.tolist() == [[0, 3, 7], [0, 3, 7]]
     W_E, W_pos = model.transformer.wte.weight, model.transformer.wpe.weight
-    assert torch.equal(d.contributions[d.index("embed")], W_E[at(ids, d.positions)])
-    assert torch.equal(d.contributions[d.index("pos_embed")], W_pos[d.positions])
-    assert torch.equal(d.contributions[d.index("L1.b_O")][0, 0], model.transformer.h[1].attn.c_proj.bias)
+    assert_bitwise(d.contributions[d.index("embed")], W_E[at(ids, d.positions)].detach(), "copy")
+    assert_bitwise(d.contributions[d.index("pos_embed")], W_pos[d.positions].detach(), "copy")
+    assert_bitwise(d.contributions[d.index("L1.b_O")][0, 0], model.transformer.h[1].attn.c_proj.bias, "copy")
     # Per-head results are trace's, at the chosen positions.
     traced = attnlens.trace(model, ids, layers=[1], store="result")
     heads = d.contributions[d.index("L1H0") : d.index("L1H0") + 4]  # [head, batch, pos, d_model]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_gpt2, random_ids
+from conftest import assert_bitwise, make_gpt2, random_ids
 
 import attnlens
 from attnlens import capture
@@ -58,8 +58,11 @@ def state(model: Any) -> dict[str, Any]:
 STORE = ("pattern", "scores", "q", "k", "v", "z", "result")
 
 
-def same_trace(a: attnlens.AttentionTrace, b: attnlens.AttentionTrace) -> bool:
-    return a.layers == b.layers and all(torch.equal(a[name], b[name]) for name in STORE)
+def assert_same_trace(a: attnlens.AttentionTrace, b: attnlens.AttentionTrace) -> None:
+    """The same trace call on the same inputs, run alone or among other threads: the same bits."""
+    assert a.layers == b.layers
+    for name in STORE:
+        assert_bitwise(a[name], b[name], "same call")
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
@@ -78,7 +81,8 @@ def test_concurrent_traces_each_get_the_single_threaded_result(implementation: s
     results = run_together(jobs)
     for job, expected in zip(results, alone, strict=True):
         assert len(job) == ROUNDS
-        assert all(same_trace(got, expected) for got in job)
+        for got in job:
+            assert_same_trace(got, expected)
     assert state(model) == before
 
 
@@ -101,7 +105,8 @@ def test_concurrent_traces_and_verifies_on_a_training_sdpa_model() -> None:
         lambda: attnlens.verify(model=model, input_ids=ids),
     ]
     traces_a, reports_a, traces_b, reports_b = run_together(jobs)
-    assert all(same_trace(t, trace_alone) for t in traces_a + traces_b)
+    for t in traces_a + traces_b:
+        assert_same_trace(t, trace_alone)
     assert all(errors(r) == errors(report_alone) and r.attn_implementation == "sdpa" for r in reports_a + reports_b)
     assert state(model) == before
 
@@ -124,7 +129,7 @@ def test_a_users_concurrent_forward_is_untouched(attnlens_call: str) -> None:
 
     results = run_together([lambda: call(model, ids, **kwargs), user, user], rounds=10)
     for logits in results[1] + results[2]:
-        assert torch.equal(logits, user_alone)
+        assert_bitwise(logits, user_alone, "same call")
     assert state(model) == before
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_within, two_sums_bound
+from conftest import assert_bitwise, assert_within, two_sums_bound
 from torch.testing import assert_close
 
 import attnlens
@@ -288,7 +288,7 @@ def test_indexing_the_demo_qk_with_a_head_mask_then_a_column() -> None:
         # sums of d_head products rounded twice (bitwise only by luck of the kernel).
         magnitude = block.A.double().abs() @ block.B.double().abs()
         assert_within(block.AB, w.QK.AB[mask][:, :, 5:6], two_sums_bound(magnitude, w.d_head, torch.float32))
-        assert torch.equal(w.QK[0, 0, np.int64(3)].AB, w.QK[0, 0, 3].AB)
+        assert_bitwise(w.QK[0, 0, np.int64(3)].AB, w.QK[0, 0, 3].AB, "same call")
 
 
 def test_indexing_refuses_what_has_no_matrix_meaning() -> None:
@@ -472,5 +472,6 @@ def test_svd_unpacks_as_torch_linalg_and_names_transformerlens_v(fm_dense) -> No
     result = fm.svd()
     U, _, Vh = result
     assert isinstance(result, attnlens.factored.SVD) and result.Vh is Vh and result.U is U
-    assert torch.equal(result.V, Vh.mT) and torch.equal(fm.V, fm.Vh.mT)
+    assert_bitwise(result.V, Vh.mT, "copy")
+    assert_bitwise(fm.V, fm.Vh.mT, "same call")
     assert_close(result.U @ torch.diag_embed(result.S) @ result.V.mT, dense)  # TransformerLens's reconstruction

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA, make_gpt2, random_ids
+from conftest import CUDA, assert_bitwise, make_gpt2, random_ids
 from torch.testing import assert_close
 
 from attnlens import extract_weights, functional
@@ -182,7 +182,7 @@ def test_half_inputs_are_soft_maxed_in_float32() -> None:
     scores = randn(3, 4, dtype=torch.float16) * 8
     pattern = masked_softmax(scores)
     assert pattern.dtype == torch.float32
-    assert_close(pattern, torch.softmax(scores.float(), -1), atol=0, rtol=0)
+    assert_bitwise(pattern, torch.softmax(scores.float(), -1), "same kernel")
 
 
 # --- the arithmetic orders of attention_scores -------------------------------------------------------------------
@@ -191,11 +191,11 @@ def test_half_inputs_are_soft_maxed_in_float32() -> None:
 def test_attention_scores_orders() -> None:
     q, k = randn(2, 3, 5, 8, seed=1), randn(2, 3, 6, 8, seed=2)
     raw = torch.matmul(q, k.transpose(-1, -2))
-    assert torch.equal(attention_scores(q, k, 0.125), raw * 0.125)
-    assert torch.equal(attention_scores(q, k), raw * 8**-0.5)
+    assert_bitwise(attention_scores(q, k, 0.125), raw * 0.125, "exact")  # q * 2**-3 first: the same bits
+    assert_bitwise(attention_scores(q, k), raw * 8**-0.5, "same kernel")
     # transformers 4.x eager: divide by a 0-dim tensor sqrt(d_head), then by the layer number; scale is ignored.
     legacy = raw / torch.full([], 8**0.5, dtype=raw.dtype) / 3.0
-    assert torch.equal(attention_scores(q, k, 123.0, divisors=(8**0.5, 3.0)), legacy)
+    assert_bitwise(attention_scores(q, k, 123.0, divisors=(8**0.5, 3.0)), legacy, "same kernel")
     # reorder_and_upcast_attn: a float32 baddbmm with the scale as alpha.
     half_q, half_k = q.half(), k.half()
     upcast = attention_scores(half_q, half_k, 0.25, upcast=True)
@@ -203,7 +203,7 @@ def test_attention_scores_orders() -> None:
     reference = torch.baddbmm(
         empty, half_q.reshape(6, 5, 8).float(), half_k.transpose(-1, -2).reshape(6, 8, 6).float(), beta=0, alpha=0.25
     )
-    assert upcast.dtype == torch.float32 and torch.equal(upcast, reference.reshape(2, 3, 5, 6))
+    assert_bitwise(upcast, reference.reshape(2, 3, 5, 6), "same kernel")
     # All orders are the same numbers up to rounding.
     assert_close(attention_scores(q, k, 1 / 8**0.5 / 3, divisors=None), legacy, **FP32)
     assert_close(attention_scores(q, k, 0.25, upcast=True), raw * 0.25, **FP32)
@@ -254,7 +254,8 @@ def test_attention_default_mask_is_causal_and_result_optional() -> None:
     x = randn(1, 6, 32, seed=3)
     default = attention(x, weights.layers[0])
     explicit = attention(x, weights.layers[0], causal_mask(6).expand(1, 1, 6, 6))
-    assert torch.equal(default.output, explicit.output) and default.result is None
+    assert_bitwise(default.output, explicit.output, "same kernel")
+    assert default.result is None
     assert (default.pattern.triu(1) == 0).all()
 
 
@@ -263,7 +264,8 @@ def test_activations_match_transformers() -> None:
 
     x = randn(1000, seed=4) * 4
     for name, fn in functional.ACTIVATIONS.items():
-        assert_close(fn(x), ACT2FN[name](x), atol=0, rtol=0, msg=name)
+        # the same elementwise operations in the same order
+        assert_bitwise(fn(x), ACT2FN[name](x), "same kernel", what=name)
 
 
 # --- CUDA ----------------------------------------------------------------------------------------------------------
@@ -290,7 +292,7 @@ def test_upcast_scores_stay_float32_under_autocast() -> None:
     reference = attention_scores(q, k, 0.25, upcast=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         scores = attention_scores(q, k, 0.25, upcast=True)
-    assert scores.dtype == torch.float32 and torch.equal(scores, reference)
+    assert_bitwise(scores, reference, "same call")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -303,13 +305,13 @@ def test_power_of_two_scale_fast_path_is_bitwise(dtype: torch.dtype, d_head: int
     k = torch.randn(2, 3, 50, d_head, generator=g, dtype=dtype)
     reference = torch.matmul(q, k.transpose(-1, -2))
     scale = d_head**-0.5
-    assert torch.equal(functional.attention_scores(q, k, scale), reference * scale)
+    assert_bitwise(functional.attention_scores(q, k, scale), reference * scale, "exact")
     divided = reference / torch.full([], d_head**0.5, dtype=dtype)
-    assert torch.equal(functional.attention_scores(q, k, divisors=(d_head**0.5,)), divided)
+    assert_bitwise(functional.attention_scores(q, k, divisors=(d_head**0.5,)), divided, "exact")
     # Not a power of two: the general path, still in the requested order.
-    assert torch.equal(functional.attention_scores(q, k, 0.3), reference * 0.3)
+    assert_bitwise(functional.attention_scores(q, k, 0.3), reference * 0.3, "same kernel")
     three = functional.attention_scores(q, k, divisors=(d_head**0.5, 3.0))
-    assert torch.equal(three, divided / torch.full([], 3.0, dtype=dtype))
+    assert_bitwise(three, divided / torch.full([], 3.0, dtype=dtype), "same kernel")
 
 
 @pytest.mark.parametrize(
@@ -352,10 +354,12 @@ def test_rotary_quarter_turn_by_hand() -> None:
     # cos 0, sin 1 turns each pair (i, i + rotary_dim/2) by 90 degrees: (1, 0) -> (0, 1), (0, 1) -> (-1, 0).
     x = torch.tensor([[[[1.0, 0.0, 5.0, -7.0]], [[0.0, 1.0, 5.0, -7.0]]]])  # [batch 1, pos 2, head 1, d_head 4]
     out = apply_rotary(x, torch.zeros(1, 2, 2), torch.ones(1, 2, 2), rotary_dim=2)
-    assert torch.equal(out, torch.tensor([[[[0.0, 1.0, 5.0, -7.0]], [[-1.0, 0.0, 5.0, -7.0]]]]))  # the rest passes
+    assert_bitwise(out, torch.tensor([[[[0.0, 1.0, 5.0, -7.0]], [[-1.0, 0.0, 5.0, -7.0]]]]), "exact")  # the rest passes
     # Feature 0 pairs with feature d/2 = 2 (rotate-half), not with its neighbour 1 (GPT-J's interleaved pairs).
     e0 = torch.tensor([1.0, 0.0, 0.0, 0.0]).reshape(1, 1, 1, 4)
-    assert torch.equal(apply_rotary(e0, torch.zeros(1, 4), torch.ones(1, 4)).flatten(), torch.tensor([0.0, 0, 1, 0]))
+    assert_bitwise(
+        apply_rotary(e0, torch.zeros(1, 4), torch.ones(1, 4)).flatten(), torch.tensor([0.0, 0, 1, 0]), "exact"
+    )
 
 
 def test_rotary_cos_sin_by_hand() -> None:
@@ -401,10 +405,11 @@ def test_rotary_is_bitwise_transformers_gpt_neox(dtype: torch.dtype, rotary_pct:
     q, k = randn(2, 6, n_heads, d_head, dtype=dtype), randn(2, 6, n_heads, d_head, seed=1, dtype=dtype)
     hf_cos, hf_sin = hf.GPTNeoXRotaryEmbedding(config)(q, position_ids)
     cos, sin = rotary_cos_sin(position_ids, rotary_dim=rotary_dim, base=500, dtype=dtype)
-    assert torch.equal(cos, hf_cos) and torch.equal(sin, hf_sin)
+    assert_bitwise(cos, hf_cos, "same kernel")
+    assert_bitwise(sin, hf_sin, "same kernel")
     hf_q, hf_k = hf.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    assert torch.equal(apply_rotary(q, cos, sin, rotary_dim=rotary_dim), hf_q.transpose(1, 2))
-    assert torch.equal(apply_rotary(k, cos, sin), hf_k.transpose(1, 2))
+    assert_bitwise(apply_rotary(q, cos, sin, rotary_dim=rotary_dim), hf_q.transpose(1, 2), "same kernel")
+    assert_bitwise(apply_rotary(k, cos, sin), hf_k.transpose(1, 2), "same kernel")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

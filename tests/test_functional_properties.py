@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import optional
+from conftest import assert_bitwise, optional
 from test_functional import TOLERANCES, randn
 from torch.testing import assert_close
 
@@ -54,5 +54,5 @@ def test_split_and_merge_heads_round_trip(lead: list[int], pos: int, heads: int,
     split = split_heads(x, heads)
     assert split.shape == (*lead, heads, pos, d_head)
     # Head h holds columns h*d_head .. (h+1)*d_head - 1 (the layout of GPT-2's fused projections).
-    assert torch.equal(split[..., heads - 1, :, :], x[..., (heads - 1) * d_head :])
-    assert torch.equal(merge_heads(split), x)
+    assert_bitwise(split[..., heads - 1, :, :], x[..., (heads - 1) * d_head :], "copy")
+    assert_bitwise(merge_heads(split), x, "copy")

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import assert_bitwise
 from test_gpt_neox_config import REFUSED, UNKNOWN
 from torch.testing import assert_close
 
@@ -128,14 +129,18 @@ def check_rotations(name: str, tmp_path: Path, kernel: str) -> None:
     expected_cos, expected_sin = rotary_cos_sin(position_ids, rotary_dim=rotary_dim, base=base, dtype=model.dtype)
     for layer, call in enumerate(calls):
         cos, sin = call["position_embeddings"]
-        assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
+        assert_bitwise(cos, expected_cos, "same kernel")
+        assert_bitwise(sin, expected_sin, "same kernel")
         # query_key_value's output features are [head, (q k v), d_head]: q of head h at h * 3 * d_head.
         q, k, _ = call["qkv"].view(*ids.shape, N_HEAD, 3 * D_HEAD).chunk(3, dim=-1)
-        assert torch.equal(q, call["q"].transpose(1, 2)) and torch.equal(k, call["k"].transpose(1, 2))
+        assert_bitwise(q, call["q"].transpose(1, 2), "copy")
+        assert_bitwise(k, call["k"].transpose(1, 2), "copy")
         q_rot = apply_rotary(q, cos, sin, rotary_dim=rotary_dim)
         k_rot = apply_rotary(k, cos, sin, rotary_dim=rotary_dim)
-        assert torch.equal(q_rot, call["q_rot"].transpose(1, 2)) and torch.equal(k_rot, call["k_rot"].transpose(1, 2))
-        assert torch.equal(q_rot[..., rotary_dim:], q[..., rotary_dim:])  # the features past rotary_dim pass through
+        assert_bitwise(q_rot, call["q_rot"].transpose(1, 2), "same kernel")
+        assert_bitwise(k_rot, call["k_rot"].transpose(1, 2), "same kernel")
+        # the features past rotary_dim pass through
+        assert_bitwise(q_rot[..., rotary_dim:], q[..., rotary_dim:], "copy")
         assert rotary_dim == D_HEAD or not torch.equal(q_rot[:, 1:], q[:, 1:])  # and the others do turn
         if kernel == "eager":
             check_eager_pattern(q_rot, k_rot, mask, out.attentions[layer])

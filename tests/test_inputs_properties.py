@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import eager_reference, make_gpt2, optional
+from conftest import assert_bitwise, eager_reference, make_gpt2, optional
 from test_inputs import NAMED
 
 import attnlens
@@ -38,9 +38,7 @@ def assert_unchanged(model: Any, before: dict[str, Any]) -> None:
         if key == "state":
             assert before["state"].keys() == after["state"].keys()
             for name, t in before["state"].items():
-                # bitwise: same dtype, same bits (NaN-safe)
-                assert t.dtype == after["state"][name].dtype
-                assert torch.equal(t.view(torch.uint8), after["state"][name].view(torch.uint8)), name
+                assert_bitwise(after["state"][name], t, "copy", what=name)  # the state as it was (a clone taken before)
         else:
             assert after[key] == before[key], key
 
@@ -155,7 +153,7 @@ def test_trace_is_right_or_a_named_error_and_leaves_the_model(data: Any) -> None
         rows = mine.sum(-1)[valid[:, None, :].expand_as(mine[..., 0])]
         torch.testing.assert_close(rows, torch.ones_like(rows), rtol=0, atol=1e-6)
         if eager:  # the eager kernel's probabilities, bit for bit
-            assert torch.equal(mine[keep.expand_as(mine)], theirs[keep.expand_as(theirs)])
+            assert_bitwise(mine[keep.expand_as(mine)], theirs[keep.expand_as(theirs)], "copy")
         else:  # SDPA's hidden states differ from eager's by float rounding
             torch.testing.assert_close(mine * keep, theirs * keep, rtol=1e-5, atol=1e-6)
         assert not bool(mine.isnan().any())

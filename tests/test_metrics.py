@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_gpt2, random_ids
+from conftest import assert_bitwise, make_gpt2, random_ids
 
 import attnlens
 from attnlens import AttentionTrace, metrics
@@ -418,15 +418,22 @@ def test_pattern_scores_reproduce_the_built_in_scores() -> None:
 
     prev = torch.zeros(n, n).diagonal_scatter(torch.ones(n - 1), -1)
     for kwargs in ({}, {"exclude_bos": True}, {"exclude_current_token": True}):
-        assert torch.equal(metrics.pattern_scores(tr, prev, **kwargs), metrics.previous_token_scores(tr, **kwargs))
-        assert torch.equal(metrics.pattern_scores(tr, dup, **kwargs), metrics.duplicate_token_scores(tr, **kwargs))
-        assert torch.equal(metrics.pattern_scores(tr, induction, **kwargs), metrics.induction_scores(tr, **kwargs))
+        # Without options previous_token_scores reads the diagonal where pattern_scores sums the row times 0/1
+        # weights: one nonzero term, exact. With options both weigh the same 0/1 keys through the same code.
+        why = "same kernel" if kwargs else "exact"
+        assert_bitwise(metrics.pattern_scores(tr, prev, **kwargs), metrics.previous_token_scores(tr, **kwargs), why)
+        dup_scores = metrics.duplicate_token_scores(tr, **kwargs)
+        assert_bitwise(metrics.pattern_scores(tr, dup, **kwargs), dup_scores, "same kernel")
+        induction_scores = metrics.induction_scores(tr, **kwargs)
+        assert_bitwise(metrics.pattern_scores(tr, induction, **kwargs), induction_scores, "same kernel")
     # a [batch, q_pos, k_pos] tensor is the function's result; a function may return [q_pos, k_pos]
-    assert torch.equal(metrics.pattern_scores(tr, dup(ids)), metrics.pattern_scores(tr, dup))
-    assert torch.equal(metrics.pattern_scores(tr, lambda t: prev), metrics.pattern_scores(tr, prev))
+    assert_bitwise(metrics.pattern_scores(tr, dup(ids)), metrics.pattern_scores(tr, dup), "same call")
+    assert_bitwise(metrics.pattern_scores(tr, lambda t: prev), metrics.pattern_scores(tr, prev), "same call")
     # input_ids go to the function
     other = ids.roll(1, dims=-1)
-    assert torch.equal(metrics.pattern_scores(tr, dup, input_ids=other), metrics.pattern_scores(tr, dup(other)))
+    assert_bitwise(
+        metrics.pattern_scores(tr, dup, input_ids=other), metrics.pattern_scores(tr, dup(other)), "same call"
+    )
     assert not torch.equal(metrics.pattern_scores(tr, dup, input_ids=other), metrics.pattern_scores(tr, dup))
 
 

@@ -6,8 +6,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 import pytest
-import torch
-from conftest import make_gpt2
+from conftest import assert_bitwise, make_gpt2
 from torch import nn
 
 import attnlens
@@ -40,7 +39,7 @@ def test_W_O_is_a_view_of_the_output_projection_per_head() -> None:
         W_O = adapter.W_O(layer)
         assert W_O.shape == (adapter.n_heads, adapter.d_head, adapter.d_model)
         assert W_O.data_ptr() == model.transformer.h[layer].attn.c_proj.weight.data_ptr()
-        assert torch.equal(W_O, weights.layers[layer].W_O)
+        assert_bitwise(W_O, weights.layers[layer].W_O, "copy")
         assert adapter.b_O(layer) is model.transformer.h[layer].attn.c_proj.bias
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_gpt2, nontrivial_ln, random_ids
+from conftest import assert_bitwise, make_gpt2, nontrivial_ln, random_ids
 from torch.testing import assert_close
 
 import attnlens
@@ -49,8 +49,8 @@ def test_what_processing_changes() -> None:
     w = attnlens.extract_weights(model)
     p = w.processed()
     assert p.b_U is not None and w.b_U is None
-    assert torch.equal(p.layers[0].ln_1.w, torch.ones(w.d_model, dtype=torch.float64))
-    assert torch.equal(p.ln_f.b, torch.zeros(w.d_model, dtype=torch.float64))
+    assert_bitwise(p.layers[0].ln_1.w, torch.ones(w.d_model, dtype=torch.float64), "exact")
+    assert_bitwise(p.ln_f.b, torch.zeros(w.d_model, dtype=torch.float64), "exact")
     for t in (p.W_E, p.W_pos, p.layers[1].W_O, p.layers[1].b_O, p.layers[0].mlp.W_out):
         assert t.mean(-1).abs().max() < 1e-14  # writing weights centred over d_model
     for t in (p.layers[0].W_Q, p.layers[1].mlp.W_in, p.W_U):
@@ -86,7 +86,7 @@ def test_model_without_unembedding_keeps_ln_f() -> None:
     w = attnlens.extract_weights(model)
     p = w.processed()
     assert p.W_U is None and p.b_U is None
-    assert torch.equal(p.ln_f.w, w.ln_f.w)
+    assert_bitwise(p.ln_f.w, w.ln_f.w, "copy")
 
 
 def nontrivial_biases(model) -> None:
@@ -139,7 +139,7 @@ def test_transformerlens_options_reproduce_the_models_logits(
     if fold_ln and not center_reading_weights:
         assert p.layers[0].W_Q.mean(-2).abs().max() > 1e-3  # folded, not centred
     if fold_value_biases or refactor:
-        assert torch.equal(p.b_V, torch.zeros_like(p.b_V))
+        assert_bitwise(p.b_V, torch.zeros_like(p.b_V), "exact")
     else:
         assert p.b_V.abs().max() > 1e-2
 
@@ -155,7 +155,8 @@ def test_fold_value_biases_moves_b_V_W_O_from_each_head_into_b_O() -> None:
     for before, after in zip(kept.layers, folded.layers):
         moved = torch.einsum("hd,hdm->hm", before.b_V, before.W_O)  # b_V[h] @ W_O[h]
         assert_close(after.b_O, before.b_O + moved.sum(0), atol=1e-14, rtol=1e-13)  # one sum of 4 x 8 products
-        assert torch.equal(after.W_O, before.W_O) and torch.equal(after.W_V, before.W_V)
+        assert_bitwise(after.W_O, before.W_O, "same call")
+        assert_bitwise(after.W_V, before.W_V, "same call")
         a = attnlens.functional.attention(x, before, return_result=True)
         b = attnlens.functional.attention(x, after, return_result=True)
         assert a.result is not None and b.result is not None

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_gpt2, optional
+from conftest import assert_bitwise, make_gpt2, optional
 
 import attnlens
 from attnlens import ScanResult, metrics
@@ -135,7 +135,7 @@ def test_result_round_trips_bit_for_bit(tiny, tmp_path) -> None:
     for table in ("mean", "stderr", "count"):
         for name in result.scores:
             a, b = getattr(result, table)[name], getattr(loaded, table)[name]
-            assert a.dtype == b.dtype and torch.equal(a.view(torch.int64), b.view(torch.int64)), (table, name)
+            assert_bitwise(b, a, "copy", what=f"{table} {name}")  # NaN-safe: undefined scores are NaN
     assert loaded.provenance == result.provenance and loaded.n_tokens == result.n_tokens
     assert loaded.to_json() == result.to_json() == path.read_text()
     assert loaded.top("previous_token", 3) == result.top("previous_token", 3)

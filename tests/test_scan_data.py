@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_bitwise
 
 import attnlens
 from attnlens.scan_data import Packer, documents
@@ -51,7 +52,7 @@ def test_txt_jsonl_rows_and_texts_give_the_same_result(demo, tmp_path) -> None:
     for other in (from_rows, from_jsonl, from_txt, from_ids):
         assert other.provenance["data_sha256"] == from_texts.provenance["data_sha256"]
         for name in other.scores:
-            assert torch.equal(other.mean[name], from_texts.mean[name])
+            assert_bitwise(other.mean[name], from_texts.mean[name], "same call")  # the same windows
 
 
 def test_txt_documents_are_blank_line_separated(tmp_path) -> None:
@@ -147,7 +148,7 @@ def test_a_file_that_is_not_utf8_is_named_by_file_and_line(demo, tmp_path) -> No
     got = attnlens.scan(model, path, tokenizer=tok, seq_len=4, progress=False, encoding="latin-1")
     assert got.n_windows == expected.n_windows > 0
     for name in expected.scores:  # the same windows through the same kernels: the same bits (NaN where undefined)
-        torch.testing.assert_close(got.mean[name], expected.mean[name], rtol=0, atol=0, equal_nan=True)
+        assert_bitwise(got.mean[name], expected.mean[name], "same call")
     with pytest.raises(ValueError, match=r"unknown encoding 'no-such-codec'"):
         list(documents(path, encoding="no-such-codec"))
 

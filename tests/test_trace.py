@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import eager_reference, make_gpt2, random_ids
+from conftest import assert_bitwise, eager_reference, make_gpt2, random_ids
 
 import attnlens
 from attnlens import AttentionTrace
@@ -69,7 +69,9 @@ def test_eager_model_patterns_are_bitwise_its_own(config: dict[str, Any], paddin
     for layer in range(3):
         got = tr.pattern(layer)
         assert got.shape == expected[layer].shape
-        assert torch.equal(got * rows, expected[layer] * rows), f"layer {layer} differs"
+        assert_bitwise(
+            got * rows, expected[layer] * rows, "copy", what=f"layer {layer}"
+        )  # the eager kernel's own probabilities
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
@@ -134,15 +136,16 @@ def test_eager_kernel_patterns_are_bitwise_the_recomputed_ones_and_the_models_ow
     recomputed = attnlens.trace(model, ids, mask)
     assert calls[0] == 4
     assert kernel.patterns.dtype == kernel_z.patterns.dtype == recomputed.patterns.dtype == dtype
-    assert torch.equal(kernel.patterns, recomputed.patterns)
-    assert torch.equal(kernel_z.patterns, recomputed.patterns)
+    # The recomputation runs HF's eager arithmetic: the same kernels on the same shapes in the same order.
+    assert_bitwise(kernel.patterns, recomputed.patterns, "same kernel")
+    assert_bitwise(kernel_z.patterns, recomputed.patterns, "same kernel")
     # The model's own output_attentions, on every row; rows of queries with no key to attend to are 0 in a trace,
     # whatever the kernel left there.
     expected = eager_reference(model, ids, mask)
     dead = no_key_rows(mask)
     assert bool(dead.any()) == (padding == "left")
     for layer in range(3):
-        assert torch.equal(kernel.pattern(layer), expected[layer].masked_fill(dead, 0.0)), f"layer {layer} differs"
+        assert_bitwise(kernel.pattern(layer), expected[layer].masked_fill(dead, 0.0), "copy", what=f"layer {layer}")
 
 
 @pytest.mark.parametrize("handed_out", [None, torch.zeros(3, 4, 10, 1)], ids=["none", "wrong_shape"])
@@ -157,8 +160,8 @@ def test_eager_kernel_without_a_pattern_falls_back_to_recomputing(
     monkeypatch.setattr(attnlens.models.gpt2, "kernel_pattern", lambda output: handed_out)
     got = attnlens.trace(model, ids, mask, heads=[3, 1], store=store)
     assert calls[0] == 3
-    assert torch.equal(got.patterns, expected.patterns)
-    assert torch.equal(got["z"], expected["z"])
+    assert_bitwise(got.patterns, expected.patterns, "same kernel")  # recomputed in HF's order against the kernel's
+    assert_bitwise(got["z"], expected["z"], "copy")  # z is the model's own in both
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
@@ -190,7 +193,7 @@ def test_eager_kernel_patterns_keep_heads_and_ignore_training_dropout() -> None:
     torch.manual_seed(0)
     tr = attnlens.trace(model, ids, mask, heads=[3, 1], store=("pattern", "z"))
     assert model.training and model.transformer.h[0].attn.attn_dropout.training
-    assert torch.equal(tr.patterns, full.patterns[:, :, [3, 1]])
+    assert_bitwise(tr.patterns, full.patterns[:, :, [3, 1]], "copy")  # the kernel's own, before dropout
     # The kernel's tensor is copied into the trace's own stack, never kept.
     seen: list[torch.Tensor] = []
     handle = model.transformer.h[0].attn.register_forward_hook(lambda m, a, out: seen.append(out[1]))
@@ -198,7 +201,8 @@ def test_eager_kernel_patterns_keep_heads_and_ignore_training_dropout() -> None:
         again = attnlens.trace(model.eval(), ids, mask, store=("pattern", "z"))
     finally:
         handle.remove()
-    assert len(seen) == 1 and torch.equal(again.pattern(0), seen[0].masked_fill(no_key_rows(mask), 0.0))
+    assert len(seen) == 1
+    assert_bitwise(again.pattern(0), seen[0].masked_fill(no_key_rows(mask), 0.0), "copy")
     assert again.patterns.untyped_storage().data_ptr() != seen[0].untyped_storage().data_ptr()
 
 
@@ -221,7 +225,7 @@ def test_padding_rows_are_zero_and_real_rows_sum_to_one() -> None:
     sums = tr.patterns.sum(-1)  # [layer, batch, head, q_pos]
     real = mask.bool()[None, :, None, :].expand_as(sums)
     torch.testing.assert_close(sums[real], torch.ones_like(sums[real]))
-    assert torch.equal(sums[~real], torch.zeros_like(sums[~real]))
+    assert_bitwise(sums[~real], torch.zeros_like(sums[~real]), "exact")  # sums of zeros
     # no probability on padding keys
     assert float((tr.patterns * (~mask.bool())[None, :, None, None, :]).abs().max()) == 0.0
 
@@ -254,8 +258,8 @@ def test_layers_order_negative_and_subset_match_the_full_trace() -> None:
     tr = attnlens.trace(model, ids, layers=[-1, 0])
     assert tr.layers == (2, 0)
     assert tr.patterns.shape == (2, 2, 4, 12, 12)
-    assert torch.equal(tr.patterns[0], full.pattern(2))
-    assert torch.equal(tr.pattern(0), full.pattern(0))
+    assert_bitwise(tr.patterns[0], full.pattern(2), "same call")
+    assert_bitwise(tr.pattern(0), full.pattern(0), "same call")
     assert tr.patterns is tr.patterns  # built once
     with pytest.raises(ValueError, match="layer 1 was not traced"):
         tr.pattern(1)
@@ -301,9 +305,11 @@ def test_stored_tensors_are_the_models_own() -> None:
     assert tr.stored == STORE_NAMES
     io = capture_attention_io(model, 1, ids, mask)
     q, k, v = attnlens.models.gpt2.split_qkv(io["qkv"], 4)
-    assert torch.equal(tr["q", 1], q) and torch.equal(tr["k", 1], k) and torch.equal(tr["v", 1], v)
+    assert_bitwise(tr["q", 1], q, "copy")
+    assert_bitwise(tr["k", 1], k, "copy")
+    assert_bitwise(tr["v", 1], v, "copy")
     assert tr["q", 1].shape == (3, 4, 10, 8)
-    assert torch.equal(tr["z", 1], io["z_in"].view(3, 10, 4, 8))
+    assert_bitwise(tr["z", 1], io["z_in"].view(3, 10, 4, 8), "copy")
     # per-head results add up to the attention output (plus the bias, which belongs to no head)
     b_O = model.transformer.h[1].attn.c_proj.bias
     torch.testing.assert_close(tr["result", 1].sum(2) + b_O, io["out"], atol=1e-6, rtol=0)
@@ -465,7 +471,7 @@ def test_texts_are_tokenized_padded_and_kept_for_display(side: str) -> None:
     assert tr.tokens is not None and tr.tokens[0] == ["the", "cat", "sat", "on", "the", "mat"]
     # the same ids traced directly give the same patterns
     direct = attnlens.trace(model, tr.input_ids, tr.attention_mask)
-    assert torch.equal(direct.patterns, tr.patterns)
+    assert_bitwise(direct.patterns, tr.patterns, "same call")
     assert direct.tokens is None
 
 
@@ -492,7 +498,7 @@ def test_save_and_load_round_trip(tmp_path: Any) -> None:
     assert (back.layers, back.heads, back.n_heads, back.stored) == (tr.layers, tr.heads, tr.n_heads, tr.stored)
     assert back.tokens == tr.tokens and back.provenance == tr.provenance
     for name in STORE_NAMES:
-        assert torch.equal(back[name], tr[name])
+        assert_bitwise(back[name], tr[name], "copy")  # saved and loaded
     assert torch.equal(back.input_ids, tr.input_ids) and torch.equal(back.attention_mask, tr.attention_mask)
     assert path.read_bytes()[:2] != b"\x80\x04"  # not a pickle
 
@@ -510,7 +516,7 @@ def test_numpy_export() -> None:
     arrays = tr.numpy()
     assert set(arrays) == {"pattern", "v", "input_ids", "attention_mask"}
     assert arrays["pattern"].shape == (2, 2, 4, 12, 12)
-    assert (arrays["pattern"] == tr.patterns.numpy()).all()
+    assert_bitwise(torch.from_numpy(arrays["pattern"]), tr.patterns, "copy")
 
 
 def test_provenance_and_repr() -> None:
@@ -539,7 +545,7 @@ def test_repr_html_calls_viz_with_one_sequence_without_padding(monkeypatch: pyte
     assert tr._repr_html_() == "<div>ok</div>"
     patterns, tokens, kw = calls[0]
     assert patterns.shape == (2, 4, 2, 2) and tokens == ["a", "dog"]
-    assert torch.equal(patterns, tr.patterns[:, 0, :, 1:, 1:])
+    assert_bitwise(patterns, tr.patterns[:, 0, :, 1:, 1:], "copy")
     assert kw["layers"] == [1, 0]
     no_pattern = attnlens.trace(model, random_ids(model), store=("q",))
     assert no_pattern._repr_html_() is None
@@ -548,7 +554,8 @@ def test_repr_html_calls_viz_with_one_sequence_without_padding(monkeypatch: pyte
 def test_from_patterns_checks_shapes() -> None:
     p = torch.rand(2, 1, 3, 4, 4)
     tr = AttentionTrace.from_patterns(p)
-    assert tr.layers == (0, 1) and tr.heads == (0, 1, 2) and torch.equal(tr.pattern(1), p[1])
+    assert tr.layers == (0, 1) and tr.heads == (0, 1, 2)
+    assert_bitwise(tr.pattern(1), p[1], "copy")
     with pytest.raises(ValueError, match="layer, batch, head, q_pos, k_pos"):
         AttentionTrace.from_patterns(torch.rand(2, 3, 4, 4))
     with pytest.raises(ValueError, match="attention_mask has shape"):
@@ -711,7 +718,7 @@ def test_config_edited_after_building_traces_what_the_modules_run(
     assert len(messages) == int(ignored) and all("without the scale" in m for m in messages), messages
     for layer in range(3):
         if implementation == "eager":
-            assert torch.equal(tr.pattern(layer) * rows, expected[layer] * rows), f"layer {layer} differs"
+            assert_bitwise(tr.pattern(layer) * rows, expected[layer] * rows, "copy", what=f"layer {layer}")
         else:
             torch.testing.assert_close(tr.pattern(layer) * rows, expected[layer] * rows, atol=1e-6, rtol=0)
     report = attnlens.verify(model, ids, mask)
@@ -828,7 +835,7 @@ def test_config_output_switches_change_nothing(switches: dict[str, Any], impleme
     for layer in range(2):
         torch.testing.assert_close(tr.pattern(layer) * rows, expected[layer] * rows, atol=1e-6, rtol=0)
         if implementation == "eager":  # the kernel's own pattern, against a copy run with the same switches
-            assert torch.equal(tr.pattern(layer) * rows, expected[layer] * rows)
+            assert_bitwise(tr.pattern(layer) * rows, expected[layer] * rows, "copy")
     report = attnlens.verify(model, ids, mask)
     assert report.ok, str(report)
     assert model_state(model) == before
@@ -862,12 +869,12 @@ def test_prepend_bos_puts_the_bos_id_first_behind_any_padding(side: str, special
     assert tr.attention_mask.tolist() == [[int(i != 0) for i in row] for row in rows]
     assert tr.tokens is not None and tr.tokens[0] == ["<bos>", "the", "cat", "sat"]
     direct = attnlens.trace(model, tr.input_ids, tr.attention_mask)
-    assert torch.equal(direct.patterns, tr.patterns)
+    assert_bitwise(direct.patterns, tr.patterns, "same call")
     # the default is the text's own tokens, as before
     plain = attnlens.trace(model, ["the cat sat", "a dog"], tokenizer=tok)
     assert plain.input_ids[0].tolist() == [1, 2, 3]
-    assert torch.equal(attnlens.trace(model, ["the cat sat", "a dog"], tokenizer=tok, prepend_bos=False).patterns,
-                       plain.patterns)  # fmt: skip
+    unprepended = attnlens.trace(model, ["the cat sat", "a dog"], tokenizer=tok, prepend_bos=False)
+    assert_bitwise(unprepended.patterns, plain.patterns, "same call")
 
 
 def test_prepend_bos_with_the_demo_tokenizer_uses_endoftext() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_gpt2, random_ids
+from conftest import assert_bitwise, make_gpt2, random_ids
 from torch.testing import assert_close
 
 import attnlens
@@ -40,11 +40,11 @@ def test_head_slices_are_columns_of_c_attn_and_rows_of_c_proj(tiny_gpt2) -> None
         for h in range(w.n_heads):
             for part, (W_x, b_x) in enumerate(((layer.W_Q, layer.b_Q), (layer.W_K, layer.b_K), (layer.W_V, layer.b_V))):
                 cols = slice(part * d_model + h * d_head, part * d_model + (h + 1) * d_head)
-                assert torch.equal(W_x[h], W[:, cols])
-                assert torch.equal(b_x[h], b[cols])
-            assert torch.equal(layer.W_O[h], block.attn.c_proj.weight[h * d_head : (h + 1) * d_head, :])
-        assert torch.equal(layer.b_O, block.attn.c_proj.bias)
-        assert torch.equal(layer.mlp.W_in, block.mlp.c_fc.weight)
+                assert_bitwise(W_x[h], W[:, cols], "copy")
+                assert_bitwise(b_x[h], b[cols], "copy")
+            assert_bitwise(layer.W_O[h], block.attn.c_proj.weight[h * d_head : (h + 1) * d_head, :], "copy")
+        assert_bitwise(layer.b_O, block.attn.c_proj.bias, "copy")
+        assert_bitwise(layer.mlp.W_in, block.mlp.c_fc.weight, "copy")
         assert layer.ln_1.eps == block.ln_1.eps
 
 
@@ -71,7 +71,7 @@ def test_extraction_copies_nothing_and_tracks_in_place_edits(tiny_gpt2) -> None:
     with torch.no_grad():
         block.attn.c_attn.weight[0, 0] += 1.0
     assert layer.W_Q[0, 0, 0] == block.attn.c_attn.weight[0, 0]
-    assert torch.equal(w.W_Q[1], layer.W_Q)
+    assert_bitwise(w.W_Q[1], layer.W_Q, "copy")
 
 
 def test_stacked_forms_shapes(tiny_gpt2) -> None:
@@ -110,7 +110,9 @@ def test_checkpoint_by_path_round_trip(tmp_path) -> None:
     w = attnlens.extract_weights(tmp_path)
     ref = attnlens.extract_weights(model)
     for a, b in zip(w.layers, ref.layers):
-        assert torch.equal(a.W_Q, b.W_Q) and torch.equal(a.W_O, b.W_O) and torch.equal(a.b_V, b.b_V)
+        assert_bitwise(a.W_Q, b.W_Q, "copy")  # saved and loaded
+        assert_bitwise(a.W_O, b.W_O, "copy")
+        assert_bitwise(a.b_V, b.b_V, "copy")
     assert w.name == str(tmp_path)
     w16 = attnlens.extract_weights(str(tmp_path), dtype=torch.float16)
     assert w16.dtype == torch.float16

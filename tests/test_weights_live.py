@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import CUDA, make_gpt2
+from conftest import CUDA, assert_bitwise, make_gpt2
 
 import attnlens
 from attnlens.weights import ModelWeights
@@ -42,13 +42,14 @@ def assert_current(w: ModelWeights, model: Any) -> None:
         assert t.dtype == ref.dtype and t.device == ref.device, label
         assert t.requires_grad == ref.requires_grad, label
         assert t.untyped_storage().data_ptr() == ref.untyped_storage().data_ptr(), f"{label} is not the model's"
-        assert torch.equal(t, ref), label
+        assert_bitwise(t, ref, "copy", what=label)
     for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
-        assert torch.equal(getattr(w, name), getattr(fresh, name)), name
-    with torch.no_grad():
-        assert torch.equal(w.QK.AB, fresh.QK.AB) and torch.equal(w.OV.AB, fresh.OV.AB)
-        assert torch.equal(w.layers[0].QK.S, fresh.layers[0].QK.S)
-        assert torch.equal(w.layers[1].OV.eigenvalues, fresh.layers[1].OV.eigenvalues)
+        assert_bitwise(getattr(w, name), getattr(fresh, name), "copy", what=name)
+    with torch.no_grad():  # the circuits of the same parameters, computed by the same calls
+        assert_bitwise(w.QK.AB, fresh.QK.AB, "same call")
+        assert_bitwise(w.OV.AB, fresh.OV.AB, "same call")
+        assert_bitwise(w.layers[0].QK.S, fresh.layers[0].QK.S, "same call")
+        assert_bitwise(w.layers[1].OV.eigenvalues, fresh.layers[1].OV.eigenvalues, "same call")
 
 
 def test_in_place_edit_under_no_grad_reaches_circuits_already_taken() -> None:
@@ -70,7 +71,8 @@ def test_edit_through_data_which_leaves_the_version_counter_alone() -> None:
     stack_before, version = w.W_Q.detach().clone(), param._version
     param.data[:, : w.d_model] *= 3
     assert param._version == version, "torch changed: .data edits now bump the version counter"
-    assert torch.equal(w.W_Q[1], 3 * stack_before[1]) and torch.equal(w.W_Q[0], stack_before[0])
+    assert_bitwise(w.W_Q[1], 3 * stack_before[1], "same kernel")  # one multiplication by 3, elementwise
+    assert_bitwise(w.W_Q[0], stack_before[0], "copy")
     assert_current(w, model)
 
 
@@ -79,8 +81,8 @@ def test_load_state_dict(assign: bool, tied: bool) -> None:
     model, other = make_gpt2(seed=0, tie_word_embeddings=tied), make_gpt2(seed=1, tie_word_embeddings=tied)
     w = attnlens.extract_weights(model)
     model.load_state_dict(other.state_dict(), assign=assign)
-    assert torch.equal(w.layers[1].W_K, attnlens.extract_weights(other).layers[1].W_K)
-    assert torch.equal(w.W_U, other.lm_head.weight.T)
+    assert_bitwise(w.layers[1].W_K, attnlens.extract_weights(other).layers[1].W_K, "copy")
+    assert_bitwise(w.W_U, other.lm_head.weight.T, "copy")
     assert_current(w, model)
 
 
@@ -94,7 +96,7 @@ def test_load_state_dict_assign_unties_tied_embeddings_and_is_refused() -> None:
     for read in (lambda: w.W_E, lambda: w.W_U):
         with pytest.raises(attnlens.StaleWeightsError, match=r"wte\.weight, lm_head\.weight.*extract"):
             read()
-    assert torch.equal(w.layers[0].W_V, attnlens.extract_weights(other).layers[0].W_V)
+    assert_bitwise(w.layers[0].W_V, attnlens.extract_weights(other).layers[0].W_V, "copy")
 
 
 @pytest.mark.parametrize("convert", ["half", "to_float64", "bfloat16"])
@@ -125,7 +127,7 @@ def test_data_reassigned_to_a_new_tensor() -> None:
     attn = model.transformer.h[0].attn
     attn.c_proj.weight.data = torch.randn_like(attn.c_proj.weight)
     attn.c_attn.bias.data = torch.randn_like(attn.c_attn.bias)
-    assert torch.equal(w.layers[0].W_O.reshape(w.d_model, w.d_model), attn.c_proj.weight)
+    assert_bitwise(w.layers[0].W_O.reshape(w.d_model, w.d_model), attn.c_proj.weight, "copy")
     assert_current(w, model)
     attn.c_attn.weight.data = torch.randn(3 * w.d_model, w.d_model).T  # same shape, other strides
     with pytest.raises(attnlens.StaleWeightsError, match=r"c_attn\.weight changed shape or layout.*extract"):
@@ -154,7 +156,7 @@ def test_requires_grad_toggled_after_extraction() -> None:
     dh = w.d_head
     expected = torch.zeros_like(param)
     expected[:, dh : 2 * dh] = 1.0
-    assert torch.equal(param.grad, expected)
+    assert_bitwise(param.grad, expected, "exact")  # the gradient of a sum: ones
     assert_current(w, model)
 
 
@@ -170,7 +172,7 @@ def test_gradients_reach_parameters_when_extracted_under_no_grad_and_after_edits
     ours = param.grad.clone()
     param.grad = None
     (x @ param[2 * w.d_head : 3 * w.d_head]).pow(2).sum().backward()
-    assert torch.equal(ours, param.grad)
+    assert_bitwise(ours, param.grad, "same kernel")  # the same matmul on the same rows of the parameter
     assert_current(w, model)
 
 
@@ -183,7 +185,8 @@ def test_copies_are_values() -> None:
     before = w.layers[0].W_Q.detach().clone()
     model.half()
     for kept in (snapshot, pickled):
-        assert kept.dtype == torch.float32 and torch.equal(kept.layers[0].W_Q, before)
+        assert kept.dtype == torch.float32
+        assert_bitwise(kept.layers[0].W_Q, before, "copy")
     assert replaced.name == "copy" and replaced.W_E.dtype == torch.float16  # W_E is the parameter itself
     assert_current(w, model)
 
