@@ -13,6 +13,7 @@ from attnlens import functional
 from attnlens.ablation import ablate, head_importance
 from attnlens.errors import (
     AttentionCaptureError,
+    PositionDependentCircuitError,
     StaleWeightsError,
     UnknownConfigWarning,
     UnsupportedModelError,
@@ -41,6 +42,7 @@ __all__ = [
     "LayerWeights",
     "MLPWeights",
     "ModelWeights",
+    "PositionDependentCircuitError",
     "ScanResult",
     "StaleWeightsError",
     "UnknownConfigWarning",

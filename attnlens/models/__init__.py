@@ -15,6 +15,7 @@ from torch import nn
 from attnlens.errors import UnsupportedModelError
 from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
 from attnlens.models.gpt2 import GPT2Adapter
+from attnlens.models.gpt_neox import GPTNeoXAdapter
 from attnlens.models.wrappers import unwrap
 from attnlens.weights import ModelWeights, track
 
@@ -32,7 +33,7 @@ __all__ = [
     "lock_key",
 ]
 
-REGISTRY: dict[str, type[Adapter]] = {GPT2Adapter.model_type: GPT2Adapter}
+REGISTRY: dict[str, type[Adapter]] = {GPT2Adapter.model_type: GPT2Adapter, GPTNeoXAdapter.model_type: GPTNeoXAdapter}
 """The adapter class of each supported ``config.model_type``."""
 
 
