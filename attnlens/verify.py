@@ -489,13 +489,20 @@ def verify(
             score_bound = (
                 abs(layer.scale) * _max_norm(q_eager, valid) * _max_norm(k_eager, valid) / math.sqrt(weights.d_head)
             )
-            pattern_tol = 4 * u + score_bound * (base["q"] + base["k"] + u)
+            q_tol, k_tol, qk_rel = base["q"], base["k"], base["q"] + base["k"]
+            if layer.rotary_dim:
+                # Both sides rotate with the same cos/sin: an entry a c - b s of a feature pair (a, b) moves by at most
+                # |(da, db)| <= sqrt2 max|d| plus two roundings of |a c| + |b s| per side, and a rotated entry's
+                # largest is at least the largest pair norm / sqrt2: relative to it, 2 tol + 8u. The scores see the
+                # rotation normwise (orthogonal per pair): q and k each gain only its roundings, 6u.
+                q_tol, k_tol, qk_rel = 2 * q_tol + 8 * u, 2 * k_tol + 8 * u, qk_rel + 12 * u
+            pattern_tol = 4 * u + score_bound * (qk_rel + u)
             hf_order_tol = score_bound * 0.0 if bitwise else 4 * u + score_bound * (u_acc * weights.d_head + u)
             z_max = _amax(model_z, z_keep, 2)
             v_over_z = _ratio(_amax(v, rows_keep, 1), z_max)
             z_tol = base["z"] + v_over_z * (2 * (pattern_tol - 4 * u) + base["v"] + 2 * u)
-            add("q", index, _compare(q, mine.q, rows_keep, 1), base["q"])
-            add("k", index, _compare(k, mine.k, rows_keep, 1), base["k"])
+            add("q", index, _compare(q, mine.q, rows_keep, 1), q_tol)
+            add("k", index, _compare(k, mine.k, rows_keep, 1), k_tol)
             add("v", index, _compare(v, mine.v, rows_keep, 1), base["v"])
             add("pattern_hf_order", index, _compare(model_pattern, hf_order, pattern_keep, 1), hf_order_tol)
             add("pattern", index, _compare(model_pattern, pattern, pattern_keep, 1), pattern_tol)

@@ -207,3 +207,30 @@ def test_scan_is_bit_identical_across_process_counts(pythia_folder: Path, tmp_pa
     assert outputs[1] == outputs[2]
     result = attnlens.ScanResult.load(tmp_path / "scan2.json")
     assert result.n_windows > 4
+
+
+def test_verify_catches_a_wrong_rotation_and_a_wrong_weight(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The q/k rows compare the rotation with itself; the pattern and hidden rows hold it to the model's own output."""
+    model = load(folder, "eager", torch.float32)
+    ids, mask = inputs()
+    w = copy.deepcopy(attnlens.extract_weights(model))  # values, not views
+    with torch.no_grad():
+        w.layers[1].W_Q[2] += 0.05
+    failed = {(row.quantity, row.layer, row.head) for row in attnlens.verify(model, ids, mask, weights=w).failures}
+    assert ("q", 1, 2) in failed and ("q", 1, 1) not in failed
+
+    cls = type(adapt(model))
+    own = cls.rotation
+
+    def shifted(self: Any, layer: int, args: Any, kwargs: dict[str, Any]) -> Any:
+        rotation = own(self, layer, args, kwargs)
+        cos, sin = functional.rotary_cos_sin(
+            2 * torch.arange(ids.shape[1])[None], rotary_dim=rotation.cos.shape[-1], base=10000.0
+        )
+        # Twice the angles: a plausible, wrong rotation. (A shift of every position by one would not do: rotary
+        # scores depend on j - i only, so only pattern_hf_order, bitwise, sees that.)
+        return type(rotation)(cos=cos, sin=sin)
+
+    monkeypatch.setattr(cls, "rotation", shifted)
+    report = attnlens.verify(model, ids, mask)
+    assert {row.quantity for row in report.failures} >= {"pattern", "hidden"}
