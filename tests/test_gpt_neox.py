@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_hub_configs_neox import N_HEAD, N_LAYER, VOCAB, inputs, load, make_checkpoint
+from test_hub_configs_neox import N_HEAD, N_LAYER, VOCAB, check_eager_pattern, inputs, load, make_checkpoint
 
 import attnlens
 from attnlens import functional
@@ -234,3 +234,66 @@ def test_verify_catches_a_wrong_rotation_and_a_wrong_weight(folder: Path, monkey
     monkeypatch.setattr(cls, "rotation", shifted)
     report = attnlens.verify(model, ids, mask)
     assert {row.quantity for row in report.failures} >= {"pattern", "hidden"}
+
+
+@pytest.mark.parametrize(
+    "cls_name",
+    [
+        "GPTNeoXModel",
+        "GPTNeoXForSequenceClassification",
+        "GPTNeoXForTokenClassification",
+        "GPTNeoXForQuestionAnswering",
+    ],
+)
+def test_every_class_is_its_transformer_plus_a_head(pythia_folder: Path, cls_name: str) -> None:
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the task heads are freshly initialised
+        model = getattr(transformers, cls_name).from_pretrained(pythia_folder, attn_implementation="sdpa").eval()
+    adapter = adapt(model)
+    assert adapter.own_sites.unembed is None and adapter.lock_key(model) is (getattr(model, "gpt_neox", model))
+    ids, mask = inputs()
+    report = attnlens.verify(model, ids, mask)
+    assert report.ok and "logits" not in {row.quantity for row in report.rows}
+    assert attnlens.extract_weights(model).W_U is None
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_left_padding_and_position_ids_rotate_per_row(pythia_folder: Path, kernel: str) -> None:
+    """Per-row positions give per-row rotations ([batch, pos, rotary_dim]); trace and verify follow them."""
+    model = load(pythia_folder, kernel, torch.float32)
+    ids, _ = inputs()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding on the first row
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    tr = attnlens.trace(model, ids, mask, position_ids=position_ids, store=["pattern", "q", "k"])
+    twin = copy.deepcopy(model)
+    twin.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = twin(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_attentions=True)
+    valid = mask.bool()[:, None, :, None]
+    for layer in range(N_LAYER):
+        own, theirs = tr.pattern(layer) * valid, expected.attentions[layer] * valid
+        if kernel == "eager" or layer == 0:  # layer 0 under sdpa: the same input, q and k, and eager's arithmetic
+            assert torch.equal(own, theirs)
+        else:  # later layers read inputs that sdpa rounded upstream: the pattern of its own rotated q and k
+            check_eager_pattern(tr["q", layer].transpose(1, 2), tr["k", layer].transpose(1, 2), mask, tr.pattern(layer))
+    report = attnlens.verify(model, ids, mask, position_ids=position_ids)
+    assert report.ok, str(report)
+
+
+def test_no_attention_biases(tmp_path: Path) -> None:
+    import json
+
+    import transformers
+    from test_hub_configs_neox import FIXTURES, shrink
+
+    raw = shrink(json.loads((FIXTURES / PARALLEL).read_text()))
+    config = transformers.GPTNeoXConfig.from_dict({**raw, "attention_bias": False})
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXForCausalLM(config).eval()
+    w = attnlens.extract_weights(model)
+    assert not bool(w.layers[0].b_Q.any()) and not bool(w.layers[1].b_O.any())
+    ids, mask = inputs()
+    assert attnlens.verify(model, ids, mask).ok
