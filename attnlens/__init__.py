@@ -13,6 +13,7 @@ from attnlens import functional
 from attnlens.ablation import ablate, head_importance
 from attnlens.errors import (
     AttentionCaptureError,
+    PositionDependentCircuitError,
     StaleWeightsError,
     UnknownConfigWarning,
     UnsupportedModelError,
@@ -43,6 +44,7 @@ __all__ = [
     "LayerWeights",
     "MLPWeights",
     "ModelWeights",
+    "PositionDependentCircuitError",
     "ScanResult",
     "StaleWeightsError",
     "UnknownConfigWarning",

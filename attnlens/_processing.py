@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnlens.errors import PositionDependentCircuitError
 from attnlens.factored import FactoredMatrix
 from attnlens.weights import LayerNormWeights, LayerWeights, MLPWeights, ModelWeights, _centre, copy_ln
 
@@ -102,6 +103,12 @@ def process(weights: ModelWeights, options: Processing) -> ModelWeights:
             # After centring, as TransformerLens: sum_h b_V[h] @ W_O[h] of centred W_O rows is itself centred.
             attn["b_V"], attn["b_O"] = fold_value_biases(attn["b_V"], attn["W_O"], attn["b_O"])
         if options.refactor_factored_attn_matrices:
+            if layer.rotary_dim:
+                raise PositionDependentCircuitError(
+                    f"refactor_factored_attn_matrices would mix layer {layer.layer}'s query and key features, which "
+                    "a rotary embedding turns by position after W_Q and W_K: the refactored weights would score "
+                    "differently. Process without it (the OV refactoring alone is not offered either)"
+                )
             if attn["W_V"].shape[0] != attn["W_O"].shape[0]:
                 raise ValueError(
                     "refactor_factored_attn_matrices needs one W_V per head; this model shares keys and values "
@@ -132,6 +139,7 @@ def process(weights: ModelWeights, options: Processing) -> ModelWeights:
                 scale=layer.scale,
                 upcast=layer.upcast,
                 score_divisors=layer.score_divisors,
+                rotary_dim=layer.rotary_dim,
             )
         )
     W_U = None if weights.W_U is None else up(weights.W_U)
@@ -156,7 +164,7 @@ def process(weights: ModelWeights, options: Processing) -> ModelWeights:
         weights.d_vocab,
         weights.n_ctx,
         down(write(up(weights.W_E))),
-        down(write(up(weights.W_pos))),
+        None if weights.W_pos is None else down(write(up(weights.W_pos))),
         None if W_U is None else down(W_U),
         final_norm,
         tuple(layers),

@@ -24,6 +24,11 @@ Caveats:
   heads' results in one matrix product (plus ``b_O``) and rounds the attention output once, where each head's result
   is rounded here on its own: the float64 sum of the parts then differs from the model's residual by rounding alone
   (see :func:`check_tolerance`). Logit attributions are computed in float32 (float64 for a float64 model).
+* Under a parallel residual (:attr:`attnlens.models.Adapter.parallel_residual`: ``x + attn(ln_1(x)) + mlp(ln_2(x))``)
+  a block's MLP reads the residual stream *before* that block's attention output is added, so layer ``l``'s heads
+  are read from layer ``l + 1`` on, never by layer ``l``'s MLP. The decomposition of the final residual is the same
+  sum either way; only what each MLP saw differs. Models without a learned position embedding (rotary) have a zero
+  ``pos_embed`` component: their positions enter as a rotation of q and k, never as a residual term.
 * Only the base transformer runs, and the forward pass stops at the final layer norm: the cost is one forward pass
   without the unembedding.
 """

@@ -110,7 +110,9 @@ def cmd_weights(args: argparse.Namespace) -> int:
         f"model: {source} ({type(model.model).__name__}, {model.kernel} attention, {w.dtype})",
         *model.describe(),
         f"W_E (token embedding)    {list(w.W_E.shape)}  = {w.W_E.numel():,} parameters",
-        f"W_pos (position embed.)  {list(w.W_pos.shape)}  = {w.W_pos.numel():,} parameters",
+        f"W_pos (position embed.)  {list(w.W_pos.shape)}  = {w.W_pos.numel():,} parameters"
+        if w.W_pos is not None
+        else "W_pos (position embed.)  none: positions enter as a rotation of q and k (rotary)",
         *model.layout_lines(w, args.layer),
         f"heads: {w.n_heads} per layer, d_head = {w.d_model} / {w.n_heads} = {w.d_head}; "
         f"scale 1/sqrt(d_head) = {layer.scale:.6g}",

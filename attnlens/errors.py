@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 __all__ = [
     "AttentionCaptureError",
+    "PositionDependentCircuitError",
     "StaleWeightsError",
     "UnknownConfigWarning",
     "UnsupportedModelError",
@@ -20,6 +21,16 @@ __all__ = [
 
 class UnsupportedModelError(ValueError):
     """The model, checkpoint or config is not one whose attention attnlens computes exactly."""
+
+
+class PositionDependentCircuitError(UnsupportedModelError):
+    """A position-free QK circuit was asked of a model whose scores depend on position through its q and k.
+
+    Under a rotary embedding the score of query position ``i`` and key position ``j`` is
+    ``x_i W_Q R(i)^T R(j) W_K^T x_j^T``, with ``R`` the rotation: ``W_Q W_K^T`` alone is not what any score reads
+    (and the rotation depends on ``j - i``), so ``QK`` and the composition scores built on it are refused instead of
+    returning a number that means something else. OV circuits are position-free and stay available.
+    """
 
 
 class AttentionCaptureError(RuntimeError):

@@ -356,8 +356,8 @@ class AttentionOutputs:
     """Everything one attention module computes, from its input to its output.
 
     Attributes:
-        q: ``[batch, head, q_pos, d_head]``.
-        k: ``[batch, head, k_pos, d_head]``.
+        q: ``[batch, head, q_pos, d_head]`` (after the rotation, for a rotary layer).
+        k: ``[batch, head, k_pos, d_head]`` (after the rotation, for a rotary layer).
         v: ``[batch, head, k_pos, d_head]``.
         scores: masked pre-softmax scores ``[batch, head, q_pos, k_pos]`` (``-inf`` where masked).
         pattern: ``[batch, head, q_pos, k_pos]``.
@@ -383,16 +383,35 @@ def attention(
     attn_mask: Tensor | None = None,
     *,
     return_result: bool = False,
+    rotation: tuple[Tensor, Tensor] | None = None,
 ) -> AttentionOutputs:
     """One attention module, from its (normalised) input to its output, from per-head weights.
 
     Args:
         x: ``[batch, pos, d_model]``.
-        layer: the layer's weights and attention spec (``scale``, ``upcast``).
+        layer: the layer's weights and attention spec (``scale``, ``upcast``, and ``rotary_dim`` where it has one).
         attn_mask: boolean ``[batch, 1, q_pos, k_pos]`` (``True`` = may attend); default causal.
         return_result: also compute the per-head contributions ``[batch, pos, head, d_model]``.
+        rotation: ``(cos, sin)``, each ``[batch, pos, rotary_dim]`` (or ``[pos, rotary_dim]``), for a layer with a
+            rotary embedding (``layer.rotary_dim > 0``): the first ``rotary_dim`` features of each query and key
+            head are turned by :func:`apply_rotary` before the scores. Take them from the model (what its attention
+            module receives) or from :func:`rotary_cos_sin`.
+
+    Raises:
+        ValueError: a rotary layer without ``rotation`` (or a rotation of another width), or a rotation for a
+            layer without a rotary embedding.
     """
     q, k, v = qkv(x, layer)
+    rotary_dim = int(getattr(layer, "rotary_dim", 0))
+    if rotation is not None or rotary_dim:
+        if rotation is None or not rotary_dim:
+            raise ValueError(
+                f"this layer has rotary_dim={rotary_dim}: pass rotation=(cos, sin) exactly when it is positive "
+                "(the rotation the model's attention module receives, or attnlens.functional.rotary_cos_sin)"
+            )
+        cos, sin = rotation
+        # apply_rotary takes [batch, pos, head, d_head]; the rotation is elementwise, so the axis order is free.
+        q, k = (apply_rotary(t.transpose(1, 2), cos, sin, rotary_dim=rotary_dim).transpose(1, 2) for t in (q, k))
     if attn_mask is None:
         attn_mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
     scores = attention_scores(q, k, layer.scale, upcast=layer.upcast)

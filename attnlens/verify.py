@@ -120,6 +120,7 @@ class _Capture:
     z: dict[int, Tensor] = field(default_factory=dict)
     attn_out: dict[int, Tensor] = field(default_factory=dict)
     weights: dict[int, Tensor] = field(default_factory=dict)
+    rotations: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     hidden: Tensor | None = None
     patterns: dict[int, Tensor] | None = None
 
@@ -128,6 +129,10 @@ class _Capture:
         if self.hidden is None:
             raise AttentionCaptureError("the forward pass did not reach the final layer norm")
         return self.hidden
+
+    def rotation(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """The ``(cos, sin)`` a rotary layer's attention module received in this pass (None for other layers)."""
+        return self.rotations.get(layer)
 
     def pattern(self, layer: int) -> Tensor:
         """The model's attention probabilities of one layer ``[batch, head, q_pos, k_pos]``."""
@@ -167,6 +172,25 @@ def _hooks(sites: Sites, layers: tuple[int, ...], store: _Capture) -> Iterator[A
     yield sites.final_norm, save_final
 
 
+def _rotation_hooks(adapter: Adapter, store: _Capture) -> Iterator[Any]:
+    """Forward-pre hooks (with kwargs) that save the rotation each rotary layer's attention module receives.
+
+    Every rotary layer's, not only the traced ones': the whole-forward rebuild (:func:`_rebuild`) rotates them all.
+    """
+
+    def save(layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+            rotation = adapter.rotation(layer, args, kwargs)
+            if rotation is not None:
+                store.rotations[layer] = (rotation.cos.detach(), rotation.sin.detach())
+
+        return hook
+
+    for layer, spec in enumerate(adapter.specs):
+        if spec.rotary_dim:
+            yield adapter.sites.layers[layer].attn, save(layer)
+
+
 def _z_hooks(sites: Sites, layers: tuple[int, ...], store: _Capture) -> Iterator[Any]:
     """Forward-pre hooks that save the input of each traced output projection: the heads' outputs, merged."""
 
@@ -203,7 +227,7 @@ def _run(
 
     on_qkv, rotations = qkv_hooks(adapter, layers, save_qkv)
     with (
-        forward_hooks(rotations, pre=True, with_kwargs=True),
+        forward_hooks([*rotations, *_rotation_hooks(adapter, store)], pre=True, with_kwargs=True),
         forward_hooks([*_hooks(sites, layers, store), *on_qkv]),
         forward_hooks(_z_hooks(sites, layers, store), pre=True),
     ):
@@ -214,6 +238,11 @@ def _run(
         for layer in layers
         if layer not in table
     ] + [f"output of layer {layer}" for layer in layers if layer not in store.attn_out]
+    missing += [
+        f"the rotation of layer {layer}"
+        for layer, spec in enumerate(adapter.specs)
+        if spec.rotary_dim and layer not in store.rotations
+    ]
     if store.hidden is None:
         missing.append("the final layer norm's output")
     if missing:
@@ -253,16 +282,27 @@ def _mlp(x: Tensor, layer: LayerWeights) -> Tensor:
 
 
 def _rebuild(
-    weights: ModelWeights, ids: Tensor, pos: Tensor, allowed: Tensor, *, parallel_residual: bool = False
+    weights: ModelWeights,
+    ids: Tensor,
+    pos: Tensor,
+    allowed: Tensor,
+    *,
+    parallel_residual: bool = False,
+    rotations: Mapping[int, tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The whole forward pass from the weights alone: final hidden state ``[batch, pos, d_model]`` and logits.
 
     With ``parallel_residual`` (see :attr:`attnlens.models.Adapter.parallel_residual`) each block's attention and
-    MLP read the same residual stream, and both outputs are added to it.
+    MLP read the same residual stream, and both outputs are added to it. A model without a position embedding
+    (``W_pos`` None) takes its positions from ``rotations``: each rotary layer's ``(cos, sin)`` as the model's
+    attention module received it (a function of the positions alone, captured rather than recomputed so that the
+    rebuild rotates exactly as the model did).
     """
-    residual = weights.W_E[ids] + weights.W_pos[pos]
+    residual = weights.W_E[ids] if weights.W_pos is None else weights.W_E[ids] + weights.W_pos[pos]
+    rotations = rotations or {}
     for layer in weights.layers:
-        attn_out = functional.attention(_layer_norm(residual, layer.ln_1), layer, allowed).output
+        rotation = rotations.get(layer.layer) if layer.rotary_dim else None
+        attn_out = functional.attention(_layer_norm(residual, layer.ln_1), layer, allowed, rotation=rotation).output
         if parallel_residual:
             residual = residual + attn_out + _mlp(_layer_norm(residual, layer.ln_2), layer)
         else:
@@ -432,13 +472,15 @@ def verify(
         n_heads = weights.n_heads
         for index in traced:
             layer = weights.layers[index]
-            mine = functional.attention(own.attn_in[index], layer, allowed)
+            mine = functional.attention(own.attn_in[index], layer, allowed, rotation=own.rotation(index))
             q, k, v = own.qkv[index]
             model_z = rearrange(own.z[index], "batch pos (head d_head) -> batch pos head d_head", head=n_heads)
             model_pattern = eager.pattern(index)
             hf_order = _hf_order_pattern(eager.qkv[index], layer, adapter.n_kv_heads, allowed)
             pattern = (
-                mine.pattern if eager is own else functional.attention(eager.attn_in[index], layer, allowed).pattern
+                mine.pattern
+                if eager is own
+                else functional.attention(eager.attn_in[index], layer, allowed, rotation=eager.rotation(index)).pattern
             )
             # Derived per-head bounds (docs/verify.md): a score moves by about S * (relative error of q and k), with
             # S = scale * max|q| * max|k| / sqrt(d_head) from the model's own q and k; softmax passes at most that
@@ -447,13 +489,20 @@ def verify(
             score_bound = (
                 abs(layer.scale) * _max_norm(q_eager, valid) * _max_norm(k_eager, valid) / math.sqrt(weights.d_head)
             )
-            pattern_tol = 4 * u + score_bound * (base["q"] + base["k"] + u)
+            q_tol, k_tol, qk_rel = base["q"], base["k"], base["q"] + base["k"]
+            if layer.rotary_dim:
+                # Both sides rotate with the same cos/sin: an entry a c - b s of a feature pair (a, b) moves by at most
+                # |(da, db)| <= sqrt2 max|d| plus two roundings of |a c| + |b s| per side, and a rotated entry's
+                # largest is at least the largest pair norm / sqrt2: relative to it, 2 tol + 8u. The scores see the
+                # rotation normwise (orthogonal per pair): q and k each gain only its roundings, 6u.
+                q_tol, k_tol, qk_rel = 2 * q_tol + 8 * u, 2 * k_tol + 8 * u, qk_rel + 12 * u
+            pattern_tol = 4 * u + score_bound * (qk_rel + u)
             hf_order_tol = score_bound * 0.0 if bitwise else 4 * u + score_bound * (u_acc * weights.d_head + u)
             z_max = _amax(model_z, z_keep, 2)
             v_over_z = _ratio(_amax(v, rows_keep, 1), z_max)
             z_tol = base["z"] + v_over_z * (2 * (pattern_tol - 4 * u) + base["v"] + 2 * u)
-            add("q", index, _compare(q, mine.q, rows_keep, 1), base["q"])
-            add("k", index, _compare(k, mine.k, rows_keep, 1), base["k"])
+            add("q", index, _compare(q, mine.q, rows_keep, 1), q_tol)
+            add("k", index, _compare(k, mine.k, rows_keep, 1), k_tol)
             add("v", index, _compare(v, mine.v, rows_keep, 1), base["v"])
             add("pattern_hf_order", index, _compare(model_pattern, hf_order, pattern_keep, 1), hf_order_tol)
             add("pattern", index, _compare(model_pattern, pattern, pattern_keep, 1), pattern_tol)
@@ -461,7 +510,9 @@ def verify(
             add("attn_out", index, _compare(own.attn_out[index], mine.output, out_keep, None), base["attn_out"])
 
         positions = torch.arange(n_pos, device=ids.device).unsqueeze(0) if pos is None else pos
-        hidden, logits = _rebuild(weights, ids, positions, allowed, parallel_residual=adapter.parallel_residual)
+        hidden, logits = _rebuild(
+            weights, ids, positions, allowed, parallel_residual=adapter.parallel_residual, rotations=own.rotations
+        )
         add("hidden", None, _compare(own.final(), hidden, out_keep, None), base["hidden"])
         if own_logits is not None and logits is not None:
             add("logits", None, _compare(own_logits, logits, out_keep, None), base["logits"])

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnlens.errors import StaleWeightsError
+from attnlens.errors import PositionDependentCircuitError, StaleWeightsError
 from attnlens.factored import FactoredMatrix
 
 __all__ = ["FactoredMatrix", "LayerNormWeights", "LayerWeights", "MLPWeights", "ModelWeights"]
@@ -209,6 +209,11 @@ class LayerWeights(_Live):
         score_divisors: how the model's transformers release applies ``scale`` in its eager kernel: ``None`` when it
             multiplies by ``scale``, else the numbers it divides by in turn. Used only to reproduce the model's
             scores bit for bit; mathematically the same as ``scale``.
+        rotary_dim: how many leading features of each query and key head a rotary embedding turns by position
+            before the scores (0: none). ``W_Q``/``W_K`` are then the projections *before* the rotation: the scores
+            read ``rotate(x W_Q + b_Q) . rotate(x W_K + b_K)``, with the rotation of each position, which the
+            weights do not hold (:func:`attnlens.functional.attention` takes it as ``rotation``), and :attr:`QK`
+            raises :class:`~attnlens.PositionDependentCircuitError`.
     """
 
     layer: int
@@ -226,6 +231,7 @@ class LayerWeights(_Live):
     scale: float
     upcast: bool = False
     score_divisors: tuple[float, ...] | None = None
+    rotary_dim: int = 0
     _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
@@ -242,7 +248,13 @@ class LayerWeights(_Live):
 
     @property
     def QK(self) -> FactoredMatrix:
-        """QK circuit ``W_Q @ W_K^T`` ``[head, d_model, d_model]`` (unscaled: scores are ``x_q QK x_k^T * scale``)."""
+        """QK circuit ``W_Q @ W_K^T`` ``[head, d_model, d_model]`` (unscaled: scores are ``x_q QK x_k^T * scale``).
+
+        Raises:
+            PositionDependentCircuitError: the layer rotates q and k by position (``rotary_dim > 0``), so no
+                position-free bilinear form gives its scores.
+        """
+        _refuse_rotary_qk((self,))
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-1, -2))
 
     @property
@@ -267,7 +279,8 @@ class ModelWeights(_Live):
         d_vocab: vocabulary size.
         n_ctx: maximum number of positions.
         W_E: token embedding ``[d_vocab, d_model]``.
-        W_pos: position embedding ``[n_ctx, d_model]``.
+        W_pos: learned position embedding ``[n_ctx, d_model]``, added to the token embedding; ``None`` for a model
+            without one, whose positions enter as a rotation of q and k instead (see ``LayerWeights.rotary_dim``).
         W_U: unembedding ``[d_model, d_vocab]``, or ``None`` for a model without a language-model head.
         ln_f: the final layer norm.
         layers: one :class:`LayerWeights` per block.
@@ -284,7 +297,7 @@ class ModelWeights(_Live):
     d_vocab: int
     n_ctx: int
     W_E: Tensor
-    W_pos: Tensor
+    W_pos: Tensor | None
     W_U: Tensor | None
     ln_f: LayerNormWeights
     layers: tuple[LayerWeights, ...]
@@ -374,9 +387,10 @@ class ModelWeights(_Live):
         - ``center_reading_weights`` (with ``fold_ln``; TransformerLens's ``fold_layer_norm(center_weights=...)``):
           the reading weights are also centred over ``d_model``. The normalised input has mean 0, so their mean row
           is never used; ``False`` folds without centring (what TransformerLens does for RMS norms).
-        - ``center_writing_weights``: ``W_E``, ``W_pos``, ``W_O``, ``b_O``, the MLP's ``W_out`` and ``b_out`` have
-          their mean over ``d_model`` removed. Every reader of the residual stream is a layer norm, which removes
-          that mean first, so nothing downstream changes; the residual stream itself becomes its centred version.
+        - ``center_writing_weights``: ``W_E``, ``W_pos`` (where there is one), ``W_O``, ``b_O``, the MLP's ``W_out``
+          and ``b_out`` have their mean over ``d_model`` removed. Every reader of the residual stream is a layer
+          norm, which removes that mean first, so nothing downstream changes; the residual stream itself becomes its
+          centred version.
         - ``center_unembed``: ``W_U`` (and ``b_U``) have their mean over ``d_vocab`` removed, so the logits become
           ``logits - logits.mean(-1, keepdim=True)``: a constant per position, the same probabilities.
         - ``fold_value_biases``: ``b_V`` becomes 0 and ``b_O`` holds ``b_O + sum_h b_V[h] @ W_O[h]`` (a pattern row
@@ -414,14 +428,36 @@ class ModelWeights(_Live):
             return process(self, options)
 
     @property
+    def rotary(self) -> bool:
+        """Whether any layer rotates its queries and keys by position (a rotary embedding; then ``W_pos`` is None)."""
+        return any(layer.rotary_dim for layer in self.layers)
+
+    @property
     def QK(self) -> FactoredMatrix:
-        """Stacked QK circuits ``[layer, head, d_model, d_model]`` (low-rank: inner dimension ``d_head``)."""
+        """Stacked QK circuits ``[layer, head, d_model, d_model]`` (low-rank: inner dimension ``d_head``).
+
+        Raises:
+            PositionDependentCircuitError: a layer rotates q and k by position (see :attr:`LayerWeights.QK`).
+        """
+        _refuse_rotary_qk(self.layers)
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-1, -2))
 
     @property
     def OV(self) -> FactoredMatrix:
         """Stacked OV circuits ``[layer, head, d_model, d_model]`` (low-rank: inner dimension ``d_head``)."""
         return FactoredMatrix(self.W_V, self.W_O)
+
+
+def _refuse_rotary_qk(layers: tuple[LayerWeights, ...]) -> None:
+    rotary = [layer.layer for layer in layers if layer.rotary_dim]
+    if rotary:
+        raise PositionDependentCircuitError(
+            f"layers {rotary} rotate their queries and keys by position (a rotary embedding): a score there reads "
+            "q_i R(j - i) k_j^T on the rotated features, not x_i W_Q W_K^T x_j^T, so no position-free QK circuit "
+            "(nor a composition score built on it) describes them. Study the scores themselves "
+            "(attnlens.trace(..., store=['scores', 'q', 'k']) keeps them and the rotated q and k); the OV circuits "
+            "are position-free and available"
+        )
 
 
 def _centre(x: Tensor, dim: int = -1) -> Tensor:

@@ -3,7 +3,7 @@
 Each fixture keeps its key set as published; only the sizes shrink (2 layers, 4 heads of 8, 32 positions, a
 96-token vocabulary, the MLP width in proportion), so Pythia's rotary_pct 0.25 turns 2 features of each head and
 RedPajama's 1.0 all 8. Every checkpoint is saved with seeded random weights and loaded back with from_pretrained,
-eager and sdpa. Until the GPT-NeoX adapter lands, the checks are those that need no adapter:
+eager and sdpa. The checks that need no adapter:
 
 * the layout of the fused ``query_key_value`` output, ``[pos, head, (q k v), d_head]``, against the q and k the
   model rotates;
@@ -12,6 +12,11 @@ eager and sdpa. Until the GPT-NeoX adapter lands, the checks are those that need
   are bitwise ``rotary_cos_sin`` at the fraction and base the config policy reads;
 * the eager kernel's probabilities are softmax(scale q_rot k_rot^T + mask) recomputed from the rotated q and k,
   within a tolerance derived from float32's unit roundoff and d_head.
+
+And through attnlens's GPT-NeoX adapter, every fixture under eager and sdpa, in float32 and bfloat16: extraction
+(per-head views of the model's parameters, no position embedding, QK refused), trace (q and k bitwise the model's
+rotated ones; eager patterns bitwise ``output_attentions`` of an eager deep copy; sdpa patterns within the derived
+tolerance of softmax(q_rot k_rot^T)), and verify (every row within its tolerance).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from conftest import assert_bitwise
 from test_gpt_neox_config import REFUSED, UNKNOWN
 from torch.testing import assert_close
 
+import attnlens
 from attnlens.functional import apply_rotary, masked_softmax, padding_mask, rotary_cos_sin
 from attnlens.models import gpt_neox_config
 
@@ -179,3 +185,105 @@ def test_fixtures_cover_both_residual_forms_and_rotary_widths() -> None:
     assert {raw.get("rotary_pct") for raw in raws} == {0.25, 1.0}
     assert {raw.get("hidden_act") for raw in raws} == {"gelu", "gelu_fast"}
     assert len(NAMES) == 24
+
+
+def load(folder: Path, kernel: str, dtype: torch.dtype) -> Any:
+    import transformers
+
+    return transformers.GPTNeoXForCausalLM.from_pretrained(folder, attn_implementation=kernel, dtype=dtype).eval()
+
+
+def eager_attentions(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """``output_attentions`` of an eager deep copy: the model's own probabilities, the model left untouched."""
+    import copy
+
+    twin = copy.deepcopy(model).eval()
+    twin.set_attn_implementation("eager")
+    with torch.no_grad():
+        return list(twin(input_ids=ids, attention_mask=mask, output_attentions=True, return_dict=True).attentions)
+
+
+def check_adapter(name: str, folder: Path, kernel: str, dtype: torch.dtype) -> None:
+    model = load(folder, kernel, dtype)
+    adapter = attnlens.models.adapt(model)
+    assert type(adapter).__name__ == "GPTNeoXAdapter" and adapter.rotary and adapter.kernel == kernel
+    assert adapter.parallel_residual == bool(model.config.use_parallel_residual)
+    fraction, _ = gpt_neox_config.rotary(model.config)
+    assert {spec.rotary_dim for spec in adapter.specs} == {int(D_HEAD * fraction)}
+
+    w = attnlens.extract_weights(model)
+    fused = model.gpt_neox.layers[1].attention.query_key_value
+    head = 2  # rows of head h are [h * 3 d_head, (h + 1) * 3 d_head): its q, then its k, then its v
+    rows = slice(head * 3 * D_HEAD, (head + 1) * 3 * D_HEAD)
+    assert torch.equal(w.layers[1].W_Q[head], fused.weight[rows][:D_HEAD].T)
+    assert torch.equal(w.layers[1].W_V[head], fused.weight[rows][2 * D_HEAD :].T)
+    assert torch.equal(w.layers[1].b_K[head], fused.bias[rows][D_HEAD : 2 * D_HEAD])
+    assert w.layers[1].W_Q.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()  # a view
+    dense = model.gpt_neox.layers[1].attention.dense.weight
+    assert torch.equal(w.layers[1].W_O[head], dense[:, head * D_HEAD : (head + 1) * D_HEAD].T)
+    assert (
+        w.W_pos is None
+        and w.rotary
+        and w.W_U is not None
+        and torch.equal(w.W_U, model.get_output_embeddings().weight.T)
+    )
+    with pytest.raises(attnlens.PositionDependentCircuitError, match="rotate their queries and keys"):
+        _ = w.QK
+    assert w.layers[0].OV.AB.shape == (N_HEAD, N_HEAD * D_HEAD, N_HEAD * D_HEAD)
+
+    ids, mask = inputs()
+    valid = mask.bool()[:, None, :, None]  # compare valid query rows only (padding rows are a convention)
+    with rotations(model) as calls:
+        tr = attnlens.trace(model, ids, mask, store=["pattern", "q", "k", "z"])  # z: every layer runs to its end
+    assert model.config._attn_implementation == kernel
+    assert len(calls) == N_LAYER
+    for layer, call in enumerate(calls):
+        assert torch.equal(tr["q", layer], call["q_rot"]) and torch.equal(tr["k", layer], call["k_rot"])
+    if kernel == "eager":
+        expected = eager_attentions(model, ids, mask)
+        for layer in range(N_LAYER):
+            assert torch.equal(tr.pattern(layer) * valid, expected[layer] * valid), f"layer {layer}"
+    else:
+        for layer in range(N_LAYER):
+            # sdpa hands out no pattern: the tap's, from the model's own rotated q and k, within the derived bound.
+            q_rot, k_rot = (tr[x, layer].transpose(1, 2) for x in ("q", "k"))
+            check_eager_pattern(q_rot, k_rot, mask, tr.pattern(layer))
+
+    report = attnlens.verify(model, ids, mask)
+    assert report.ok, str(report)
+    assert {row.quantity for row in report.rows} == {
+        "q",
+        "k",
+        "v",
+        "pattern_hf_order",
+        "pattern",
+        "z",
+        "attn_out",
+        "hidden",
+        "logits",
+    }
+    if dtype == torch.float32:  # the same q and k, soft-maxed in the eager kernel's order on the same CPU kernels
+        assert all(row.max_abs_error == 0 for row in report.rows if row.quantity == "pattern_hf_order")
+    assert model.config._attn_implementation == kernel and not model.training
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One saved checkpoint per fixture, made on first use and shared by the kernels and dtypes."""
+    return {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in REFUSED])
+def test_published_config_extracts_traces_and_verifies(
+    name: str, kernel: str, dtype: torch.dtype, checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", attnlens.UnknownConfigWarning)  # the unknown keys are tested above
+        if name not in checkpoints:
+            checkpoints[name] = tmp_path_factory.mktemp("neox")
+            make_checkpoint(name, checkpoints[name])
+        check_adapter(name, checkpoints[name], kernel, dtype)

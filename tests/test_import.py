@@ -49,7 +49,11 @@ def test_only_models_know_hugging_face_paths() -> None:
     from pathlib import Path
 
     root = Path(attnlens.__file__).parent
-    hf_path = re.compile(r"\.h\[|\bc_attn\b|\bc_proj\b|\bc_fc\b|\bwte\b|\bwpe\b|\blm_head\b|\.transformer\b")
+    hf_path = re.compile(
+        r"\.h\[|\bc_attn\b|\bc_proj\b|\bc_fc\b|\bwte\b|\bwpe\b|\blm_head\b|\.transformer\b"
+        # GPT-NeoX's: its module paths and class names (the config keys are caught by the adapter rule below).
+        r"|\bgpt_neox\b|\bquery_key_value\b|\bembed_in\b|\bembed_out\b|\bdense_h_to_4h\b|GPTNeoX"
+    )
     offenders = []
     for path in sorted(root.rglob("*.py")):
         if "models" in path.relative_to(root).parts or "demo" in path.relative_to(root).parts:

@@ -1,7 +1,8 @@
 """Adapters from model libraries to attnlens: :func:`adapt` validates a model once and returns its :class:`Adapter`.
 
 One module per architecture, each an :class:`~attnlens.models.base.Adapter` subclass registered here by its
-``config.model_type``; today Hugging Face GPT-2 (:mod:`attnlens.models.gpt2`). Nothing outside this package imports a
+``config.model_type``; today Hugging Face GPT-2 (:mod:`attnlens.models.gpt2`) and GPT-NeoX / Pythia
+(:mod:`attnlens.models.gpt_neox`). Nothing outside this package imports a
 specific adapter: everything is written against :class:`~attnlens.models.base.Adapter`.
 """
 
@@ -15,6 +16,7 @@ from torch import nn
 from attnlens.errors import UnsupportedModelError
 from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
 from attnlens.models.gpt2 import GPT2Adapter
+from attnlens.models.gpt_neox import GPTNeoXAdapter
 from attnlens.models.wrappers import unwrap
 from attnlens.weights import ModelWeights, track
 
@@ -32,7 +34,7 @@ __all__ = [
     "lock_key",
 ]
 
-REGISTRY: dict[str, type[Adapter]] = {GPT2Adapter.model_type: GPT2Adapter}
+REGISTRY: dict[str, type[Adapter]] = {GPT2Adapter.model_type: GPT2Adapter, GPTNeoXAdapter.model_type: GPTNeoXAdapter}
 """The adapter class of each supported ``config.model_type``."""
 
 
@@ -52,7 +54,7 @@ def _adapter_class(model: object) -> type[Adapter]:
     if owner is not None:
         return owner
     raise UnsupportedModelError(
-        f"attnlens needs a supported Hugging Face model (GPT-2), got {type(model).__module__}."
+        f"attnlens needs a supported Hugging Face model (GPT-2, GPT-NeoX), got {type(model).__module__}."
         f"{type(model).__qualname__}; supported: {_supported()} (or a hub name / local path of such a checkpoint; "
         "torch.compile and PEFT wrappers of one)"
     )
@@ -107,7 +109,8 @@ def load(
     cls = REGISTRY.get(getattr(config, "model_type", None) or "")
     if cls is None:
         raise UnsupportedModelError(
-            f"{name_or_path!r} is a {config.model_type!r} checkpoint; attnlens supports GPT-2 ({_supported()})"
+            f"{name_or_path!r} is a {config.model_type!r} checkpoint; attnlens supports GPT-2 and GPT-NeoX "
+            f"({_supported()})"
         )
     return cls.load(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
 
