@@ -14,8 +14,8 @@ Until the Llama adapter lands, the checks are those that need no adapter:
 * ``apply_rotary`` with those cos/sin is bitwise the model's own rotated q and k (captured from
   ``apply_rotary_pos_emb``), and ``repeat_kv`` is bitwise transformers' own, ``expand_kv`` a view of the same storage;
 * the eager probabilities are softmax(scale q k^T + mask) with key heads repeated per query head, within a tolerance
-  derived from the dtype's unit roundoff and d_head, and with a sliding window (set by the test: no published fixture
-  enables one) over a sequence three times the window.
+  derived from the dtype's unit roundoff and d_head; a published window (Mistral-7B-Instruct-v0.1's 4096) shrinks
+  to 4 over 12 positions, and the tests switch one on for Mistral-Nemo and for Qwen2.5 (use_sliding_window).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from attnlens.models import llama_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hub_configs_llama"
 NAMES = sorted(path.name for path in FIXTURES.glob("*.json"))
-N_LAYER, D_HEAD, N_POSITIONS, VOCAB, SEQ = 2, 8, 64, 96, 12
+N_LAYER, D_HEAD, N_POSITIONS, VOCAB, SEQ, WINDOW = 2, 8, 64, 96, 12, 4
 U32 = torch.finfo(torch.float32).eps / 2  # float32's unit roundoff, 2^-24
 MODULES = {
     "llama": "modeling_llama",
@@ -77,6 +77,8 @@ def shrink(raw: dict[str, Any], **overrides: Any) -> dict[str, Any]:
         "vocab_size": VOCAB,
         "max_window_layers": min(raw.get("max_window_layers", N_LAYER), N_LAYER),
     }
+    if active_window(raw):  # Mistral-7B's 4096 of 32768 positions: 4 of SEQ = 12 keeps the window biting
+        sizes["sliding_window"] = WINDOW
     out = dict(raw)
     out.update({key: value for key, value in sizes.items() if key in raw})
     if raw.get("layer_types") is not None:
@@ -85,6 +87,13 @@ def shrink(raw: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     assert out.keys() == raw.keys() | overrides.keys()
     assert "head_dim" in raw or out["hidden_size"] == n_heads * D_HEAD
     return out
+
+
+def active_window(raw: dict[str, Any]) -> bool:
+    """Whether a published config attends through a sliding window (Mistral: any; Qwen: use_sliding_window)."""
+    if raw.get("sliding_window") is None:
+        return False
+    return raw["model_type"] == "mistral" or bool(raw.get("use_sliding_window"))
 
 
 def make_checkpoint(small: dict[str, Any], folder: Path) -> type:
@@ -251,23 +260,24 @@ def check_eager_pattern(
 def test_published_config_loads_normalises_and_rotates_as_the_model_does(
     name: str, kernel: str, tmp_path: Path
 ) -> None:
-    check_model(shrink(json.loads((FIXTURES / name).read_text())), tmp_path, kernel)
+    raw = json.loads((FIXTURES / name).read_text())
+    check_model(shrink(raw), tmp_path, kernel, window=WINDOW if active_window(raw) else None)
 
 
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])
 def test_sliding_window_mistral_masks_beyond_the_window(kernel: str, tmp_path: Path) -> None:
-    # Mistral-Nemo's published keys with the window Mistral-7B-v0.1 publishes (4096), shrunk to 4 < SEQ = 12.
+    # Mistral-Nemo's published keys (head_dim apart from hidden_size / heads) with a window of 4 < SEQ = 12.
     raw = json.loads((FIXTURES / "mistralai__Mistral-Nemo-Base-2407.printed-4.43.3.json").read_text())
-    check_model(shrink(raw, sliding_window=4), tmp_path, kernel, window=4)
+    check_model(shrink(raw, sliding_window=WINDOW), tmp_path, kernel, window=WINDOW)
 
 
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])
 def test_sliding_window_qwen2_on_every_layer_past_max_window_layers(kernel: str, tmp_path: Path) -> None:
     # Qwen2.5's published keys with use_sliding_window switched on (max_window_layers 0: every layer slides).
     raw = json.loads((FIXTURES / "Qwen__Qwen2.5-3B.copied.json").read_text())
-    small = shrink(raw, use_sliding_window=True, sliding_window=4)
+    small = shrink(raw, use_sliding_window=True, sliding_window=WINDOW)
     small["max_window_layers"] = 0
-    check_model(small, tmp_path, kernel, window=4)
+    check_model(small, tmp_path, kernel, window=WINDOW)
 
 
 def test_fixtures_cover_the_families_and_their_switches() -> None:
@@ -280,7 +290,8 @@ def test_fixtures_cover_the_families_and_their_switches() -> None:
         raw.get("head_dim", 0) * raw["num_attention_heads"] != raw["hidden_size"] for raw in raws if "head_dim" in raw
     )
     assert {raw.get("tie_word_embeddings") for raw in raws} == {True, False}
-    assert len(NAMES) >= 12
+    assert any(active_window(raw) for raw in raws)  # Mistral-7B-Instruct-v0.1's sliding_window 4096
+    assert len(NAMES) >= 15
 
 
 ROPE_VARIANTS = {

@@ -82,8 +82,14 @@ def test_settings_read_each_family(
     assert (got.rope_type, got.rope_theta, got.qk_norm, got.qkv_bias, got.tied) == (
         rope_type, theta, qk_norm, qkv_bias, tied
     )  # fmt: skip
-    assert got.windows == (None,) * fixture(name)["num_hidden_layers"]  # no published fixture enables a window
+    assert got.windows == (None,) * fixture(name)["num_hidden_layers"]
     assert not got.o_bias and not got.mlp_bias
+
+
+def test_mistral_v0_1_slides_every_layer_over_4096_keys() -> None:
+    got = settings(config(fixture("mistralai__Mistral-7B-Instruct-v0.1.printed-4.40.0.dev0.json")))
+    assert (got.family, got.n_heads, got.n_kv_heads, got.d_head) == ("Mistral", 32, 8, 128)
+    assert got.windows == (4096,) * 32
 
 
 def test_published_qwen_window_settings_are_off_as_both_releases_read_them() -> None:
