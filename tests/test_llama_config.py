@@ -159,3 +159,36 @@ def test_other_model_types_are_refused() -> None:
 
     with pytest.raises(attnlens.UnsupportedModelError, match="'gpt2'"):
         check_config(GPT2Config())
+
+
+def _written_by_5x(raw: dict[str, Any]) -> dict[str, Any]:
+    """The rotary keys as transformers 5.x writes them on save: rope_parameters alone, no rope_theta or rope_scaling."""
+    scaling = dict(raw.get("rope_scaling") or {})
+    out = {key: value for key, value in raw.items() if key not in ("rope_theta", "rope_scaling")}
+    out["rope_parameters"] = {
+        **scaling,
+        "rope_theta": raw["rope_theta"],
+        "rope_type": scaling.get("rope_type", "default"),
+    }
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "runs_as_published_on_4x"),
+    [
+        ("meta-llama__Llama-3.2-1B.json", False),  # 4.57 would run default rope at 10000, not llama3 at 500000
+        ("Qwen__Qwen2.5-7B.copied.json", False),  # 4.57 would run base 10000, not 1e6
+        ("mistralai__Mistral-7B-Instruct-v0.1.printed-4.40.0.dev0.json", True),  # base 10000 either way
+    ],
+)
+def test_a_5x_saved_config_is_read_as_the_installed_release_runs_it(name: str, runs_as_published_on_4x: bool) -> None:
+    import transformers
+
+    published = settings(config(fixture(name)))
+    loaded = config(_written_by_5x(fixture(name)))
+    if transformers.__version__.startswith("4.") and not runs_as_published_on_4x:
+        with pytest.raises(attnlens.UnsupportedModelError, match="rotation depends on the release"):
+            check_config(loaded)
+    else:
+        assert check_config(loaded) == ()
+        assert (settings(loaded).rope_type, settings(loaded).rope_theta) == (published.rope_type, published.rope_theta)

@@ -16,7 +16,10 @@ unknown: warned about, refused under :func:`attnlens.strict_config`); the keys e
 itself live in :mod:`attnlens.models._config_policy`.
 
 Rotary embeddings. transformers 4.57 reads ``rope_theta`` and ``rope_scaling`` (``rope_type`` or the older ``type``);
-5.x reads ``rope_parameters`` (built from those two when a config has them) and writes it on save. The rotation the
+5.x reads ``rope_parameters`` (built from those two when a config has them) and writes only it on save, so a config
+saved by 5.x and loaded by 4.57 runs 4.57's default rotation (base 10000, unscaled) whatever ``rope_parameters`` says.
+The policy refuses a config whose spellings disagree, naming both, instead of describing a rotation the installed
+release does not run. The rotation the
 attention modules apply is ``q * cos + rotate_half(q) * sin`` with the ``cos``/``sin`` the model's rotary embedding
 hands them (``position_embeddings``); attnlens takes those as the model ran, so every variant whose angles are fixed
 by the positions is followed exactly: ``default``, ``linear``, ``llama3``, ``yarn`` and ``longrope`` (their scaling
@@ -153,10 +156,31 @@ def unknown_keys(config: PretrainedConfig) -> tuple[str, ...]:
 
 def _rope(config: PretrainedConfig) -> tuple[str, float, dict[str, Any], list[str]]:
     raw = config.to_dict()
-    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    rope_type = str(params.get("rope_type", params.get("type", "default")))
-    theta = params.get("rope_theta", raw.get("rope_theta"))
+    # What each release reads: 4.57 rope_scaling and rope_theta, 5.x rope_parameters. A config written by 5.x and
+    # loaded by 4.57 carries both (4.57 keeps rope_parameters unread and defaults the others), and so does one edited by
+    # hand: the spellings must agree, or the rotation would depend on the installed release.
+    spelled: dict[str, dict[str, Any]] = {}
+    if raw.get("rope_parameters") is not None:
+        spelled["rope_parameters"] = dict(raw["rope_parameters"])
+    if "rope_scaling" in raw or "rope_theta" in raw or not spelled:
+        legacy = dict(raw.get("rope_scaling") or {})
+        if raw.get("rope_theta") is not None:
+            legacy["rope_theta"] = raw["rope_theta"]
+        spelled["rope_scaling/rope_theta"] = legacy
+    readings = {
+        where: (str(p.get("rope_type", p.get("type", "default"))), p.get("rope_theta"))
+        for where, p in spelled.items()
+    }  # fmt: skip
     problems = []
+    if len(set(readings.values())) > 1:
+        problems.append(
+            "the rotary embedding is spelled with different values ("
+            + "; ".join(f"{where}: rope_type={t!r}, rope_theta={b!r}" for where, (t, b) in readings.items())
+            + "): transformers 4.x reads rope_scaling and rope_theta, 5.x rope_parameters, so the rotation depends on "
+            "the release; re-save the config with the release you run"
+        )
+    params = next(iter(spelled.values()))
+    rope_type, theta = next(iter(readings.values()))
     if rope_type not in FOLLOWED_ROPE_TYPES:
         why = (
             "its frequencies are rescaled in place by the longest input seen so far, so one input can be rotated "
