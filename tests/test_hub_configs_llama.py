@@ -14,8 +14,10 @@ Until the Llama adapter lands, the checks are those that need no adapter:
 * ``apply_rotary`` with those cos/sin is bitwise the model's own rotated q and k (captured from
   ``apply_rotary_pos_emb``), and ``repeat_kv`` is bitwise transformers' own, ``expand_kv`` a view of the same storage;
 * the eager probabilities are softmax(scale q k^T + mask) with key heads repeated per query head, within a tolerance
-  derived from the dtype's unit roundoff and d_head; a published window (Mistral-7B-Instruct-v0.1's 4096) shrinks
-  to 4 over 12 positions, and the tests switch one on for Mistral-Nemo and for Qwen2.5 (use_sliding_window).
+  derived from the dtype's unit roundoff and d_head, and o_proj's input (each query head's z) is that pattern times
+  the repeated values on both kernels, within the bound that tolerance implies; a published window
+  (Mistral-7B-Instruct-v0.1's 4096) shrinks to 4 over 12 positions, and the tests switch one on for Mistral-Nemo and
+  for Qwen2.5 (use_sliding_window).
 """
 
 from __future__ import annotations
@@ -158,6 +160,8 @@ def recording(model: Any, model_type: str) -> Iterator[list[dict[str, Any]]]:
         handles.append(attn.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(attn.q_proj.register_forward_hook(keep("q_proj")))
         handles.append(attn.k_proj.register_forward_hook(keep("k_proj")))
+        handles.append(attn.v_proj.register_forward_hook(keep("v_proj")))
+        handles.append(attn.o_proj.register_forward_pre_hook(lambda module, args: calls[-1].update(z=args[0])))
         handles.append(layer.mlp.register_forward_hook(keep("mlp", both=True)))
         if hasattr(attn, "q_norm"):
             handles.append(attn.q_norm.register_forward_hook(keep("q_norm", both=True)))
@@ -227,14 +231,17 @@ def check_model(small: dict[str, Any], tmp_path: Path, kernel: str, window: int 
         assert torch.equal(repeat_kv(keys, group), hf.repeat_kv(keys, group))
         view = expand_kv(keys, group)
         assert view.data_ptr() == keys.data_ptr() and view.shape == (2, n_kv, group, SEQ, D_HEAD)
+        pattern, atol = reference_pattern(q_rot, repeat_kv(k_rot, group, dim=2), mask, window, model.dtype)
         if kernel == "eager":
-            check_eager_pattern(q_rot, repeat_kv(k_rot, group, dim=2), mask, out.attentions[index], window)
+            check_eager_pattern(out.attentions[index], pattern, atol, window)
+        v = repeat_kv(call["v_proj"].view(*ids.shape, n_kv, D_HEAD), group, dim=2)
+        check_z(call["z"], pattern, atol, v)
 
 
-def check_eager_pattern(
-    q_rot: torch.Tensor, k_rot: torch.Tensor, mask: torch.Tensor, own: torch.Tensor, window: int | None
-) -> None:
-    """The model's eager probabilities against softmax(scale q_rot k_rot^T + mask), recomputed in float64."""
+def reference_pattern(
+    q_rot: torch.Tensor, k_rot: torch.Tensor, mask: torch.Tensor, window: int | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, float]:
+    """softmax(scale q_rot k_rot^T + mask) in float64 ``[batch, head, q_pos, k_pos]``, and the model's error bound."""
     q = q_rot.transpose(1, 2).double()  # [batch, head, pos, d_head]
     k = k_rot.transpose(1, 2).double()
     scale = D_HEAD**-0.5
@@ -247,12 +254,32 @@ def check_eager_pattern(
     # dtype and multiplying by the scale add one rounding each (unit roundoff U of that dtype). An input error of
     # delta moves a softmax probability by at most 2 delta; the float32 softmax adds a few u and the cast back to the
     # model's dtype U.
-    big_u = torch.finfo(own.dtype).eps / 2
+    big_u = torch.finfo(dtype).eps / 2
     gamma = D_HEAD * U32 / (1 - D_HEAD * U32)
     delta = float(((q.abs() @ k.abs().transpose(-1, -2)) * scale * (gamma + 2 * big_u)).max())
-    assert_close(own.double(), pattern, atol=2 * delta + big_u + 8 * U32, rtol=0.0)
+    return pattern, 2 * delta + big_u + 8 * U32
+
+
+def check_eager_pattern(own: torch.Tensor, pattern: torch.Tensor, atol: float, window: int | None) -> None:
+    """The model's eager probabilities against the float64 recomputation."""
+    assert_close(own.double(), pattern, atol=atol, rtol=0.0)
     if window is not None:  # never full causal: the keys out of the window get exactly nothing
         assert torch.equal(own[..., window:, 0], torch.zeros_like(own[..., window:, 0]))
+
+
+def check_z(own: torch.Tensor, pattern: torch.Tensor, atol: float, v: torch.Tensor) -> None:
+    """o_proj's input (each query head's z, any kernel) against pattern @ v with key/value heads repeated.
+
+    Each probability errs by at most ``atol``, moving z by ``atol * sum_k |v_k|``; the weighted sum accumulates in
+    float32 (gamma_pos max|v|, a few u more for a kernel that rescales blocks online) and rounds to the model's dtype.
+    """
+    values = v.transpose(1, 2).double()  # [batch, head, pos, d_head]
+    expected = torch.einsum("bhqk,bhkd->bqhd", pattern, values).flatten(-2)
+    big_u = torch.finfo(own.dtype).eps / 2
+    gamma = SEQ * U32 / (1 - SEQ * U32)
+    scale_v = float(values.abs().max())
+    bound = atol * float(values.abs().sum(-2).max()) + (gamma + 8 * U32 + big_u) * scale_v
+    assert_close(own.double(), expected, atol=bound, rtol=0.0)
 
 
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])
