@@ -20,6 +20,17 @@ NAMES = sorted(path.name for path in FIXTURES.glob("*.json"))
 # What each fixture is expected to do beyond passing silently: the unknown keys it warns about, or why it is refused.
 UNKNOWN: dict[str, tuple[str, ...]] = {}
 REFUSED: dict[str, str] = {}
+# Refused on transformers 4.x only: written by 5.x (rope_parameters alone), which 4.57 does not read, so 4.57 would
+# rotate with its default base 10000 instead of SmolLM2's 100000.
+REFUSED_ON_4X = {"HuggingFaceTB__SmolLM2-135M.saved-5.17.0.json": "rotation depends on the release"}
+
+
+def refusal(name: str) -> str | None:
+    """Why the installed transformers release's reading of a fixture is refused, or None."""
+    import transformers
+
+    on_4x = transformers.__version__.startswith("4.")
+    return REFUSED.get(name) or (REFUSED_ON_4X.get(name) if on_4x else None)
 
 
 def config(raw: dict[str, Any]) -> Any:
@@ -45,8 +56,8 @@ def test_tables_are_disjoint_and_every_key_has_its_reason() -> None:
 def test_published_config_and_its_resave_pass_the_policy(name: str, tmp_path: Path) -> None:
     """Each fixture as the installed release reads it, and as that release writes it back: no surprise."""
     loaded = config(fixture(name))
-    if name in REFUSED:
-        with pytest.raises(attnlens.UnsupportedModelError, match=REFUSED[name]):
+    if (why := refusal(name)) is not None:
+        with pytest.raises(attnlens.UnsupportedModelError, match=why):
             check_config(loaded)
         return
     expected = UNKNOWN.get(name, ())
