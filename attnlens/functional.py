@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor
 
+from attnlens._llamalike import expand_kv, gated_mlp, repeat_kv, rms_norm, sliding_window_mask
+
 __all__ = [
     "ACTIVATIONS",
     "AttentionOutputs",
@@ -35,13 +37,18 @@ __all__ = [
     "attention",
     "attention_scores",
     "causal_mask",
+    "expand_kv",
+    "gated_mlp",
     "masked_softmax",
     "merge_heads",
     "padding_mask",
     "qkv",
+    "repeat_kv",
+    "rms_norm",
     "rotary_cos_sin",
     "rotate_half",
     "scaled_dot_product_attention",
+    "sliding_window_mask",
     "split_heads",
 ]
 
