@@ -69,7 +69,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # These submodules and load_demo (in attnlens.demo) load on first use, so `import attnlens` stays light.
-    if name in ("attribution", "circuits", "metrics", "viz"):
+    if name in ("attribution", "circuits", "metrics", "residual", "viz"):
         return importlib.import_module(f"attnlens.{name}")
     if name == "load_demo":
         return importlib.import_module("attnlens.demo").load_demo

@@ -140,10 +140,12 @@ class Decomposition:
         names: one name per component (see :func:`component_names`).
         contributions: ``[component, batch, pos, d_model]`` in the model's dtype; ``pos`` indexes the chosen
             positions, not the input's.
-        residual: ``[batch, pos, d_model]``, the model's own residual entering the final layer norm there.
+        residual: ``[batch, pos, d_model]``, the model's own residual entering the final layer norm there (for
+            :func:`attnlens.residual.decompose_resid`, the residual entering layer ``n_layers``).
         positions: ``[batch, pos]`` int64, the input position of each entry (its column in ``input_ids``).
         valid: ``[batch, pos]`` bool: the entry is a real token (False only for padding with ``positions=None``).
-        n_layers: the model's number of layers.
+        n_layers: how many layers wrote the residual: the model's number of layers (fewer for
+            :func:`attnlens.residual.decompose_resid` at an earlier layer).
     """
 
     names: tuple[str, ...]
@@ -408,6 +410,18 @@ def decompose(
         >>> d.check()  # largest relative error of the sum
         >>> d.logit_attribution(target)  # [component, batch, pos]
     """
+    return _decompose(model, input_ids, attention_mask, positions, position_ids)
+
+
+def _decompose(
+    model: nn.Module | Adapter,
+    input_ids: Any,
+    attention_mask: Any,
+    positions: Any,
+    position_ids: Any,
+    boundaries: dict[int, Tensor] | None = None,
+) -> Decomposition:
+    """:func:`decompose`; with ``boundaries``, also the residual entering each layer, stored there by layer index."""
     if isinstance(model, (str, bytes, os.PathLike)):
         raise TypeError(f"decompose needs a loaded GPT-2 model, got the name or path {model!r}: load it first")
     adapter = adapt(model)
@@ -450,6 +464,13 @@ def decompose(
 
         return hook
 
+    def boundary(layer: int) -> Callable[[nn.Module, Any], None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            assert boundaries is not None
+            boundaries[layer] = at_positions(args[0])  # the block's first norm reads the residual entering the layer
+
+        return hook
+
     def final(module: nn.Module, args: Any) -> None:
         captured["residual"] = at_positions(args[0])
         raise capture.StopForward
@@ -462,6 +483,8 @@ def decompose(
         seen.add("pos_embed")
     post += [(s.mlp, put(names.index(f"L{i}.mlp"), f"L{i}.mlp")) for i, s in enumerate(sites.layers)]
     pre = [(s.z, heads(i)) for i, s in enumerate(sites.layers)] + [(sites.final_norm, final)]
+    if boundaries is not None:
+        pre += [(s.attn_input, boundary(i)) for i, s in enumerate(sites.layers)]
 
     def forward() -> None:
         sites.run(input_ids=ids, attention_mask=mask, position_ids=pos_ids)
