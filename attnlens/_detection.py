@@ -21,16 +21,22 @@ import torch
 from einops import einsum
 from torch import Tensor
 
+from attnlens._indices import as_index
 from attnlens.attention_trace import AttentionTrace
 
 __all__ = [
     "check_flag",
     "check_options",
     "detection_weights",
+    "duplicate_token_pattern",
     "excluded_keys",
     "first_positions",
+    "head_mask",
+    "induction_pattern",
+    "previous_token_pattern",
     "real_pairs",
     "score_keys",
+    "score_rows",
     "token_keys",
 ]
 
@@ -174,3 +180,137 @@ def detection_weights(tr: AttentionTrace, detection_pattern: Tensor | Callable[[
     weights = weights.expand(batch, n_pos, n_pos)
     # Padding rows and keys never qualify, as in every score: their weight is dropped.
     return weights * real_pairs(tr.attention_mask.to(torch.bool))
+
+
+# ------------------------------------------------------------------------ public patterns and TL's options ---
+
+ERROR_MEASURES = ("mul", "abs")
+AVERAGES = ("rows", "prompts")
+
+
+def _as_ids(input_ids: Any) -> tuple[Tensor, bool]:
+    ids = torch.as_tensor(input_ids)
+    if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.ndim not in (1, 2):
+        raise ValueError(
+            f"input_ids must be integer token ids [pos] or [batch, pos], got {ids.dtype} {tuple(ids.shape)}"
+        )
+    return (ids[None] if ids.ndim == 1 else ids), ids.ndim == 1
+
+
+def previous_token_pattern(input_ids: Any) -> Tensor:
+    """The previous-token detection pattern: ``D[b, i, i-1] = 1``.
+
+    Float32 ``[batch, q_pos, k_pos]`` (``[q_pos, k_pos]`` for ``[pos]`` ids). Like the other constructors, a function
+    of the ids: give it to :func:`attnlens.metrics.pattern_scores` as it is, or edit what it returns.
+    """
+    ids, single = _as_ids(input_ids)
+    n_pos = ids.shape[-1]
+    out = torch.ones(n_pos, n_pos, device=ids.device).tril(-1).triu(-1).expand(ids.shape[0], n_pos, n_pos).clone()
+    return out[0] if single else out
+
+
+def duplicate_token_pattern(input_ids: Any) -> Tensor:
+    """The duplicate-token detection pattern: ``D[b, i, j] = 1`` for ``j < i`` with ``t[b, j] == t[b, i]``.
+
+    Float32 ``[batch, q_pos, k_pos]`` (``[q_pos, k_pos]`` for ``[pos]`` ids), as TransformerLens's
+    ``get_duplicate_token_head_detection_pattern``.
+    """
+    ids, single = _as_ids(input_ids)
+    out = token_keys(ids)[0].to(torch.float32)
+    return out[0] if single else out
+
+
+def induction_pattern(input_ids: Any) -> Tensor:
+    """The induction detection pattern: ``D[b, i, j + 1] = 1`` for ``j + 1 < i`` with ``t[b, j] == t[b, i]``.
+
+    Float32 ``[batch, q_pos, k_pos]`` (``[q_pos, k_pos]`` for ``[pos]`` ids). Unlike TransformerLens's
+    ``get_induction_head_detection_pattern``, the query itself is never a target (its ``tril`` keeps ``j + 1 = i``
+    where a token repeats the one before it): what :func:`attnlens.metrics.induction_scores` scores.
+    """
+    ids, single = _as_ids(input_ids)
+    out = token_keys(ids)[1].to(torch.float32)
+    return out[0] if single else out
+
+
+def head_mask(tr: AttentionTrace, heads: Any) -> Tensor | None:
+    """``[layer, head]`` bool over the trace's layers and kept heads: the heads to score (``None``: all).
+
+    ``heads``: head numbers (in every layer) or ``(layer, head)`` pairs, all in the trace.
+    """
+    if heads is None:
+        return None
+    items = [heads] if isinstance(heads, int) or getattr(heads, "ndim", None) == 0 else list(heads)
+    if not items:
+        raise ValueError("heads is empty; pass None to score every head")
+    mask = torch.zeros(len(tr.layers), len(tr.heads), dtype=torch.bool)
+    for item in items:
+        pair = isinstance(item, (tuple, list)) or getattr(item, "ndim", 0) == 1
+        layer, head = (
+            (as_index(item[0], "heads"), as_index(item[1], "heads")) if pair else (None, as_index(item, "heads"))
+        )
+        if head not in tr.heads or (layer is not None and layer not in tr.layers):
+            raise ValueError(
+                f"head {item!r} is not in the trace (layers {list(tr.layers)}, heads {list(tr.heads)}); give head "
+                "numbers or (layer, head) pairs among them"
+            )
+        column = tr.heads.index(head)
+        if layer is None:
+            mask[:, column] = True
+        else:
+            mask[tr.layers.index(layer), column] = True
+    return mask
+
+
+def score_rows(
+    tr: AttentionTrace,
+    weights: Tensor,
+    excluded: Tensor | None,
+    what: str,
+    *,
+    error_measure: str,
+    average: str,
+    heads: Tensor | None,
+) -> Tensor:
+    """:func:`score_keys` with TransformerLens's options: ``error_measure``, ``average`` and a subset of heads.
+
+    ``"mul"`` rows as :func:`score_keys`. ``"abs"``: every real row counts, and scores ``1 - sum_j |P - D|`` over its
+    real, earlier keys not excluded (no renormalisation; TransformerLens's ``1 - mean(|P - D|) * pos``, unrounded).
+    ``average="rows"`` pools the rows of all sequences; ``"prompts"`` means each sequence's rows, then the sequences
+    (those with a row counted for that head). Heads outside ``heads`` are NaN.
+    """
+    if error_measure not in ERROR_MEASURES:
+        raise ValueError(f"error_measure must be one of {ERROR_MEASURES} (TransformerLens's), got {error_measure!r}")
+    if average not in AVERAGES:
+        raise ValueError(f"average must be 'rows' (pooled over every sequence's rows) or 'prompts', got {average!r}")
+    valid = tr.attention_mask.to(torch.bool)
+    if excluded is not None:
+        weights = weights.masked_fill(excluded, 0.0)
+    target = weights.to(torch.float32).unsqueeze(1)  # broadcast over heads
+    kept = real_pairs(valid) if excluded is None else real_pairs(valid) & ~excluded
+    kept_f = kept.to(torch.float32).unsqueeze(1)
+    rows = (weights != 0).any(dim=-1) if error_measure == "mul" else valid
+    if not bool(rows.any()):
+        raise ValueError(f"{what} is undefined here: no query row qualifies (see the docstring for which rows do)")
+    out = []
+    for layer in tr.layers:
+        pattern = tr.pattern(layer).to(torch.float32)
+        if error_measure == "abs":
+            value = 1.0 - ((pattern - target).abs() * kept_f).sum(dim=-1)
+            counted = rows[:, None, :].expand_as(value)
+        elif excluded is None:
+            value, counted = (pattern * target).sum(dim=-1), rows[:, None, :].expand(-1, pattern.shape[1], -1)
+        else:
+            left = (pattern * kept_f).sum(dim=-1)
+            counted = rows[:, None, :] & (left > 0)
+            value = torch.where(counted, (pattern * target).sum(dim=-1) / left.where(counted, 1.0), 0.0)
+        value = value.where(counted, 0.0)
+        if average == "rows":
+            n = counted.sum(dim=(0, 2))
+            out.append(torch.where(n > 0, value.sum(dim=(0, 2)) / n.clamp_min(1), float("nan")))
+        else:
+            n = counted.sum(dim=2)  # [batch, head]
+            per_prompt = torch.where(n > 0, value.sum(dim=2) / n.clamp_min(1), 0.0)
+            prompts = (n > 0).sum(dim=0)
+            out.append(torch.where(prompts > 0, per_prompt.sum(dim=0) / prompts.clamp_min(1), float("nan")))
+    scores = torch.stack(out)
+    return scores if heads is None else scores.masked_fill(~heads.to(scores.device), float("nan"))

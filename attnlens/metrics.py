@@ -36,10 +36,15 @@ from attnlens._detection import (
     check_flag,
     check_options,
     detection_weights,
+    duplicate_token_pattern,
     excluded_keys,
     first_positions,
+    head_mask,
+    induction_pattern,
+    previous_token_pattern,
     real_pairs,
     score_keys,
+    score_rows,
     token_keys,
 )
 from attnlens.models import Adapter, adapt
@@ -47,12 +52,15 @@ from attnlens.trace import AttentionTrace, trace
 
 __all__ = [
     "HeadScores",
+    "duplicate_token_pattern",
     "duplicate_token_scores",
     "entropy",
     "first_token_scores",
     "head_scores",
+    "induction_pattern",
     "induction_scores",
     "pattern_scores",
+    "previous_token_pattern",
     "previous_token_scores",
     "top_heads",
 ]
@@ -346,6 +354,9 @@ def pattern_scores(
     input_ids: Tensor | None = None,
     exclude_bos: bool = False,
     exclude_current_token: bool = False,
+    error_measure: str = "mul",
+    average: str = "rows",
+    heads: Sequence[int] | Sequence[tuple[int, int]] | None = None,
 ) -> Tensor:
     r"""Mean attention on the keys of a detection pattern of your own, scored like the built-in scores.
 
@@ -365,6 +376,11 @@ def pattern_scores(
         exclude_bos: leave out attention to each sequence's first real token; rows are renormalised (see the
             module docstring).
         exclude_current_token: leave out attention of each query to itself; rows are renormalised.
+        error_measure: ``"mul"`` (the score above) or ``"abs"`` (TransformerLens's: every real row scores
+            ``1 - sum_j |P - D|`` over its real keys, excluded keys dropped without renormalising; unrounded).
+        average: ``"rows"`` (pool every sequence's rows, the formula above) or ``"prompts"`` (TransformerLens's for a
+            list of prompts: each sequence's mean, then the mean over the sequences that have a row).
+        heads: score only these: head numbers (every layer) or ``(layer, head)`` pairs; the others are NaN.
 
     Returns:
         ``[layer, head]``.
@@ -378,12 +394,17 @@ def pattern_scores(
     Example:
         >>> D = torch.zeros(tr.n_pos, tr.n_pos); D[:, 0] = 1  # attention to position 0
         >>> metrics.pattern_scores(tr, D)
-        >>> metrics.pattern_scores(tr, lambda ids: (ids[:, :, None] == ids[:, None, :]).tril(-1))  # duplicates
+        >>> metrics.pattern_scores(tr, metrics.induction_pattern, error_measure="abs", average="prompts")
     """
     exclude_bos, exclude_current_token = check_options(exclude_bos, exclude_current_token)
     weights = detection_weights(tr, detection_pattern, _token_ids(tr, input_ids))
     excluded = excluded_keys(_valid(tr), exclude_bos, exclude_current_token)
-    return score_keys(tr, weights, excluded, "the pattern score")
+    if (error_measure, average, heads) == ("mul", "rows", None):
+        return score_keys(tr, weights, excluded, "the pattern score")
+    mask = head_mask(tr, heads)
+    return score_rows(
+        tr, weights, excluded, "the pattern score", error_measure=error_measure, average=average, heads=mask
+    )
 
 
 def top_heads(
