@@ -150,3 +150,24 @@ def test_check_fails_at_the_layer_whose_part_is_off() -> None:
     assert stack.at(2).check() >= 0  # the final residual is untouched
     with pytest.raises(DecompositionError):
         stack.check()
+
+
+def test_logit_lens_figure() -> None:
+    from conftest import optional
+
+    matplotlib = optional("matplotlib", "pip install 'attnlens[viz]'")
+    matplotlib.use("Agg")
+    from attnlens.viz.figures import plot_logit_lens
+
+    model = make_gpt2()
+    ids = random_ids(model, batch=1, pos=6)
+    stack = residual.accumulated_resid(model, ids, positions=None)
+    values = stack.logit_lens(ids.roll(-1, dims=1))[:, 0]
+    fig = plot_logit_lens(values, stack.names, [f"t{i}" for i in range(6)], title="lens")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(stack.names)
+    assert ax.get_title() == "lens"
+    # The image holds the values as given (widened to float64 by numpy, which is exact).
+    assert_bitwise(torch.from_numpy(ax.images[0].get_array().data.copy()), values.double(), "copy")
+    with pytest.raises(ValueError, match="names"):
+        plot_logit_lens(values, stack.names[:1])

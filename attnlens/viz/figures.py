@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["plot_head_scores", "plot_overview", "plot_pattern", "save_figure"]
+__all__ = ["plot_head_scores", "plot_logit_lens", "plot_overview", "plot_pattern", "save_figure"]
 
 _FIGURE_SUFFIXES = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 
@@ -170,6 +170,53 @@ def plot_head_scores(
             luminance = 0.299 * red + 0.587 * green + 0.114 * blue
             colour = "black" if luminance > 0.5 else "white"
             ax.text(col, row, format(value, fmt), ha="center", va="center", color=colour, fontsize=fontsize)
+    return fig
+
+
+def plot_logit_lens(
+    values: Any,
+    names: Sequence[str] | None = None,
+    tokens: Sequence[str] | None = None,
+    *,
+    ax: Axes | None = None,
+    title: str | None = None,
+    cmap: str = "viridis",
+) -> Figure:
+    """The logit lens as a heatmap: a logit read after each layer (rows) at each position (columns).
+
+    Args:
+        values: ``[layer, pos]`` (torch tensor or numpy array), e.g. ``stack.logit_lens(targets)[:, 0]`` for the first
+            row of :func:`attnlens.residual.accumulated_resid`'s stack.
+        names: one label per row (``stack.names``); default ``0, 1, ...``.
+        tokens: one label per column (the positions' tokens); default the column numbers.
+        ax: Axes to draw into; by default a new figure is made (not registered with pyplot).
+        title: Title of the axes.
+        cmap: A matplotlib colour map name.
+
+    Returns:
+        The matplotlib Figure holding the heatmap and its colour bar (NaN cells blank).
+
+    Raises:
+        ValueError: ``values`` is not 2-D, or the labels do not match its shape.
+        ImportError: If matplotlib is not installed.
+    """
+    grid = _to_numpy(values, "values")
+    if grid.ndim != 2:
+        raise ValueError(f"values must be [layer, pos], got shape {tuple(grid.shape)}")
+    n_rows, n_pos = grid.shape
+    rows = [str(i) for i in range(n_rows)] if names is None else [str(name) for name in names]
+    columns = [str(i) for i in range(n_pos)] if tokens is None else [_mpl_label(t) for t in tokens]
+    if len(rows) != n_rows or len(columns) != n_pos:
+        raise ValueError(f"values is [layer, pos] = {[n_rows, n_pos]}; got {len(rows)} names and {len(columns)} tokens")
+    fig, ax = _new_axes(ax, (max(4.0, 0.6 * n_pos + 2.5), max(3.0, 0.4 * n_rows + 1.5)))
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto", origin="lower")
+    ax.figure.colorbar(image, ax=ax, label="logit")
+    ax.set_xticks(range(n_pos), columns, rotation=90 if tokens is not None else 0)
+    ax.set_yticks(range(n_rows), rows)
+    ax.set_xlabel("position")
+    ax.set_ylabel("residual entering")
+    if title is not None:
+        ax.set_title(title)
     return fig
 
 
