@@ -140,8 +140,9 @@ def detection_weights(tr: AttentionTrace, detection_pattern: Tensor | Callable[[
     if isinstance(detection_pattern, str):
         raise TypeError(
             f"detection_pattern must be a tensor or a function of the token ids, got the name {detection_pattern!r}; "
-            "the built-in patterns have their own functions: previous_token_scores, duplicate_token_scores, "
-            "induction_scores, first_token_scores"
+            "pass a constructor instead (metrics.previous_token_pattern, duplicate_token_pattern, "
+            "induction_pattern), or use the built-in scores (previous_token_scores, duplicate_token_scores, "
+            "induction_scores, first_token_scores)"
         )
     if isinstance(detection_pattern, Tensor):
         given = detection_pattern

@@ -101,6 +101,8 @@ def test_heads_subset_and_refusals() -> None:
         metrics.pattern_scores(tr, metrics.previous_token_pattern, error_measure="l1")
     with pytest.raises(ValueError, match="average"):
         metrics.pattern_scores(tr, metrics.previous_token_pattern, average="batch")
+    with pytest.raises(TypeError, match="induction_pattern"):  # TransformerLens's names point to the constructors
+        metrics.pattern_scores(tr, "induction_head", error_measure="abs")  # type: ignore[arg-type]
 
 
 def test_options_agree_with_the_default_on_a_model() -> None:
