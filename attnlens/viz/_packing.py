@@ -35,20 +35,27 @@ def pooled_cells(n_heads: int, max_bytes: int) -> int:
 
 
 def _codes(weights: np.ndarray) -> np.ndarray:
-    """``[..., q_pos, k_pos]`` weights in [0, 1] as one byte each (255 for NaN).
+    """``[q_pos, k_pos]`` weights in [0, 1] as one byte each (255 for NaN), computed in float64.
+
+    A band of rows at a time: a long head is never copied whole in float64.
 
     Raises:
         ValueError: If a finite weight lies outside [0, 1] (the views draw attention weights, not scores).
     """
-    finite = np.isfinite(weights)
-    values = np.where(finite, weights, 0.0)
-    if values.size and (values.min() < -1e-6 or values.max() > 1 + 1e-6):
-        raise ValueError(
-            f"the views draw attention weights in [0, 1]; got values from {values.min():.4g} to {values.max():.4g} "
-            "(pre-softmax scores? pass the pattern)"
-        )
-    codes = np.rint(np.clip(values, 0.0, 1.0) * LEVELS).astype(np.uint8)
-    codes[~finite] = NAN_CODE
+    codes = np.empty(weights.shape, dtype=np.uint8)
+    step = max(1, (1 << 17) // max(1, weights.shape[-1]))
+    for start in range(0, weights.shape[0], step):
+        rows = np.asarray(weights[start : start + step], dtype=np.float64)
+        finite = np.isfinite(rows)
+        values = np.where(finite, rows, 0.0)
+        if values.size and (values.min() < -1e-6 or values.max() > 1 + 1e-6):
+            raise ValueError(
+                f"the views draw attention weights in [0, 1]; got values from {values.min():.4g} to "
+                f"{values.max():.4g} (pre-softmax scores? pass the pattern)"
+            )
+        band = np.rint(np.clip(values, 0.0, 1.0) * LEVELS).astype(np.uint8)
+        band[~finite] = NAN_CODE
+        codes[start : start + step] = band
     return codes
 
 
@@ -63,7 +70,7 @@ def pack_patterns(weights: np.ndarray) -> dict[str, Any]:
     Raises:
         ValueError: If a finite weight lies outside [0, 1] (the views draw attention weights, not scores).
     """
-    flat = weights.reshape(-1, *weights.shape[-2:])
+    flat = weights.reshape(-1, *weights.shape[-2:])  # [layer * head, q_pos, k_pos]
     return pack_heads(lambda i: flat[i], len(flat), max_bytes=None)
 
 

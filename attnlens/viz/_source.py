@@ -50,8 +50,8 @@ class Source:
         return n_layer, n_head, q_pos, k_pos
 
     def head(self, li: int, hi: int) -> np.ndarray:
-        """The ``[q_pos, k_pos]`` float64 weights of the head at index ``(li, hi)`` of the stack."""
-        weights = _to_numpy(self.stack[li, hi], "patterns")
+        """The ``[q_pos, k_pos]`` weights of the head at index ``(li, hi)``: float32 or float64, a view if it can be."""
+        weights = native(self.stack[li, hi])
         if self.keep is not None:
             weights = weights[self.keep][:, self.keep]
         return weights
@@ -59,7 +59,8 @@ class Source:
     def dense(self) -> np.ndarray:
         """All heads as one float64 ``[layer, head, q_pos, k_pos]`` array: only for short inputs."""
         n_layer, n_head = self.shape[:2]
-        return np.stack([np.stack([self.head(li, hi) for hi in range(n_head)]) for li in range(n_layer)])
+        heads = [[self.head(li, hi) for hi in range(n_head)] for li in range(n_layer)]
+        return np.array(heads, dtype=np.float64)
 
 
 def resolve(
@@ -134,12 +135,28 @@ def block_size(n: int, max_cells: int) -> int:
     return max(1, math.ceil(n / max(1, max_cells)))
 
 
+def native(values: Any) -> np.ndarray:
+    """A torch tensor or array as a float32 or float64 numpy array, without a copy where it already is one.
+
+    Reading a head of a long input as float64 would copy 8 MB per head; numpy's reductions and the packing below
+    work on float32 directly (bfloat16 and float16 are widened to float32: numpy has no bfloat16).
+    """
+    if hasattr(values, "detach") and hasattr(values, "cpu"):
+        tensor = values.detach().cpu()
+        if str(tensor.dtype) not in ("torch.float32", "torch.float64"):
+            tensor = tensor.float()
+        return tensor.numpy()
+    array = np.asarray(values)
+    return array if array.dtype in (np.float32, np.float64) else _to_numpy(array, "patterns")
+
+
 def block_reduce(weights: np.ndarray, block_q: int, block_k: int, how: str = "max") -> np.ndarray:
-    """``[q_pos, k_pos]`` weights reduced over blocks of ``block_q`` queries x ``block_k`` keys.
+    """``[q_pos, k_pos]`` weights reduced over blocks of ``block_q`` queries x ``block_k`` keys, in float64.
 
     The last block of each axis may be shorter; "mean" averages over the weights it holds. A NaN in a block makes
     the block NaN (it is shown, not hidden). Max keeps a sharp head (previous token, first token) as sharp as it is;
-    the mean shows how much weight a block carries per cell.
+    the mean shows how much weight a block carries per cell. One band of ``block_q`` rows is reduced at a time, so
+    the temporaries stay O(k_pos), not another copy of the square.
 
     Args:
         weights: ``[q_pos, k_pos]``.
@@ -148,7 +165,7 @@ def block_reduce(weights: np.ndarray, block_q: int, block_k: int, how: str = "ma
         how: "max" or "mean".
 
     Returns:
-        ``[ceil(q_pos / block_q), ceil(k_pos / block_k)]``.
+        ``[ceil(q_pos / block_q), ceil(k_pos / block_k)]``; with blocks of 1 x 1 the weights themselves.
     """
     if how not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {how!r}")
@@ -156,20 +173,28 @@ def block_reduce(weights: np.ndarray, block_q: int, block_k: int, how: str = "ma
         return weights
     q_pos, k_pos = weights.shape
     n_q, n_k = math.ceil(q_pos / block_q), math.ceil(k_pos / block_k)
+    out = np.empty((n_q, n_k))
     fill = -np.inf if how == "max" else 0.0
-    padded = np.full((n_q * block_q, n_k * block_k), fill)
-    padded[:q_pos, :k_pos] = weights
-    blocks = padded.reshape(n_q, block_q, n_k, block_k)
-    if how == "max":
-        return blocks.max(axis=(1, 3))
-    rows = np.minimum(block_q, q_pos - block_q * np.arange(n_q))
+    line = np.full(n_k * block_k, fill)
     cols = np.minimum(block_k, k_pos - block_k * np.arange(n_k))
-    return blocks.sum(axis=(1, 3)) / np.outer(rows, cols)
+    for i in range(n_q):
+        band = weights[i * block_q : (i + 1) * block_q]
+        if how == "max":
+            line[:k_pos] = band.max(axis=0)
+            out[i] = line.reshape(n_k, block_k).max(axis=1)
+        else:
+            line[:k_pos] = band.sum(axis=0, dtype=np.float64)
+            out[i] = line.reshape(n_k, block_k).sum(axis=1) / (cols * len(band))
+    return out
 
 
 def block_labels(texts: Sequence[str], block: int, offset: int = 0) -> list[str]:
-    """Labels of blocks of ``block`` positions: the position range, e.g. ``"16-23"`` (a token's own text alone)."""
+    """Labels of blocks of ``block`` positions: the position range, e.g. ``"16-23"`` (a token's own text alone).
+
+    A last block of one position is labelled by that position.
+    """
     if block == 1:
         return list(texts)
     n = len(texts)
-    return [f"{offset + i}-{offset + min(i + block, n) - 1}" for i in range(0, n, block)]
+    ends = [(offset + i, offset + min(i + block, n) - 1) for i in range(0, n, block)]
+    return [str(a) if a == b else f"{a}-{b}" for a, b in ends]

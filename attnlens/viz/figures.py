@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from attnlens.viz._checks import _check_layers, _check_tokens, _query_tokens, _to_numpy
-from attnlens.viz._source import _is_array, block_reduce, block_size
+from attnlens.viz._source import _is_array, block_reduce, block_size, native
 from attnlens.viz.labels import visible
 
 if TYPE_CHECKING:
@@ -43,7 +43,8 @@ _MAX_SCORES_SIDE = 30.0
 
 def _mpl_label(token: str, max_chars: int = 20) -> str:
     """A token as a one-line matplotlib tick label: spaces and newlines visible, ``$`` not taken for mathtext."""
-    text = visible(token)
+    # Control characters (and ␍) have no glyph in matplotlib's default font: shown as escapes such as \x05.
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in visible(token)).replace("␍", "\\r")
     if len(text) > max_chars:
         text = text[: max_chars - 1] + "…"
     return text.replace("$", r"\$")
@@ -288,7 +289,7 @@ def plot_overview(
     fig, _ = _new_axes(None, (panel * n_head + 1.0, panel * n_layer + 0.5), subplots=False)
     axes = fig.subplots(n_layer, n_head, squeeze=False)
     for (row, col), ax in np.ndenumerate(axes):
-        cells = block_reduce(_to_numpy(stack[row, col], "patterns"), block_q, block_k, reduce)
+        cells = np.asarray(block_reduce(native(stack[row, col]), block_q, block_k, reduce), dtype=np.float64)
         ax.imshow(cells, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])

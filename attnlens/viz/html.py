@@ -87,7 +87,8 @@ def pattern_html(
     Show it in a notebook with ``IPython.display.HTML(pattern_html(...))``, or write a page with :func:`save_html`.
     Two views in one notebook do not clash: every call uses fresh element ids.
 
-    Long inputs: up to about a million weights in all, each is stored to 4 decimals. Beyond, one byte per weight
+    Up to about a million weights in all (and 6 characters each within ``max_bytes``), each is stored to 4
+    decimals. Beyond, one byte per weight
     (within 0.002) as in :func:`attnlens.viz.overview_html`, every head while the page stays within ``max_bytes``;
     when they do not fit, each head is stored as the largest weight in each block of b x b tokens (a sharp head stays
     visible), the page says so and the root element carries ``data-block="b"``.
@@ -144,7 +145,8 @@ def pattern_html(
         "block_k": 1,
         "note": "",
     }
-    if n_layer * n_head * q_pos * k_pos <= _JSON_CELLS:
+    # JSON text takes up to 6 characters a weight ("10000,"): only where that fits the budget too.
+    if n_layer * n_head * q_pos * k_pos <= min(_JSON_CELLS, max_bytes // 6):
         data["patterns"] = _encode_rows(source.dense())
         return render(_TEMPLATE, data, title, UNPACK=UNPACK_JS)
     # Long inputs: one byte per weight, and whole heads only while they fit the budget; else block maxima.
