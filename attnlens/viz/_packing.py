@@ -64,16 +64,6 @@ def _causal(weights: np.ndarray) -> bool:
     return q_pos == k_pos and not bool(np.triu(weights != 0, 1).any())
 
 
-def pack_patterns(weights: np.ndarray) -> dict[str, Any]:
-    """``[layer, head, q_pos, k_pos]`` weights in [0, 1] as ``{"tri", "blob"}``: bytes, zlib, base64.
-
-    Raises:
-        ValueError: If a finite weight lies outside [0, 1] (the views draw attention weights, not scores).
-    """
-    flat = weights.reshape(-1, *weights.shape[-2:])  # [layer * head, q_pos, k_pos]
-    return pack_heads(lambda i: flat[i], len(flat), max_bytes=None)
-
-
 def pack_heads(
     read: Callable[[int], np.ndarray], n_heads: int, *, max_bytes: int | None, at_least: int = 1
 ) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 Token text only ever reaches the page as JSON (with ``<``, ``>`` and ``&`` escaped) that the script puts on a canvas
 or in ``textContent``, so a token such as ``</script><script>...`` or ``<img onerror=...>`` shows as text and never
 runs. Weights are stored rounded to 4 decimals (integers in units of 1e-4) with the trailing zeros of each row (the
-masked future of a causal pattern) dropped; for every head of a model at once, :func:`attnlens.viz.overview_html`
-stores patterns far more compactly.
+masked future of a causal pattern) dropped. Beyond about a million weights they are stored as the overview stores
+them (one byte each, zlib), within the page's budget of bytes; a long input that does not fit is stored as each
+head's maxima over blocks of tokens, and the page says so.
 """
 
 from __future__ import annotations
