@@ -140,6 +140,13 @@ def test_plot_overview_reduces_long_panels_and_says_so() -> None:
     )
 
 
+def test_plot_head_scores_of_a_very_large_model_is_capped() -> None:
+    optional("matplotlib")
+    assert tuple(viz.plot_head_scores(np.zeros((12, 12))).get_size_inches()) == pytest.approx((9.2, 6.9))  # as before
+    fig = viz.plot_head_scores(np.random.default_rng(0).random((80, 64)))  # Llama-70B's 80 layers x 64 heads
+    assert tuple(fig.get_size_inches()) == pytest.approx((30.0, 30.0))
+
+
 def test_inspect_png_of_a_long_text_stays_within_its_pixel_budget(tmp_path: Path) -> None:
     optional("matplotlib")
     ids = [str(i % 250 + 10) for i in range(250)]  # the demo model's 256 positions, nearly all
