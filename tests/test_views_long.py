@@ -120,6 +120,10 @@ def test_plot_pattern_short_inputs_as_before_long_inputs_fixed_and_reduced() -> 
     # Each band of 11 query rows carries 11 of weight over 121-cell blocks: its cells sum to 1/11.
     bands = np.asarray(mean.get_images()[0].get_array()).sum(1)
     np.testing.assert_allclose(bands, 1 / 11, rtol=1e-6)  # float32 weights summed: their rounding, 1100 terms
+    with pytest.raises(ValueError, match="max_cells must be at least 1"):
+        viz.plot_pattern(pattern, max_cells=0)
+    with pytest.raises(ValueError, match="reduce must be 'max' or 'mean'"):
+        viz.plot_overview(pattern[None, None], reduce="sum")
     # Fewer queries than keys: the y axis counts the last positions.
     rows = viz.plot_pattern(pattern[-3:], tokens).axes[0]
     assert rows.get_images()[0].get_array().shape == (3, 367)

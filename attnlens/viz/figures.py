@@ -31,7 +31,7 @@ __all__ = ["plot_head_scores", "plot_overview", "plot_pattern", "save_figure"]
 _FIGURE_SUFFIXES = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 # Up to this many positions every token gets a tick label and the figure grows with the input, up to a side of
 # _LABELLED_SIDE inches (50 positions): matplotlib needs about 40 bytes per pixel to draw an image, so a 128-token
-# figure at its old 38 inches took 1.2 GB at 150 dpi, at 16 inches it takes about 250 MB.
+# figure at its old 38 inches took 1.3 GB at 150 dpi, at 16 inches it takes about 250 MB.
 _LABELLED = 128
 _LABELLED_SIDE = 16.0
 # A longer input: a figure of fixed size (inches) with about this many tick labels per axis.
@@ -80,9 +80,9 @@ def plot_pattern(
     """Heatmap of one head's attention pattern, queries down the y axis and keys along the x axis.
 
     Up to 128 positions every token labels its row and column, and the figure grows with the input up to 17 x 16
-    inches (at 50 positions; more positions share that size). Longer inputs
-    get a figure of fixed size (11.5 x 10 inches) with about 32 tick labels per axis (position and token), and beyond
-    ``max_cells`` positions each cell is the maximum (or mean) of a block of positions; the title says which.
+    inches (at 50 positions; more positions share that size). Longer inputs get a figure of fixed size (11.5 x 10
+    inches) with about 32 tick labels per axis (position and token), and beyond ``max_cells`` positions each cell is
+    the maximum (or mean) of a block of positions; the title says which.
 
     Args:
         pattern: ``[q_pos, k_pos]`` attention weights (torch tensor or numpy array) of one head and batch item.
@@ -103,12 +103,11 @@ def plot_pattern(
         The matplotlib Figure holding the heatmap and its colour bar.
 
     Raises:
-        ValueError: If ``pattern`` is not 2-D, the number of tokens does not match ``k_pos``, or ``reduce`` is
-            unknown.
+        ValueError: If ``pattern`` is not 2-D, the number of tokens does not match ``k_pos``, or ``reduce`` or
+            ``max_cells`` is invalid.
         ImportError: If matplotlib is not installed.
     """
-    if reduce not in ("max", "mean"):
-        raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+    _check_reduction(reduce, max_cells)
     weights = _to_numpy(pattern, "pattern")
     if weights.ndim != 2:
         raise ValueError(
@@ -150,6 +149,13 @@ def plot_pattern(
     if title is not None:
         ax.set_title(title)
     return fig
+
+
+def _check_reduction(reduce: str, max_cells: int) -> None:
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+    if int(max_cells) < 1:
+        raise ValueError(f"max_cells must be at least 1 (cells per axis), got {max_cells}")
 
 
 def _thin_ticks(setter: Any, tokens: list[str], offset: int, **kwargs: Any) -> None:
@@ -277,8 +283,7 @@ def plot_overview(
         ValueError: If ``patterns`` is not 4-D.
         ImportError: If matplotlib is not installed.
     """
-    if reduce not in ("max", "mean"):
-        raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+    _check_reduction(reduce, max_cells)
     # A tensor or array is read one head at a time: a long input's stack is never copied whole.
     stack = patterns if _is_array(patterns) else _to_numpy(patterns, "patterns")
     if stack.ndim != 4 or 0 in stack.shape:
