@@ -89,10 +89,9 @@ def pattern_html(
     Two views in one notebook do not clash: every call uses fresh element ids.
 
     Up to about a million weights in all (and 6 characters each within ``max_bytes``), each is stored to 4
-    decimals. Beyond, one byte per weight
-    (within 0.002) as in :func:`attnlens.viz.overview_html`, every head while the page stays within ``max_bytes``;
-    when they do not fit, each head is stored as the largest weight in each block of b x b tokens (a sharp head stays
-    visible), the page says so and the root element carries ``data-block="b"``.
+    decimals. Beyond, one byte per weight (within 0.002) as in :func:`attnlens.viz.overview_html`, every head while
+    the page stays within ``max_bytes``; when they do not fit, each head is stored as the largest weight in each block
+    of b x b tokens (a sharp head stays visible), the page says so and the root element carries ``data-block="b"``.
 
     Args:
         patterns: ``[layer, head, q_pos, k_pos]`` attention weights of one batch item (torch or numpy), or an
