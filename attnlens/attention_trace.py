@@ -279,11 +279,6 @@ class AttentionTrace:
             return None
         from attnlens.viz import pattern_html
 
-        keep = self.attention_mask[0].bool()
-        patterns = self.patterns[:, 0][..., keep, :][..., keep]
-        if self.tokens is not None:
-            tokens = [t for t, k in zip(self.tokens[0], keep.tolist(), strict=True) if k]
-        else:
-            tokens = [str(int(i)) for i in self.input_ids[0][keep]]
+        # The view reads one head at a time and keeps a long input within a few MB (see pattern_html).
         title = f"{self.provenance.get('model') or 'attention'}: layers {list(self.layers)}"
-        return pattern_html(patterns.float().cpu(), tokens, layers=list(self.layers), title=title)
+        return pattern_html(self, title=title)

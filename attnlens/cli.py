@@ -209,7 +209,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if args.view == "overview" and html:
             viz.overview_html(t, labels, title="attnlens overview").save(args.out)
         elif args.view == "overview":
-            viz.save_figure(viz.plot_overview(t.patterns[:, 0].float()), args.out)
+            viz.save_figure(viz.plot_overview(t.patterns[:, 0]), args.out)
         else:
             layer = n_layers - 1 if args.layer is None else args.layer
             head = 0 if args.head is None else args.head

@@ -538,15 +538,21 @@ def test_provenance_and_repr() -> None:
 def test_repr_html_calls_viz_with_one_sequence_without_padding(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     fake = types.ModuleType("attnlens.viz")
-    fake.pattern_html = lambda patterns, tokens, **kw: calls.append((patterns, tokens, kw)) or "<div>ok</div>"  # type: ignore[attr-defined]
+    fake.pattern_html = lambda patterns, tokens=None, **kw: calls.append((patterns, tokens, kw)) or "<div>ok</div>"  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "attnlens.viz", fake)
     model = make_gpt2(n_layer=2)
     tr = attnlens.trace(model, ["a dog", "the cat sat"], tokenizer=word_tokenizer("left"), layers=[1, 0])
     assert tr._repr_html_() == "<div>ok</div>"
+    # The view is handed the trace itself: it reads the first row without padding one head at a time
+    # (tests/test_views_long.py checks what it stores), never a copy of every pattern.
     patterns, tokens, kw = calls[0]
-    assert patterns.shape == (2, 4, 2, 2) and tokens == ["a", "dog"]
-    assert_bitwise(patterns, tr.patterns[:, 0, :, 1:, 1:], "copy")
-    assert kw["layers"] == [1, 0]
+    assert patterns is tr and tokens is None and set(kw) == {"title"}
+    monkeypatch.undo()
+    from attnlens.viz._source import resolve
+
+    source = resolve(tr, None, None, None, None, square=False)
+    assert source.texts == ["a", "dog"] and source.layers == [1, 0] and source.shape == (2, 4, 2, 2)
+    assert_bitwise(torch.from_numpy(source.head(1, 3)), tr.patterns[1, 0, 3, 1:, 1:], "copy")
     no_pattern = attnlens.trace(model, random_ids(model), store=("q",))
     assert no_pattern._repr_html_() is None
 

@@ -377,18 +377,101 @@ def test_head_view_renders_with_readable_labels(page: Any, tmp_path: Path) -> No
 
 
 @pytest.mark.browser
-@pytest.mark.parametrize("kind", ["overview", "text", "head"])
+@pytest.mark.parametrize("kind", ["overview", "text", "head", "lines"])
 def test_hostile_tokens_stay_inert(page: Any, tmp_path: Path, kind: str) -> None:
     patterns = causal_patterns(1, 2, len(HOSTILE))
-    make = {"overview": viz.overview_html, "text": viz.text_html, "head": viz.pattern_html}[kind]
+    make = {
+        "overview": viz.overview_html,
+        "text": viz.text_html,
+        "head": viz.pattern_html,
+        "lines": lambda *args, **kwargs: viz.lines_html(*args, queries=[1, 2, 3], min_weight=1e-4, **kwargs),
+    }[kind]
     load(page, make(patterns, HOSTILE, title="<script>window.__pwned=1</script>"), tmp_path, kind)
     if kind == "overview":
         page.locator(".al-card").first.click()
-    elif kind == "text":
+    elif kind in ("text", "lines"):
         page.locator(".al-tok").nth(1).click()
         assert page.locator(".al-tok").nth(1).inner_text() == HOSTILE[1]
     assert page.evaluate("window.__pwned") is None
-    assert page.locator("img").count() == 0 and page.locator("svg").count() == 0
+    # The lines view draws its arcs in one svg of its own; a token's markup never becomes an element.
+    assert page.locator("img").count() == 0 and page.locator("svg").count() == (1 if kind == "lines" else 0)
+    assert page.locator("[onerror], [onload]").count() == 0
+
+
+@pytest.mark.browser
+def test_lines_view_draws_arcs_of_the_chosen_queries_and_one_on_hover(page: Any, tmp_path: Path) -> None:
+    n = 300
+    patterns = causal_patterns(2, 2, n, seed=3)
+    tokens = [(" " if i else "") + ["the", "cat", "sat", "on", "a", "mat\n"][i % 6] for i in range(n)]
+    queries = [n - 1, 150, 20]
+    load(page, viz.lines_html(patterns, tokens, layer=1, head=0, queries=queries, min_weight=0.02), tmp_path, "l")
+    root = page.locator(".attnlens-lines")
+    assert root.get_attribute("data-queries") == "299,150,20"
+    expected = {q: np.flatnonzero(patterns[1, 0, q].numpy() >= 0.02) for q in queries}
+    arcs = sum(int((keys != q).sum()) for q, keys in expected.items())  # a query's weight on itself tints, no arc
+    assert arcs > 10 and root.get_attribute("data-lines") == str(arcs)
+    paths = page.locator("svg path")
+    assert paths.count() == arcs
+    first = paths.first
+    q, k = int(first.get_attribute("data-q")), int(first.get_attribute("data-k"))
+    assert float(first.get_attribute("data-w")) == pytest.approx(float(patterns[1, 0, q, k]), abs=0.5e-4 + 1e-6)
+    assert first.get_attribute("d").startswith("M")
+    # Hovering a query shows only its arcs; its strongest key is named.
+    spans = page.locator(".al-tok")
+    spans.nth(150).hover()
+    assert root.get_attribute("data-lines") == str(int((expected[150] != 150).sum()))
+    assert {p.get_attribute("data-q") for p in paths.all()} == {"150"}
+    assert page.locator("[data-role=status]").inner_text().startswith("query 150 ")
+    tinted = [i for i in range(n) if spans.nth(i).get_attribute("data-w") is not None]
+    assert tinted == expected[150].tolist()
+    spans.nth(150).click()  # pinned: leaving it keeps its arcs
+    page.mouse.move(0, 0)
+    assert {p.get_attribute("data-q") for p in paths.all()} == {"150"}
+    spans.nth(150).click()  # released
+    page.mouse.move(0, 0)
+    assert root.get_attribute("data-lines") == str(arcs)
+    shot = tmp_path / "lines.png"
+    page.screenshot(path=str(shot))
+    assert distinct_colours(shot.read_bytes()) > 30
+
+
+@pytest.mark.browser
+def test_long_views_draw_block_maxima_and_say_what_they_hold(page: Any, tmp_path: Path) -> None:
+    n = 400
+    patterns = causal_patterns(2, 2, n)
+    tokens = [f" w{i}" for i in range(n)]
+    load(page, viz.overview_html(patterns, tokens, max_bytes=60_000), tmp_path, "ov")
+    root = page.locator(".attnlens-overview")
+    block = int(root.get_attribute("data-block"))
+    assert block > 1 and root.get_attribute("data-heads") == "4"
+    assert f"block of {block} x {block} tokens" in page.locator("[data-role=note]").inner_text()
+    page.locator(".al-card").nth(3).click()
+    big = page.locator("[data-role=big]")
+    big.scroll_into_view_if_needed()
+    box = big.bounding_box()
+    cells = -(-n // block)
+    cell = box["width"] / cells
+    page.mouse.move(box["x"] + 99.5 * cell, box["y"] + 100.5 * cell)  # queries of block 100, keys of block 99
+    rows, cols = slice(100 * block, 101 * block), slice(99 * block, 100 * block)
+    maximum = round(float(patterns[1, 1, rows, cols].max()) * 254) / 254
+    status = page.locator("[data-role=status]").inner_text()
+    assert status == (
+        f"queries {100 * block}-{101 * block - 1} -> keys {99 * block}-{100 * block - 1}: max {maximum:.3f}"
+    )
+    assert maximum > 0  # a block that holds weight: the status is not trivially 0
+
+    load(page, viz.pattern_html(patterns, tokens, max_bytes=60_000), tmp_path, "hv")
+    view = page.locator(".attnlens-view")
+    assert int(view.get_attribute("data-block")) > 1
+    assert int(view.get_attribute("data-cells")) == (-(-n // int(view.get_attribute("data-block")))) ** 2
+    assert "long input (400 tokens)" in page.locator("[data-role=note]").inner_text()
+
+    load(page, viz.text_html(patterns, tokens, heads=[(1, 1)], max_bytes=100_000), tmp_path, "tv")
+    text = page.locator(".attnlens-text")
+    stored = int(text.get_attribute("data-stored"))
+    assert 1 <= stored < 4 and page.locator("[data-role=heads] option").count() == stored
+    assert text.get_attribute("data-heads") == "L1H1"
+    assert f"holds {stored} of 4 heads" in page.locator("[data-role=stored]").inner_text()
 
 
 @pytest.mark.browser

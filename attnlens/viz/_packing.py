@@ -1,52 +1,114 @@
-"""Compact storage of many attention patterns for the overview and text views, and where they come from.
+"""Compact storage of many attention patterns for the HTML views, within a budget of bytes.
 
 Each weight is quantised to one byte: ``round(w * 254)`` (so it is kept to within ``1/508``, about 0.002, of its
 value), 255 marks a NaN. Of a causal pattern (square, nothing above the diagonal) only the lower triangle is kept.
 The bytes of all heads are compressed with zlib and base64-encoded; the page inflates them with the browser's own
 ``DecompressionStream`` (Chromium 80+, Firefox 113+, Safari 16.4+), so nothing is fetched.
+
+A view of a long input does not embed every weight: heads are packed while the page stays within its budget
+(``max_bytes``), and the views say on the page what they left out or reduced.
 """
 
 from __future__ import annotations
 
 import base64
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from attnlens.viz._checks import _check_layers, _check_tokens, _to_numpy
-from attnlens.viz.labels import token_texts
+from attnlens.viz._checks import _to_numpy
 
 LEVELS = 254
 NAN_CODE = 255
 # The largest error of a stored weight: half a quantisation step.
 PRECISION = 0.5 / LEVELS
+# The default budget of a view's packed weights (base64 characters): the page stays under about 5 MB.
+MAX_BYTES = 4_000_000
 
 
-def pack_patterns(weights: np.ndarray) -> dict[str, Any]:
-    """``[layer, head, q_pos, k_pos]`` weights in [0, 1] as ``{"tri", "blob"}``: bytes, zlib, base64.
+def pooled_cells(n_heads: int, max_bytes: int) -> int:
+    """Blocks per side for long inputs: ``n_heads`` lower triangles of one byte each fit ``max_bytes`` uncompressed."""
+    raw = max_bytes * 3 // 4
+    return int(np.clip(np.sqrt(2 * raw / max(1, n_heads)), 16, 256))
+
+
+def _codes(weights: np.ndarray) -> np.ndarray:
+    """``[q_pos, k_pos]`` weights in [0, 1] as one byte each (255 for NaN), computed in float64.
+
+    A band of rows at a time: a long head is never copied whole in float64.
 
     Raises:
         ValueError: If a finite weight lies outside [0, 1] (the views draw attention weights, not scores).
     """
-    finite = np.isfinite(weights)
-    values = np.where(finite, weights, 0.0)
-    if values.size and (values.min() < -1e-6 or values.max() > 1 + 1e-6):
-        raise ValueError(
-            f"the views draw attention weights in [0, 1]; got values from {values.min():.4g} to {values.max():.4g} "
-            "(pre-softmax scores? pass the pattern)"
-        )
-    codes = np.rint(np.clip(values, 0.0, 1.0) * LEVELS).astype(np.uint8)
-    codes[~finite] = NAN_CODE
+    codes = np.empty(weights.shape, dtype=np.uint8)
+    step = max(1, (1 << 17) // max(1, weights.shape[-1]))
+    for start in range(0, weights.shape[0], step):
+        rows = np.asarray(weights[start : start + step], dtype=np.float64)
+        finite = np.isfinite(rows)
+        values = np.where(finite, rows, 0.0)
+        if values.size and (values.min() < -1e-6 or values.max() > 1 + 1e-6):
+            raise ValueError(
+                f"the views draw attention weights in [0, 1]; got values from {values.min():.4g} to "
+                f"{values.max():.4g} (pre-softmax scores? pass the pattern)"
+            )
+        band = np.rint(np.clip(values, 0.0, 1.0) * LEVELS).astype(np.uint8)
+        band[~finite] = NAN_CODE
+        codes[start : start + step] = band
+    return codes
+
+
+def _causal(weights: np.ndarray) -> bool:
     q_pos, k_pos = weights.shape[-2:]
-    above = np.triu(np.ones((q_pos, k_pos), dtype=bool), 1)
-    tri = q_pos == k_pos and not bool(((weights != 0) & above).any())
-    if tri:
-        codes = codes[..., ~above]  # row-major: row q holds keys 0..q
-    # Level 1: within a few per cent of level 6 in size on patterns, and several times faster.
-    blob = zlib.compress(np.ascontiguousarray(codes).tobytes(), 1)
-    return {"tri": tri, "levels": LEVELS, "blob": base64.b64encode(blob).decode("ascii")}
+    return q_pos == k_pos and not bool(np.triu(weights != 0, 1).any())
+
+
+def pack_heads(
+    read: Callable[[int], np.ndarray], n_heads: int, *, max_bytes: int | None, at_least: int = 1
+) -> dict[str, Any]:
+    """The ``[q_pos, k_pos]`` weights of heads ``read(0)``, ``read(1)``, ... in one zlib stream, within a budget.
+
+    Heads are read one at a time (a long input's stack is never copied whole) and added in order while the base64
+    text stays under ``max_bytes``; the first ``at_least`` are always added. ``"count"`` says how many were. Of a
+    causal square (nothing above the diagonal in any head packed) only the lower triangle is kept.
+
+    Returns:
+        ``{"tri", "levels", "q_pos", "k_pos", "count", "blob"}``.
+
+    Raises:
+        ValueError: If a finite weight lies outside [0, 1].
+    """
+    q_pos, k_pos = read(0).shape
+    tri = q_pos == k_pos
+    # Compressed bytes allowed: base64 writes 4 characters per 3 bytes.
+    limit = None if max_bytes is None else max_bytes * 3 // 4
+    while True:
+        compressor = zlib.compressobj(1)  # level 1: within a few per cent of level 6 on patterns, several times faster
+        chunks: list[bytes] = []
+        size, count, restart = 0, 0, False
+        below = np.tril(np.ones((q_pos, k_pos), dtype=bool)) if tri else None
+        for index in range(n_heads):
+            weights = read(index)
+            if tri and not _causal(weights):
+                restart = True  # this head attends to its future: store whole squares instead
+                break
+            codes = _codes(weights)
+            data = (codes[below] if below is not None else np.ascontiguousarray(codes)).tobytes()  # row q: keys 0..q
+            if limit is not None and count >= at_least:
+                trial = compressor.copy()
+                if size + len(trial.compress(data)) + len(trial.flush()) > limit:
+                    break
+            chunk = compressor.compress(data)
+            chunks.append(chunk)
+            size += len(chunk)
+            count += 1
+        if not restart:
+            break
+        tri = False
+    chunks.append(compressor.flush())
+    blob = base64.b64encode(b"".join(chunks)).decode("ascii")
+    return {"tri": tri, "levels": LEVELS, "q_pos": q_pos, "k_pos": k_pos, "count": count, "blob": blob}
 
 
 def score_table(scores: Any, layer_numbers: list[int], n_head: int) -> dict[str, list[list[float | None]]]:
@@ -79,62 +141,6 @@ def score_table(scores: Any, layer_numbers: list[int], n_head: int) -> dict[str,
     return table
 
 
-def resolve(
-    patterns: Any,
-    tokens: Sequence[str] | None,
-    layers: Sequence[int] | None,
-    batch: int | None,
-    tokenizer: Any,
-) -> tuple[np.ndarray, list[str], list[int], list[int], Any]:
-    """(weights ``[layer, head, pos, pos]``, token texts, layer numbers, head numbers, the trace or None).
-
-    ``patterns`` is an :class:`attnlens.AttentionTrace` (one row, padding removed), ``[layer, batch, head, q_pos,
-    k_pos]`` with ``batch`` naming the row, or ``[layer, head, q_pos, k_pos]``.
-    """
-    if hasattr(patterns, "attention_mask") and hasattr(patterns, "input_ids"):
-        trace = patterns
-        row = 0 if batch is None else int(batch)
-        if not 0 <= row < trace.batch:
-            raise ValueError(f"batch row {row} is out of range for a trace of {trace.batch} rows")
-        if "pattern" not in trace.stored:
-            raise ValueError("this trace stored no patterns; trace with store including 'pattern'")
-        keep = trace.attention_mask[row].bool().cpu()
-        weights = _to_numpy(trace.patterns[:, row], "patterns")[..., keep.numpy(), :][..., keep.numpy()]
-        if tokens is None:
-            ids = trace.input_ids[row].cpu()[keep]
-            if tokenizer is not None:
-                tokens = token_texts(tokenizer, ids)
-            elif trace.tokens is not None:
-                tokens = [t for t, k in zip(trace.tokens[row], keep.tolist()) if k]
-            else:
-                tokens = [str(int(i)) for i in ids]
-        if layers is not None:
-            raise ValueError("a trace names its own layers; leave layers=None")
-        return weights, list(tokens), list(trace.layers), list(trace.heads), trace
-    if tokenizer is not None:
-        raise ValueError("tokenizer= labels the ids of an AttentionTrace; with a tensor pass the token strings")
-    weights = _to_numpy(patterns, "patterns")
-    if weights.ndim == 5:
-        if batch is None:
-            raise ValueError(
-                f"patterns of shape {tuple(weights.shape)} are [layer, batch, head, q_pos, k_pos]: pass batch=ROW"
-            )
-        if not 0 <= batch < weights.shape[1]:
-            raise ValueError(f"batch row {batch} is out of range for {weights.shape[1]} rows")
-        weights = weights[:, batch]
-    elif batch is not None:
-        raise ValueError("batch= picks a row of [layer, batch, head, q_pos, k_pos] patterns or of a trace")
-    if weights.ndim != 4:
-        raise ValueError(f"patterns must be [layer, head, q_pos, k_pos], got shape {tuple(weights.shape)}")
-    if 0 in weights.shape:
-        raise ValueError(f"patterns must not be empty, got shape {tuple(weights.shape)}")
-    n_layer, n_head, q_pos, k_pos = weights.shape
-    if q_pos != k_pos:
-        raise ValueError(f"these views draw square patterns (q_pos == k_pos), got {q_pos} queries and {k_pos} keys")
-    texts = _check_tokens(tokens, k_pos)
-    return weights, texts, _check_layers(layers, n_layer), list(range(n_head)), None
-
-
 # Inflating the packed bytes in the page; `data` is the view's JSON, `done` gets a head accessor.
 UNPACK_JS = """
   function unpack(data, done, fail) {
@@ -143,8 +149,8 @@ UNPACK_JS = """
     for (i = 0; i < bin.length; i++) { bytes[i] = bin.charCodeAt(i); }
     var stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
     new Response(stream).arrayBuffer().then(function (buffer) {
-      var codes = new Uint8Array(buffer), n = data.n_pos, tri = data.packed.tri;
-      var size = tri ? n * (n + 1) / 2 : n * n;
+      var codes = new Uint8Array(buffer), n = data.packed.k_pos, tri = data.packed.tri;
+      var size = tri ? n * (n + 1) / 2 : data.packed.q_pos * n;
       // Weight of key k for query q in head number `index` (layer-major): NaN for 255, 0 above the diagonal.
       function get(index, q, k) {
         if (tri && k > q) { return 0; }

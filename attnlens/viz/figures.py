@@ -1,5 +1,10 @@
 """matplotlib figures: one head's pattern, a ``[layer, head]`` grid of head scores, every head of a trace at once.
 
+Long inputs keep a fixed pixel budget: beyond ``max_cells`` positions a pattern is drawn as the maximum (or mean) over
+blocks of positions, in a figure of fixed size with thinned tick labels, and the title says so. A 1024-token head or
+every head of GPT-2 small over 1024 tokens draws in well under a few hundred MB; the figures never copy a whole stack
+of patterns (each head is read, reduced and drawn in turn).
+
 matplotlib is an optional dependency (``pip install 'attnlens[viz]'``) imported inside these functions only. Figures
 are not registered with ``pyplot``: nothing accumulates in pyplot's figure list when drawing hundreds of heads, and a
 notebook shows a returned figure once. To show one in a script's window, pass ``ax=`` from ``plt.subplots()``.
@@ -14,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from attnlens.viz._checks import _check_layers, _check_tokens, _query_tokens, _to_numpy
+from attnlens.viz._source import _is_array, block_reduce, block_size, native
 from attnlens.viz.labels import visible
 
 if TYPE_CHECKING:
@@ -23,11 +29,22 @@ if TYPE_CHECKING:
 __all__ = ["plot_head_scores", "plot_logit_lens", "plot_overview", "plot_pattern", "save_figure"]
 
 _FIGURE_SUFFIXES = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+# Up to this many positions every token gets a tick label and the figure grows with the input, up to a side of
+# _LABELLED_SIDE inches (50 positions): matplotlib needs about 40 bytes per pixel to draw an image, so a 128-token
+# figure at its old 38 inches took 1.3 GB at 150 dpi, at 16 inches it takes about 250 MB.
+_LABELLED = 128
+_LABELLED_SIDE = 16.0
+# A longer input: a figure of fixed size (inches) with about this many tick labels per axis.
+_LONG_SIDE = 10.0
+_LONG_TICKS = 32
+# Largest figure side in inches of plot_head_scores (a [layer, head] grid of a very large model).
+_MAX_SCORES_SIDE = 30.0
 
 
 def _mpl_label(token: str, max_chars: int = 20) -> str:
     """A token as a one-line matplotlib tick label: spaces and newlines visible, ``$`` not taken for mathtext."""
-    text = visible(token)
+    # Control characters (and ␍) have no glyph in matplotlib's default font: shown as escapes such as \x05.
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in visible(token)).replace("␍", "\\r")
     if len(text) > max_chars:
         text = text[: max_chars - 1] + "…"
     return text.replace("$", r"\$")
@@ -57,8 +74,15 @@ def plot_pattern(
     cmap: str = "viridis",
     vmin: float | None = 0.0,
     vmax: float | None = 1.0,
+    max_cells: int = 512,
+    reduce: str = "max",
 ) -> Figure:
     """Heatmap of one head's attention pattern, queries down the y axis and keys along the x axis.
+
+    Up to 128 positions every token labels its row and column, and the figure grows with the input up to 17 x 16
+    inches (at 50 positions; more positions share that size). Longer inputs get a figure of fixed size (11.5 x 10
+    inches) with about 32 tick labels per axis (position and token), and beyond ``max_cells`` positions each cell is
+    the maximum (or mean) of a block of positions; the title says which.
 
     Args:
         pattern: ``[q_pos, k_pos]`` attention weights (torch tensor or numpy array) of one head and batch item.
@@ -70,14 +94,20 @@ def plot_pattern(
         vmin: Weight at the bottom of the colour scale; None uses the pattern's minimum.
         vmax: Weight at the top of the colour scale. The default 0..1 keeps colours comparable across heads; None
             stretches the scale to the pattern's maximum.
+        max_cells: Most cells per axis drawn for an input longer than 128 positions; more positions are reduced over
+            blocks (a 1024-token head: blocks of 2 x 2).
+        reduce: How a block becomes one cell: "max" (default: a sharp head, such as previous-token, stays as sharp)
+            or "mean".
 
     Returns:
         The matplotlib Figure holding the heatmap and its colour bar.
 
     Raises:
-        ValueError: If ``pattern`` is not 2-D or the number of tokens does not match ``k_pos``.
+        ValueError: If ``pattern`` is not 2-D, the number of tokens does not match ``k_pos``, or ``reduce`` or
+            ``max_cells`` is invalid.
         ImportError: If matplotlib is not installed.
     """
+    _check_reduction(reduce, max_cells)
     weights = _to_numpy(pattern, "pattern")
     if weights.ndim != 2:
         raise ValueError(
@@ -87,22 +117,54 @@ def plot_pattern(
     q_pos, k_pos = weights.shape
     key_tokens = _check_tokens(tokens, k_pos)
     query_tokens = _query_tokens(key_tokens, q_pos)
+    offset = k_pos - q_pos
 
-    side = max(4.0, 0.28 * max(q_pos, k_pos) + 2.0)
-    fig, ax = _new_axes(ax, (side + 1.0, side))
-    image = ax.imshow(weights, cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal", interpolation="nearest")
+    if max(q_pos, k_pos) <= _LABELLED:
+        side = min(_LABELLED_SIDE, max(4.0, 0.28 * max(q_pos, k_pos) + 2.0))
+        fig, ax = _new_axes(ax, (side + 1.0, side))
+        image = ax.imshow(weights, cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal", interpolation="nearest")
+        if tokens is not None:
+            fontsize = float(np.clip(360 / max(q_pos, k_pos), 4, 10))
+            ax.set_xticks(range(k_pos), [_mpl_label(t) for t in key_tokens], rotation=90, fontsize=fontsize)
+            ax.set_yticks(range(q_pos), [_mpl_label(t) for t in query_tokens], fontsize=fontsize)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+    else:
+        # A fixed figure, and no more cells than it has pixels: blocks of positions reduced to one cell each.
+        block_q, block_k = block_size(q_pos, max_cells), block_size(k_pos, max_cells)
+        cells = block_reduce(weights, block_q, block_k, reduce)
+        fig, ax = _new_axes(ax, (_LONG_SIDE + 1.5, _LONG_SIDE))
+        # Extent in token positions: the axes count positions whatever the block size.
+        extent = (-0.5, k_pos - 0.5, offset + q_pos - 0.5, offset - 0.5)
+        image = ax.imshow(cells, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest", extent=extent)
+        if tokens is not None:
+            _thin_ticks(ax.set_xticks, key_tokens, 0, rotation=90)
+            _thin_ticks(ax.set_yticks, query_tokens, offset)
+        blocks = block_q > 1 or block_k > 1
+        how = f"{reduce} of {block_q} x {block_k} blocks" if blocks else "every weight"
+        ax.set_xlabel(f"key position (blocks of {block_k})" if block_k > 1 else "key position")
+        ax.set_ylabel(f"query position (blocks of {block_q})" if block_q > 1 else "query position")
+        title = f"{title} ({k_pos} tokens: {how})" if title else f"{k_pos} tokens: {how}"
     ax.figure.colorbar(image, ax=ax, label="attention weight", shrink=0.8)
-
-    # Every label up to 128 tokens; beyond that matplotlib's own sparse ticks (positions) stay readable.
-    if tokens is not None and max(q_pos, k_pos) <= 128:
-        fontsize = float(np.clip(360 / max(q_pos, k_pos), 4, 10))
-        ax.set_xticks(range(k_pos), [_mpl_label(t) for t in key_tokens], rotation=90, fontsize=fontsize)
-        ax.set_yticks(range(q_pos), [_mpl_label(t) for t in query_tokens], fontsize=fontsize)
-    ax.set_xlabel("key")
-    ax.set_ylabel("query")
     if title is not None:
         ax.set_title(title)
     return fig
+
+
+def _check_reduction(reduce: str, max_cells: int) -> None:
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+    if int(max_cells) < 1:
+        raise ValueError(f"max_cells must be at least 1 (cells per axis), got {max_cells}")
+
+
+def _thin_ticks(setter: Any, tokens: list[str], offset: int, **kwargs: Any) -> None:
+    """About ``_LONG_TICKS`` evenly spaced ticks, each labelled with its position and token."""
+    step = max(1, -(-len(tokens) // _LONG_TICKS))
+    where = list(range(0, len(tokens), step))
+    setter(
+        [offset + i for i in where], [f"{offset + i} {_mpl_label(tokens[i], 12)}" for i in where], fontsize=7, **kwargs
+    )
 
 
 def plot_head_scores(
@@ -147,7 +209,8 @@ def plot_head_scores(
     if annotate is None:
         annotate = grid.size <= 1024
 
-    fig, ax = _new_axes(ax, (max(4.0, 0.6 * n_head + 2.0), max(3.0, 0.45 * n_layer + 1.5)))
+    width = min(_MAX_SCORES_SIDE, max(4.0, 0.6 * n_head + 2.0))
+    fig, ax = _new_axes(ax, (width, min(_MAX_SCORES_SIDE, max(3.0, 0.45 * n_layer + 1.5))))
     finite = grid[np.isfinite(grid)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
@@ -246,6 +309,8 @@ def plot_overview(
     layers: Sequence[int] | None = None,
     cmap: str = "viridis",
     panel: float = 1.1,
+    max_cells: int = 128,
+    reduce: str = "max",
 ) -> Figure:
     """Every head's pattern as a small heatmap: layers down, heads across (a picture of :func:`overview_html`).
 
@@ -254,6 +319,9 @@ def plot_overview(
         layers: The model's layer numbers along the first axis; default 0, 1, ...
         cmap: A matplotlib colour map name; the scale is 0 to 1 in every panel.
         panel: Size of one panel in inches.
+        max_cells: Most cells per axis of a panel; longer inputs are reduced over blocks of positions (a 1024-token
+            input: blocks of 8 x 8), said in the figure's title.
+        reduce: How a block becomes one cell: "max" (default) or "mean".
 
     Returns:
         The matplotlib Figure.
@@ -262,21 +330,27 @@ def plot_overview(
         ValueError: If ``patterns`` is not 4-D.
         ImportError: If matplotlib is not installed.
     """
-    weights = _to_numpy(patterns, "patterns")
-    if weights.ndim != 4 or 0 in weights.shape:
-        raise ValueError(f"patterns must be [layer, head, q_pos, k_pos], got shape {tuple(weights.shape)}")
-    n_layer, n_head = weights.shape[:2]
+    _check_reduction(reduce, max_cells)
+    # A tensor or array is read one head at a time: a long input's stack is never copied whole.
+    stack = patterns if _is_array(patterns) else _to_numpy(patterns, "patterns")
+    if stack.ndim != 4 or 0 in stack.shape:
+        raise ValueError(f"patterns must be [layer, head, q_pos, k_pos], got shape {tuple(stack.shape)}")
+    n_layer, n_head, q_pos, k_pos = (int(n) for n in stack.shape)
     layer_numbers = _check_layers(layers, n_layer)
+    block_q, block_k = block_size(q_pos, max_cells), block_size(k_pos, max_cells)
     fig, _ = _new_axes(None, (panel * n_head + 1.0, panel * n_layer + 0.5), subplots=False)
     axes = fig.subplots(n_layer, n_head, squeeze=False)
     for (row, col), ax in np.ndenumerate(axes):
-        ax.imshow(weights[row, col], cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+        cells = np.asarray(block_reduce(native(stack[row, col]), block_q, block_k, reduce), dtype=np.float64)
+        ax.imshow(cells, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
         if row == 0:
             ax.set_title(f"head {col}", fontsize=8)
         if col == 0:
             ax.set_ylabel(f"layer {layer_numbers[row]}", fontsize=8)
+    if block_q > 1 or block_k > 1:
+        fig.suptitle(f"{k_pos} tokens: each cell the {reduce} of a block of {block_q} x {block_k} weights", fontsize=9)
     return fig
 
 

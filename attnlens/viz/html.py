@@ -3,8 +3,9 @@
 Token text only ever reaches the page as JSON (with ``<``, ``>`` and ``&`` escaped) that the script puts on a canvas
 or in ``textContent``, so a token such as ``</script><script>...`` or ``<img onerror=...>`` shows as text and never
 runs. Weights are stored rounded to 4 decimals (integers in units of 1e-4) with the trailing zeros of each row (the
-masked future of a causal pattern) dropped; for every head of a model at once, :func:`attnlens.viz.overview_html`
-stores patterns far more compactly.
+masked future of a causal pattern) dropped. Beyond about a million weights they are stored as the overview stores
+them (one byte each, zlib), within the page's budget of bytes; a long input that does not fit is stored as each
+head's maxima over blocks of tokens, and the page says so.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from attnlens.viz._checks import _check_layers, _check_tokens, _json_for_script, _query_tokens, _to_numpy, new_id
+from attnlens.viz._checks import _json_for_script, _query_tokens, _to_numpy, new_id
+from attnlens.viz._packing import MAX_BYTES, UNPACK_JS, pack_heads, pooled_cells
+from attnlens.viz._source import _is_array, block_labels, block_reduce, block_size, resolve
 from attnlens.viz.labels import visible
 
 __all__ = ["HTMLView", "pattern_html", "save_html"]
@@ -38,6 +41,8 @@ class HTMLView(str):
 
 # Weights are stored as integers in units of 1 / _SCALE, i.e. rounded to 4 decimals.
 _SCALE = 10_000
+# Beyond this many weights in all, JSON text would take tens of MB: one byte per weight instead.
+_JSON_CELLS = 1 << 20
 
 
 def _encode_rows(weights: np.ndarray) -> list[Any]:
@@ -64,12 +69,13 @@ def _encode_rows(weights: np.ndarray) -> list[Any]:
 
 def pattern_html(
     patterns: Any,
-    tokens: Sequence[str] | None,
+    tokens: Sequence[str] | None = None,
     *,
     layers: Sequence[int] | None = None,
     title: str = "",
     layer: int | None = None,
     head: int = 0,
+    max_bytes: int = MAX_BYTES,
 ) -> HTMLView:
     """A self-contained interactive view of attention patterns, as an HTML fragment.
 
@@ -82,14 +88,22 @@ def pattern_html(
     Show it in a notebook with ``IPython.display.HTML(pattern_html(...))``, or write a page with :func:`save_html`.
     Two views in one notebook do not clash: every call uses fresh element ids.
 
+    Up to about a million weights in all (and 6 characters each within ``max_bytes``), each is stored to 4
+    decimals. Beyond, one byte per weight (within 0.002) as in :func:`attnlens.viz.overview_html`, every head while
+    the page stays within ``max_bytes``; when they do not fit, each head is stored as the largest weight in each block
+    of b x b tokens (a sharp head stays visible), the page says so and the root element carries ``data-block="b"``.
+
     Args:
-        patterns: ``[layer, head, q_pos, k_pos]`` attention weights of one batch item (torch or numpy).
+        patterns: ``[layer, head, q_pos, k_pos]`` attention weights of one batch item (torch or numpy), or an
+            :class:`attnlens.AttentionTrace` (its first row, padding removed; tokens default to the trace's).
         tokens: The ``k_pos`` token strings of the key positions (queries are the last ``q_pos`` of them); None
             labels positions with numbers.
         layers: The model's layer numbers along the first axis, when only some layers were traced; default 0, 1, ...
         title: Heading shown above the controls (plain text).
         layer: Layer number shown first (one of ``layers``); default the first.
         head: Head shown first.
+        max_bytes: Budget of the stored weights of a long input (base64 characters; the page stays under about
+            this plus its labels).
 
     Returns:
         An HTML fragment (pure ASCII) with inline style, data and script, as an :class:`HTMLView` (a ``str`` that
@@ -99,16 +113,18 @@ def pattern_html(
         ValueError: If ``patterns`` is not 4-D, the tokens do not match ``k_pos``, or ``layer``/``head`` is not in
             the data.
     """
-    weights = _to_numpy(patterns, "patterns")
-    if weights.ndim != 4:
-        hint = " (select one batch item, e.g. patterns[0])" if weights.ndim == 5 else ""
-        raise ValueError(f"patterns must be [layer, head, q_pos, k_pos], got shape {tuple(weights.shape)}{hint}")
-    n_layer, n_head, q_pos, k_pos = weights.shape
-    if 0 in weights.shape:
-        raise ValueError(f"patterns must not be empty, got shape {tuple(weights.shape)}")
-    key_tokens = _check_tokens(tokens, k_pos)
+    if hasattr(patterns, "attention_mask") and hasattr(patterns, "input_ids"):
+        source = resolve(patterns, tokens, layers, None, None, square=False)
+    else:
+        array = patterns if _is_array(patterns) else _to_numpy(patterns, "patterns")
+        if array.ndim != 4:
+            hint = " (select one batch item, e.g. patterns[0])" if array.ndim == 5 else ""
+            raise ValueError(f"patterns must be [layer, head, q_pos, k_pos], got shape {tuple(array.shape)}{hint}")
+        source = resolve(array, tokens, layers, None, None, square=False)
+    n_layer, n_head, q_pos, k_pos = source.shape
+    key_tokens = source.texts
     query_tokens = _query_tokens(key_tokens, q_pos)
-    layer_numbers = _check_layers(layers, n_layer)
+    layer_numbers = source.layers
     if layer is None:
         layer = layer_numbers[0]
     if layer not in layer_numbers:
@@ -116,7 +132,7 @@ def pattern_html(
     if not 0 <= head < n_head:
         raise ValueError(f"head {head} is out of range for {n_head} heads")
 
-    data = {
+    data: dict[str, Any] = {
         "layers": layer_numbers,
         "n_head": n_head,
         "q_pos": q_pos,
@@ -125,9 +141,38 @@ def pattern_html(
         "k_labels": [visible(t) for t in key_tokens],
         "scale": _SCALE,
         "initial": {"layer": layer_numbers.index(layer), "head": head},
-        "patterns": _encode_rows(weights),
+        "block_q": 1,
+        "block_k": 1,
+        "note": "",
     }
-    return render(_TEMPLATE, data, title)
+    # JSON text takes up to 6 characters a weight ("10000,"): only where that fits the budget too.
+    if n_layer * n_head * q_pos * k_pos <= min(_JSON_CELLS, max_bytes // 6):
+        data["patterns"] = _encode_rows(source.dense())
+        return render(_TEMPLATE, data, title, UNPACK=UNPACK_JS)
+    # Long inputs: one byte per weight, and whole heads only while they fit the budget; else block maxima.
+    packed = pack_heads(lambda i: source.head(*divmod(i, n_head)), n_layer * n_head, max_bytes=max_bytes)
+    if packed["count"] < n_layer * n_head:
+        cells = pooled_cells(n_layer * n_head, max_bytes)
+        block_q, block_k = block_size(q_pos, cells), block_size(k_pos, cells)
+        if block_q != block_k and q_pos == k_pos:
+            block_q = block_k = max(block_q, block_k)
+        packed = pack_heads(
+            lambda i: block_reduce(source.head(*divmod(i, n_head)), block_q, block_k, "max"),
+            n_layer * n_head,
+            max_bytes=None,
+        )
+        data.update(
+            q_pos=packed["q_pos"],
+            k_pos=packed["k_pos"],
+            q_labels=block_labels(query_tokens, block_q, k_pos - q_pos),
+            k_labels=block_labels(key_tokens, block_k),
+            block_q=block_q,
+            block_k=block_k,
+            note=f"long input ({k_pos} tokens): each cell is the largest weight in a block of {block_q} queries x "
+            f"{block_k} keys (the page stores these maxima, not every weight)",
+        )
+    data["packed"] = packed
+    return render(_TEMPLATE, data, title, UNPACK=UNPACK_JS)
 
 
 def render(template: str, data: dict[str, Any], title: str, **parts: str) -> HTMLView:
@@ -177,7 +222,7 @@ _TEMPLATE = """\
 #@ID@ { font: 13px/1.4 system-ui, sans-serif; color: #222; }
 #@ID@ .al-title { font-weight: 600; margin-bottom: 4px; }
 #@ID@ .al-controls { display: flex; gap: 12px; align-items: center; flex-wrap: wrap; margin-bottom: 6px; }
-#@ID@ .al-scale { color: #666; }
+#@ID@ .al-scale, #@ID@ .al-note { color: #666; }
 #@ID@ .al-wrap { position: relative; display: inline-block; }
 #@ID@ canvas { display: block; cursor: crosshair; }
 #@ID@ .al-tip { position: absolute; pointer-events: none; background: rgba(20, 20, 20, 0.88); color: #fff;
@@ -191,6 +236,7 @@ _TEMPLATE = """\
 <label><input type="checkbox" data-role="stretch"> colours up to this head's max</label>
 <span class="al-scale" data-role="scale"></span>
 </div>
+<div class="al-note" data-role="note"></div>
 <div class="al-wrap"><canvas data-role="canvas"></canvas><div class="al-tip" data-role="tip"></div></div>
 <div class="al-status" data-role="status">hover a cell: query -&gt; key: weight</div>
 <script type="application/json" id="@ID@-data">@DATA@</script>
@@ -219,7 +265,9 @@ _TEMPLATE = """\
     var a = STOPS[i], b = STOPS[i + 1];
     return [a[0] + f * (b[0] - a[0]), a[1] + f * (b[1] - a[1]), a[2] + f * (b[2] - a[2])];
   }
-  function weight(li, h, q, k) {
+@UNPACK@
+  var weight = null;
+  function fromRows(li, h, q, k) {
     var row = data.patterns[li][h][q];
     if (k >= row.length) { return 0; }
     return row[k] === null ? NaN : row[k] / data.scale;
@@ -266,6 +314,7 @@ _TEMPLATE = """\
   function current() { return [Number(layerSel.value), Number(headSel.value)]; }
 
   function draw() {
+    if (!weight) { return; }
     var sel = current(), li = sel[0], hd = sel[1], q, k, w, max = 0;
     for (q = 0; q < nq; q++) {
       for (k = 0; k < nk; k++) { w = weight(li, hd, q, k); if (w > max) { max = w; } }
@@ -320,6 +369,10 @@ _TEMPLATE = """\
 
   function describe(q, k) {
     var sel = current(), w = weight(sel[0], sel[1], q, k);
+    if (data.note) {
+      return "queries " + data.q_labels[q] + " -> keys " + data.k_labels[k] + ": max " +
+        (isNaN(w) ? "nan" : w.toFixed(3)) + "   (layer " + data.layers[sel[0]] + ", head " + sel[1] + ")";
+    }
     return show(data.q_labels[q], 80) + " -> " + show(data.k_labels[k], 80) + ": " + (isNaN(w) ? "nan" : w.toFixed(4)) +
       "   (layer " + data.layers[sel[0]] + ", head " + sel[1] + ", query " + (nk - nq + q) + ", key " + k + ")";
   }
@@ -383,7 +436,22 @@ _TEMPLATE = """\
 
   layerSel.value = String(data.initial.layer);
   headSel.value = String(data.initial.head);
-  fromHash();
+  if (data.note) {
+    root.querySelector("[data-role=note]").textContent = data.note;
+    root.dataset.block = String(Math.max(data.block_q, data.block_k));
+  }
+  if (data.packed) {
+    unpack(data, function (get) {
+      weight = function (li, h, q, k) { return get(li * data.n_head + h, q, k); };
+      fromHash();
+    }, function (message) {
+      status.textContent = "cannot draw the head view: " + message;
+      root.dataset.state = "failed";
+    });
+  } else {
+    weight = fromRows;
+    fromHash();
+  }
 })();
 </script>
 </div>"""

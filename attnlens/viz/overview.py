@@ -1,7 +1,9 @@
 """The overview: every layer x head as small multiples, each with its head scores; a click opens one head large.
 
 Patterns are stored compactly (one byte per weight, lower triangle only, zlib; see :mod:`attnlens.viz._packing`)
-and drawn on ``<canvas>`` elements: a GPT-2-small-shaped view (12 x 12 heads) of 512 tokens stays a few MB.
+and drawn on ``<canvas>`` elements. When every weight of every head does not fit the page's budget (``max_bytes``,
+4 MB by default: GPT-2 small's 144 heads beyond a few hundred tokens), each head is stored as the largest weight of
+each block of b x b tokens, and the page says so: a sharp head stays visible, the page stays a few MB at any length.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from attnlens.viz._packing import UNPACK_JS, pack_patterns, resolve, score_table
+from attnlens.viz._packing import MAX_BYTES, UNPACK_JS, pack_heads, pooled_cells, score_table
+from attnlens.viz._source import block_labels, block_reduce, block_size, resolve
 from attnlens.viz.html import HTMLView, render
 from attnlens.viz.labels import visible
 
@@ -25,6 +28,7 @@ def overview_html(
     scores: Any = "auto",
     tokenizer: Any = None,
     title: str = "",
+    max_bytes: int = MAX_BYTES,
 ) -> HTMLView:
     """Every head's pattern as a thumbnail, its head scores beside it; clicking one opens it large with labels.
 
@@ -46,6 +50,9 @@ def overview_html(
             shows none.
         tokenizer: With a trace, label the tokens by this tokenizer's decoding of each id.
         title: Heading shown above the grid (plain text).
+        max_bytes: Budget of the stored weights (base64 characters). When every weight of every head does not fit,
+            each head is stored as the maximum over blocks of b x b tokens (b as small as fits), said on the page;
+            the root element then carries ``data-block``.
 
     Returns:
         An :class:`HTMLView`: a ``str`` of self-contained HTML that a notebook displays and ``.save(path)`` writes.
@@ -53,22 +60,34 @@ def overview_html(
     Raises:
         ValueError: If the shapes, tokens, batch row or scores do not fit, or a weight lies outside [0, 1].
     """
-    weights, texts, layer_numbers, head_numbers, trace = resolve(patterns, tokens, layers, batch, tokenizer)
+    source = resolve(patterns, tokens, layers, batch, tokenizer)
+    n_layer, n_head, _, n_pos = source.shape
     if isinstance(scores, str):
         if scores != "auto":
             raise ValueError(f"scores must be 'auto', None, a dict, a HeadScores or a ScanResult, got {scores!r}")
         scores = None
-        if trace is not None:
+        if source.trace is not None:
             from attnlens import metrics
 
-            scores = metrics.head_scores(trace)
+            scores = metrics.head_scores(source.trace)
+
+    def head(index: int, block: int = 1) -> Any:
+        return block_reduce(source.head(*divmod(index, n_head)), block, block, "max")
+
+    packed = pack_heads(head, n_layer * n_head, max_bytes=max_bytes)
+    block = 1
+    if packed["count"] < n_layer * n_head:
+        block = block_size(n_pos, pooled_cells(n_layer * n_head, max_bytes))
+        packed = pack_heads(lambda i: head(i, block), n_layer * n_head, max_bytes=None)
     data = {
-        "layers": layer_numbers,
-        "heads": head_numbers,
-        "n_pos": weights.shape[-1],
-        "labels": [visible(t) for t in texts],
-        "scores": score_table(scores, layer_numbers, len(head_numbers)),
-        "packed": pack_patterns(weights),
+        "layers": source.layers,
+        "heads": source.heads,
+        "n_pos": packed["k_pos"],
+        "n_tokens": n_pos,
+        "block": block,
+        "labels": block_labels([visible(t) for t in source.texts], block),
+        "scores": score_table(scores, source.layers, len(source.heads)),
+        "packed": packed,
     }
     return render(_TEMPLATE, data, title, UNPACK=UNPACK_JS)
 
@@ -112,6 +131,12 @@ _TEMPLATE = """\
   var SHORT = {previous_token: "prev", first_token: "first", entropy: "entropy", duplicate_token: "dup",
                induction: "induct"};
 @UNPACK@
+  if (data.block > 1) {
+    note.textContent = "long input (" + data.n_tokens + " tokens): each cell is the largest weight in a block of " +
+      data.block + " x " + data.block + " tokens (the page stores these maxima, not every weight); " +
+      "click a head to see it large";
+    root.dataset.block = String(data.block);
+  }
   var lut = new Uint8ClampedArray(256 * 4), v, c;
   for (v = 0; v < 256; v++) {
     c = v === 255 ? [200, 200, 200] : viridis(v / data.packed.levels);
@@ -218,7 +243,9 @@ _TEMPLATE = """\
       var w = get(opened[0] * nh + opened[1], q, k);
       marked = [q, k];
       paint();
-      status.textContent = cut(data.labels[q], 40) + " -> " + cut(data.labels[k], 40) + ": " +
+      status.textContent = data.block > 1 ?
+        "queries " + data.labels[q] + " -> keys " + data.labels[k] + ": max " + (isNaN(w) ? "nan" : w.toFixed(3)) :
+        cut(data.labels[q], 40) + " -> " + cut(data.labels[k], 40) + ": " +
         (isNaN(w) ? "nan" : w.toFixed(3)) + "   (query " + q + ", key " + k + ")";
       root.dataset.cell = q + "," + k;
     });

@@ -2,7 +2,9 @@
 
 Hovering a token selects it, clicking pins it (click again to release); the head selector takes one head or several
 (their mean is shown); a switch chooses "attention from the token" (its pattern row) or "to the token" (its column).
-Patterns are stored as in the overview (one byte per weight, lower triangle, zlib).
+Patterns are stored as in the overview (one byte per weight, lower triangle, zlib). The view needs every weight of a
+head (a token's row and its column), so a long input keeps whole heads while they fit the page's budget
+(``max_bytes``): the heads selected first, then the others in order; the page lists the heads it holds.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from attnlens.viz._packing import UNPACK_JS, pack_patterns, resolve
+from attnlens.viz._packing import MAX_BYTES, UNPACK_JS, pack_heads
+from attnlens.viz._source import resolve
 from attnlens.viz.html import HTMLView, render
 from attnlens.viz.labels import visible
 
@@ -28,6 +31,7 @@ def text_html(
     token: int | None = None,
     tokenizer: Any = None,
     title: str = "",
+    max_bytes: int = MAX_BYTES,
 ) -> HTMLView:
     """Tokens as running text; the selected token's attention (of the selected heads) colours the others.
 
@@ -46,6 +50,8 @@ def text_html(
         token: A position selected (pinned) first; default none.
         tokenizer: With a trace, label the tokens by this tokenizer's decoding of each id.
         title: Heading shown above the text (plain text).
+        max_bytes: Budget of the stored weights (base64 characters): the selected heads are always stored, the others
+            (in layer order) while they fit; the head list offers only the heads stored, and the page says how many.
 
     Returns:
         An :class:`HTMLView`: a ``str`` of self-contained HTML that a notebook displays and ``.save(path)`` writes.
@@ -53,28 +59,37 @@ def text_html(
     Raises:
         ValueError: If the shapes, tokens, batch row, heads, direction or token do not fit.
     """
-    weights, texts, layer_numbers, head_numbers, _ = resolve(patterns, tokens, layers, batch, tokenizer)
+    source = resolve(patterns, tokens, layers, batch, tokenizer)
+    layer_numbers, head_numbers = source.layers, source.heads
+    n_head, n_pos = len(head_numbers), source.shape[-1]
     if direction not in ("from", "to"):
         raise ValueError(f"direction must be 'from' or 'to', got {direction!r}")
-    n_pos = weights.shape[-1]
     if token is not None and not 0 <= token < n_pos:
         raise ValueError(f"token {token} is out of range for {n_pos} positions")
     chosen = [(layer_numbers[0], head_numbers[0])] if heads is None else [(int(a), int(b)) for a, b in heads]
     if not chosen:
         raise ValueError("heads must name at least one (layer, head) pair")
-    initial = []
+    initial: list[int] = []
     for layer, head in chosen:
         if layer not in layer_numbers or head not in head_numbers:
             raise ValueError(f"head ({layer}, {head}) is not in the data: layers {layer_numbers}, heads {head_numbers}")
-        initial.append(layer_numbers.index(layer) * len(head_numbers) + head_numbers.index(head))
+        index = layer_numbers.index(layer) * n_head + head_numbers.index(head)
+        if index not in initial:
+            initial.append(index)
+    # Selected heads first, so that they are stored whatever the budget; then the rest in layer order.
+    order = initial + [i for i in range(len(layer_numbers) * n_head) if i not in initial]
+    packed = pack_heads(
+        lambda i: source.head(*divmod(order[i], n_head)), len(order), max_bytes=max_bytes, at_least=len(initial)
+    )
     data = {
         "layers": layer_numbers,
         "heads": head_numbers,
         "n_pos": n_pos,
-        "texts": texts,
-        "labels": [visible(t) for t in texts],
+        "texts": source.texts,
+        "labels": [visible(t) for t in source.texts],
+        "stored": order[: packed["count"]],
         "initial": {"heads": initial, "direction": direction, "token": token},
-        "packed": pack_patterns(weights),
+        "packed": packed,
     }
     return render(_TEMPLATE, data, title, UNPACK=UNPACK_JS)
 
@@ -88,6 +103,7 @@ _TEMPLATE = """\
 #@ID@ .al-text { font: 15px/1.9 ui-monospace, monospace; white-space: pre-wrap; max-width: 60em; }
 #@ID@ .al-tok { cursor: pointer; border-radius: 2px; padding: 1px 0; }
 #@ID@ .al-tok.al-sel { outline: 2px solid #e4007c; }
+#@ID@ .al-note { color: #666; }
 #@ID@ .al-status { font: 12px ui-monospace, monospace; white-space: pre; min-height: 1.4em; margin-top: 6px; }
 </style>
 @HEADING@
@@ -98,6 +114,7 @@ _TEMPLATE = """\
 <label><input type="radio" name="@ID@-dir" value="to" data-role="to"> attention to the token</label>
 </div>
 </div>
+<div class="al-note" data-role="stored"></div>
 <div class="al-text" data-role="text"></div>
 <div class="al-status" data-role="status">hover a token (click to pin it)</div>
 <script type="application/json" id="@ID@-data">@DATA@</script>
@@ -111,15 +128,23 @@ _TEMPLATE = """\
   var status = root.querySelector("[data-role=status]");
   var n = data.n_pos, nh = data.heads.length;
 @UNPACK@
-  data.layers.forEach(function (layer, li) {
-    data.heads.forEach(function (head, hi) {
-      var option = document.createElement("option");
-      option.value = String(li * nh + hi);
-      option.textContent = "L" + layer + "H" + head;
-      option.selected = data.initial.heads.indexOf(li * nh + hi) >= 0;
+  // Options in layer order; an option's value is the head's place in the stored data.
+  data.stored.map(function (flat, at) { return [flat, at]; })
+    .sort(function (a, b) { return a[0] - b[0]; })
+    .forEach(function (pair) {
+      var option = document.createElement("option"), flat = pair[0];
+      option.value = String(pair[1]);
+      option.dataset.flat = String(flat);
+      option.textContent = "L" + data.layers[Math.floor(flat / nh)] + "H" + data.heads[flat % nh];
+      option.selected = data.initial.heads.indexOf(flat) >= 0;
       select.appendChild(option);
     });
-  });
+  var total = data.layers.length * nh;
+  if (data.stored.length < total) {
+    root.querySelector("[data-role=stored]").textContent = "long input: the page holds " + data.stored.length +
+      " of " + total + " heads (every weight of each); pass heads= to choose which";
+    root.dataset.stored = String(data.stored.length);
+  }
   (data.initial.direction === "to" ? toBox : fromBox).checked = true;
   var spans = data.texts.map(function (t, i) {
     var span = document.createElement("span");
@@ -135,12 +160,12 @@ _TEMPLATE = """\
     var selected = null, pinned = false;
     function chosen() {
       return Array.prototype.filter.call(select.options, function (o) { return o.selected; })
-        .map(function (o) { return Number(o.value); });
+        .map(function (o) { return [Number(o.value), Number(o.dataset.flat)]; });
     }
     function colour() {
       var heads = chosen(), from = fromBox.checked, i = selected, j, w, max = 0, best = -1, ws = [];
       root.dataset.heads = heads.map(function (x) {
-        return "L" + data.layers[Math.floor(x / nh)] + "H" + data.heads[x % nh];
+        return "L" + data.layers[Math.floor(x[1] / nh)] + "H" + data.heads[x[1] % nh];
       }).join(",");
       root.dataset.direction = from ? "from" : "to";
       spans.forEach(function (span) { span.classList.remove("al-sel"); });
@@ -152,7 +177,7 @@ _TEMPLATE = """\
       }
       for (j = 0; j < n; j++) {
         w = 0;
-        heads.forEach(function (x) { w += from ? get(x, i, j) : get(x, j, i); });
+        heads.forEach(function (x) { w += from ? get(x[0], i, j) : get(x[0], j, i); });
         w /= heads.length;
         ws.push(w);
         if (w > max) { max = w; best = j; }
