@@ -18,6 +18,7 @@ from attnlens.errors import (
     UnsupportedModelError,
     strict_config,
 )
+from attnlens.loading import load
 from attnlens.models import extract_weights
 
 # trace, verify and scan are imported eagerly (none needs transformers nor plotting). Were they lazy, a later
@@ -52,6 +53,7 @@ __all__ = [
     "extract_weights",
     "functional",
     "head_importance",
+    "load",
     "load_demo",
     "metrics",
     "scan",

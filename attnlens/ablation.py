@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,8 +47,10 @@ from torch import Tensor, nn
 from attnlens import capture
 from attnlens._indices import as_index
 from attnlens.errors import UnsupportedModelError
+from attnlens.loading import resolve
 from attnlens.models import Adapter, adapt
 from attnlens.models.wrappers import is_compiled
+from attnlens.tokens import text_inputs
 from attnlens.trace import trace
 
 __all__ = ["MODES", "ablate", "head_importance"]
@@ -284,7 +287,7 @@ def _metric(metric: Metric | None, ids: Tensor, mask: Tensor | None) -> Callable
 
 @capture.one_at_a_time
 def head_importance(
-    model: nn.Module | Adapter,
+    model: nn.Module | Adapter | str | os.PathLike[str],
     input_ids: Tensor | Any,
     attention_mask: Tensor | Any | None = None,
     *,
@@ -292,6 +295,7 @@ def head_importance(
     mode: str = "zero",
     reference: Any = None,
     heads_per_pass: int | None = None,
+    tokenizer: Any = None,
 ) -> Tensor:
     """How much a metric changes when each head alone is ablated: ``metric(ablated) - metric(clean)``.
 
@@ -304,9 +308,10 @@ def head_importance(
 
     Args:
         model: a GPT-2 model with a language-model head (``GPT2LMHeadModel``, ``GPT2DoubleHeadsModel``); other
-            classes are refused, as their outputs are no logits over the vocabulary.
-        input_ids: ``[batch, pos]`` token ids.
-        attention_mask: ``[batch, pos]``, 1 for tokens and 0 for padding.
+            classes are refused, as their outputs are no logits over the vocabulary. Or a hub name / local folder /
+            ``"demo"``, loaded for this call by :func:`attnlens.load`.
+        input_ids: ``[batch, pos]`` token ids; or, with a tokenizer, a text or a list of texts.
+        attention_mask: ``[batch, pos]``, 1 for tokens and 0 for padding; only with token ids.
         metric: a function of the logits ``[batch, pos, d_vocab]`` (and, if it takes a second parameter, of the
             ``[batch, pos]`` attention mask) returning a number or a one-element tensor. Default: the mean
             next-token cross-entropy over the pairs of consecutive real tokens (so the result is the loss increase).
@@ -314,6 +319,7 @@ def head_importance(
         reference: as for :func:`ablate`; ``"mean"`` defaults to the inputs themselves, ``"resample"`` needs one.
         heads_per_pass: how many heads to ablate per forward pass (memory grows with it); default as many as keep a
             pass within 4096 tokens (at least 1).
+        tokenizer: turns text into ids (default: a named checkpoint's own).
 
     Returns:
         ``[layer, head]`` float64 on the CPU.
@@ -322,6 +328,8 @@ def head_importance(
         UnsupportedModelError: not a supported GPT-2 model, or one without a language-model head.
         ValueError, TypeError: bad inputs, mode, reference, ``heads_per_pass`` or metric result.
     """
+    model, tokenizer = resolve(model, tokenizer, "head_importance")
+    input_ids, attention_mask = text_inputs(input_ids, attention_mask, tokenizer, False)
     adapter = adapt(model)
     sites = adapter.sites
     unembed = sites.unembed

@@ -13,7 +13,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,26 +47,12 @@ def _check_device(name: str) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[Adapter, Any]:
     """(the model's adapter, tokenizer or None) from the MODEL argument, or the demo checkpoint."""
-    from attnlens.models import adapt, load
+    from attnlens.loading import load
+    from attnlens.models import adapt
 
     _check_device(args.device)
-    dtype = _DTYPES[args.dtype]
-    if args.model is None:
-        from attnlens.demo import load_demo
-
-        demo, demo_tokenizer = load_demo(dtype=dtype, device=args.device)
-        return adapt(demo), demo_tokenizer
-    model = adapt(load(args.model, dtype=dtype, device=args.device))
-    folder = Path(args.model)
-    if folder.is_dir() and not any((folder / name).exists() for name in ("tokenizer.json", "vocab.json")):
-        return model, None  # a weights-only folder: AutoTokenizer would build an empty tokenizer from the config
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model, tokenizer
+    model, tokenizer = load(args.model, dtype=_DTYPES[args.dtype], device=args.device)
+    return adapt(model), tokenizer
 
 
 def _inputs(args: argparse.Namespace, model: Adapter, tokenizer: Any) -> tuple[torch.Tensor, list[str] | None]:

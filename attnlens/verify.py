@@ -36,9 +36,11 @@ from attnlens import functional
 from attnlens._indices import index_list
 from attnlens.capture import forward_hooks, intervening, one_at_a_time, preserved
 from attnlens.errors import AttentionCaptureError
-from attnlens.models import QKV, Adapter, AttentionSpec, Sites, adapt, extract_weights, load
+from attnlens.loading import resolve
+from attnlens.models import QKV, Adapter, AttentionSpec, Sites, adapt, extract_weights
 from attnlens.patterns import masked_scores, qkv_hooks
 from attnlens.report import _PER_HEAD, VerificationReport, VerificationRow
+from attnlens.tokens import text_inputs
 from attnlens.tolerances import (
     _ACCUMULATOR,
     QUANTITIES,
@@ -341,6 +343,7 @@ def verify(
     layers: int | Sequence[int] | None = None,
     tolerances: Mapping[Any, Any] | None = None,
     weights: ModelWeights | None = None,
+    tokenizer: Any = None,
 ) -> VerificationReport:
     """Recompute every attention quantity of a GPT-2 model from its weights and compare with what the model computes.
 
@@ -352,14 +355,16 @@ def verify(
     runs meanwhile (which sees eager attention while a non-eager model's patterns are taken, though).
 
     Args:
-        model: a Hugging Face GPT-2 model (any supported class, or its Adapter), or a hub name / local folder of one.
-        input_ids: ``[batch, pos]`` (or ``[pos]``) token ids.
-        attention_mask: ``[batch, pos]``, 1 for tokens and 0 for padding (left or right).
+        model: a Hugging Face GPT-2 model (any supported class, or its Adapter), or a hub name / local folder /
+            ``"demo"``, loaded for this call by :func:`attnlens.load` (with its tokenizer).
+        input_ids: ``[batch, pos]`` (or ``[pos]``) token ids; or, with a tokenizer, a text or a list of texts.
+        attention_mask: ``[batch, pos]``, 1 for tokens and 0 for padding (left or right); only with token ids.
         position_ids: ``[batch, pos]`` positions, passed to the model as given (default ``0..pos-1``).
         layers: the layers to compare per layer and head (default all); the final rows always use every layer.
         tolerances: overrides of :data:`TOLERANCES`, as ``{quantity: tol}`` for the model's dtype or
             ``{dtype: {quantity: tol}}``.
         weights: the weights to check against the model (default: extracted from it), e.g. a modified copy.
+        tokenizer: turns text into ids (padded on its ``padding_side``).
 
     Returns:
         A :class:`VerificationReport`; ``report.ok`` says whether every row is within tolerance.
@@ -371,8 +376,8 @@ def verify(
         AttentionCaptureError: the model did not return its attention probabilities, or returned them incomplete.
         RuntimeError: called inside an :func:`attnlens.ablate` block in the same thread.
     """
-    if isinstance(model, (str, os.PathLike)):
-        model = load(os.fspath(model))
+    model, tokenizer = resolve(model, tokenizer, "verify")
+    input_ids, attention_mask = text_inputs(input_ids, attention_mask, tokenizer, False)
     adapter = adapt(model)  # refuses anything but a supported model, before touching it
     if intervening(adapter.model):
         raise RuntimeError(

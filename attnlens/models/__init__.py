@@ -147,7 +147,9 @@ def extract_weights(
         >>> w.W_E.shape, w.layers[0].W_Q.shape   # [d_vocab, d_model], [head, d_model, d_head]
     """
     if isinstance(model, (str, os.PathLike)):
-        model = load(os.fspath(model), dtype=dtype, device=device)
+        from attnlens.loading import load as load_checkpoint  # below trace, above models: imported on use
+
+        model, _ = load_checkpoint(model, dtype=dtype, device=device)
     elif dtype is not None or device is not None:
         raise ValueError("dtype and device apply only when loading by name or path; extraction never converts")
     adapter = adapt(model)

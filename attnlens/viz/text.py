@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from attnlens._indices import pair_list
 from attnlens.viz._packing import UNPACK_JS, pack_patterns, resolve
 from attnlens.viz.html import HTMLView, render
 from attnlens.viz.labels import visible
@@ -59,7 +60,7 @@ def text_html(
     n_pos = weights.shape[-1]
     if token is not None and not 0 <= token < n_pos:
         raise ValueError(f"token {token} is out of range for {n_pos} positions")
-    chosen = [(layer_numbers[0], head_numbers[0])] if heads is None else [(int(a), int(b)) for a, b in heads]
+    chosen = [(layer_numbers[0], head_numbers[0])] if heads is None else pair_list(heads)
     if not chosen:
         raise ValueError("heads must name at least one (layer, head) pair")
     initial = []
