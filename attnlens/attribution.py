@@ -40,6 +40,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from attnlens import capture
+from attnlens._display import DecompositionTables
 from attnlens._indices import as_index
 from attnlens.errors import AttentionCaptureError, StaleWeightsError, UnsupportedModelError
 from attnlens.loading import resolve
@@ -130,7 +131,7 @@ def _frozen_sigma(residual: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
 
 
 @dataclass(frozen=True, repr=False)
-class Decomposition:
+class Decomposition(DecompositionTables):
     """The final residual stream at chosen positions, split into the components that wrote it.
 
     Attributes:

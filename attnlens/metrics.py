@@ -42,6 +42,7 @@ from attnlens._detection import (
     score_keys,
     token_keys,
 )
+from attnlens._display import HeadTables
 from attnlens.loading import resolve
 from attnlens.models import Adapter, adapt
 from attnlens.trace import AttentionTrace, trace
@@ -422,7 +423,7 @@ def top_heads(
 
 
 @dataclass(frozen=True, eq=False)
-class HeadScores:
+class HeadScores(HeadTables):
     """All per-head scores of one trace, each ``[layer, head]`` (``None`` where undefined for its tokens).
 
     Attributes:
@@ -463,6 +464,9 @@ class HeadScores:
             value = getattr(self, name)
             parts.append(f"{name}=None" if value is None else f"{name}={list(value.shape)}")
         return f"HeadScores(layers={list(self.layers)}, {', '.join(parts)})"
+
+    def _tables(self) -> dict[str, Tensor | None]:  # to_dict, to_json, to_pandas and the notebook view
+        return {name: getattr(self, name) for name in self.names}
 
 
 def head_scores(tr: AttentionTrace, input_ids: Tensor | None = None) -> HeadScores:
