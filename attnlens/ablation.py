@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from attnlens import capture
 from attnlens._indices import as_index
+from attnlens._progress import Bar
 from attnlens.errors import UnsupportedModelError
 from attnlens.loading import resolve
 from attnlens.models import Adapter, adapt
@@ -296,6 +297,7 @@ def head_importance(
     reference: Any = None,
     heads_per_pass: int | None = None,
     tokenizer: Any = None,
+    progress: bool | None = None,
 ) -> Tensor:
     """How much a metric changes when each head alone is ablated: ``metric(ablated) - metric(clean)``.
 
@@ -320,6 +322,8 @@ def head_importance(
         heads_per_pass: how many heads to ablate per forward pass (memory grows with it); default as many as keep a
             pass within 4096 tokens (at least 1).
         tokenizer: turns text into ids (default: a named checkpoint's own).
+        progress: a progress bar on stderr (tqdm): ``None`` (default) where interactive (a terminal, a notebook)
+            and only after 2 s; ``True`` always; ``False`` never.
 
     Returns:
         ``[layer, head]`` float64 on the CPU.
@@ -363,7 +367,7 @@ def head_importance(
             yield unembed(hidden[copy * batch : (copy + 1) * batch])
 
     out = torch.full((n_layer, n_head), math.nan, dtype=torch.float64)
-    with capture.preserved(adapter), torch.no_grad():
+    with capture.preserved(adapter), torch.no_grad(), Bar(len(all_heads), "head_importance", progress, "head") as bar:
         clean = measure(next(logits_of(1)))
         for start in range(0, len(all_heads), heads_per_pass):
             chunk = all_heads[start : start + heads_per_pass]
@@ -374,6 +378,7 @@ def head_importance(
             with capture.forward_hooks(hooks, pre=True, intervening=True):
                 for (layer, head), logits in zip(chunk, logits_of(len(chunk)), strict=True):
                     out[layer, head] = measure(logits) - clean
+            bar.update(len(chunk))
     return out
 
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from attnlens import functional
 from attnlens._indices import index_list
+from attnlens._progress import Bar
 from attnlens.capture import forward_hooks, intervening, one_at_a_time, preserved
 from attnlens.errors import AttentionCaptureError
 from attnlens.loading import resolve
@@ -344,6 +345,7 @@ def verify(
     tolerances: Mapping[Any, Any] | None = None,
     weights: ModelWeights | None = None,
     tokenizer: Any = None,
+    progress: bool | None = None,
 ) -> VerificationReport:
     """Recompute every attention quantity of a GPT-2 model from its weights and compare with what the model computes.
 
@@ -365,6 +367,8 @@ def verify(
             ``{dtype: {quantity: tol}}``.
         weights: the weights to check against the model (default: extracted from it), e.g. a modified copy.
         tokenizer: turns text into ids (padded on its ``padding_side``).
+        progress: a progress bar on stderr (tqdm): ``None`` (default) where interactive (a terminal, a notebook)
+            and only after 2 s; ``True`` always; ``False`` never.
 
     Returns:
         A :class:`VerificationReport`; ``report.ok`` says whether every row is within tolerance.
@@ -394,13 +398,16 @@ def verify(
     fixed = _overrides(weights.dtype, tolerances)
     implementation = adapter.kernel
 
-    with preserved(adapter), torch.no_grad():
+    # Steps: the model's own pass, its eager pass, each layer's recomputation, the rebuild from the weights.
+    with preserved(adapter), torch.no_grad(), Bar(len(traced) + 3, "verify", progress, unit="step") as bar:
         own = _run(adapter, ids, mask, pos, traced, patterns=implementation == "eager")
+        bar.update()
         if own.patterns is None:
             with preserved(adapter, attn_implementation="eager"):
                 eager = _run(adapter, ids, mask, pos, traced, patterns=True)
         else:
             eager = own
+        bar.update()
         unembed = adapter.sites.unembed
         own_logits = unembed(own.final()) if unembed is not None and weights.W_U is not None else None
 
@@ -436,6 +443,7 @@ def verify(
         bitwise = bitwise_guaranteed(adapter.model, weights.dtype, weights.device)
         n_heads = weights.n_heads
         for index in traced:
+            bar.update()
             layer = weights.layers[index]
             mine = functional.attention(own.attn_in[index], layer, allowed)
             q, k, v = own.qkv[index]
@@ -467,6 +475,7 @@ def verify(
 
         positions = torch.arange(n_pos, device=ids.device).unsqueeze(0) if pos is None else pos
         hidden, logits = _rebuild(weights, ids, positions, allowed, parallel_residual=adapter.parallel_residual)
+        bar.update()
         add("hidden", None, _compare(own.final(), hidden, out_keep, None), base["hidden"])
         if own_logits is not None and logits is not None:
             add("logits", None, _compare(own_logits, logits, out_keep, None), base["logits"])
