@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import optional
 
 import attnlens
 from attnlens import metrics
@@ -14,7 +15,6 @@ from attnlens._display import MAX_ROWS
 from attnlens.attribution import decompose
 from attnlens.report import VerificationReport, VerificationRow
 from attnlens.scan_result import SCORE_NAMES, ScanResult
-from tests.conftest import optional
 
 TEXT = "the cat sat on the mat . the cat sat on the mat ."
 
