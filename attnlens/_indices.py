@@ -75,8 +75,14 @@ def numbers(given: Any, size: int, what: str, axis: str) -> tuple[int, ...]:
     return tuple(items)
 
 
+def _is_top_row(item: Any) -> bool:
+    """A ``(layer, head, score)`` row of ``.top()``, which names a pair with its score."""
+    return isinstance(item, tuple) and len(item) == 3 and isinstance(item[2], float)
+
+
 def _is_pair(item: Any) -> bool:
-    return (isinstance(item, (tuple, list)) and len(item) == 2) or getattr(item, "shape", None) in ((2,), (2, 1))
+    pair = isinstance(item, (tuple, list)) and len(item) == 2
+    return pair or _is_top_row(item) or getattr(item, "shape", None) in ((2,), (2, 1))
 
 
 def is_pairs(given: Any) -> bool:
@@ -98,12 +104,15 @@ def is_pairs(given: Any) -> bool:
 
 
 def pair_list(given: Any, what: str = "heads") -> list[tuple[int, int]]:
-    """(layer, head) pairs as a list of int pairs, from pairs of any integers or a ``[n, 2]`` integer array."""
+    """(layer, head) pairs as int pairs: from pairs of integers, a ``[n, 2]`` array, or ``.top()`` rows.
+
+    The ``(layer, head, score)`` rows of ``HeadScores.top`` / ``ScanResult.top`` give their pair (the score is dropped).
+    """
     if given is None or isinstance(given, (str, bytes)) or not isinstance(given, Iterable):
         raise ValueError(f"{what} must be (layer, head) pairs, got {given!r}")
     out = []
     for pair in given:
-        numbers = index_list(pair, what)
+        numbers = index_list(pair[:2] if _is_top_row(pair) else pair, what)
         if len(numbers) != 2:
             raise ValueError(f"{what} entry {pair!r} is not a (layer, head) pair")
         out.append((numbers[0], numbers[1]))

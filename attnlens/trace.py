@@ -119,7 +119,8 @@ def trace(
         heads: the heads to keep in every per-head tensor: head numbers (the same in every layer), or
             ``(layer, head)`` pairs such as ``[(5, 1), (6, 9)]``, which name the layers too (leave ``layers`` None):
             the trace keeps the pairs' layers and, in each, the union of their heads (here layers 5, 6 and heads
-            1, 9), in order of first appearance. Default all.
+            1, 9), in order of first appearance; the ``(layer, head, score)`` rows of ``HeadScores.top`` or
+            ``ScanResult.top`` count as pairs. Default all.
         store: what to keep per layer, any of ``"pattern"``, ``"scores"``, ``"q"``, ``"k"``, ``"v"``, ``"z"``,
             ``"result"`` (see :class:`AttentionTrace`).
         tokenizer: turns texts into ids, and gives the token strings kept for display.

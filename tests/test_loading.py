@@ -5,6 +5,7 @@ No hub: every checkpoint is the embedded demo or a seeded tiny model saved to a 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +151,20 @@ def test_heads_as_pairs(demo: tuple[Any, Any]) -> None:
             attnlens.trace(model, TEXT, tokenizer=tok, heads=heads)
     with pytest.raises(ValueError, match="leave layers=None"):
         attnlens.trace(model, TEXT, tokenizer=tok, heads=[(0, 1)], layers=[0])
+
+
+def test_top_heads_of_a_score_to_a_trace_and_a_view(demo: tuple[Any, Any]) -> None:
+    from attnlens import viz
+
+    model, tok = attnlens.load("demo", attn_implementation="eager")
+    scores = metrics.head_scores(attnlens.trace(model, TEXT, tokenizer=tok))
+    top = scores.top("induction", 2)  # [(layer, head, score)], best first
+    tr = attnlens.trace(model, TEXT, tokenizer=tok, heads=top)
+    pairs = [(layer, head) for layer, head, _ in top]
+    assert tr.layers == tuple(dict.fromkeys(layer for layer, _ in pairs))
+    assert tr.heads == tuple(dict.fromkeys(head for _, head in pairs))
+    view = viz.text_html(attnlens.trace(model, TEXT, tokenizer=tok), heads=top)
+    selected = [layer * 4 + head for layer, head in pairs]  # the view numbers heads layer-major, 4 per layer
+    assert f'"initial":{{"heads":{json.dumps(selected, separators=(",", ":"))}' in view
+    with pytest.raises(ValueError, match="not in the data"):
+        viz.text_html(attnlens.trace(model, TEXT, tokenizer=tok, layers=[0]), heads=[(1, 0, 0.5)])

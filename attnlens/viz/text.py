@@ -42,7 +42,8 @@ def text_html(
         tokens: The token texts; default: from the trace, or positions.
         layers: The model's layer numbers along the first axis (tensors only; a trace names its own).
         batch: The row of a trace or of 5-D patterns (default 0 for a trace).
-        heads: The heads selected first, as ``(layer, head)`` pairs (model numbers); default the first head.
+        heads: The heads selected first, as ``(layer, head)`` pairs (model numbers), or the ``(layer, head, score)``
+            rows of ``HeadScores.top`` / ``ScanResult.top``; default the first head.
         direction: ``"from"`` colours what the token attends to; ``"to"`` colours what attends to the token.
         token: A position selected (pinned) first; default none.
         tokenizer: With a trace, label the tokens by this tokenizer's decoding of each id.
