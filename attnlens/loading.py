@@ -23,7 +23,7 @@ from torch import nn
 if TYPE_CHECKING:
     from attnlens.models import Adapter
 
-__all__ = ["DEMO_NAMES", "load", "quiet_transformers", "resolve"]
+__all__ = ["DEMO_NAMES", "load", "name_demo", "quiet_transformers", "resolve"]
 
 DEMO_NAMES = ("demo",)
 """Names that mean the embedded demo checkpoint (so does ``None``); a local folder of that name needs ``./demo``."""
@@ -43,6 +43,19 @@ def quiet_transformers() -> Iterator[None]:
     finally:
         if not was_disabled:
             hf_logging.enable_progress_bar()
+
+
+def name_demo(model: nn.Module, tokenizer: Any) -> None:
+    """Name a freshly loaded demo checkpoint ``"demo"``, the name it loads by, instead of this installation's folder.
+
+    Reports, traces and saved results record the model's ``name_or_path``: the folder would put a path of the machine
+    that ran the code into every printed report and executed notebook, and means nothing on another machine.
+    """
+    config = getattr(model, "config", None)
+    if config is not None:
+        config._name_or_path = DEMO_NAMES[0]
+    if tokenizer is not None and hasattr(tokenizer, "name_or_path"):
+        tokenizer.name_or_path = DEMO_NAMES[0]
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -100,16 +113,19 @@ def load(
     from attnlens.models import load as load_model
 
     dtype = _as_dtype(dtype)
-    if name_or_path is None or (isinstance(name_or_path, str) and name_or_path in DEMO_NAMES):
+    demo = name_or_path is None or (isinstance(name_or_path, str) and name_or_path in DEMO_NAMES)
+    if demo:
         from attnlens.demo import DEMO_PATH
 
         if not (DEMO_PATH / "config.json").is_file():
             raise FileNotFoundError(f"the demo checkpoint is missing from this installation ({DEMO_PATH})")
         name_or_path = DEMO_PATH
-    path = os.fspath(name_or_path)
+    path = os.fspath(name_or_path)  # type: ignore[arg-type]
     with quiet_transformers():
         model = load_model(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
         tokenizer = _tokenizer(path)
+    if demo:
+        name_demo(model, tokenizer)
     return model.eval(), tokenizer
 
 

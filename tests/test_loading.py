@@ -168,3 +168,11 @@ def test_top_heads_of_a_score_to_a_trace_and_a_view(demo: tuple[Any, Any]) -> No
     assert f'"initial":{{"heads":{json.dumps(selected, separators=(",", ":"))}' in view
     with pytest.raises(ValueError, match="not in the data"):
         viz.text_html(attnlens.trace(model, TEXT, tokenizer=tok, layers=[0]), heads=[(1, 0, 0.5)])
+
+
+def test_the_demo_is_named_demo_not_this_machines_folder() -> None:
+    for model, tok in (attnlens.load("demo"), attnlens.load_demo()):
+        report = str(attnlens.verify(model, TEXT, tokenizer=tok, layers=[0]))
+        assert "GPT2LMHeadModel (demo)" in report and str(DEMO_PATH) not in report
+        assert attnlens.trace(model, TEXT, tokenizer=tok).provenance["model"] == "demo"
+        assert tok.name_or_path == "demo"

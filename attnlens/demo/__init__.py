@@ -52,7 +52,7 @@ def load_demo(
     kwargs: dict[str, Any] = {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    from attnlens.loading import quiet_transformers
+    from attnlens.loading import name_demo, quiet_transformers
 
     with quiet_transformers():
         model: Any = GPT2LMHeadModel.from_pretrained(DEMO_PATH, **kwargs)
@@ -62,6 +62,7 @@ def load_demo(
         model = model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(DEMO_PATH)
+    name_demo(model, tokenizer)  # reports say "demo", not this installation's folder
     return model, tokenizer
 
 
