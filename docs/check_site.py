@@ -17,8 +17,8 @@ in Chromium with every request to another host refused, and fails unless:
 * the page's screenshot is not blank.
 
 A full-page screenshot of each page is written to the folder given by ``--screenshots`` (keep it out of the
-repository). Requests to other hosts are refused and listed; only the hosts of the site's theme fonts and of MathJax
-(``extra_javascript`` in mkdocs.yml) may be asked for, so an output that needs the network fails the check.
+repository). Requests to other hosts are refused and listed, and none is allowed (the theme uses the system's fonts
+and MathJax is served by the site), so a page or an output that needs the network fails the check.
 
 Needs ``playwright`` (the Python package; the browser is the system's Chromium, ``--chromium`` to point elsewhere).
 """
@@ -50,8 +50,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-# The theme's web fonts and MathJax (mkdocs.yml extra_javascript); the pages work without them.
-ALLOWED_HOSTS = {"fonts.googleapis.com", "fonts.gstatic.com", "unpkg.com"}
+# None: the theme uses the system's fonts (font: false) and MathJax is served by the site (docs/hooks.py), so a request
+# to another host is a page that would not work offline.
+ALLOWED_HOSTS: set[str] = set()
 DRAWS = re.compile(r"\bplot_\w+\(|\.plot\(|\bsubplots\(|\bImage\(")
 MIN_FIGURE_PX = 100
 VIEW_TIMEOUT_MS = 15_000
