@@ -72,8 +72,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, caption: str 
         "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows[:MAX_ROWS]
     )
     more = f"<div>... {len(rows) - MAX_ROWS} more rows</div>" if len(rows) > MAX_ROWS else ""
-    top = f"<caption style='text-align:left'>{html.escape(caption)}</caption>" if caption else ""
-    return f"{_TABLE_CELLS}<table class='attnlens-table' style='{_STYLE}'>{top}<tr>{head}</tr>{body}</table>{more}"
+    top = f"<div>{html.escape(caption)}</div>" if caption else ""  # above the table, not squeezed to its width
+    return f"{_TABLE_CELLS}{top}<table class='attnlens-table' style='{_STYLE}'><tr>{head}</tr>{body}</table>{more}"
 
 
 def _colour(t: float) -> str:
@@ -101,7 +101,7 @@ def heatmap(values: Tensor, layers: Sequence[int], heads: Sequence[int], title: 
     head = "".join(f"<th>{h}</th>" for h in heads)
     return (
         f"<table class='attnlens-heatmap' style='{_STYLE};display:inline-block;margin-right:12px;vertical-align:top'>"
-        f"<caption>{html.escape(title)} ({low:.3g}..{high:.3g})</caption><tr><th></th>{head}</tr>{''.join(cells)}"
+        f"<caption>{html.escape(title)} ({low:.2g}..{high:.2g})</caption><tr><th></th>{head}</tr>{''.join(cells)}"
         "</table>"
     )
 
