@@ -51,9 +51,9 @@ def name_demo(model: nn.Module, tokenizer: Any) -> None:
     Reports, traces and saved results record the model's ``name_or_path``: the folder would put a path of the machine
     that ran the code into every printed report and executed notebook, and means nothing on another machine.
     """
-    config = getattr(model, "config", None)
-    if config is not None:
-        config._name_or_path = DEMO_NAMES[0]
+    from attnlens.models import set_name
+
+    set_name(model, DEMO_NAMES[0])
     if tokenizer is not None and hasattr(tokenizer, "name_or_path"):
         tokenizer.name_or_path = DEMO_NAMES[0]
 

@@ -157,3 +157,10 @@ def extract_weights(
     with torch.enable_grad():
         weights = adapter.extract()
     return track(weights, adapter.model)
+
+
+def set_name(model: nn.Module, name: str) -> None:
+    """Record ``name`` as the model's ``name_or_path``: what reports, traces and saved results say it is."""
+    config = getattr(unwrap(model), "config", None)
+    if config is not None:
+        config._name_or_path = name
