@@ -5,6 +5,7 @@ No hub: every checkpoint is the embedded demo or a seeded tiny model saved to a 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -131,15 +132,18 @@ def test_every_entry_point_takes_a_name_or_path_and_text(demo: tuple[Any, Any]) 
 
 def test_heads_as_pairs(demo: tuple[Any, Any]) -> None:
     model, tok = attnlens.load("demo", attn_implementation="eager")
-    full = attnlens.trace(model, TEXT, tokenizer=tok)
+    full = attnlens.trace(model, TEXT, tokenizer=tok, store=("pattern", "scores"))
     tr = attnlens.trace(model, TEXT, tokenizer=tok, heads=[(1, 0), (0, 2), (-1, 3)])
     assert tr.layers == (1, 0) and tr.heads == (0, 2, 3)
-    # Eager patterns are the kernel's own probabilities, copied: bitwise whatever the heads kept.
-    assert torch.equal(tr.pattern(1), full.pattern(1)[:, [0, 2, 3]])
-    assert torch.equal(tr.pattern(0), full.pattern(0)[:, [0, 2, 3]])
-    assert torch.equal(
-        attnlens.trace(model, TEXT, tokenizer=tok, heads=torch.tensor([[0, 1]])).pattern(0), full.pattern(0)[:, [1]]
-    )
+    # Fewer heads may run the q.k products in another blocking (another rounding): each score moves by at most
+    # d_head unit roundoffs of the largest score, and softmax moves a probability by at most twice that.
+    scores = full["scores", 0], full["scores", 1]
+    largest = max(float(x[x.isfinite()].abs().max()) for x in scores)
+    bound = 4 * model.config.n_embd // model.config.n_head * 2.0**-24 * largest
+    close = functools.partial(torch.testing.assert_close, rtol=0, atol=bound)
+    close(tr.pattern(1), full.pattern(1)[:, [0, 2, 3]])
+    close(tr.pattern(0), full.pattern(0)[:, [0, 2, 3]])
+    close(attnlens.trace(model, TEXT, tokenizer=tok, heads=torch.tensor([[0, 1]])).pattern(0), full.pattern(0)[:, [1]])
     for heads, message in (
         ([(0, 1), 2], "mixes"),
         ([(0, 9)], "head 9 is out of range"),
