@@ -20,6 +20,7 @@ from attnlens.errors import (
     strict_config,
 )
 from attnlens.generation import GenerationTrace, trace_generate
+from attnlens.loading import load
 from attnlens.models import extract_weights
 
 # trace, verify and scan are imported eagerly (none needs transformers nor plotting). Were they lazy, a later
@@ -56,6 +57,7 @@ __all__ = [
     "extract_weights",
     "functional",
     "head_importance",
+    "load",
     "load_demo",
     "metrics",
     "scan",

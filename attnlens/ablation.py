@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,9 +46,12 @@ from torch import Tensor, nn
 
 from attnlens import capture
 from attnlens._indices import as_index
+from attnlens._progress import Bar
 from attnlens.errors import UnsupportedModelError
+from attnlens.loading import resolve
 from attnlens.models import Adapter, adapt
 from attnlens.models.wrappers import is_compiled
+from attnlens.tokens import text_inputs
 from attnlens.trace import trace
 
 __all__ = ["MODES", "ablate", "head_importance"]
@@ -284,7 +288,7 @@ def _metric(metric: Metric | None, ids: Tensor, mask: Tensor | None) -> Callable
 
 @capture.one_at_a_time
 def head_importance(
-    model: nn.Module | Adapter,
+    model: nn.Module | Adapter | str | os.PathLike[str],
     input_ids: Tensor | Any,
     attention_mask: Tensor | Any | None = None,
     *,
@@ -292,6 +296,8 @@ def head_importance(
     mode: str = "zero",
     reference: Any = None,
     heads_per_pass: int | None = None,
+    tokenizer: Any = None,
+    progress: bool | None = None,
 ) -> Tensor:
     """How much a metric changes when each head alone is ablated: ``metric(ablated) - metric(clean)``.
 
@@ -303,9 +309,10 @@ def head_importance(
 
     Args:
         model: a GPT-2 model with a language-model head (``GPT2LMHeadModel``, ``GPT2DoubleHeadsModel``); other
-            classes are refused, as their outputs are no logits over the vocabulary.
-        input_ids: ``[batch, pos]`` token ids.
-        attention_mask: ``[batch, pos]``, 1 for tokens and 0 for padding.
+            classes are refused, as their outputs are no logits over the vocabulary. Or a hub name / local folder /
+            ``"demo"``, loaded for this call by :func:`attnlens.load`.
+        input_ids: ``[batch, pos]`` token ids; or, with a tokenizer, a text or a list of texts.
+        attention_mask: ``[batch, pos]``, 1 for tokens and 0 for padding; only with token ids.
         metric: a function of the logits ``[batch, pos, d_vocab]`` (and, if it takes a second parameter, of the
             ``[batch, pos]`` attention mask) returning a number or a one-element tensor. Default: the mean
             next-token cross-entropy over the pairs of consecutive real tokens (so the result is the loss increase).
@@ -313,6 +320,9 @@ def head_importance(
         reference: as for :func:`ablate`; ``"mean"`` defaults to the inputs themselves, ``"resample"`` needs one.
         heads_per_pass: how many heads to ablate per forward pass (memory grows with it); default as many as keep a
             pass within 4096 tokens (at least 1).
+        tokenizer: turns text into ids (default: a named checkpoint's own).
+        progress: a progress bar on stderr (tqdm): ``None`` (default) where interactive (a terminal, a notebook)
+            and only after 2 s; ``True`` always; ``False`` never.
 
     Returns:
         ``[layer, head]`` float64 on the CPU.
@@ -321,6 +331,8 @@ def head_importance(
         UnsupportedModelError: not a supported GPT-2 model, or one without a language-model head.
         ValueError, TypeError: bad inputs, mode, reference, ``heads_per_pass`` or metric result.
     """
+    model, tokenizer = resolve(model, tokenizer, "head_importance")
+    input_ids, attention_mask = text_inputs(input_ids, attention_mask, tokenizer, False)
     adapter = adapt(model)
     sites = adapter.sites
     unembed = sites.unembed
@@ -354,7 +366,7 @@ def head_importance(
             yield unembed(hidden[copy * batch : (copy + 1) * batch])
 
     out = torch.full((n_layer, n_head), math.nan, dtype=torch.float64)
-    with capture.preserved(adapter), torch.no_grad():
+    with capture.preserved(adapter), torch.no_grad(), Bar(len(all_heads), "head_importance", progress, "head") as bar:
         clean = measure(next(logits_of(1)))
         for start in range(0, len(all_heads), heads_per_pass):
             chunk = all_heads[start : start + heads_per_pass]
@@ -365,6 +377,7 @@ def head_importance(
             with capture.forward_hooks(hooks, pre=True, intervening=True):
                 for (layer, head), logits in zip(chunk, logits_of(len(chunk)), strict=True):
                     out[layer, head] = measure(logits) - clean
+            bar.update(len(chunk))
     return out
 
 

@@ -45,9 +45,12 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from attnlens import capture
+from attnlens._display import DecompositionTables
 from attnlens._indices import as_index
 from attnlens.errors import AttentionCaptureError, StaleWeightsError, UnsupportedModelError
+from attnlens.loading import resolve
 from attnlens.models import Adapter, adapt
+from attnlens.tokens import text_inputs
 from attnlens.tolerances import check_tolerance, logit_tolerance
 
 __all__ = [
@@ -133,7 +136,7 @@ def _frozen_sigma(residual: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
 
 
 @dataclass(frozen=True, repr=False)
-class Decomposition:
+class Decomposition(DecompositionTables):
     """The final residual stream at chosen positions, split into the components that wrote it.
 
     Attributes:
@@ -372,12 +375,13 @@ def _select_positions(positions: Any, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 @capture.one_at_a_time
 def decompose(
-    model: nn.Module | Adapter,
+    model: nn.Module | Adapter | str | os.PathLike[str],
     input_ids: Any,
     attention_mask: Any = None,
     *,
     positions: Any = -1,
     position_ids: Any = None,
+    tokenizer: Any = None,
 ) -> Decomposition:
     """Split the model's final residual stream (entering its final layer norm) into its components.
 
@@ -386,15 +390,18 @@ def decompose(
     Each head's result ``z_h @ W_O[h]`` is computed at the chosen positions only.
 
     Args:
-        model: a supported GPT-2 model (any class; logits need one with a language-model head), or its Adapter.
-        input_ids: ``[batch, pos]`` (or ``[pos]``) token ids.
-        attention_mask: ``[batch, pos]`` of 1 (token) and 0 (padding), left or right padding.
+        model: a supported GPT-2 model (any class; logits need one with a language-model head), or its Adapter;
+            or a hub name / local folder / ``"demo"``, loaded for this call by :func:`attnlens.load` (with its
+            tokenizer).
+        input_ids: ``[batch, pos]`` (or ``[pos]``) token ids; or, with a tokenizer, a text or a list of texts.
+        attention_mask: ``[batch, pos]`` of 1 (token) and 0 (padding), left or right padding; only with token ids.
         positions: which positions to decompose, counted among each row's real tokens under the mask: an int
             (default ``-1``: each row's last real token), a list of ints (the same in every row), ``[batch, n]``
             ints (per row); negative ints count from the row's last real token. ``None``: every column of the
             input, padding included (see :attr:`Decomposition.valid`).
         position_ids: ``[batch, pos]`` position ids, passed to the model as they are (the model's default is
             ``0..pos-1`` whatever the padding).
+        tokenizer: turns text into ids (padded on its ``padding_side``).
 
     Returns:
         A :class:`Decomposition`; its ``.check()`` measures that the parts sum to the residual.
@@ -410,6 +417,8 @@ def decompose(
         >>> d.check()  # largest relative error of the sum
         >>> d.logit_attribution(target)  # [component, batch, pos]
     """
+    model, tokenizer = resolve(model, tokenizer, "decompose")
+    input_ids, attention_mask = text_inputs(input_ids, attention_mask, tokenizer, False)
     return _decompose(model, input_ids, attention_mask, positions, position_ids)
 
 
@@ -422,8 +431,6 @@ def _decompose(
     boundaries: dict[int, Tensor] | None = None,
 ) -> Decomposition:
     """:func:`decompose`; with ``boundaries``, also the residual entering each layer, stored there by layer index."""
-    if isinstance(model, (str, bytes, os.PathLike)):
-        raise TypeError(f"decompose needs a loaded GPT-2 model, got the name or path {model!r}: load it first")
     adapter = adapt(model)
     sites = adapter.sites
     ids, mask, pos_ids = adapter.check_inputs(input_ids, attention_mask, position_ids)

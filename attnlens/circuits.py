@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnlens._progress import Bar
 from attnlens.factored import FactoredMatrix
 from attnlens.weights import ModelWeights, _centre
 
@@ -148,8 +149,20 @@ class CompositionBaseline:
     d_head: int
 
 
+def _baseline_chunk(generator: torch.Generator, n: int, d_model: int, d_head: int) -> Tensor:
+    """``[n]`` composition scores of random circuit pairs (see :func:`composition_baseline`)."""
+    # Four factors per sample; the second circuit is used as the right-hand side, as composition_scores does.
+    tall = torch.randn(4, n, d_model, d_head, generator=generator, dtype=torch.float64)
+    left_r = _root_left(FactoredMatrix(tall[0], tall[1].mT))
+    right_r = _root_right(FactoredMatrix(tall[2], tall[3].mT))
+    return _ratio(
+        torch.linalg.matrix_norm(left_r @ right_r),
+        torch.linalg.matrix_norm(left_r) * torch.linalg.matrix_norm(right_r),
+    )
+
+
 def composition_baseline(
-    weights: ModelWeights, kind: str, *, n_samples: int = 200, seed: int = 0
+    weights: ModelWeights, kind: str, *, n_samples: int = 200, seed: int = 0, progress: bool | None = None
 ) -> CompositionBaseline:
     r"""The expected composition score of random circuits with the shapes of ``weights``' circuits.
 
@@ -178,6 +191,8 @@ def composition_baseline(
         weights: the weights whose shapes (``d_model``, ``d_head``) the random circuits take; their values are unused.
         kind: ``"Q"``, ``"K"`` or ``"V"``.
         n_samples: random pairs to draw (at least 2, for a standard error).
+        progress: a progress bar on stderr (tqdm): ``None`` (default) where interactive (a terminal, a notebook)
+            and only after 2 s; ``True`` always; ``False`` never.
         seed: seed of the random generator.
 
     Returns:
@@ -193,18 +208,11 @@ def composition_baseline(
     d_model, d_head = weights.d_model, weights.d_head
     generator = torch.Generator().manual_seed(seed)
     samples = []
-    for start in range(0, n_samples, _CHUNK):
-        n = min(_CHUNK, n_samples - start)
-        # Four factors per sample; the second circuit is used as the right-hand side, as composition_scores does.
-        tall = torch.randn(4, n, d_model, d_head, generator=generator, dtype=torch.float64)
-        left_r = _root_left(FactoredMatrix(tall[0], tall[1].mT))
-        right_r = _root_right(FactoredMatrix(tall[2], tall[3].mT))
-        samples.append(
-            _ratio(
-                torch.linalg.matrix_norm(left_r @ right_r),
-                torch.linalg.matrix_norm(left_r) * torch.linalg.matrix_norm(right_r),
-            )
-        )
+    with Bar(n_samples, "composition_baseline", progress, unit="sample") as bar:
+        for start in range(0, n_samples, _CHUNK):
+            n = min(_CHUNK, n_samples - start)
+            samples.append(_baseline_chunk(generator, n, d_model, d_head))
+            bar.update(n)
     scores = torch.cat(samples)
     return CompositionBaseline(
         kind=kind,

@@ -1,4 +1,4 @@
-"""The ``attnlens`` command: quick looks at a GPT-2 checkpoint from a terminal.
+"""attnlens: quick looks at the attention of a Hugging Face checkpoint from a terminal.
 
 ``attnlens weights | verify | heads | inspect | scan | generate [MODEL]``. MODEL is a hub name or a local checkpoint
 folder; without one, the embedded demo checkpoint is used, so every command works offline.
@@ -6,6 +6,10 @@ folder; without one, the embedded demo checkpoint is used, so every command work
 Exit status: 0 on success, 1 when ``verify`` (or ``generate``'s check) finds a mismatch, 2 on a usage error (a bad
 option value, a checkpoint that cannot be loaded, an unusable device, a missing optional dependency), reported as one
 line on stderr.
+
+This module imports only the standard library at the top (torch and attnlens on first use), so that the parser can be
+built without them: the console command (:mod:`attnlens_cli`) answers ``--help`` and usage errors in a few tens of
+milliseconds, where importing torch alone takes seconds.
 """
 
 from __future__ import annotations
@@ -14,20 +18,28 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from attnlens.errors import AttentionCaptureError
-
 if TYPE_CHECKING:
+    import torch
+
     from attnlens.models import Adapter
+else:
+
+    class _Torch:
+        """torch, imported at the first attribute read (the parser needs no torch)."""
+
+        def __getattr__(self, name: str) -> Any:
+            import torch
+
+            return getattr(torch, name)
+
+    torch = _Torch()
 
 __all__ = ["main"]
 
 DEFAULT_TEXT = "The cat sat on the mat, and the dog sat on the rug. The cat sat on the mat, and the dog sat on the rug."
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 def _check_device(name: str) -> None:
@@ -49,26 +61,12 @@ def _check_device(name: str) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[Adapter, Any]:
     """(the model's adapter, tokenizer or None) from the MODEL argument, or the demo checkpoint."""
-    from attnlens.models import adapt, load
+    from attnlens.loading import load
+    from attnlens.models import adapt
 
     _check_device(args.device)
-    dtype = _DTYPES[args.dtype]
-    if args.model is None:
-        from attnlens.demo import load_demo
-
-        demo, demo_tokenizer = load_demo(dtype=dtype, device=args.device)
-        return adapt(demo), demo_tokenizer
-    model = adapt(load(args.model, dtype=dtype, device=args.device))
-    folder = Path(args.model)
-    if folder.is_dir() and not any((folder / name).exists() for name in ("tokenizer.json", "vocab.json")):
-        return model, None  # a weights-only folder: AutoTokenizer would build an empty tokenizer from the config
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model, tokenizer
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    return adapt(model), tokenizer
 
 
 def _inputs(args: argparse.Namespace, model: Adapter, tokenizer: Any) -> tuple[torch.Tensor, list[str] | None]:
@@ -315,15 +313,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Each option's default after its help, unless the help already says it (or there is none to say)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or unset or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnlens", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="attnlens", description=__doc__.splitlines()[0], formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
         p.add_argument("model", nargs="?", help="hub name or local checkpoint folder (default: the demo checkpoint)")
-        p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+        p.add_argument("--dtype", choices=_DTYPES, default="float32", help="the dtype to load the weights in")
+        p.add_argument("--device", default="cpu", help="the device to run on: cpu, cuda, cuda:1, ...")
         p.add_argument(
             "--strict", action="store_true", help="refuse a config with keys of unknown effect instead of warning"
         )
@@ -331,12 +340,14 @@ def _parser() -> argparse.ArgumentParser:
 
     def with_input(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         group = p.add_mutually_exclusive_group()
-        group.add_argument("--text", default=DEFAULT_TEXT, help="text to run (needs the checkpoint's tokenizer)")
-        group.add_argument("--ids", type=int, nargs="+", help="token ids to run instead of text")
+        group.add_argument(
+            "--text", default=DEFAULT_TEXT, help="text to run (needs the checkpoint's tokenizer; default: a demo text)"
+        )
+        group.add_argument("--ids", type=int, nargs="+", help="token ids to run instead of text (default: the text's)")
         return p
 
     p = command("weights", "print the GPT-2 weight walk-through: config, W_E, the fused q/k/v split, heads")
-    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--layer", type=int, default=0, help="the layer whose q/k/v split and heads are shown")
     p.add_argument("--gpt2-small", action="store_true", help="use a GPT-2-small-shaped model with random weights")
     p.set_defaults(func=cmd_weights)
 
@@ -348,20 +359,20 @@ def _parser() -> argparse.ArgumentParser:
         "--tolerance",
         action="append",
         metavar="QUANTITY=NUMBER",
-        help="override one relative tolerance, e.g. --tolerance pattern=1e-6 (repeatable)",
+        help="override one relative tolerance, e.g. --tolerance pattern=1e-6 (repeatable; default: the derived ones)",
     )
     p.set_defaults(func=cmd_verify)
 
     p = with_input(command("heads", "print the top heads for each head score"))
-    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--top", type=int, default=3, help="heads to list per score")
     p.add_argument("--seq-len", type=int, default=50, help="length of the repeated random sequence (induction)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="repeated random sequences for the induction score")
     p.add_argument(
         "--prepend-bos",
         action="store_true",
         help="put the bos token (GPT-2: <|endoftext|>) in front of the text and of each random sequence",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the top heads as JSON")
     p.set_defaults(func=cmd_heads)
 
     p = with_input(command("inspect", "draw attention patterns (a head, every head, or the text view) to PNG or HTML"))
@@ -371,17 +382,25 @@ def _parser() -> argparse.ArgumentParser:
         default="head",
         help="head: one layer's heads (default); overview: every layer x head; text: tokens coloured by attention",
     )
-    p.add_argument("--layer", type=int, help="the layer (needed by --view head; text view: the first head's layer)")
-    p.add_argument("--head", type=int, help="the head drawn in image output, or selected first in the text view")
-    p.add_argument("--out", required=True, help="FILE.png, FILE.svg, FILE.pdf or FILE.html (--view text: .html)")
+    p.add_argument(
+        "--layer",
+        type=int,
+        help="the layer (needed by --view head; text view: the first head's layer, default the last layer)",
+    )
+    p.add_argument(
+        "--head", type=int, help="the head drawn in image output, or selected first in the text view (default 0)"
+    )
+    p.add_argument(
+        "--out", required=True, help="FILE.png, FILE.svg, FILE.pdf or FILE.html (--view text: .html); required"
+    )
     p.set_defaults(func=cmd_inspect)
     p = command("scan", "head statistics over a corpus, written as JSON (works under torchrun)")
     p.add_argument("--data", help="a .txt (blank-line-separated documents) or .jsonl file (default: demo text)")
     p.add_argument("--text-field", default="text", help="the field holding the text in .jsonl lines")
-    p.add_argument("--encoding", default="utf-8", help="the encoding of the --data file (default utf-8)")
+    p.add_argument("--encoding", default="utf-8", help="the encoding of the --data file")
     p.add_argument("--seq-len", type=int, help="tokens per window (default: the model's n_ctx)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--max-tokens", type=int, help="scan at most this many tokens")
+    p.add_argument("--max-tokens", type=int, help="scan at most this many tokens (default: all of the data)")
     p.add_argument(
         "--layers",
         nargs="+",
@@ -389,26 +408,29 @@ def _parser() -> argparse.ArgumentParser:
         help="scan only these layers, e.g. --layers 0 5 or --layers 0,5 (negative count from the end; default all)",
     )
     p.add_argument("--heads", nargs="+", metavar="HEAD", help="keep only these heads, e.g. --heads 1,3 (default all)")
-    p.add_argument("--out", default="scan.json", help="the JSON file to write (default scan.json)")
-    p.add_argument("--checkpoint", help="save partial sums here every few batches; resume from it if it exists")
+    p.add_argument("--out", default="scan.json", help="the JSON file to write")
+    p.add_argument(
+        "--checkpoint",
+        help="save partial sums here every few batches; resume from it if it exists (default: no checkpoint)",
+    )
     p.add_argument("--top", type=int, default=3, help="heads to list per score")
     p.add_argument("--quiet", action="store_true", help="no progress and no summary")
     p.set_defaults(func=cmd_scan)
 
     p = command("generate", "generate from a prompt, trace each step's attention over the cache, and check it")
-    p.add_argument("--prompt", required=True, help="the text to continue (needs the checkpoint's tokenizer)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--prompt", required=True, help="the text to continue (required; needs the checkpoint's tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="how many tokens to generate")
     p.add_argument("--seed", type=int, help="sample with this seed (default: greedy)")
-    p.add_argument("--out", help="write the text view, stepping through the generated tokens, to FILE.html")
+    p.add_argument("--out", help="write the text view, stepping through the generated tokens, to FILE.html (default: none)")
     p.set_defaults(func=cmd_generate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``attnlens`` command; returns the exit status."""
-    from attnlens.errors import strict_config
-
     args = _parser().parse_args(argv)
+    from attnlens.errors import AttentionCaptureError, strict_config
+
     try:
         with strict_config(args.strict):
             return int(args.func(args))

@@ -47,6 +47,8 @@ from attnlens._detection import (
     score_rows,
     token_keys,
 )
+from attnlens._display import HeadTables
+from attnlens.loading import resolve
 from attnlens.models import Adapter, adapt
 from attnlens.trace import AttentionTrace, trace
 
@@ -277,7 +279,7 @@ def _induction_on_repeats(
 
 
 def induction_scores(
-    source: AttentionTrace | nn.Module | Adapter,
+    source: AttentionTrace | nn.Module | Adapter | str | os.PathLike[str],
     input_ids: Tensor | None = None,
     *,
     seq_len: int | None = None,
@@ -302,7 +304,8 @@ def induction_scores(
     changes the scores.
 
     Args:
-        source: an :class:`~attnlens.AttentionTrace`, or a GPT-2 model to test on repeated random tokens.
+        source: an :class:`~attnlens.AttentionTrace`, or a GPT-2 model to test on repeated random tokens,
+            or a hub name / local folder / ``"demo"``, loaded for this call by :func:`attnlens.load`.
         input_ids: with a trace, ``[batch, pos]`` token ids (default the trace's own).
         seq_len: with a model, ``L`` (default ``min(50, n_ctx // 2)``; ``min(50, (n_ctx - 1) // 2)`` with bos).
         batch: with a model, ``B``.
@@ -317,7 +320,8 @@ def induction_scores(
         ``[layer, head]`` (all layers and heads for a model).
 
     Raises:
-        TypeError: ``source`` is a tensor or a path, neither a trace nor a loaded model; an option that is no bool.
+        TypeError: ``source`` is a tensor, neither a trace nor a model; an option that is no bool.
+        OSError: ``source`` is a name or path that could not be loaded.
         UnsupportedModelError: ``source`` is a model, but not a supported GPT-2 one.
         ValueError: a score undefined for the trace's tokens, a bad ``seq_len`` / ``batch``, ``prepend_bos`` with
             a trace, or a model without a bos/eos id.
@@ -331,17 +335,13 @@ def induction_scores(
                 "attnlens.trace(..., prepend_bos=True)"
             )
         return _induction_on_trace(source, input_ids, excluded_opts)
-    if isinstance(source, (str, os.PathLike)):
-        raise TypeError(
-            f"induction_scores takes a trace or a loaded GPT-2 model, got the name or path {os.fspath(source)!r}: "
-            "load it first, e.g. attnlens.models.load(path)"
-        )
     if isinstance(source, Tensor):
         raise TypeError(
             "induction_scores takes a trace or a GPT-2 model, got a tensor: wrap patterns "
             "[layer, batch, head, q_pos, k_pos] with attnlens.AttentionTrace.from_patterns(patterns, input_ids=...)"
         )
-    adapter = adapt(source)  # refuses anything but a supported model, naming the supported classes
+    model, _ = resolve(source, None, "induction_scores")
+    adapter = adapt(model)  # refuses anything but a supported model, naming the supported classes
     if input_ids is not None:
         raise ValueError("input_ids applies to a trace; on a model, the test draws its own tokens")
     return _induction_on_repeats(adapter, seq_len, batch, seed, prepend_bos, excluded_opts)
@@ -444,7 +444,7 @@ def top_heads(
 
 
 @dataclass(frozen=True, eq=False)
-class HeadScores:
+class HeadScores(HeadTables):
     """All per-head scores of one trace, each ``[layer, head]`` (``None`` where undefined for its tokens).
 
     Attributes:
@@ -485,6 +485,9 @@ class HeadScores:
             value = getattr(self, name)
             parts.append(f"{name}=None" if value is None else f"{name}={list(value.shape)}")
         return f"HeadScores(layers={list(self.layers)}, {', '.join(parts)})"
+
+    def _tables(self) -> dict[str, Tensor | None]:  # to_dict, to_json, to_pandas and the notebook view
+        return {name: getattr(self, name) for name in self.names}
 
 
 def head_scores(tr: AttentionTrace, input_ids: Tensor | None = None) -> HeadScores:

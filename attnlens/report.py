@@ -7,11 +7,15 @@ over the same entries.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["VerificationReport", "VerificationRow"]
 
@@ -125,6 +129,49 @@ class VerificationReport:
 
         return json.dumps(finite(self.to_dict()), allow_nan=False, **kwargs)
 
+    def __repr__(self) -> str:
+        worst = max(self.rows, key=_badness, default=None)
+        worst_text = "" if worst is None else f", worst {worst.quantity} {worst.max_rel_error:.3g} rel"
+        return (
+            f"<VerificationReport {'OK' if self.ok else 'FAILED'}: {len(self.rows)} checks, {len(self.failures)} "
+            f"failing{worst_text}; {self.model}, {self.dtype} on {self.device}, {self.attn_implementation!r}, "
+            f"batch {self.batch} x {self.pos}; print() it for the table>"
+        )
+
+    def _table_rows(self) -> list[VerificationRow]:
+        """The worst head per layer and quantity, in the table's order."""
+        groups: dict[tuple[int | None, str], list[VerificationRow]] = {}
+        for row in self.rows:
+            groups.setdefault((row.layer, row.quantity), []).append(row)
+        return [max(rows, key=_badness) for rows in groups.values()]
+
+    def _repr_html_(self) -> str:
+        from attnlens._display import table
+
+        header = ["layer", "quantity", "worst head", "max abs err", "max rel err", "rel tol", "ok"]
+
+        def cells(row: VerificationRow, per_head: bool) -> list[str]:
+            return _format_row(row, per_head=per_head).split()
+
+        status = "OK" if self.ok else f"FAILED ({len(self.failures)} of {len(self.rows)} checks)"
+        caption = (
+            f"attnlens verification: {status}. {self.model}, {self.dtype} on {self.device}, attention "
+            f"{self.attn_implementation!r}; batch {self.batch} x {self.pos} positions"
+        )
+        rows = [cells(row, row.quantity in _PER_HEAD) for row in self._table_rows()]
+        out = table(header, rows, caption=caption)
+        if self.notes:
+            out += "".join(f"<div>note: {html.escape(note)}</div>" for note in self.notes)
+        if self.failures:
+            out += table(header, [cells(row, True) for row in self.failures], caption="failing rows")
+        return out
+
+    def to_pandas(self) -> pd.DataFrame:
+        """Every row as a pandas DataFrame (needs pandas, which attnlens does not install)."""
+        from attnlens._display import pandas
+
+        return pandas().DataFrame([asdict(row) for row in self.rows])
+
     def __str__(self) -> str:
         status = "OK" if self.ok else f"FAILED ({len(self.failures)} of {len(self.rows)} checks)"
         lines = [
@@ -138,11 +185,7 @@ class VerificationReport:
             f"{'layer':>5}  {'quantity':<16}  {'worst head':>10}  {'max abs err':>11}  {'max rel err':>11}  "
             f"{'rel tol':>9}  ok",  # the tolerance bounds the relative error, the column beside it
         ]
-        groups: dict[tuple[int | None, str], list[VerificationRow]] = {}
-        for row in self.rows:
-            groups.setdefault((row.layer, row.quantity), []).append(row)
-        for rows in groups.values():
-            worst = max(rows, key=_badness)
+        for worst in self._table_rows():
             lines.append(_format_row(worst, per_head=worst.quantity in _PER_HEAD))
         if self.failures:
             lines += ["", "failing rows:"]

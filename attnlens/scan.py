@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from attnlens import capture
 from attnlens._detection import token_keys
 from attnlens._indices import check_indices
+from attnlens.loading import resolve
 from attnlens.models import Adapter, adapt
 from attnlens.patterns import Sink, Tap, Wants, kernel_specs
 from attnlens.scan_data import Packer
@@ -165,7 +166,7 @@ class _Sums(Sink):
 
 @capture.one_at_a_time
 def scan(
-    model: nn.Module | Adapter,
+    model: nn.Module | Adapter | str | os.PathLike[str],
     data: Any,
     *,
     tokenizer: Any = None,
@@ -194,7 +195,9 @@ def scan(
     (each process's model on its own device).
 
     Args:
-        model: a Hugging Face GPT-2 model of any supported class (left exactly as found), or its Adapter.
+        model: a Hugging Face GPT-2 model of any supported class (left exactly as found), or its Adapter;
+            or a hub name / local folder / ``"demo"``, loaded for this call by :func:`attnlens.load` (with its
+            tokenizer).
         data: a path to a ``.txt`` (blank-line-separated documents) or ``.jsonl`` file, an iterable of texts, of
             token-id sequences, or of dict rows (a Hugging Face ``datasets`` Dataset); see :mod:`attnlens.scan_data`.
         tokenizer: tokenizes texts; its ``eos_token_id`` separates documents (else the config's ``eos_token_id``).
@@ -218,6 +221,7 @@ def scan(
             checkpoint written for other arguments, another model or other data (named).
         UnsupportedModelError: as :func:`attnlens.trace`.
     """
+    model, tokenizer = resolve(model, tokenizer, "scan")
     adapter = adapt(model)
     adapter.check_kernel()
     score_list = SCORE_NAMES if scores is None else tuple(s for s in SCORE_NAMES if s in set(scores))

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnlens._display import HeadTables
+
 __all__ = ["SCORE_NAMES", "ScanResult"]
 
 SCORE_NAMES = (
@@ -49,8 +51,8 @@ def _tensor(rows: Any, dtype: torch.dtype, what: str, shape: tuple[int, int]) ->
     return x
 
 
-@dataclass(frozen=True, eq=False)
-class ScanResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class ScanResult(HeadTables):
     """Per-head statistics of attention over a corpus, from :func:`attnlens.scan`.
 
     Attributes:
@@ -77,6 +79,15 @@ class ScanResult:
     n_tokens: int
     n_windows: int
     provenance: dict[str, Any] = field(default_factory=dict)
+
+    def _tables(self) -> dict[str, Tensor | None]:  # the notebook view: means
+        return {name: self.mean[name] for name in self.scores}
+
+    def _columns(self) -> dict[str, Tensor | None]:  # to_pandas: mean, stderr and count of each score
+        out: dict[str, Tensor | None] = {}
+        for name in self.scores:
+            out.update({name: self.mean[name], f"{name}_stderr": self.stderr[name], f"{name}_count": self.count[name]})
+        return out
 
     def top(self, name: str, k: int = 5, *, largest: bool = True) -> list[tuple[int, int, float]]:
         """The ``k`` heads with the highest (or lowest) mean: ``[(layer, head, mean)]``, best first, NaN last."""
@@ -122,9 +133,9 @@ class ScanResult:
             "provenance": self.provenance,
         }
 
-    def to_json(self) -> str:
-        """The result as JSON text (what :meth:`save` writes)."""
-        return json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+    def to_json(self, **kwargs: Any) -> str:
+        """The result as JSON text (what :meth:`save` writes); ``kwargs`` go to :func:`json.dumps`."""
+        return json.dumps(self.to_dict(), **{"indent": 1, **kwargs}, allow_nan=False) + "\n"
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the result to a JSON file, atomically (a temporary file, then renamed over ``path``)."""
@@ -175,7 +186,11 @@ class ScanResult:
         return cls.from_dict(data)
 
     def __repr__(self) -> str:
+        def numbers(given: tuple[int, ...]) -> str:  # 0..47 rather than 48 numbers
+            run = len(given) > 2 and given == tuple(range(given[0], given[0] + len(given)))
+            return f"{given[0]}..{given[-1]}" if run else str(list(given))
+
         return (
-            f"ScanResult(scores={list(self.scores)}, layers={list(self.layers)}, heads={list(self.heads)}, "
+            f"ScanResult(scores={list(self.scores)}, layers={numbers(self.layers)}, heads={numbers(self.heads)}, "
             f"n_tokens={self.n_tokens}, n_windows={self.n_windows})"
         )

@@ -29,8 +29,9 @@ from einops import einsum
 from torch import Tensor, nn
 
 from attnlens import capture
-from attnlens._indices import check_indices
+from attnlens._indices import layers_and_heads
 from attnlens.attention_trace import STORE_NAMES, AttentionTrace
+from attnlens.loading import resolve
 from attnlens.models import QKV, Adapter, adapt
 from attnlens.patterns import Sink, Tap, Wants, kernel_specs
 from attnlens.tokens import text_inputs, token_texts
@@ -87,12 +88,12 @@ class _Stacks(Sink):
 
 @capture.one_at_a_time
 def trace(
-    model: nn.Module | Adapter,
+    model: nn.Module | Adapter | str | os.PathLike[str],
     input_ids: Tensor | Any,
     attention_mask: Tensor | Any | None = None,
     *,
     layers: int | Iterable[int] | None = None,
-    heads: int | Iterable[int] | None = None,
+    heads: int | Iterable[int] | Iterable[tuple[int, int]] | None = None,
     store: str | Iterable[str] = ("pattern",),
     tokenizer: Any = None,
     position_ids: Tensor | Any | None = None,
@@ -108,13 +109,18 @@ def trace(
     each giving its single-threaded result; attnlens's hooks never act on a forward pass the user runs meanwhile.
 
     Args:
-        model: a Hugging Face GPT-2 model of any supported class (or its :class:`~attnlens.models.Adapter`).
+        model: a Hugging Face GPT-2 model of any supported class (or its :class:`~attnlens.models.Adapter`), or a
+            hub name / local folder / ``"demo"``, loaded for this call by :func:`attnlens.load` (with its tokenizer).
         input_ids: ``[batch, pos]`` (or ``[pos]``) token ids; or, with ``tokenizer``, a text or a list of texts
             (padded on the tokenizer's ``padding_side`` to the longest).
         attention_mask: ``[batch, pos]``, 1 for tokens and 0 for padding; only with token ids.
         layers: the layers to trace (negative numbers count from the end), in the order the stacks will follow;
             default all. Any integers: Python, numpy, or an integer array or tensor.
-        heads: the heads to keep in every per-head tensor; default all.
+        heads: the heads to keep in every per-head tensor: head numbers (the same in every layer), or
+            ``(layer, head)`` pairs such as ``[(5, 1), (6, 9)]``, which name the layers too (leave ``layers`` None):
+            the trace keeps the pairs' layers and, in each, the union of their heads (here layers 5, 6 and heads
+            1, 9), in order of first appearance; the ``(layer, head, score)`` rows of ``HeadScores.top`` or
+            ``ScanResult.top`` count as pairs. Default all.
         store: what to keep per layer, any of ``"pattern"``, ``"scores"``, ``"q"``, ``"k"``, ``"v"``, ``"z"``,
             ``"result"`` (see :class:`AttentionTrace`).
         tokenizer: turns texts into ids, and gives the token strings kept for display.
@@ -131,7 +137,8 @@ def trace(
         ValueError: bad ``layers`` / ``heads`` (not integers, out of range, repeated), unknown ``store`` names, text
             without a tokenizer, ``prepend_bos`` with token ids or with a tokenizer that has no bos/eos token (or
             adds one itself), or inputs that :meth:`attnlens.models.Adapter.check_inputs` refuses.
-        TypeError: ``model`` is a name or path (load it first), ``store`` is not names, ``input_ids`` is not
+        OSError: ``model`` is a name or path that could not be loaded.
+        TypeError: ``store`` is not names, ``input_ids`` is not
             token ids at all, or ``prepend_bos`` is not a bool.
         UnsupportedModelError: not a supported GPT-2 model, an attention kernel outside
             the adapter's ``exact_kernels``, or attention modules that disagree with the config.
@@ -141,16 +148,11 @@ def trace(
         >>> tr = attnlens.trace(model, "The cat sat on the mat", tokenizer=tok, layers=[0, 5])
         >>> tr.pattern(5).shape  # [batch, head, q_pos, k_pos]
     """
-    if isinstance(model, (str, os.PathLike)):
-        raise TypeError(
-            f"trace needs a loaded model, got the name or path {os.fspath(model)!r}: load it first, e.g. "
-            "attnlens.models.load(path) or transformers' from_pretrained (verify and extract_weights also take a path)"
-        )
+    model, tokenizer = resolve(model, tokenizer, "trace")
     adapter = adapt(model)
     adapter.check_kernel()
     names = _check_store(store)
-    layer_list = check_indices(layers, adapter.n_layers, "layers")
-    head_list = check_indices(heads, adapter.n_heads, "heads")
+    layer_list, head_list, _ = layers_and_heads(layers, heads, adapter.n_layers, adapter.n_heads)
     input_ids, attention_mask = text_inputs(input_ids, attention_mask, tokenizer, prepend_bos)
     ids, mask, pos = adapter.check_inputs(input_ids, attention_mask, position_ids)
     # Each id decoded alone; a partial UTF-8 character as its bytes.

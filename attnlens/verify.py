@@ -34,11 +34,14 @@ from torch import Tensor, nn
 
 from attnlens import functional
 from attnlens._indices import index_list
+from attnlens._progress import Bar
 from attnlens.capture import forward_hooks, intervening, one_at_a_time, preserved
 from attnlens.errors import AttentionCaptureError
-from attnlens.models import QKV, Adapter, AttentionSpec, Sites, adapt, extract_weights, load
+from attnlens.loading import resolve
+from attnlens.models import QKV, Adapter, AttentionSpec, Sites, adapt, extract_weights
 from attnlens.patterns import masked_scores, qkv_hooks
 from attnlens.report import _PER_HEAD, VerificationReport, VerificationRow
+from attnlens.tokens import text_inputs
 from attnlens.tolerances import (
     _ACCUMULATOR,
     QUANTITIES,
@@ -381,6 +384,8 @@ def verify(
     layers: int | Sequence[int] | None = None,
     tolerances: Mapping[Any, Any] | None = None,
     weights: ModelWeights | None = None,
+    tokenizer: Any = None,
+    progress: bool | None = None,
 ) -> VerificationReport:
     """Recompute every attention quantity of a GPT-2 model from its weights and compare with what the model computes.
 
@@ -392,14 +397,18 @@ def verify(
     runs meanwhile (which sees eager attention while a non-eager model's patterns are taken, though).
 
     Args:
-        model: a Hugging Face GPT-2 model (any supported class, or its Adapter), or a hub name / local folder of one.
-        input_ids: ``[batch, pos]`` (or ``[pos]``) token ids.
-        attention_mask: ``[batch, pos]``, 1 for tokens and 0 for padding (left or right).
+        model: a Hugging Face GPT-2 model (any supported class, or its Adapter), or a hub name / local folder /
+            ``"demo"``, loaded for this call by :func:`attnlens.load` (with its tokenizer).
+        input_ids: ``[batch, pos]`` (or ``[pos]``) token ids; or, with a tokenizer, a text or a list of texts.
+        attention_mask: ``[batch, pos]``, 1 for tokens and 0 for padding (left or right); only with token ids.
         position_ids: ``[batch, pos]`` positions, passed to the model as given (default ``0..pos-1``).
         layers: the layers to compare per layer and head (default all); the final rows always use every layer.
         tolerances: overrides of :data:`TOLERANCES`, as ``{quantity: tol}`` for the model's dtype or
             ``{dtype: {quantity: tol}}``.
         weights: the weights to check against the model (default: extracted from it), e.g. a modified copy.
+        tokenizer: turns text into ids (padded on its ``padding_side``).
+        progress: a progress bar on stderr (tqdm): ``None`` (default) where interactive (a terminal, a notebook)
+            and only after 2 s; ``True`` always; ``False`` never.
 
     Returns:
         A :class:`VerificationReport`; ``report.ok`` says whether every row is within tolerance.
@@ -411,8 +420,8 @@ def verify(
         AttentionCaptureError: the model did not return its attention probabilities, or returned them incomplete.
         RuntimeError: called inside an :func:`attnlens.ablate` block in the same thread.
     """
-    if isinstance(model, (str, os.PathLike)):
-        model = load(os.fspath(model))
+    model, tokenizer = resolve(model, tokenizer, "verify")
+    input_ids, attention_mask = text_inputs(input_ids, attention_mask, tokenizer, False)
     adapter = adapt(model)  # refuses anything but a supported model, before touching it
     if intervening(adapter.model):
         raise RuntimeError(
@@ -429,13 +438,16 @@ def verify(
     fixed = _overrides(weights.dtype, tolerances)
     implementation = adapter.kernel
 
-    with preserved(adapter), torch.no_grad():
+    # Steps: the model's own pass, its eager pass, each layer's recomputation, the rebuild from the weights.
+    with preserved(adapter), torch.no_grad(), Bar(len(traced) + 3, "verify", progress, unit="step") as bar:
         own = _run(adapter, ids, mask, pos, traced, patterns=implementation == "eager")
+        bar.update()
         if own.patterns is None:
             with preserved(adapter, attn_implementation="eager"):
                 eager = _run(adapter, ids, mask, pos, traced, patterns=True)
         else:
             eager = own
+        bar.update()
         unembed = adapter.sites.unembed
         own_logits = unembed(own.final()) if unembed is not None and weights.W_U is not None else None
 
@@ -471,6 +483,7 @@ def verify(
         bitwise = bitwise_guaranteed(adapter.model, weights.dtype, weights.device)
         n_heads = weights.n_heads
         for index in traced:
+            bar.update()
             layer = weights.layers[index]
             mine = functional.attention(own.attn_in[index], layer, allowed, rotation=own.rotation(index))
             q, k, v = own.qkv[index]
@@ -513,6 +526,7 @@ def verify(
         hidden, logits = _rebuild(
             weights, ids, positions, allowed, parallel_residual=adapter.parallel_residual, rotations=own.rotations
         )
+        bar.update()
         add("hidden", None, _compare(own.final(), hidden, out_keep, None), base["hidden"])
         if own_logits is not None and logits is not None:
             add("logits", None, _compare(own_logits, logits, out_keep, None), base["logits"])

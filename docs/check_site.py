@@ -14,11 +14,12 @@ in Chromium with every request to another host refused, and fails unless:
   ``<img>`` in an output, loaded, at least 100 x 100 pixels;
 * every attnlens HTML view in an output (an element with ``data-state``) gets drawn without the network
   (``data-state="drawn"``) and its canvas is not blank;
+* no output shows a path of the machine that built the site (the checkout, the temporary or the home folder);
 * the page's screenshot is not blank.
 
 A full-page screenshot of each page is written to the folder given by ``--screenshots`` (keep it out of the
-repository). Requests to other hosts are refused and listed; only the hosts of the site's theme fonts and of MathJax
-(``extra_javascript`` in mkdocs.yml) may be asked for, so an output that needs the network fails the check.
+repository). Requests to other hosts are refused and listed, and none is allowed (the theme uses the system's fonts
+and MathJax is served by the site), so a page or an output that needs the network fails the check.
 
 Needs ``playwright`` (the Python package; the browser is the system's Chromium, ``--chromium`` to point elsewhere).
 """
@@ -32,6 +33,7 @@ import importlib.util
 import json
 import re
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,10 +52,14 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-# The theme's web fonts and MathJax (mkdocs.yml extra_javascript); the pages work without them.
-ALLOWED_HOSTS = {"fonts.googleapis.com", "fonts.gstatic.com", "unpkg.com"}
+# None: the theme uses the system's fonts (font: false) and MathJax is served by the site (docs/hooks.py), so a request
+# to another host is a page that would not work offline.
+ALLOWED_HOSTS: set[str] = set()
 DRAWS = re.compile(r"\bplot_\w+\(|\.plot\(|\bsubplots\(|\bImage\(")
 MIN_FIGURE_PX = 100
+# Folders of the machine that built the site (the checkout, the temporary folder, the home folder): an output that
+# shows one shows the reader a path that means nothing on their machine.
+BUILD_PATHS = tuple(sorted({str(DOCS.parent), tempfile.gettempdir(), str(Path.home())}))
 VIEW_TIMEOUT_MS = 15_000
 
 # Runs in the page: what the notebook part of the page shows.
@@ -83,7 +89,8 @@ SUMMARY_JS = """() => {
     const canvas = canvases.length > 0;
     return {state: view.getAttribute('data-state'), cls: view.className, canvas, inked};
   });
-  return {prompts, outputs: outputs.length, errors, images, views};
+  const texts = [...outputs].map(e => e.innerText);
+  return {prompts, outputs: outputs.length, errors, images, views, texts};
 }"""
 
 
@@ -162,6 +169,9 @@ def judge(report: PageReport, notebook: Path) -> None:
     for view in s["views"]:
         if view["state"] != "drawn" or (view["canvas"] and not view["inked"]):
             problems.append(f"a view was not drawn: {view}")
+    leaks = sorted({path for text in s["texts"] for path in BUILD_PATHS if path + "/" in text})
+    if leaks:
+        problems.append(f"outputs show paths of the build machine: {leaks}")
     if report.page_errors:
         problems.append(f"script errors: {report.page_errors}")
     if report.screenshot is not None and blank(report.screenshot):

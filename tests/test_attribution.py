@@ -207,8 +207,8 @@ def test_positions_per_row_and_refusals() -> None:
         decompose(model, ids, torch.zeros_like(ids))
     with pytest.raises(ValueError, match="d_vocab"):
         decompose(model, ids + 1000)
-    with pytest.raises(TypeError, match="load it first"):
-        decompose("gpt2", ids)  # type: ignore[arg-type]
+    with pytest.raises(OSError, match="could not read a config"):
+        decompose("/nonexistent/attnlens-checkpoint", ids)
     with pytest.raises(attnlens.UnsupportedModelError, match="Linear"):
         decompose(torch.nn.Linear(2, 2), ids)
 

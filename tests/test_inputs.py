@@ -57,7 +57,7 @@ def test_bad_token_ids_are_named(input_ids: Any, error: type[Exception], words: 
 
 
 def test_verify_given_text_says_it_needs_a_tokenizer() -> None:
-    with pytest.raises(TypeError, match="text needs a tokenizer"):
+    with pytest.raises(ValueError, match="input_ids is text; pass tokenizer="):
         attnlens.verify(make_gpt2(), ["a b", "c"])
 
 
@@ -94,14 +94,17 @@ def test_store_none_is_a_type_error() -> None:
         attnlens.trace(make_gpt2(), [1, 2], store=None)  # type: ignore[arg-type]
 
 
-def test_trace_of_a_path_says_to_load_it_and_verify_takes_one(tmp_path: Any) -> None:
+def test_trace_and_verify_take_a_path_alike(tmp_path: Any) -> None:
     model = make_gpt2()
     model.save_pretrained(tmp_path / "tiny")
-    with pytest.raises(TypeError, match="trace needs a loaded model, got the name or path .*load it first"):
-        attnlens.trace(str(tmp_path / "tiny"), [1, 2, 3])
-    with pytest.raises(TypeError, match="trace needs a loaded model"):
-        attnlens.trace(tmp_path / "tiny", [1, 2, 3])
+    loaded, _ = attnlens.load(tmp_path / "tiny")
+    own = attnlens.trace(loaded, [1, 2, 3]).pattern(0)
+    # The same checkpoint loaded the same way, the same call: the same numbers.
+    assert torch.equal(attnlens.trace(str(tmp_path / "tiny"), [1, 2, 3]).pattern(0), own)
+    assert torch.equal(attnlens.trace(tmp_path / "tiny", [1, 2, 3]).pattern(0), own)
     assert attnlens.verify(tmp_path / "tiny", [1, 2, 3]).ok
+    with pytest.raises(OSError, match="could not read a config"):
+        attnlens.trace(tmp_path / "nowhere", [1, 2, 3])
 
 
 def test_return_dict_false_models_verify_and_stay_so() -> None:

@@ -434,3 +434,27 @@ def test_browser_select_boxes_redraw_and_update_the_address(tmp_path: Path) -> N
     assert attributes["data-test-before"] == "6,0"
     assert (attributes["data-layer"], attributes["data-head"], attributes["data-max"]) == ("8", "2", "1.0000")
     assert attributes["data-test-hash"] == "#layer=8&head=2"
+
+
+def test_plot_heads_pairs_side_by_side_with_one_colour_bar() -> None:
+    optional("matplotlib")
+    import attnlens
+    from attnlens import metrics
+
+    model, tok = attnlens.load("demo", attn_implementation="eager")
+    text = "the cat sat on the mat . the cat sat on the mat . " * 3
+    tr = attnlens.trace(model, text, tokenizer=tok)
+    fig = viz.plot_heads(tr, [(1, 0), (0, 0), (1, 3)])
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>" and ax.images]
+    assert [ax.get_title() for ax in panels] == ["L1H0", "L0H0", "L1H3"]
+    assert len(fig.axes) == 4  # three panels and a single colour bar
+    # Each panel shows the trace's own numbers (eager: the kernel's probabilities), on one 0..1 scale.
+    assert np.array_equal(panels[0].images[0].get_array(), tr.pattern(1)[0, 0].numpy())
+    assert all(ax.images[0].get_clim() == (0.0, 1.0) for ax in panels)
+    n_pos = tr.input_ids.shape[1]
+    shown = [t.get_text() for t in panels[0].get_xticklabels()]
+    assert 0 < len(shown) < n_pos  # thinned: every label would overlap in a 3-inch panel
+    top = metrics.head_scores(tr).top("induction", 2)  # (layer, head, score) rows go straight in
+    assert len(viz.plot_heads(tr, top, cols=1).axes) == 3
+    with pytest.raises(ValueError, match="not in the trace"):
+        viz.plot_heads(attnlens.trace(model, text, tokenizer=tok, layers=[0]), [(1, 0)])

@@ -52,13 +52,17 @@ def load_demo(
     kwargs: dict[str, Any] = {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model: Any = GPT2LMHeadModel.from_pretrained(DEMO_PATH, **kwargs)
+    from attnlens.loading import name_demo, quiet_transformers
+
+    with quiet_transformers():
+        model: Any = GPT2LMHeadModel.from_pretrained(DEMO_PATH, **kwargs)
     if dtype is not None:
         model = model.to(dtype=_as_dtype(dtype))
     if device is not None:
         model = model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(DEMO_PATH)
+    name_demo(model, tokenizer)  # reports say "demo", not this installation's folder
     return model, tokenizer
 
 

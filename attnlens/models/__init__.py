@@ -150,7 +150,9 @@ def extract_weights(
         >>> w.W_E.shape, w.layers[0].W_Q.shape   # [d_vocab, d_model], [head, d_model, d_head]
     """
     if isinstance(model, (str, os.PathLike)):
-        model = load(os.fspath(model), dtype=dtype, device=device)
+        from attnlens.loading import load as load_checkpoint  # below trace, above models: imported on use
+
+        model, _ = load_checkpoint(model, dtype=dtype, device=device)
     elif dtype is not None or device is not None:
         raise ValueError("dtype and device apply only when loading by name or path; extraction never converts")
     adapter = adapt(model)
@@ -158,3 +160,10 @@ def extract_weights(
     with torch.enable_grad():
         weights = adapter.extract()
     return track(weights, adapter.model)
+
+
+def set_name(model: nn.Module, name: str) -> None:
+    """Record ``name`` as the model's ``name_or_path``: what reports, traces and saved results say it is."""
+    config = getattr(unwrap(model), "config", None)
+    if config is not None:
+        config._name_or_path = name

@@ -5,8 +5,9 @@ Everything here takes plain tensors (torch or numpy) and token strings, so it dr
 also take an :class:`attnlens.AttentionTrace` directly.
 
 * Figures (:mod:`attnlens.viz.figures`, need matplotlib): :func:`plot_pattern` (one head), :func:`plot_head_scores`
-  (a ``[layer, head]`` grid of scores, also of a ``HeadScores`` or ``ScanResult``), :func:`plot_overview` (every
-  head at once), :func:`plot_logit_lens` (the logit read after each layer, a ``ResidualStack``), :func:`save_figure`.
+  (a ``[layer, head]`` grid of scores, also of a ``HeadScores`` or ``ScanResult``), :func:`plot_heads` (chosen
+  ``(layer, head)`` pairs of a trace side by side, one colour bar), :func:`plot_overview` (every head at once),
+  :func:`plot_logit_lens` (the logit read after each layer, a ``ResidualStack``), :func:`save_figure`.
 * HTML views (no extra dependency): :func:`pattern_html` (one head at a time, layer and head select boxes),
   :func:`overview_html` (every layer x head as thumbnails with their scores; a click opens one large),
   :func:`text_html` (the tokens as running text, coloured by a token's attention), :func:`lines_html` (one head's
@@ -32,7 +33,14 @@ Caveats:
 
 from __future__ import annotations
 
-from attnlens.viz.figures import plot_head_scores, plot_logit_lens, plot_overview, plot_pattern, save_figure
+from attnlens.viz.figures import (
+    plot_head_scores,
+    plot_heads,
+    plot_logit_lens,
+    plot_overview,
+    plot_pattern,
+    save_figure,
+)
 from attnlens.viz.html import HTMLView, pattern_html, save_html
 from attnlens.viz.labels import token_labels, token_texts, visible
 from attnlens.viz.lines import lines_html
@@ -45,6 +53,7 @@ __all__ = [
     "overview_html",
     "pattern_html",
     "plot_head_scores",
+    "plot_heads",
     "plot_logit_lens",
     "plot_overview",
     "plot_pattern",

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["plot_head_scores", "plot_logit_lens", "plot_overview", "plot_pattern", "save_figure"]
+__all__ = ["plot_head_scores", "plot_heads", "plot_logit_lens", "plot_overview", "plot_pattern", "save_figure"]
 
 _FIGURE_SUFFIXES = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 # Up to this many positions every token gets a tick label and the figure grows with the input, up to a side of
@@ -351,6 +351,73 @@ def plot_overview(
             ax.set_ylabel(f"layer {layer_numbers[row]}", fontsize=8)
     if block_q > 1 or block_k > 1:
         fig.suptitle(f"{k_pos} tokens: each cell the {reduce} of a block of {block_q} x {block_k} weights", fontsize=9)
+    return fig
+
+
+def plot_heads(
+    tr: Any,
+    heads: Any,
+    tokens: Sequence[str] | None = None,
+    *,
+    batch: int = 0,
+    cols: int | None = None,
+    panel: float = 3.0,
+    cmap: str = "viridis",
+) -> Figure:
+    """Chosen heads of a trace side by side, on one 0..1 colour scale with one colour bar, tokens on the outer axes.
+
+    Args:
+        tr: An :class:`attnlens.AttentionTrace` holding the heads' layers and heads.
+        heads: ``(layer, head)`` pairs (model numbers), or the ``(layer, head, score)`` rows of ``HeadScores.top`` /
+            ``ScanResult.top``; drawn in this order, row by row.
+        tokens: The key token strings; default the trace's own tokens of that row, or positions.
+        batch: The row of the trace.
+        cols: Panels per row; default all in one row up to 4, then 4 per row.
+        panel: Size of one panel in inches.
+        cmap: A matplotlib colour map name.
+
+    Returns:
+        The matplotlib Figure.
+
+    Raises:
+        ValueError: A head the trace does not hold, an empty selection, or a bad batch row.
+        ImportError: If matplotlib is not installed.
+    """
+    from attnlens._indices import pair_list
+
+    chosen = pair_list(heads)
+    if not chosen:
+        raise ValueError("heads is empty: name at least one (layer, head) pair")
+    for layer, head in chosen:
+        if layer not in tr.layers or head not in tr.heads:
+            raise ValueError(
+                f"head ({layer}, {head}) is not in the trace: layers {list(tr.layers)}, heads {list(tr.heads)}"
+            )
+    if not 0 <= batch < tr.input_ids.shape[0]:
+        raise ValueError(f"batch {batch} is out of range for {tr.input_ids.shape[0]} row(s)")
+    if tokens is None and tr.tokens is not None:
+        tokens = tr.tokens[batch]
+    n = len(chosen)
+    cols = min(n, 4) if cols is None else cols
+    rows = -(-n // cols)
+    fig, _ = _new_axes(None, (panel * cols + 1.0, panel * rows + 0.6), subplots=False)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+    images = []
+    for ax, (layer, head) in zip(axes.flat, chosen):
+        weights = _to_numpy(tr.pattern(layer)[batch, tr.heads.index(head)], "pattern")
+        images.append(ax.imshow(weights, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest"))
+        ax.set_title(f"L{layer}H{head}", fontsize=9)
+    for ax in axes.flat[n:]:
+        ax.set_axis_off()
+    k_pos = tr.input_ids.shape[-1]
+    labels = _check_tokens(tokens, k_pos)
+    # Labels only where there is room: up to about 8 per inch of panel, else every n-th one, on the outer axes only.
+    ticks = list(range(0, k_pos, max(1, int(np.ceil(k_pos / (8 * panel))))))
+    for ax in axes[-1]:
+        ax.set_xticks(ticks, [_mpl_label(labels[i], 12) for i in ticks], rotation=90, fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_yticks(ticks, [_mpl_label(labels[i], 12) for i in ticks], fontsize=7)
+    fig.colorbar(images[0], ax=axes, label="attention weight", shrink=0.8)  # one scale, 0..1, for every panel
     return fig
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from attnlens._indices import pair_list
 from attnlens.viz._packing import MAX_BYTES, UNPACK_JS, pack_heads
 from attnlens.viz._source import resolve
 from attnlens.viz.html import HTMLView, render
@@ -45,7 +46,8 @@ def text_html(
         tokens: The token texts; default: from the trace, or positions.
         layers: The model's layer numbers along the first axis (tensors only; a trace names its own).
         batch: The row of a trace or of 5-D patterns (default 0 for a trace).
-        heads: The heads selected first, as ``(layer, head)`` pairs (model numbers); default the first head.
+        heads: The heads selected first, as ``(layer, head)`` pairs (model numbers), or the ``(layer, head, score)``
+            rows of ``HeadScores.top`` / ``ScanResult.top``; default the first head.
         direction: ``"from"`` colours what the token attends to; ``"to"`` colours what attends to the token.
         token: A position selected (pinned) first; default none.
         tokenizer: With a trace, label the tokens by this tokenizer's decoding of each id.
@@ -66,7 +68,7 @@ def text_html(
         raise ValueError(f"direction must be 'from' or 'to', got {direction!r}")
     if token is not None and not 0 <= token < n_pos:
         raise ValueError(f"token {token} is out of range for {n_pos} positions")
-    chosen = [(layer_numbers[0], head_numbers[0])] if heads is None else [(int(a), int(b)) for a, b in heads]
+    chosen = [(layer_numbers[0], head_numbers[0])] if heads is None else pair_list(heads)
     if not chosen:
         raise ValueError("heads must name at least one (layer, head) pair")
     initial: list[int] = []
