@@ -421,7 +421,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the text to continue (required; needs the checkpoint's tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="how many tokens to generate")
     p.add_argument("--seed", type=int, help="sample with this seed (default: greedy)")
-    p.add_argument("--out", help="write the text view, stepping through the generated tokens, to FILE.html (default: none)")
+    p.add_argument(
+        "--out", help="write the text view, stepping through the generated tokens, to FILE.html (default: none)"
+    )
     p.set_defaults(func=cmd_generate)
     return parser
 
