@@ -145,3 +145,103 @@ def pattern_rows(
         scores = _scores(q_rows, k[..., start : start + chunk, :], spec, part)
         out[..., start : start + chunk].copy_(torch.exp(scores - lse).masked_fill_(~part, 0.0))
     return out
+
+
+# --------------------------------------------------------------------------- scan's statistics from the lse ---
+
+_PAIRS = 8192
+"""Query/key pairs per step of the duplicate-token and induction sums (each step holds pairs x head x d_head)."""
+
+
+def fused_lse_available(q: Tensor, spec: AttentionSpec) -> bool:
+    """Whether :func:`row_statistics` can run on these q/k: torch's CPU flash kernel, which hands out the lse."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.float64)
+        and spec.window is None
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    )
+
+
+def _scale(spec: AttentionSpec) -> float:
+    if spec.divisors is not None:
+        return 1.0 / float(torch.tensor(spec.divisors, dtype=torch.float64).prod())
+    return spec.scale
+
+
+def _pair_sums(q: Tensor, k: Tensor, lse: Tensor, scale: float, keys: Tensor) -> Tensor:
+    """``sum_{j in keys[b, i]} exp(scale q_i.k_j - lse_i)``, ``[batch, head, q_pos]``, from the pairs alone."""
+    batch, n_heads, n_pos, _ = q.shape
+    out = torch.zeros(batch * n_pos, n_heads, dtype=q.dtype, device=q.device)
+    pairs = keys.nonzero()  # [pair, 3]: (b, i, j) in row-major order, so the sums' order is fixed
+    q_rows = q.permute(0, 2, 1, 3)  # [batch, q_pos, head, d_head]
+    k_rows = k.permute(0, 2, 1, 3)
+    lse_rows = lse.permute(0, 2, 1)  # [batch, q_pos, head]
+    for start in range(0, pairs.shape[0], _PAIRS):
+        b, i, j = pairs[start : start + _PAIRS].unbind(-1)
+        dots = (q_rows[b, i] * k_rows[b, j]).sum(dim=-1)  # [pair, head]
+        out.index_add_(0, b * n_pos + i, torch.exp(dots * scale - lse_rows[b, i]))
+    return out.view(batch, n_pos, n_heads).permute(0, 2, 1)
+
+
+def row_statistics(
+    q: Tensor, k: Tensor, spec: AttentionSpec, duplicate: Tensor, induction: Tensor, names: tuple[str, ...]
+) -> list[tuple[Tensor, Tensor]]:
+    r""":func:`attnlens.scan.row_values` of full causal windows from q and k, without the square.
+
+    One fused attention call (torch's CPU flash kernel) hands out each row's ``lse_i`` and, with the keys and the
+    positions as values (q and k padded with a zero feature, which leaves ``q.k`` unchanged), ``sum_j P_ij k_j`` and
+    ``sum_j P_ij j``. Then, with ``P_ij = exp(scale q_i.k_j - lse_i)``:
+
+    * previous-token, first-token, self: ``P`` at ``j = i - 1``, ``0``, ``i`` from gathered dot products;
+    * duplicate-token and induction: ``P`` summed over each row's key set, pair by pair;
+    * entropy: ``-sum_j P_ij log P_ij = lse_i - scale q_i . sum_j P_ij k_j``;
+    * distance: ``sum_j P_ij (i - j) = i - sum_j P_ij j``.
+
+    All in float32 (float64 for a float64 model): equal to the square's definitions within that rounding.
+
+    Args:
+        q: ``[batch, head, pos, d_head]``.
+        k: ``[batch, head, pos, d_head]`` (repeated per query head).
+        spec: the layer's spec (its scale; no window: see :func:`fused_lse_available`).
+        duplicate: ``[batch, q_pos, k_pos]`` key set from :func:`attnlens._detection.token_keys`.
+        induction: ``[batch, q_pos, k_pos]`` key set.
+        names: the scores wanted, from :data:`attnlens.scan_result.SCORE_NAMES`.
+
+    Returns:
+        ``(values [batch, head, q_pos], rows [batch, q_pos])`` per score, in the order of ``names``.
+    """
+    batch, n_heads, n_pos, _ = q.shape
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k = q.to(dtype), k.to(dtype)
+    scale = _scale(spec)
+    zero = q.new_zeros(batch, n_heads, n_pos, 1)
+    positions = torch.arange(n_pos, dtype=dtype, device=q.device)
+    values = torch.cat([k, positions.expand(batch, n_heads, n_pos)[..., None]], dim=-1)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        torch.cat([q, zero], dim=-1), torch.cat([k, zero], dim=-1), values, 0.0, True, scale=scale
+    )
+    lse = lse.to(dtype)
+    after_first = torch.ones(batch, n_pos, dtype=torch.bool, device=q.device)
+    after_first[:, 0] = False
+
+    def on(dots: Tensor, rows: slice) -> Tensor:
+        return torch.exp(dots * scale - lse[..., rows])
+
+    compute = {
+        "previous_token": lambda: torch.nn.functional.pad(
+            on((q[..., 1:, :] * k[..., :-1, :]).sum(-1), slice(1, None)), (1, 0)
+        ),
+        "first_token": lambda: on((q * k[..., :1, :]).sum(-1), slice(None)),
+        "self": lambda: on((q * k).sum(-1), slice(None)),
+        "entropy": lambda: lse - scale * (q * out[..., :-1]).sum(-1),
+        "distance": lambda: positions - out[..., -1],
+    }
+    result = []
+    for name in names:
+        if name in ("duplicate_token", "induction"):
+            keys = duplicate if name == "duplicate_token" else induction
+            result.append((_pair_sums(q, k, lse, scale, keys).to(torch.float32), keys.any(dim=-1)))
+        else:
+            result.append((compute[name]().to(torch.float32), after_first))
+    return result
