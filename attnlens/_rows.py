@@ -13,7 +13,7 @@ dot product of ``d_head`` terms per score (see ``tests/test_rows.py`` for the de
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,7 +21,18 @@ from torch import Tensor
 from attnlens import functional
 from attnlens.models import AttentionSpec
 
-__all__ = ["CHUNK", "allowed_keys", "gather_rows", "pattern_rows", "query_positions", "row_lse"]
+__all__ = [
+    "CHUNK",
+    "KeySet",
+    "allowed_keys",
+    "fused_lse_available",
+    "gather_rows",
+    "key_set",
+    "pattern_rows",
+    "query_positions",
+    "row_lse",
+    "row_statistics",
+]
 
 CHUNK = 1024
 """Keys per chunk in the passes over a row (scores of one chunk are the largest temporary)."""
@@ -169,11 +180,25 @@ def _scale(spec: AttentionSpec) -> float:
     return spec.scale
 
 
-def _pair_sums(q: Tensor, k: Tensor, lse: Tensor, scale: float, keys: Tensor) -> Tensor:
-    """``sum_{j in keys[b, i]} exp(scale q_i.k_j - lse_i)``, ``[batch, head, q_pos]``, from the pairs alone."""
+class KeySet(NamedTuple):
+    """A key set as its pairs: ``pairs [pair, 3]`` (b, i, j) in row-major order, ``rows [batch, q_pos]`` with a key."""
+
+    pairs: Tensor
+    rows: Tensor
+
+
+def key_set(keys: Tensor) -> KeySet:
+    """The :class:`KeySet` of ``keys [batch, q_pos, k_pos]`` (bool): computed once per batch, used by every layer."""
+    return KeySet(keys.nonzero(), keys.any(dim=-1))
+
+
+def _pair_sums(q: Tensor, k: Tensor, lse: Tensor, scale: float, pairs: Tensor) -> Tensor:
+    """``sum_{(b, i, j) in pairs} exp(scale q_i.k_j - lse_i)`` per row, ``[batch, head, q_pos]``, from the pairs alone.
+
+    The pairs come in row-major order, so every row's terms are added in one fixed order (deterministic).
+    """
     batch, n_heads, n_pos, _ = q.shape
     out = torch.zeros(batch * n_pos, n_heads, dtype=q.dtype, device=q.device)
-    pairs = keys.nonzero()  # [pair, 3]: (b, i, j) in row-major order, so the sums' order is fixed
     q_rows = q.permute(0, 2, 1, 3)  # [batch, q_pos, head, d_head]
     k_rows = k.permute(0, 2, 1, 3)
     lse_rows = lse.permute(0, 2, 1)  # [batch, q_pos, head]
@@ -185,7 +210,7 @@ def _pair_sums(q: Tensor, k: Tensor, lse: Tensor, scale: float, keys: Tensor) ->
 
 
 def row_statistics(
-    q: Tensor, k: Tensor, spec: AttentionSpec, duplicate: Tensor, induction: Tensor, names: tuple[str, ...]
+    q: Tensor, k: Tensor, spec: AttentionSpec, duplicate: KeySet, induction: KeySet, names: tuple[str, ...]
 ) -> list[tuple[Tensor, Tensor]]:
     r""":func:`attnlens.scan.row_values` of full causal windows from q and k, without the square.
 
@@ -204,8 +229,8 @@ def row_statistics(
         q: ``[batch, head, pos, d_head]``.
         k: ``[batch, head, pos, d_head]`` (repeated per query head).
         spec: the layer's spec (its scale; no window: see :func:`fused_lse_available`).
-        duplicate: ``[batch, q_pos, k_pos]`` key set from :func:`attnlens._detection.token_keys`.
-        induction: ``[batch, q_pos, k_pos]`` key set.
+        duplicate: the duplicate-token key set (:func:`key_set` of :func:`attnlens._detection.token_keys`'s).
+        induction: the induction key set, likewise.
         names: the scores wanted, from :data:`attnlens.scan_result.SCORE_NAMES`.
 
     Returns:
@@ -241,7 +266,7 @@ def row_statistics(
     for name in names:
         if name in ("duplicate_token", "induction"):
             keys = duplicate if name == "duplicate_token" else induction
-            result.append((_pair_sums(q, k, lse, scale, keys).to(torch.float32), keys.any(dim=-1)))
+            result.append((_pair_sums(q, k, lse, scale, keys.pairs).to(torch.float32), keys.rows))
         else:
             result.append((compute[name]().to(torch.float32), after_first))
     return result

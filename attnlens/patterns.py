@@ -238,6 +238,9 @@ class Tap:
         self.shape = (ids.shape[0], self.adapter.n_heads, n_pos, n_pos)
         self.windows = {}
         self.mask = mask
+        if not (self.wants.pattern or self.wants.scores):  # q/k/v or z only: no mask needed, none of pos^2 built
+            self.dead = None
+            return
         if self.rows is not None:
             # Each layer's rows mask is built from the positions (_blocked): never a square.
             no_key = ~_rows.allowed_keys(self.rows, mask, n_pos, None).any(dim=-1, keepdim=True)

@@ -170,6 +170,7 @@ class _Sums(Sink):
     ) -> None:
         self.slots = {layer: slot for slot, layer in enumerate(layers)}
         self.specs = specs
+        self.key_sets: tuple[_rows.KeySet, ...] = ()
         self.score_list, self.shape = scores, shape
         self.keys: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))
         self.sums = torch.zeros(shape, dtype=torch.float64)
@@ -177,6 +178,8 @@ class _Sums(Sink):
 
     def start(self, ids: Tensor) -> None:
         self.keys = token_keys(ids)
+        if self.specs is not None:
+            self.key_sets = tuple(_rows.key_set(keys) for keys in self.keys)
         self.sums = torch.zeros(self.shape, dtype=torch.float64)
 
     def pattern(self, layer: int, pattern: Tensor) -> None:
@@ -185,7 +188,7 @@ class _Sums(Sink):
 
     def qkv(self, layer: int, qkv: QKV) -> None:
         assert self.specs is not None  # asked for only with specs
-        duplicate, induction = self.keys
+        duplicate, induction = self.key_sets
         self._add(layer, _rows.row_statistics(qkv.q, qkv.k, self.specs[layer], duplicate, induction, self.score_list))
 
     def _add(self, layer: int, values: list[tuple[Tensor, Tensor]]) -> None:

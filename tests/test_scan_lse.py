@@ -40,7 +40,7 @@ def test_every_statistic_equals_the_squares_definition(n_pos: int, d_head: int, 
     scores = (q.double() @ k.double().transpose(-1, -2) * spec.scale).masked_fill(~causal, float("-inf"))
     pattern = torch.softmax(scores, dim=-1)
     expected = scan_module.row_values(pattern.double(), duplicate, induction)
-    got = _rows.row_statistics(q, k, spec, duplicate, induction, SCORE_NAMES)
+    got = _rows.row_statistics(q, k, spec, _rows.key_set(duplicate), _rows.key_set(induction), SCORE_NAMES)
     # Bound: every score is a float32 dot product of d_head terms, within gamma_(d_head+1) M of exact with M =
     # scale sum_d |q_d k_d| (the largest of the row, m); lse (the kernel's online sum of n_pos exps) is within
     # m' = 2 m + (n_pos + 4) u of exact, so each P_ij = exp(s - lse) within a relative (exp(2 m') - 1). Sums of P over
