@@ -46,6 +46,11 @@ class AttentionTrace:
     * ``z``: ``[batch, pos, head, d_head]``, the input of the model's own output projection, split per head;
     * ``result``: ``[batch, pos, head, d_model]``, each head's contribution to the attention output (no ``b_O``).
 
+    A trace of some query rows (``trace(..., queries=...)``) holds ``pattern`` and ``scores`` as ``[batch, head, row,
+    k_pos]``, row ``r`` of sequence ``b`` being query position ``queries[b, r]``. Read them with :meth:`rows` (or
+    ``trace["pattern", layer]``); what needs the whole square (:meth:`pattern`, :attr:`patterns`, the metrics, the
+    views, :meth:`save`) refuses such a trace by name.
+
     Attributes:
         layers: the traced layers, in the order asked for.
         heads: the heads kept in per-head tensors.
@@ -57,6 +62,7 @@ class AttentionTrace:
         provenance: model name, class, config hash (sha256 of its JSON), attention implementation, dtype, device,
             the torch / transformers / attnlens versions, and ``unknown_config_keys``: the config keys of unknown
             effect (comma-separated; empty when none, see :class:`~attnlens.UnknownConfigWarning`).
+        queries: ``[batch, row]``, the query positions that ``pattern`` and ``scores`` hold; ``None``: every row.
     """
 
     layers: tuple[int, ...]
@@ -68,6 +74,7 @@ class AttentionTrace:
     tokens: list[list[str]] | None
     provenance: dict[str, str]
     _stacks: dict[str, Tensor] = field(repr=False)
+    queries: Tensor | None = None
 
     @classmethod
     def from_patterns(
@@ -139,11 +146,36 @@ class AttentionTrace:
     @property
     def patterns(self) -> Tensor:
         """All patterns ``[layer, batch, head, q_pos, k_pos]``, over ``layers`` in their order."""
+        self.require_square("patterns")
         return self._stack("pattern")
 
     def pattern(self, layer: int) -> Tensor:
         """The pattern of one traced layer, ``[batch, head, q_pos, k_pos]``."""
+        self.require_square("pattern()")
         return self._stack("pattern")[self._slot(layer)]
+
+    def rows(self, layer: int) -> Tensor:
+        """The pattern rows of one traced layer, ``[batch, head, row, k_pos]``: the rows of :attr:`queries`.
+
+        For a trace of every row this is :meth:`pattern` (row ``r`` is query position ``r``).
+        """
+        return self._stack("pattern")[self._slot(layer)]
+
+    def require_square(self, what: str) -> None:
+        """Refuse, naming ``what``, when this trace holds some query rows only (``trace(..., queries=...)``)."""
+        if self.queries is not None:
+            raise ValueError(
+                f"{what} needs every query row, and this trace holds only rows {self._rows_text()} (traced with "
+                "queries=...): read them with trace.rows(layer), or trace again without queries for the whole pattern"
+            )
+
+    def _rows_text(self) -> str:
+        if self.queries is None:
+            return "all"
+        first = self.queries[0].tolist()
+        same = bool((self.queries == self.queries[:1]).all())
+        text = str(first if len(first) <= 8 else [*first[:8], "..."])
+        return text if same else f"{text} (sequence 0; they differ per sequence)"
 
     def __getitem__(self, key: str | tuple[str, int]) -> Tensor:
         """``trace["q", layer]`` for one layer, ``trace["q"]`` for the stack ``[layer, ...]`` over ``layers``."""
@@ -194,6 +226,7 @@ class AttentionTrace:
         from safetensors import SafetensorError
         from safetensors.torch import save_file
 
+        self.require_square("save()")
         target = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(target))
         if os.path.isdir(target):
@@ -267,15 +300,16 @@ class AttentionTrace:
         name = self.provenance.get("model") or self.provenance.get("model_class") or "?"
         heads = f"all {self.n_heads}" if len(self.heads) == self.n_heads else list(self.heads)
         some = next(iter(self._stacks.values()), None)
+        queries = "" if self.queries is None else f", queries={self._rows_text()}"
         where = "" if some is None else f", dtype={str(some.dtype).removeprefix('torch.')}, device={some.device}"
         return (
             f"AttentionTrace(model={name!r}, layers={list(self.layers)}, heads={heads}, batch={self.batch}, "
-            f"pos={self.n_pos}, stored={self.stored}{where})"
+            f"pos={self.n_pos}, stored={self.stored}{queries}{where})"
         )
 
     def _repr_html_(self) -> str | None:
         """Notebook view of the first sequence's patterns, without its padding (needs ``attnlens.viz``)."""
-        if "pattern" not in self._stacks:
+        if "pattern" not in self._stacks or self.queries is not None:  # rows only: the plain repr says which
             return None
         from attnlens.viz import pattern_html
 

@@ -29,7 +29,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from attnlens import capture, functional
+from attnlens import _rows, capture, functional
 from attnlens.errors import AttentionCaptureError
 from attnlens.models import QKV, Adapter, AttentionSpec, Rotation
 
@@ -228,23 +228,40 @@ class Tap:
         self.dead: Tensor | None = None
         self.windows: dict[int, Tensor] = {}
         self.shape: tuple[int, ...] = ()
+        # Query rows asked for ([batch, row] positions), or None for all: then no [q_pos, k_pos] mask is built.
+        self.rows: Tensor | None = None
+        self.mask: Tensor | None = None
 
     # The masks of one forward pass, broadcast over heads: computed once for all layers.
     def _masks(self, ids: Tensor, mask: Tensor | None) -> None:
         n_pos = ids.shape[1]
+        self.shape = (ids.shape[0], self.adapter.n_heads, n_pos, n_pos)
+        self.windows = {}
+        self.mask = mask
+        if not (self.wants.pattern or self.wants.scores):  # q/k/v or z only: no mask needed, none of pos^2 built
+            self.dead = None
+            return
+        if self.rows is not None:
+            # Each layer's rows mask is built from the positions (_blocked): never a square.
+            no_key = ~_rows.allowed_keys(self.rows, mask, n_pos, None).any(dim=-1, keepdim=True)
+            self.dead = no_key if bool(no_key.any()) else None
+            return
         if mask is not None and not bool(mask.all()):
             allowed = functional.padding_mask(mask)
         else:
             allowed = functional.causal_mask(n_pos, device=ids.device)
         self.blocked = ~allowed
-        self.windows = {}
         # Query rows with no key to attend to (left padding) are NaN after softmax and set to zero.
         no_key = ~allowed.any(dim=-1, keepdim=True)
         self.dead = no_key if bool(no_key.any()) else None
-        self.shape = (ids.shape[0], self.adapter.n_heads, n_pos, n_pos)
 
     def _blocked(self, layer: int) -> Tensor:
         window = self.specs[layer].window
+        if self.rows is not None:
+            key = -1 if window is None else window
+            if key not in self.windows:
+                self.windows[key] = ~_rows.allowed_keys(self.rows, self.mask, self.shape[-1], window)
+            return self.windows[key]
         if window is None:
             return self.blocked
         if window not in self.windows:
@@ -257,6 +274,15 @@ class Tap:
         return x if self.head_index is None else x.index_select(1, self.head_index)
 
     def _recompute(self, layer: int, q: Tensor, k: Tensor, dtype: torch.dtype, scores: Tensor | None = None) -> None:
+        if self.rows is not None and scores is None:
+            q_rows = _rows.gather_rows(q, self.rows)
+            shape = (*q_rows.shape[:-1], k.shape[-2])
+            out = self.sink.pattern_buffer(layer, shape, dtype, q.device)
+            if out is None:
+                out = torch.empty(shape, dtype=dtype, device=q.device)
+            _rows.pattern_rows(q_rows, k, self.specs[layer], ~self._blocked(layer), out)
+            self.sink.pattern(layer, out)
+            return
         if scores is None:
             scores = masked_scores(q, k, self.specs[layer], self._blocked(layer), contiguous_k=self.contiguous_k)
         out = self.sink.pattern_buffer(layer, tuple(scores.shape), dtype, scores.device)
@@ -269,7 +295,8 @@ class Tap:
         q, k, v = (self._select(x) for x in _with_query_heads(qkv, self.adapter.n_heads))
         recompute = self.wants.pattern and layer not in self.from_kernel
         if self.wants.scores:
-            scores = masked_scores(q, k, self.specs[layer], self._blocked(layer), contiguous_k=self.contiguous_k)
+            q_scored = q if self.rows is None else _rows.gather_rows(q, self.rows)
+            scores = masked_scores(q_scored, k, self.specs[layer], self._blocked(layer), contiguous_k=self.contiguous_k)
             self.sink.scores(layer, scores)
             if recompute:
                 self._recompute(layer, q, k, v.dtype, scores)
@@ -294,7 +321,9 @@ class Tap:
                 q, k, v = (self._select(x) for x in _with_query_heads(qkv, self.adapter.n_heads))
                 self._recompute(layer, q, k, v.dtype)
             else:
-                shape = (self.shape[0], len(self.heads), *self.shape[2:])
+                if self.rows is not None:  # the kernel formed the square anyway: its own rows, copied
+                    pattern = _rows.gather_rows(pattern, self.rows)
+                shape = (self.shape[0], len(self.heads), *pattern.shape[2:])
                 out = self.sink.pattern_buffer(layer, shape, pattern.dtype, pattern.device)
                 dead = self.dead
                 if out is None:  # the kernel's own tensor (or its heads), never changed in place
@@ -341,14 +370,20 @@ class Tap:
         ):
             yield self
 
-    def run(self, ids: Tensor, mask: Tensor | None = None, pos: Tensor | None = None) -> None:
+    def run(
+        self, ids: Tensor, mask: Tensor | None = None, pos: Tensor | None = None, rows: Tensor | None = None
+    ) -> None:
         """One forward pass on checked inputs (inside :meth:`hooked`), stopped after the last layer needed.
+
+        With ``rows`` (``[batch, row]`` query positions, from :func:`attnlens._rows.query_positions`) patterns and
+        scores hold those query rows only, ``[batch, head, row, k_pos]``, computed without the square.
 
         Raises:
             AttentionCaptureError: a tapped layer never ran.
         """
         if not self.all_heads and (self.head_index is None or self.head_index.device != ids.device):
             self.head_index = torch.tensor(self.heads, device=ids.device)
+        self.rows = rows
         self._masks(ids, mask)
         for seen in self.done.values():
             seen.clear()

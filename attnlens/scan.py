@@ -21,18 +21,18 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from einops import einsum
 from torch import Tensor, nn
 
-from attnlens import capture
+from attnlens import _rows, capture
 from attnlens._detection import token_keys
 from attnlens._indices import check_indices
 from attnlens.loading import resolve
-from attnlens.models import Adapter, adapt
+from attnlens.models import QKV, Adapter, AttentionSpec, adapt
 from attnlens.patterns import Sink, Tap, Wants, kernel_specs
 from attnlens.scan_data import Packer
 from attnlens.scan_result import SCORE_NAMES, ScanResult
@@ -131,6 +131,19 @@ def _finish(total: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------------------------------------------- scan ---
 
 
+def _from_lse(adapter: Adapter, layers: Sequence[int], specs: Sequence[AttentionSpec]) -> bool:
+    """Whether scan computes the statistics from q, k and each row's lse (:func:`attnlens._rows.row_statistics`).
+
+    Not for an eager kernel (it forms the pattern anyway, and hands it out), a half-precision model (the square's
+    definitions reduce the pattern rounded to that dtype), or where torch's CPU flash kernel cannot give the lse
+    (another device, a sliding window).
+    """
+    if adapter.kernel_returns_pattern:
+        return False
+    probe = torch.empty(0, dtype=adapter.dtype, device=adapter.device)
+    return all(_rows.fused_lse_available(probe, specs[layer]) for layer in layers)
+
+
 def _rounds(batches: Iterator[Tensor], size: int) -> Iterator[list[Tensor]]:
     round_: list[Tensor] = []
     for batch in batches:
@@ -143,10 +156,22 @@ def _rounds(batches: Iterator[Tensor], size: int) -> Iterator[list[Tensor]]:
 
 
 class _Sums(Sink):
-    """Reduces each layer's pattern of one batch to per-head sums as it comes (no pattern outlives its layer)."""
+    """Reduces each layer of one batch to per-head sums as it comes: from its pattern, or from q, k and the lse.
 
-    def __init__(self, layers: tuple[int, ...], scores: tuple[str, ...], shape: tuple[int, ...]) -> None:
+    With ``specs`` (see :func:`_from_lse`) the sink takes each layer's q and k and computes the statistics without
+    the square (:func:`attnlens._rows.row_statistics`); else it reduces the pattern (no pattern outlives its layer).
+    """
+
+    def __init__(
+        self,
+        layers: tuple[int, ...],
+        scores: tuple[str, ...],
+        shape: tuple[int, ...],
+        specs: Sequence[AttentionSpec] | None = None,
+    ) -> None:
         self.slots = {layer: slot for slot, layer in enumerate(layers)}
+        self.specs = specs
+        self.key_sets: tuple[_rows.KeySet, ...] = ()
         self.score_list, self.shape = scores, shape
         self.keys: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))
         self.sums = torch.zeros(shape, dtype=torch.float64)
@@ -154,11 +179,20 @@ class _Sums(Sink):
 
     def start(self, ids: Tensor) -> None:
         self.keys = token_keys(ids)
+        if self.specs is not None:
+            self.key_sets = tuple(_rows.key_set(keys) for keys in self.keys)
         self.sums = torch.zeros(self.shape, dtype=torch.float64)
 
     def pattern(self, layer: int, pattern: Tensor) -> None:
         duplicate, induction = self.keys
-        values = row_values(pattern, duplicate, induction, self.score_list)
+        self._add(layer, row_values(pattern, duplicate, induction, self.score_list))
+
+    def qkv(self, layer: int, qkv: QKV) -> None:
+        assert self.specs is not None  # asked for only with specs
+        duplicate, induction = self.key_sets
+        self._add(layer, _rows.row_statistics(qkv.q, qkv.k, self.specs[layer], duplicate, induction, self.score_list))
+
+    def _add(self, layer: int, values: list[tuple[Tensor, Tensor]]) -> None:
         self.sums[:, :, self.slots[layer]] = batch_sums(values).cpu()
         # The rows that qualify depend on the tokens only: the same in every layer.
         self.counts = torch.stack([rows.sum() for _, rows in values]).to(torch.float64).cpu()
@@ -283,8 +317,10 @@ def scan(
                 saved = check_checkpoint(text, checkpoint, fingerprint, (total.numel(), count.numel()))
                 report.note(f"resuming from {checkpoint} after batch {saved['position']}")
 
-        sink = _Sums(layer_list, score_list, shape)
-        tap = Tap(adapter, layer_list, head_list, sink, Wants(), specs)
+        from_lse = _from_lse(adapter, layer_list, specs)
+        sink = _Sums(layer_list, score_list, shape, specs if from_lse else None)
+        wants = Wants(pattern=False, qkv=True) if from_lse else Wants()
+        tap = Tap(adapter, layer_list, head_list, sink, wants, specs)
 
         def run_batch(ids: Tensor) -> Tensor:
             ids, _, _ = adapter.check_inputs(ids)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from attnlens import capture
 from attnlens._indices import layers_and_heads
+from attnlens._rows import query_positions
 from attnlens.attention_trace import STORE_NAMES, AttentionTrace
 from attnlens.loading import resolve
 from attnlens.models import QKV, Adapter, adapt
@@ -98,6 +99,7 @@ def trace(
     tokenizer: Any = None,
     position_ids: Tensor | Any | None = None,
     prepend_bos: bool = False,
+    queries: Any = None,
 ) -> AttentionTrace:
     """Run a GPT-2 model on some inputs and keep the attention of the layers asked for.
 
@@ -129,12 +131,17 @@ def trace(
             front of every text, as GPT-2 is usually run; it is then each sequence's first real token (behind any
             left padding). Default ``False``: the text's own tokens only. Token ids are used as given, so with ids
             it is refused: put the id in front yourself.
+        queries: only these query rows of ``pattern`` and ``scores``: ``"last"`` (each sequence's last real
+            token), positions (negative from the end), or a ``slice``; default ``None``, every row. Each row is
+            ``exp(s_i - lse_i)`` from the layer's q, k and the row's log-sum-exp, over chunks of keys: the
+            ``[q_pos, k_pos]`` square is never formed (an eager kernel forms it anyway; its own rows are copied).
+            The trace then holds ``[batch, head, row, k_pos]``; read it with :meth:`AttentionTrace.rows`.
 
     Returns:
         The :class:`AttentionTrace`.
 
     Raises:
-        ValueError: bad ``layers`` / ``heads`` (not integers, out of range, repeated), unknown ``store`` names, text
+        ValueError: bad ``layers`` / ``heads`` / ``queries`` (out of range, repeated), unknown ``store`` names, text
             without a tokenizer, ``prepend_bos`` with token ids or with a tokenizer that has no bos/eos token (or
             adds one itself), or inputs that :meth:`attnlens.models.Adapter.check_inputs` refuses.
         OSError: ``model`` is a name or path that could not be loaded.
@@ -155,6 +162,7 @@ def trace(
     layer_list, head_list, _ = layers_and_heads(layers, heads, adapter.n_layers, adapter.n_heads)
     input_ids, attention_mask = text_inputs(input_ids, attention_mask, tokenizer, prepend_bos)
     ids, mask, pos = adapter.check_inputs(input_ids, attention_mask, position_ids)
+    rows = None if queries is None else query_positions(queries, torch.ones_like(ids) if mask is None else mask)
     # Each id decoded alone; a partial UTF-8 character as its bytes.
     tokens = None if tokenizer is None else [token_texts(tokenizer, row) for row in ids.tolist()]
     specs = kernel_specs(adapter, caller="trace", stacklevel=3)  # past one_at_a_time's wrapper, to the caller
@@ -168,7 +176,7 @@ def trace(
     )
     tap = Tap(adapter, layer_list, head_list, sink, wants, specs)
     with capture.preserved(adapter), torch.no_grad(), tap.hooked():
-        tap.run(ids, mask, pos)
+        tap.run(ids, mask, pos, rows)
     return AttentionTrace(
         layers=layer_list,
         heads=head_list,
@@ -179,4 +187,5 @@ def trace(
         tokens=tokens,
         provenance=adapter.provenance(),
         _stacks=sink.stacks,
+        queries=rows,
     )
