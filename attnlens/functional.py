@@ -346,10 +346,11 @@ def qkv(x: Tensor, layer: AttentionWeights) -> tuple[Tensor, Tensor, Tensor]:
 
     Args:
         x: ``[batch, pos, d_model]``, the input of the attention module (after the layer norm).
-        layer: per-head weights ``W_* [head, d_model, d_head]`` and biases ``b_* [head, d_head]``.
+        layer: per-head weights ``W_Q [head, d_model, d_head]``, ``W_K``/``W_V`` ``[kv_head, d_model, d_head]`` and
+            biases ``b_* [head or kv_head, d_head]``.
 
     Returns:
-        ``q, k, v``, each ``[batch, head, pos, d_head]``.
+        ``q`` ``[batch, head, pos, d_head]``, ``k, v`` ``[batch, kv_head, pos, d_head]``.
     """
 
     def project(W: Tensor, b: Tensor) -> Tensor:
@@ -364,9 +365,9 @@ class AttentionOutputs:
     """Everything one attention module computes, from its input to its output.
 
     Attributes:
-        q: ``[batch, head, q_pos, d_head]`` (after the rotation, for a rotary layer).
-        k: ``[batch, head, k_pos, d_head]`` (after the rotation, for a rotary layer).
-        v: ``[batch, head, k_pos, d_head]``.
+        q: ``[batch, head, q_pos, d_head]`` (after the q norm and the rotation, where the layer has them).
+        k: ``[batch, kv_head, k_pos, d_head]`` (likewise; ``kv_head == head`` without grouped-query attention).
+        v: ``[batch, kv_head, k_pos, d_head]``.
         scores: masked pre-softmax scores ``[batch, head, q_pos, k_pos]`` (``-inf`` where masked).
         pattern: ``[batch, head, q_pos, k_pos]``.
         z: pattern-weighted values ``[batch, q_pos, head, d_head]`` (the input of ``W_O``).
@@ -397,7 +398,9 @@ def attention(
 
     Args:
         x: ``[batch, pos, d_model]``.
-        layer: the layer's weights and attention spec (``scale``, ``upcast``, and ``rotary_dim`` where it has one).
+        layer: the layer's weights and attention spec (``scale``, ``upcast``; where it has them ``rotary_dim``,
+            per-head ``q_norm`` / ``k_norm`` RMSNorms, a sliding ``window``, and fewer key/value heads than query
+            heads, each shared by ``head // kv_head`` query heads).
         attn_mask: boolean ``[batch, 1, q_pos, k_pos]`` (``True`` = may attend); default causal.
         return_result: also compute the per-head contributions ``[batch, pos, head, d_model]``.
         rotation: ``(cos, sin)``, each ``[batch, pos, rotary_dim]`` (or ``[pos, rotary_dim]``), for a layer with a
@@ -410,6 +413,10 @@ def attention(
             layer without a rotary embedding.
     """
     q, k, v = qkv(x, layer)
+    for norm, name in ((getattr(layer, "q_norm", None), "q"), (getattr(layer, "k_norm", None), "k")):
+        if norm is not None:  # a per-head RMSNorm on d_head before the rotation (Qwen3's q_norm / k_norm)
+            normed = rms_norm(q if name == "q" else k, norm.w, norm.eps)
+            q, k = (normed, k) if name == "q" else (q, normed)
     rotary_dim = int(getattr(layer, "rotary_dim", 0))
     if rotation is not None or rotary_dim:
         if rotation is None or not rotary_dim:
@@ -422,9 +429,13 @@ def attention(
         q, k = (apply_rotary(t.transpose(1, 2), cos, sin, rotary_dim=rotary_dim).transpose(1, 2) for t in (q, k))
     if attn_mask is None:
         attn_mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
-    scores = attention_scores(q, k, layer.scale, upcast=layer.upcast)
+    window = getattr(layer, "window", None)
+    if window is not None:  # never full causal: the keys that left the window are blocked too
+        attn_mask = attn_mask & sliding_window_mask(q.shape[-2], k.shape[-2], window=window, device=q.device)
+    group = q.shape[1] // k.shape[1]  # grouped-query attention: each key/value head serves `group` query heads
+    scores = attention_scores(q, repeat_kv(k, group), layer.scale, upcast=layer.upcast)
     pattern = masked_softmax(scores, attn_mask).to(v.dtype)
-    z = rearrange(torch.matmul(pattern, v), "batch head pos d_head -> batch pos head d_head")
+    z = rearrange(torch.matmul(pattern, repeat_kv(v, group)), "batch head pos d_head -> batch pos head d_head")
     output = einsum(z, layer.W_O, "batch pos head d_head, head d_head d_model -> batch pos d_model") + layer.b_O
     result = None
     if return_result:

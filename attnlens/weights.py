@@ -147,17 +147,19 @@ def _describe(obj: Any) -> str:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class LayerNormWeights(_Live):
-    """A layer norm: ``(x - mean) / sqrt(var + eps) * w + b``.
+    """A layer norm ``(x - mean) / sqrt(var + eps) * w + b``; with ``rms``, RMSNorm ``x / sqrt(mean(x^2) + eps) * w``.
 
     Attributes:
-        w: ``[d_model]``.
-        b: ``[d_model]``.
+        w: ``[d_model]`` (``[d_head]`` for a per-head q/k norm).
+        b: ``[d_model]`` (zeros for an RMSNorm, which has no shift).
         eps: the epsilon in the denominator.
+        rms: no centring and no shift (:func:`attnlens.functional.rms_norm`).
     """
 
     w: Tensor
     b: Tensor
     eps: float
+    rms: bool = False
     _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
@@ -165,14 +167,18 @@ class LayerNormWeights(_Live):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class MLPWeights(_Live):
-    """A transformer MLP: ``act(x @ W_in + b_in) @ W_out + b_out``.
+    """A transformer MLP: ``act(x @ W_in + b_in) @ W_out + b_out``, or gated (``W_gate`` set).
+
+    A gated (SwiGLU) MLP computes ``(act(x @ W_gate + b_gate) * (x @ W_in + b_in)) @ W_out + b_out``.
 
     Attributes:
-        W_in: ``[d_model, d_mlp]``.
+        W_in: ``[d_model, d_mlp]`` (a gated MLP's up projection).
         b_in: ``[d_mlp]``.
         W_out: ``[d_mlp, d_model]``.
         b_out: ``[d_model]``.
         act: the activation's name, a key of :data:`attnlens.functional.ACTIVATIONS`.
+        W_gate: ``[d_model, d_mlp]``, the gate of a gated (SwiGLU) MLP, or None.
+        b_gate: ``[d_mlp]`` or None.
     """
 
     W_in: Tensor
@@ -180,6 +186,8 @@ class MLPWeights(_Live):
     W_out: Tensor
     b_out: Tensor
     act: str
+    W_gate: Tensor | None = None
+    b_gate: Tensor | None = None
     _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
@@ -192,11 +200,12 @@ class LayerWeights(_Live):
     Attributes:
         layer: index of the block.
         W_Q: ``[head, d_model, d_head]``.
-        W_K: ``[head, d_model, d_head]``.
-        W_V: ``[head, d_model, d_head]``.
+        W_K: ``[kv_head, d_model, d_head]`` (``kv_head == head`` without grouped-query attention; see
+            :meth:`grouped` for the per-query-head view).
+        W_V: ``[kv_head, d_model, d_head]``.
         b_Q: ``[head, d_head]``.
-        b_K: ``[head, d_head]``.
-        b_V: ``[head, d_head]``.
+        b_K: ``[kv_head, d_head]``.
+        b_V: ``[kv_head, d_head]``.
         W_O: ``[head, d_head, d_model]``.
         b_O: ``[d_model]``.
         ln_1: the layer norm before attention.
@@ -214,6 +223,9 @@ class LayerWeights(_Live):
             read ``rotate(x W_Q + b_Q) . rotate(x W_K + b_K)``, with the rotation of each position, which the
             weights do not hold (:func:`attnlens.functional.attention` takes it as ``rotation``), and :attr:`QK`
             raises :class:`~attnlens.PositionDependentCircuitError`.
+        q_norm: a per-head norm on each query head (``[d_head]``) before the rotation (Qwen3), or None.
+        k_norm: the same on each key head, or None.
+        window: a sliding window (each query sees at most this many keys, itself included), or None.
     """
 
     layer: int
@@ -232,14 +244,34 @@ class LayerWeights(_Live):
     upcast: bool = False
     score_divisors: tuple[float, ...] | None = None
     rotary_dim: int = 0
+    q_norm: LayerNormWeights | None = None
+    k_norm: LayerNormWeights | None = None
+    window: int | None = None
     _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
 
     @property
     def n_heads(self) -> int:
-        """Number of heads."""
+        """Number of (query) heads."""
         return self.W_Q.shape[0]
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Number of key/value heads; query head ``h`` reads key/value head ``h // (n_heads // n_kv_heads)``."""
+        return self.W_K.shape[0]
+
+    def grouped(self, name: str) -> Tensor:
+        """``W_K``, ``W_V``, ``b_K`` or ``b_V`` per query head, as a zero-copy view ``[kv_head, group, ...]``.
+
+        ``grouped("W_K")[kv_head, g]`` is query head ``kv_head * group + g``'s key weight (``group = n_heads //
+        n_kv_heads``); ``.flatten(0, 1)`` gives ``[head, ...]`` (a copy when ``group > 1``).
+        """
+        from attnlens._llamalike import expand_kv
+
+        if name not in ("W_K", "W_V", "b_K", "b_V"):
+            raise KeyError(f"no grouped weight {name!r}; choose from W_K, W_V, b_K, b_V")
+        return expand_kv(getattr(self, name), self.n_heads // self.n_kv_heads, dim=0)
 
     @property
     def d_head(self) -> int:
@@ -287,6 +319,8 @@ class ModelWeights(_Live):
         name: where the weights came from (the model's ``name_or_path``), for provenance.
         b_U: unembedding bias ``[d_vocab]``: ``None`` for a model's own weights (GPT-2 has none); set by
             :meth:`processed` when ``fold_ln`` folds the final layer norm's bias into the unembedding.
+        n_kv_heads: key/value heads per block under grouped-query attention (each serves ``n_heads // n_kv_heads``
+            query heads, ``W_K``/``W_V`` per layer ``[kv_head, d_model, d_head]``); None: ``n_heads``.
     """
 
     n_layers: int
@@ -303,6 +337,7 @@ class ModelWeights(_Live):
     layers: tuple[LayerWeights, ...]
     name: str = ""
     b_U: Tensor | None = None
+    n_kv_heads: int | None = None
     _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
@@ -465,7 +500,7 @@ def _centre(x: Tensor, dim: int = -1) -> Tensor:
 
 
 def copy_ln(ln: LayerNormWeights) -> LayerNormWeights:
-    return LayerNormWeights(w=ln.w.detach().clone(), b=ln.b.detach().clone(), eps=ln.eps)
+    return LayerNormWeights(w=ln.w.detach().clone(), b=ln.b.detach().clone(), eps=ln.eps, rms=ln.rms)
 
 
 def track(weights: ModelWeights, model: nn.Module) -> ModelWeights:
