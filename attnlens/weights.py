@@ -287,12 +287,12 @@ class LayerWeights(_Live):
                 position-free bilinear form gives its scores.
         """
         _refuse_rotary_qk((self,))
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-1, -2))
+        return FactoredMatrix(self.W_Q, self.grouped("W_K").flatten(0, 1).transpose(-1, -2))
 
     @property
     def OV(self) -> FactoredMatrix:
-        """OV circuit ``W_V @ W_O`` ``[head, d_model, d_model]``."""
-        return FactoredMatrix(self.W_V, self.W_O)
+        """OV circuit ``W_V @ W_O`` ``[head, d_model, d_model]``, per query head (each with its group's ``W_V``)."""
+        return FactoredMatrix(self.grouped("W_V").flatten(0, 1), self.W_O)
 
 
 _STACKED = ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O", "b_O")
@@ -475,12 +475,17 @@ class ModelWeights(_Live):
             PositionDependentCircuitError: a layer rotates q and k by position (see :attr:`LayerWeights.QK`).
         """
         _refuse_rotary_qk(self.layers)
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-1, -2))
+        W_K = torch.stack([layer.grouped("W_K").flatten(0, 1) for layer in self.layers])
+        return FactoredMatrix(self.W_Q, W_K.transpose(-1, -2))
 
     @property
     def OV(self) -> FactoredMatrix:
-        """Stacked OV circuits ``[layer, head, d_model, d_model]`` (low-rank: inner dimension ``d_head``)."""
-        return FactoredMatrix(self.W_V, self.W_O)
+        """Stacked OV circuits ``[layer, head, d_model, d_model]`` (low-rank: inner dimension ``d_head``).
+
+        Per query head: under grouped-query attention each query head's ``W_V`` is its key/value head's (repeated).
+        """
+        W_V = torch.stack([layer.grouped("W_V").flatten(0, 1) for layer in self.layers])
+        return FactoredMatrix(W_V, self.W_O)
 
 
 def _refuse_rotary_qk(layers: tuple[LayerWeights, ...]) -> None:
