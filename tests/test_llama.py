@@ -107,12 +107,12 @@ def test_decompose_sums_to_the_residual_and_the_logits(family: tuple[str, Path],
     _, folder = family
     model = load(folder, "sdpa", dtype)
     ids, mask, positions = left_padded()
-    d = decompose(model, ids, mask, positions=None)
+    d = decompose(model, ids, mask, positions=None, position_ids=positions)
     d.check()  # raises DecompositionError above the derived tolerance
     assert not bool(d.contributions[d.index("pos_embed")].any())  # rotary: positions enter no residual term
     targets = ids.roll(-1, dims=1)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits.to(torch.float64)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.to(torch.float64)
     total = d.logit_attribution(targets).sum(0).double() + d.logit_bias(targets).double()
     expected = logits.gather(-1, targets[..., None])[..., 0]
     valid = mask.bool()
