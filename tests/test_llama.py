@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_bitwise
+from conftest import assert_bitwise, optional
 from test_hub_configs_llama import (
     D_HEAD,
     FIXTURES,
@@ -179,3 +179,37 @@ def test_an_edited_config_is_refused_against_the_modules(tmp_path: Path) -> None
     model.config.num_key_value_heads = 1
     with pytest.raises(attnlens.UnsupportedModelError, match="edited after the model was built"):
         adapt(model)
+
+
+def llama_device_map(offload_to: str) -> dict[str, str]:
+    optional("accelerate")  # transformers loads with a device_map through it
+    names = ("model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.norm", "lm_head")
+    return {**dict.fromkeys(names, "cpu"), "model.layers.1": offload_to}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_every_layer_mapped_by_device_map_verifies_in_half(dtype: torch.dtype, tmp_path: Path) -> None:
+    import transformers
+
+    build(FIXTURE_NAMES["qwen3"], tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, device_map=llama_device_map("cpu"), dtype=dtype, attn_implementation="sdpa"
+    ).eval()
+    assert model.model.layers[1].self_attn.q_proj.weight.dtype == dtype
+    ids, mask, positions = left_padded()
+    report = attnlens.verify(model, ids, attention_mask=mask, position_ids=positions)
+    assert report.ok, str(report)
+
+
+def test_a_layer_offloaded_to_disk_is_refused_by_name(tmp_path: Path) -> None:
+    import transformers
+
+    build(FIXTURE_NAMES["llama"], tmp_path / "model")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=llama_device_map("disk"), offload_folder=tmp_path / "offload"
+    )
+    assert model.model.layers[1].self_attn.q_proj.weight.is_meta
+    with pytest.raises(
+        attnlens.UnsupportedModelError, match=r"meta device, offloaded by accelerate.*model\.layers\.1\."
+    ):
+        attnlens.extract_weights(model)
