@@ -54,7 +54,8 @@ def build(name: str, folder: Path, kernel: str = "sdpa", dtype: torch.dtype = to
 @pytest.fixture(scope="module", params=sorted(FIXTURE_NAMES))
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     path = tmp_path_factory.mktemp(request.param)
-    build(FIXTURE_NAMES[request.param], path)
+    # Token ids inside the shrunk vocabulary: scan separates documents with the config's eos_token_id.
+    build(FIXTURE_NAMES[request.param], path, bos_token_id=1, eos_token_id=2)
     return request.param, path
 
 
@@ -213,3 +214,27 @@ def test_a_layer_offloaded_to_disk_is_refused_by_name(tmp_path: Path) -> None:
         attnlens.UnsupportedModelError, match=r"meta device, offloaded by accelerate.*model\.layers\.1\."
     ):
         attnlens.extract_weights(model)
+
+
+def test_cli_verify_and_weights_on_a_saved_folder(family: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from attnlens.cli import main
+
+    _, folder = family
+    ids = [str(i) for i in left_padded()[0][0].tolist()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["verify", str(folder), "--ids", *ids]) == 0
+        assert "OK" in capsys.readouterr().out
+        assert main(["weights", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "per key/value head" in out and "query head h reads key/value head" in out
+
+
+def test_scan_scores_every_query_head(family: tuple[str, Path]) -> None:
+    _, folder = family
+    model = load(folder, "sdpa")
+    adapter = adapt(model)
+    ids, _, _ = left_padded()
+    result = attnlens.scan(model, [row.tolist() for row in ids] * 2, seq_len=SEQ, batch_size=2, progress=False)
+    for name, mean in result.mean.items():
+        assert mean.shape == (N_LAYER, adapter.n_heads) and bool(mean.isfinite().all()), name
