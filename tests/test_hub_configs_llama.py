@@ -5,7 +5,7 @@ query/key-value grouping (1 key/value head when a group is wider than 4: multi-q
 published ratio to ``n_heads * head_dim`` (Mistral-Nemo's 160 per head against head_dim 128 stays 10 against 8), 64
 positions, a 96-token vocabulary, the MLP width in proportion. Each is saved with seeded random weights (RMSNorm weights
 and biases randomised too) and loaded back with from_pretrained, eager and sdpa, on the installed transformers.
-Until the Llama adapter lands, the checks are those that need no adapter:
+The first checks need no adapter:
 
 * ``attnlens.functional.rms_norm`` is bitwise each layer's ``input_layernorm`` and Qwen3's per-head ``q_norm`` /
   ``k_norm`` (the same operations in the same order and dtypes), and ``gated_mlp`` is bitwise the MLP;
@@ -18,6 +18,12 @@ Until the Llama adapter lands, the checks are those that need no adapter:
   the repeated values on both kernels, within the bound that tolerance implies; a published window
   (Mistral-7B-Instruct-v0.1's 4096) shrinks to 4 over 12 positions, and the tests switch one on for Mistral-Nemo and
   for Qwen2.5 (use_sliding_window).
+
+Then through attnlens's Llama-family adapter, every fixture (and TinyLlama under each followed rope variant) on eager
+and sdpa, float32 and bfloat16, with a left-padded batch and generate()'s position ids: extracted weights are views
+(W_K per key/value head, the per-query-head view zero-copy), trace's patterns are bitwise an eager copy's
+``output_attentions`` per query head under eager and within a derived bound under sdpa, a window blocks the keys that
+left it, and verify passes every row. A fixture the installed release would misread is refused by name.
 """
 
 from __future__ import annotations
@@ -439,3 +445,24 @@ def test_published_config_extracts_traces_and_verifies(name: str, kernel: str, d
 
     report = attnlens.verify(model, ids, attention_mask=mask, position_ids=positions)
     assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+@pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
+def test_scaled_rope_variants_trace_and_verify_through_the_adapter(variant: str, kernel: str, tmp_path: Path) -> None:
+    from conftest import assert_bitwise
+
+    raw = json.loads((FIXTURES / "TinyLlama__TinyLlama-1.1B-Chat-v1.0.saved-4.56.0.json").read_text())
+    cls = make_checkpoint(shrink(raw, rope_scaling=ROPE_VARIANTS[variant]), tmp_path / "ckpt")
+    model = cls.from_pretrained(tmp_path / "ckpt", attn_implementation=kernel, dtype=torch.float32).eval()
+    ids, mask, positions = left_padded()
+    trace = attnlens.trace(model, ids, attention_mask=mask, position_ids=positions, store=["pattern", "q", "k"])
+    reference = eager_patterns(model, ids, mask, positions)
+    rows = mask.bool()[:, None, :, None]
+    for index in range(N_LAYER):
+        if kernel == "eager":
+            assert_bitwise(trace.pattern(index) * rows, reference[index] * rows, "same call", f"layer {index}")
+        else:
+            bound = pattern_bound(trace["q", index], trace["k", index], torch.float32)
+            assert_close(trace.pattern(index) * rows, reference[index] * rows, atol=bound, rtol=0.0)
+    assert attnlens.verify(model, ids, attention_mask=mask, position_ids=positions).ok
