@@ -13,13 +13,14 @@ import os
 import torch
 from torch import nn
 
+from attnlens._live import track
 from attnlens.errors import UnsupportedModelError
 from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
 from attnlens.models.gpt2 import GPT2Adapter
 from attnlens.models.gpt_neox import GPTNeoXAdapter
 from attnlens.models.llama import LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter
 from attnlens.models.wrappers import unwrap
-from attnlens.weights import ModelWeights, track
+from attnlens.weights import ModelWeights
 
 __all__ = [
     "QKV",
