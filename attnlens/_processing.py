@@ -9,6 +9,7 @@ results are cast back to the weights' dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -70,6 +71,15 @@ def refactor_ov(W_V: Tensor, W_O: Tensor) -> tuple[Tensor, Tensor]:
 
 def process(weights: ModelWeights, options: Processing) -> ModelWeights:
     """See :meth:`ModelWeights.processed` (runs under ``no_grad``)."""
+    norms = [weights.ln_f, *(ln for layer in weights.layers for ln in (layer.ln_1, layer.ln_2))]
+    if any(ln.rms for ln in norms) or any(
+        layer.mlp.W_gate is not None or layer.q_norm is not None for layer in weights.layers
+    ):
+        raise ValueError(
+            "processed() folds and centres layer norms and plain MLPs; these weights have RMSNorms (which do not "
+            "remove the mean, so centring would change the model), a gated MLP or per-head q/k norms. Use the "
+            "weights as extracted"
+        )
     dtype = weights.dtype
     work = torch.promote_types(dtype, torch.float32)
 
@@ -126,7 +136,7 @@ def process(weights: ModelWeights, options: Processing) -> ModelWeights:
         layers.append(
             LayerWeights(
                 layer=layer.layer,
-                **{name: down(value) for name, value in attn.items()},
+                **dict[str, Any]({name: down(value) for name, value in attn.items()}),
                 ln_1=identity(layer.ln_1) if options.fold_ln else copy_ln(layer.ln_1),
                 ln_2=identity(layer.ln_2) if options.fold_ln else copy_ln(layer.ln_2),
                 mlp=MLPWeights(

@@ -14,6 +14,10 @@ requested tokens only: for a component ``c``, with ``x`` the real residual at th
 and ``sum_c attribution_c + beta . W_U[:, t] + b_U[t]`` is the model's logit of token ``t`` (``b_U`` only where the
 head has a bias; GPT-2's has none): :meth:`Decomposition.logit_bias` gives that last term.
 
+An RMSNorm (``LayerNormWeights.rms``: Llama, Mistral, Qwen) is not linear either, and is linearised the same way:
+its scale ``rms(x) = sqrt(mean(x^2) + eps)`` is frozen at the real residual's, and nothing is centred (it does not
+remove the mean) and there is no ``beta``: ``attribution_c = (c / rms(x)) . (gamma * W_U[:, t])``.
+
 Caveats:
 
 * The linearisation is exact for the sum, not a causal statement about each part: the final norm's scale
@@ -110,25 +114,31 @@ def residual_error(contributions: Tensor, residual: Tensor, valid: Tensor) -> tu
     return worst_error, float(cancellation[valid].amax())
 
 
-def linearised_logits(contributions: Tensor, sigma: Tensor, direction: Tensor) -> Tensor:
+def linearised_logits(contributions: Tensor, sigma: Tensor, direction: Tensor, *, centre: bool = True) -> Tensor:
     """Each component's direct effect on a logit through a layer norm whose scale is frozen.
 
     Args:
         contributions: ``[component, batch, pos, d_model]``.
         sigma: ``[batch, pos]``, ``sqrt(var(x) + eps)`` of the real residual ``x``.
         direction: ``[batch, pos, d_model]``, ``gamma * W_U[:, t]`` (or ``gamma * (W_U[:, a] - W_U[:, b])``).
+        centre: subtract each component's mean over ``d_model`` (a layer norm); False for an RMSNorm.
 
     Returns:
         ``[component, batch, pos]``: ``((c - mean_d(c)) / sigma) . direction``, in the dtype of ``direction``.
     """
     parts = contributions.to(direction.dtype)
-    centred = parts - parts.mean(dim=-1, keepdim=True)
+    centred = parts - parts.mean(dim=-1, keepdim=True) if centre else parts
     return einsum(centred, direction, "component batch pos d_model, batch pos d_model -> component batch pos") / sigma
 
 
-def _frozen_sigma(residual: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
-    """``sqrt(var(x) + eps)`` over ``d_model`` (biased variance, as layer norm uses), in ``dtype``: ``[batch, pos]``."""
+def _frozen_sigma(residual: Tensor, eps: float, dtype: torch.dtype, *, rms: bool = False) -> Tensor:
+    """``sqrt(var(x) + eps)`` over ``d_model`` (biased variance, as layer norm uses), in ``dtype``: ``[batch, pos]``.
+
+    With ``rms``: ``sqrt(mean(x^2) + eps)``, an RMSNorm's scale.
+    """
     x = residual.to(dtype)
+    if rms:
+        return torch.sqrt(x.pow(2).mean(dim=-1) + eps)
     return torch.sqrt(x.var(dim=-1, unbiased=False) + eps)
 
 
@@ -161,6 +171,7 @@ class Decomposition(DecompositionTables):
     _unembed: tuple[Tensor, Tensor | None] | None = field(repr=False)
     _versions: tuple[int, ...] = field(repr=False)
     _model_class: str = field(repr=False)
+    _rms: bool = field(default=False, repr=False)
 
     def __repr__(self) -> str:
         batch, n_pos, d_model = self.residual.shape
@@ -235,7 +246,8 @@ class Decomposition(DecompositionTables):
         """
         with torch.no_grad():  # an attribution, not a graph: nothing here is meant for gradients
             direction, _, _ = self._direction(tokens)
-            return linearised_logits(self.contributions, self._sigma(direction.dtype), direction)
+            sigma = self._sigma(direction.dtype)
+            return linearised_logits(self.contributions, sigma, direction, centre=not self._rms)
 
     def logit_bias(self, tokens: Any) -> Tensor:
         """``beta . W_U[:, t] + b_U[t]``: the part of the logit that no component writes, ``[batch, pos]``.
@@ -247,7 +259,7 @@ class Decomposition(DecompositionTables):
         return bias
 
     def _sigma(self, dtype: torch.dtype) -> Tensor:
-        return _frozen_sigma(self.residual, self._norm[2], dtype)
+        return _frozen_sigma(self.residual, self._norm[2], dtype, rms=self._rms)
 
     def _direction(self, tokens: Any) -> tuple[Tensor, Tensor, Tensor]:
         """``gamma * W_U[:, t]`` ``[batch, pos, d_model]``, ``beta . W_U[:, t] + b_U[t]`` and ``S`` ``[batch, pos]``."""
@@ -504,7 +516,7 @@ def _decompose(
     if missing:
         raise AttentionCaptureError(f"the forward pass never ran {', '.join(missing)}; nothing to decompose")
     norm = adapter.final_norm()
-    norm_params = (norm.w, norm.b, norm.eps)
+    norm_params = (norm.w, None if norm.rms else norm.b, norm.eps)
     unembed = None if sites.unembed is None else (sites.unembed.weight, sites.unembed.bias)
     return Decomposition(
         names=names,
@@ -517,4 +529,5 @@ def _decompose(
         _unembed=unembed,
         _versions=_versions(norm_params, unembed),
         _model_class=adapter.model_class,
+        _rms=norm.rms,
     )

@@ -28,6 +28,7 @@ from einops import einsum, rearrange
 from torch import Tensor
 
 from attnlens._llamalike import expand_kv, gated_mlp, repeat_kv, rms_norm, sliding_window_mask
+from attnlens._rotary import apply_rotary, rotary_cos_sin, rotate_half
 
 __all__ = [
     "ACTIVATIONS",
@@ -345,10 +346,11 @@ def qkv(x: Tensor, layer: AttentionWeights) -> tuple[Tensor, Tensor, Tensor]:
 
     Args:
         x: ``[batch, pos, d_model]``, the input of the attention module (after the layer norm).
-        layer: per-head weights ``W_* [head, d_model, d_head]`` and biases ``b_* [head, d_head]``.
+        layer: per-head weights ``W_Q [head, d_model, d_head]``, ``W_K``/``W_V`` ``[kv_head, d_model, d_head]`` and
+            biases ``b_* [head or kv_head, d_head]``.
 
     Returns:
-        ``q, k, v``, each ``[batch, head, pos, d_head]``.
+        ``q`` ``[batch, head, pos, d_head]``, ``k, v`` ``[batch, kv_head, pos, d_head]``.
     """
 
     def project(W: Tensor, b: Tensor) -> Tensor:
@@ -363,9 +365,9 @@ class AttentionOutputs:
     """Everything one attention module computes, from its input to its output.
 
     Attributes:
-        q: ``[batch, head, q_pos, d_head]`` (after the rotation, for a rotary layer).
-        k: ``[batch, head, k_pos, d_head]`` (after the rotation, for a rotary layer).
-        v: ``[batch, head, k_pos, d_head]``.
+        q: ``[batch, head, q_pos, d_head]`` (after the q norm and the rotation, where the layer has them).
+        k: ``[batch, kv_head, k_pos, d_head]`` (likewise; ``kv_head == head`` without grouped-query attention).
+        v: ``[batch, kv_head, k_pos, d_head]``.
         scores: masked pre-softmax scores ``[batch, head, q_pos, k_pos]`` (``-inf`` where masked).
         pattern: ``[batch, head, q_pos, k_pos]``.
         z: pattern-weighted values ``[batch, q_pos, head, d_head]`` (the input of ``W_O``).
@@ -396,7 +398,9 @@ def attention(
 
     Args:
         x: ``[batch, pos, d_model]``.
-        layer: the layer's weights and attention spec (``scale``, ``upcast``, and ``rotary_dim`` where it has one).
+        layer: the layer's weights and attention spec (``scale``, ``upcast``; where it has them ``rotary_dim``,
+            per-head ``q_norm`` / ``k_norm`` RMSNorms, a sliding ``window``, and fewer key/value heads than query
+            heads, each shared by ``head // kv_head`` query heads).
         attn_mask: boolean ``[batch, 1, q_pos, k_pos]`` (``True`` = may attend); default causal.
         return_result: also compute the per-head contributions ``[batch, pos, head, d_model]``.
         rotation: ``(cos, sin)``, each ``[batch, pos, rotary_dim]`` (or ``[pos, rotary_dim]``), for a layer with a
@@ -409,6 +413,10 @@ def attention(
             layer without a rotary embedding.
     """
     q, k, v = qkv(x, layer)
+    for norm, name in ((getattr(layer, "q_norm", None), "q"), (getattr(layer, "k_norm", None), "k")):
+        if norm is not None:  # a per-head RMSNorm on d_head before the rotation (Qwen3's q_norm / k_norm)
+            normed = rms_norm(q if name == "q" else k, norm.w, norm.eps)
+            q, k = (normed, k) if name == "q" else (q, normed)
     rotary_dim = int(getattr(layer, "rotary_dim", 0))
     if rotation is not None or rotary_dim:
         if rotation is None or not rotary_dim:
@@ -421,102 +429,16 @@ def attention(
         q, k = (apply_rotary(t.transpose(1, 2), cos, sin, rotary_dim=rotary_dim).transpose(1, 2) for t in (q, k))
     if attn_mask is None:
         attn_mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
-    scores = attention_scores(q, k, layer.scale, upcast=layer.upcast)
+    window = getattr(layer, "window", None)
+    if window is not None:  # never full causal: the keys that left the window are blocked too
+        attn_mask = attn_mask & sliding_window_mask(q.shape[-2], k.shape[-2], window=window, device=q.device)
+    group = q.shape[1] // k.shape[1]  # grouped-query attention: each key/value head serves `group` query heads
+    scores = attention_scores(q, repeat_kv(k, group), layer.scale, upcast=layer.upcast)
     pattern = masked_softmax(scores, attn_mask).to(v.dtype)
-    z = rearrange(torch.matmul(pattern, v), "batch head pos d_head -> batch pos head d_head")
+    z = rearrange(torch.matmul(pattern, repeat_kv(v, group)), "batch head pos d_head -> batch pos head d_head")
     output = einsum(z, layer.W_O, "batch pos head d_head, head d_head d_model -> batch pos d_model") + layer.b_O
     result = None
     if return_result:
         result = einsum(z, layer.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
     masked = scores.masked_fill(~attn_mask, float("-inf"))
     return AttentionOutputs(q=q, k=k, v=v, scores=masked, pattern=pattern, z=z, result=result, output=output)
-
-
-# Rotary position embeddings (GPT-NeoX / Pythia, Llama): the rotate-half convention of Hugging Face's models.
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    """``[..., d] -> [..., d]``: the halves ``(x1, x2)`` of the last axis become ``(-x2, x1)``.
-
-    Feature ``i`` of the first half pairs with feature ``i + d/2`` (GPT-NeoX's and Hugging Face's convention), not
-    with its neighbour ``i + 1`` as in GPT-J's interleaved pairs.
-    """
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, rotary_dim: int | None = None) -> Tensor:
-    """Rotate the first ``rotary_dim`` features of each head by position; the others pass through unchanged.
-
-    ``x_rot * cos + rotate_half(x_rot) * sin`` on ``x_rot = x[..., :rotary_dim]``, then the untouched
-    ``x[..., rotary_dim:]`` appended: the operations, their order and their dtype are those of transformers'
-    ``apply_rotary_pos_emb`` (GPT-NeoX, 4.57 and 5.x), so with the ``cos``/``sin`` a model's attention module receives
-    the result is bitwise the model's own rotated queries and keys (each output element is the same two rounded
-    products and one rounded sum, whatever the axis order).
-
-    Args:
-        x: queries or keys ``[batch, pos, head, d_head]`` (the axis order of attnlens; Hugging Face's attention
-            modules hold them as ``[batch, head, pos, d_head]``).
-        cos: ``[batch, pos, rotary_dim]`` or ``[pos, rotary_dim]``, the cosines as the model's rotary embedding hands
-            them to its attention modules (``position_embeddings[0]``), in ``x``'s dtype.
-        sin: the sines, shaped and typed as ``cos``.
-        rotary_dim: how many leading features of each head rotate (even, at most ``d_head``); default
-            ``cos.shape[-1]``. When given, it must equal ``cos.shape[-1]``: a check that the cosines belong to the
-            model they are applied to.
-
-    Returns:
-        ``[batch, pos, head, d_head]`` in ``x``'s dtype.
-
-    Raises:
-        ValueError: cosines and sines of different shapes, a ``rotary_dim`` that is odd, wider than the head or not
-            the cosines' width, or positions that do not match ``x``'s, each named.
-        TypeError: ``cos``/``sin`` in another dtype than ``x`` (cast them as the model does, to ``x.dtype``).
-    """
-    if cos.shape != sin.shape:
-        raise ValueError(f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    width = cos.shape[-1]
-    if rotary_dim is not None and rotary_dim != width:
-        raise ValueError(f"rotary_dim={rotary_dim} but cos and sin are {width} wide ([..., pos, rotary_dim])")
-    if width % 2 or width > x.shape[-1]:
-        raise ValueError(f"the rotary width must be even and at most d_head={x.shape[-1]}, got {width}")
-    if x.ndim != 4 or cos.ndim not in (2, 3) or cos.shape[-2] != x.shape[1]:
-        raise ValueError(
-            f"x must be [batch, pos, head, d_head] and cos/sin [batch, pos, rotary_dim] or [pos, rotary_dim] with "
-            f"the same pos, got x {tuple(x.shape)} and cos {tuple(cos.shape)}"
-        )
-    if cos.dtype != x.dtype or sin.dtype != x.dtype:
-        raise TypeError(
-            f"cos/sin ({cos.dtype}, {sin.dtype}) must have x's dtype {x.dtype}: the model casts them to its own dtype "
-            "before rotating, and a mixed product would promote and round differently"
-        )
-    # [batch, pos, rotary_dim] -> [batch, pos, 1, rotary_dim]: one angle per position, shared by every head.
-    cos = cos.unsqueeze(-2)
-    sin = sin.unsqueeze(-2)
-    x_rot, x_pass = x[..., :width], x[..., width:]
-    return torch.cat(((x_rot * cos) + (rotate_half(x_rot) * sin), x_pass), dim=-1)
-
-
-def rotary_cos_sin(
-    position_ids: Tensor, *, rotary_dim: int, base: float, dtype: torch.dtype = torch.float32
-) -> tuple[Tensor, Tensor]:
-    """Cosines and sines of the default (unscaled) rotary embedding, as GPT-NeoX's rotary embedding computes them.
-
-    Feature pair ``i`` (``i < rotary_dim / 2``) turns by ``position * base ** (-2 i / rotary_dim)``; the angles are
-    computed in float32 and the cosines and sines cast to ``dtype`` at the end, as transformers does.
-
-    Args:
-        position_ids: integer positions ``[batch, pos]``.
-        rotary_dim: the rotary width (even); ``int(d_head * rotary_pct)`` for a GPT-NeoX config.
-        base: the base of the frequencies (``rotary_emb_base`` / ``rope_theta``).
-        dtype: the dtype of the returned tensors (the model's own).
-
-    Returns:
-        ``(cos, sin)``, each ``[batch, pos, rotary_dim]``, for :func:`apply_rotary`.
-    """
-    if rotary_dim % 2 or rotary_dim <= 0:
-        raise ValueError(f"rotary_dim must be even and positive, got {rotary_dim}")
-    steps = torch.arange(0, rotary_dim, 2, dtype=torch.float, device=position_ids.device) / rotary_dim
-    inv_freq = 1.0 / (base**steps)
-    freqs = position_ids[..., None].float() * inv_freq
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)

@@ -82,13 +82,17 @@ def kernel_specs(adapter: Adapter, *, caller: str, stacklevel: int) -> tuple[Att
     return adapter.kernel_specs
 
 
-def _with_query_heads(qkv: QKV, n_heads: int) -> QKV:
-    """Keys and values repeated to one per query head (grouped-query attention), as the kernels repeat them."""
+def _with_query_heads(qkv: QKV, n_heads: int, cached: bool = False) -> QKV:
+    """Keys and values repeated to one per query head (grouped-query attention), as the kernels repeat them.
+
+    In transformers' layout: ``repeat_kv`` (a stride-0 view for one key/value head, else a copy) of the keys as the
+    kernel reads them (``cached``: contiguous, back from the cache), so that the scores' matmul rounds as the model's.
+    """
     q, k, v = qkv
     if k.shape[1] == n_heads:
         return qkv
     groups = n_heads // k.shape[1]
-    return QKV(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1))
+    return QKV(q, functional.repeat_kv(k.contiguous() if cached else k, groups), functional.repeat_kv(v, groups))
 
 
 # --------------------------------------------------------------------------------------- q/k/v hooks ---
@@ -216,6 +220,8 @@ class Tap:
         # The model runs with its own use_cache default. With the cache on, its kernel gets the keys back from the
         # cache, contiguous, and the matmul rounds differently on a strided view: match it, bit for bit.
         self.contiguous_k = adapter.use_cache
+        # Grouped keys are made contiguous before they are repeated (_with_query_heads), as the kernel's are.
+        self.contiguous_scores_k = adapter.use_cache and adapter.n_kv_heads == n_heads
         self.want_qkv = wants.pattern or wants.scores or wants.qkv
         self.from_kernel = (
             {layer for layer in self.layers if adapter.kernel_returns_pattern and (layer != self.last or wants.z)}
@@ -284,7 +290,7 @@ class Tap:
             self.sink.pattern(layer, out)
             return
         if scores is None:
-            scores = masked_scores(q, k, self.specs[layer], self._blocked(layer), contiguous_k=self.contiguous_k)
+            scores = masked_scores(q, k, self.specs[layer], self._blocked(layer), contiguous_k=self.contiguous_scores_k)
         out = self.sink.pattern_buffer(layer, tuple(scores.shape), dtype, scores.device)
         if out is None:
             out = torch.empty(scores.shape, dtype=dtype, device=scores.device)
@@ -292,11 +298,13 @@ class Tap:
         self.sink.pattern(layer, out)
 
     def _on_qkv(self, layer: int, qkv: QKV) -> None:
-        q, k, v = (self._select(x) for x in _with_query_heads(qkv, self.adapter.n_heads))
+        q, k, v = (self._select(x) for x in _with_query_heads(qkv, self.adapter.n_heads, self.contiguous_k))
         recompute = self.wants.pattern and layer not in self.from_kernel
         if self.wants.scores:
             q_scored = q if self.rows is None else _rows.gather_rows(q, self.rows)
-            scores = masked_scores(q_scored, k, self.specs[layer], self._blocked(layer), contiguous_k=self.contiguous_k)
+            scores = masked_scores(
+                q_scored, k, self.specs[layer], self._blocked(layer), contiguous_k=self.contiguous_scores_k
+            )
             self.sink.scores(layer, scores)
             if recompute:
                 self._recompute(layer, q, k, v.dtype, scores)
@@ -318,7 +326,7 @@ class Tap:
             if pattern is not None and tuple(pattern.shape) != self.shape:
                 pattern = None  # not the pattern of these inputs: never use what is not known to be it
             if pattern is None:  # the kernel kept it to itself after all: compute it as for any other kernel
-                q, k, v = (self._select(x) for x in _with_query_heads(qkv, self.adapter.n_heads))
+                q, k, v = (self._select(x) for x in _with_query_heads(qkv, self.adapter.n_heads, self.contiguous_k))
                 self._recompute(layer, q, k, v.dtype)
             else:
                 if self.rows is not None:  # the kernel formed the square anyway: its own rows, copied

@@ -276,12 +276,18 @@ def _check_attentions(
 
 
 def _layer_norm(x: Tensor, ln: LayerNormWeights) -> Tensor:
+    if ln.rms:
+        return functional.rms_norm(x, ln.w, ln.eps)
     return F.layer_norm(x, (x.shape[-1],), ln.w, ln.b, ln.eps)
 
 
 def _mlp(x: Tensor, layer: LayerWeights) -> Tensor:
     mlp = layer.mlp
-    return functional.ACTIVATIONS[mlp.act](x @ mlp.W_in + mlp.b_in) @ mlp.W_out + mlp.b_out
+    act = functional.ACTIVATIONS[mlp.act]
+    if mlp.W_gate is None:
+        return act(x @ mlp.W_in + mlp.b_in) @ mlp.W_out + mlp.b_out
+    gate = x @ mlp.W_gate if mlp.b_gate is None else x @ mlp.W_gate + mlp.b_gate
+    return (act(gate) * (x @ mlp.W_in + mlp.b_in)) @ mlp.W_out + mlp.b_out
 
 
 def _rebuild(
@@ -328,8 +334,16 @@ def _hf_order_pattern(qkv: QKV, layer: LayerWeights, n_kv_heads: int, allowed: T
     :func:`attnlens.functional.masked_softmax` and the tap).
     """
     q, k, v = qkv
-    spec = AttentionSpec(layer.scale, q.shape[1], n_kv_heads, upcast=layer.upcast, divisors=layer.score_divisors)
-    scores = masked_scores(q, k, spec, ~allowed, contiguous_k=False)
+    spec = AttentionSpec(
+        layer.scale, q.shape[1], n_kv_heads, upcast=layer.upcast, divisors=layer.score_divisors, window=layer.window
+    )
+    blocked = ~allowed
+    if layer.window is not None:
+        n_pos = q.shape[-2]
+        blocked = blocked | ~functional.sliding_window_mask(n_pos, window=layer.window, device=q.device)
+    # Eager repeats each key/value head per query head (a copy, as transformers' repeat_kv) before its matmul.
+    k = functional.repeat_kv(k, q.shape[1] // n_kv_heads)
+    scores = masked_scores(q, k, spec, blocked, contiguous_k=False)
     return torch.softmax(scores, dim=-1).to(v.dtype)
 
 
@@ -499,9 +513,9 @@ def verify(
             # S = scale * max|q| * max|k| / sqrt(d_head) from the model's own q and k; softmax passes at most that
             # to a probability; z inherits pattern and v errors times max|v| / max|z|.
             q_eager, k_eager, _ = eager.qkv[index]
-            score_bound = (
-                abs(layer.scale) * _max_norm(q_eager, valid) * _max_norm(k_eager, valid) / math.sqrt(weights.d_head)
-            )
+            group = n_heads // k_eager.shape[1]  # per query head: each reads its key/value head's bound
+            k_norm = _max_norm(k_eager, valid).repeat_interleave(group)
+            score_bound = abs(layer.scale) * _max_norm(q_eager, valid) * k_norm / math.sqrt(weights.d_head)
             q_tol, k_tol, qk_rel = base["q"], base["k"], base["q"] + base["k"]
             if layer.rotary_dim:
                 # Both sides rotate with the same cos/sin: an entry a c - b s of a feature pair (a, b) moves by at most
@@ -512,7 +526,7 @@ def verify(
             pattern_tol = 4 * u + score_bound * (qk_rel + u)
             hf_order_tol = score_bound * 0.0 if bitwise else 4 * u + score_bound * (u_acc * weights.d_head + u)
             z_max = _amax(model_z, z_keep, 2)
-            v_over_z = _ratio(_amax(v, rows_keep, 1), z_max)
+            v_over_z = _ratio(_amax(v, rows_keep, 1).repeat_interleave(group), z_max)
             z_tol = base["z"] + v_over_z * (2 * (pattern_tol - 4 * u) + base["v"] + 2 * u)
             add("q", index, _compare(q, mine.q, rows_keep, 1), q_tol)
             add("k", index, _compare(k, mine.k, rows_keep, 1), k_tol)

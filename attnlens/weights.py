@@ -30,134 +30,33 @@ weights that do not follow the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from attnlens.errors import PositionDependentCircuitError, StaleWeightsError
+from attnlens._live import _describe, _Live, _Source
+from attnlens.errors import PositionDependentCircuitError
 from attnlens.factored import FactoredMatrix
 
 __all__ = ["FactoredMatrix", "LayerNormWeights", "LayerWeights", "MLPWeights", "ModelWeights"]
 
 
-class _Source:
-    """One tracked tensor: the model parameter it is read from, where that parameter lives, and how to read it."""
-
-    __slots__ = ("label", "layout", "owners", "param", "ptr", "requires_grad", "tensor", "view")
-
-    def __init__(self, label: str, tensor: Tensor, param: Tensor, owners: tuple[tuple[nn.Module, str, str], ...]):
-        self.label = label
-        self.owners = owners  # (module, attribute, qualified name) of every slot holding the parameter
-        self.layout = (param.shape, param.stride())
-        rel = tensor.storage_offset() - param.storage_offset()
-        self.view = None if tensor is param else (tensor.shape, tensor.stride(), rel)
-        self._take(param, tensor)
-
-    def _take(self, param: Tensor, tensor: Tensor) -> None:
-        self.param, self.tensor = param, tensor
-        self.ptr, self.requires_grad = param.data_ptr(), tensor.requires_grad
-
-    def current(self) -> Tensor:
-        param = self.param
-        for module, name, _ in self.owners:
-            if module._parameters.get(name) is not param:
-                param = self._replacement()
-                break
-        tensor = self.tensor
-        # While the old view lives its storage cannot be reused, so an equal data_ptr means the same storage.
-        if (
-            param is self.param
-            and param.data_ptr() == self.ptr
-            and param.requires_grad == self.requires_grad
-            and param.dtype == tensor.dtype
-            and param.device == tensor.device
-        ):
-            return tensor
-        return self._retake(param)
-
-    def _replacement(self) -> Tensor:
-        held = [module._parameters.get(name) for module, name, _ in self.owners]
-        names = ", ".join(qualified for _, _, qualified in self.owners)
-        if not isinstance(held[0], Tensor) or any(h is not held[0] for h in held):
-            raise StaleWeightsError(
-                f"{self.label}: the model's parameter {names} was removed, or replaced by different objects in the "
-                "modules that shared it; extract the weights again (attnlens.extract_weights(model))"
-            )
-        return held[0]
-
-    def _retake(self, param: Tensor) -> Tensor:
-        if self.view is None:
-            self._take(param, param)
-            return param
-        if (param.shape, param.stride()) != self.layout:
-            raise StaleWeightsError(
-                f"{self.label}: the model's parameter {self.owners[0][2]} changed shape or layout from "
-                f"{tuple(self.layout[0])} / {self.layout[1]} to {tuple(param.shape)} / {param.stride()}; extract the "
-                "weights again (attnlens.extract_weights(model))"
-            )
-        size, stride, rel = self.view
-        with torch.enable_grad():
-            tensor = param.as_strided(size, stride, param.storage_offset() + rel)
-        self._take(param, tensor)
-        return tensor
-
-
-class _Live:
-    """Base of the weights dataclasses: a field that has a ``_Source`` is read through it (see the module docstring)."""
-
-    _sources: dict[str, _Source]
-
-    def __getattribute__(self, name: str) -> Any:
-        if name[0] != "_":
-            source = object.__getattribute__(self, "_sources").get(name)
-            if source is not None:
-                return source.current()
-        return object.__getattribute__(self, name)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Pickles and deep copies are values: the current tensors (detached: torch copies only graph leaves), no
-        # modules.
-        assert is_dataclass(self)
-        state = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-        return {k: v.detach() if isinstance(v, Tensor) else v for k, v in state.items()}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            object.__setattr__(self, name, value)
-        object.__setattr__(self, "_sources", {})
-
-
-def _describe(obj: Any) -> str:
-    """A repr that shows tensors as shapes: the values of a 38M-parameter embedding are no use in a repr."""
-    parts = []
-    for f in fields(obj):
-        if not f.repr:
-            continue
-        value = getattr(obj, f.name)
-        if isinstance(value, Tensor):
-            parts.append(f"{f.name}={list(value.shape)}")
-        elif isinstance(value, tuple) and value and not isinstance(value[0], (int, float)):
-            parts.append(f"{f.name}=({len(value)} x {type(value[0]).__name__})")
-        else:
-            parts.append(f"{f.name}={value!r}")
-    return f"{type(obj).__name__}({', '.join(parts)})"
-
-
 @dataclass(frozen=True, eq=False, repr=False)
 class LayerNormWeights(_Live):
-    """A layer norm: ``(x - mean) / sqrt(var + eps) * w + b``.
+    """A layer norm ``(x - mean) / sqrt(var + eps) * w + b``; with ``rms``, RMSNorm ``x / sqrt(mean(x^2) + eps) * w``.
 
     Attributes:
-        w: ``[d_model]``.
-        b: ``[d_model]``.
+        w: ``[d_model]`` (``[d_head]`` for a per-head q/k norm).
+        b: ``[d_model]`` (zeros for an RMSNorm, which has no shift).
         eps: the epsilon in the denominator.
+        rms: no centring and no shift (:func:`attnlens.functional.rms_norm`).
     """
 
     w: Tensor
     b: Tensor
     eps: float
+    rms: bool = False
     _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
@@ -165,14 +64,18 @@ class LayerNormWeights(_Live):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class MLPWeights(_Live):
-    """A transformer MLP: ``act(x @ W_in + b_in) @ W_out + b_out``.
+    """A transformer MLP: ``act(x @ W_in + b_in) @ W_out + b_out``, or gated (``W_gate`` set).
+
+    A gated (SwiGLU) MLP computes ``(act(x @ W_gate + b_gate) * (x @ W_in + b_in)) @ W_out + b_out``.
 
     Attributes:
-        W_in: ``[d_model, d_mlp]``.
+        W_in: ``[d_model, d_mlp]`` (a gated MLP's up projection).
         b_in: ``[d_mlp]``.
         W_out: ``[d_mlp, d_model]``.
         b_out: ``[d_model]``.
         act: the activation's name, a key of :data:`attnlens.functional.ACTIVATIONS`.
+        W_gate: ``[d_model, d_mlp]``, the gate of a gated (SwiGLU) MLP, or None.
+        b_gate: ``[d_mlp]`` or None.
     """
 
     W_in: Tensor
@@ -180,6 +83,8 @@ class MLPWeights(_Live):
     W_out: Tensor
     b_out: Tensor
     act: str
+    W_gate: Tensor | None = None
+    b_gate: Tensor | None = None
     _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
@@ -192,11 +97,12 @@ class LayerWeights(_Live):
     Attributes:
         layer: index of the block.
         W_Q: ``[head, d_model, d_head]``.
-        W_K: ``[head, d_model, d_head]``.
-        W_V: ``[head, d_model, d_head]``.
+        W_K: ``[kv_head, d_model, d_head]`` (``kv_head == head`` without grouped-query attention; see
+            :meth:`grouped` for the per-query-head view).
+        W_V: ``[kv_head, d_model, d_head]``.
         b_Q: ``[head, d_head]``.
-        b_K: ``[head, d_head]``.
-        b_V: ``[head, d_head]``.
+        b_K: ``[kv_head, d_head]``.
+        b_V: ``[kv_head, d_head]``.
         W_O: ``[head, d_head, d_model]``.
         b_O: ``[d_model]``.
         ln_1: the layer norm before attention.
@@ -214,6 +120,9 @@ class LayerWeights(_Live):
             read ``rotate(x W_Q + b_Q) . rotate(x W_K + b_K)``, with the rotation of each position, which the
             weights do not hold (:func:`attnlens.functional.attention` takes it as ``rotation``), and :attr:`QK`
             raises :class:`~attnlens.PositionDependentCircuitError`.
+        q_norm: a per-head norm on each query head (``[d_head]``) before the rotation (Qwen3), or None.
+        k_norm: the same on each key head, or None.
+        window: a sliding window (each query sees at most this many keys, itself included), or None.
     """
 
     layer: int
@@ -232,14 +141,34 @@ class LayerWeights(_Live):
     upcast: bool = False
     score_divisors: tuple[float, ...] | None = None
     rotary_dim: int = 0
+    q_norm: LayerNormWeights | None = None
+    k_norm: LayerNormWeights | None = None
+    window: int | None = None
     _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
 
     @property
     def n_heads(self) -> int:
-        """Number of heads."""
+        """Number of (query) heads."""
         return self.W_Q.shape[0]
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Number of key/value heads; query head ``h`` reads key/value head ``h // (n_heads // n_kv_heads)``."""
+        return self.W_K.shape[0]
+
+    def grouped(self, name: str) -> Tensor:
+        """``W_K``, ``W_V``, ``b_K`` or ``b_V`` per query head, as a zero-copy view ``[kv_head, group, ...]``.
+
+        ``grouped("W_K")[kv_head, g]`` is query head ``kv_head * group + g``'s key weight (``group = n_heads //
+        n_kv_heads``); ``.flatten(0, 1)`` gives ``[head, ...]`` (a copy when ``group > 1``).
+        """
+        from attnlens._llamalike import expand_kv
+
+        if name not in ("W_K", "W_V", "b_K", "b_V"):
+            raise KeyError(f"no grouped weight {name!r}; choose from W_K, W_V, b_K, b_V")
+        return expand_kv(getattr(self, name), self.n_heads // self.n_kv_heads, dim=0)
 
     @property
     def d_head(self) -> int:
@@ -255,12 +184,12 @@ class LayerWeights(_Live):
                 position-free bilinear form gives its scores.
         """
         _refuse_rotary_qk((self,))
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-1, -2))
+        return FactoredMatrix(self.W_Q, self.grouped("W_K").flatten(0, 1).transpose(-1, -2))
 
     @property
     def OV(self) -> FactoredMatrix:
-        """OV circuit ``W_V @ W_O`` ``[head, d_model, d_model]``."""
-        return FactoredMatrix(self.W_V, self.W_O)
+        """OV circuit ``W_V @ W_O`` ``[head, d_model, d_model]``, per query head (each with its group's ``W_V``)."""
+        return FactoredMatrix(self.grouped("W_V").flatten(0, 1), self.W_O)
 
 
 _STACKED = ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O", "b_O")
@@ -287,6 +216,8 @@ class ModelWeights(_Live):
         name: where the weights came from (the model's ``name_or_path``), for provenance.
         b_U: unembedding bias ``[d_vocab]``: ``None`` for a model's own weights (GPT-2 has none); set by
             :meth:`processed` when ``fold_ln`` folds the final layer norm's bias into the unembedding.
+        n_kv_heads: key/value heads per block under grouped-query attention (each serves ``n_heads // n_kv_heads``
+            query heads, ``W_K``/``W_V`` per layer ``[kv_head, d_model, d_head]``); None: ``n_heads``.
     """
 
     n_layers: int
@@ -303,6 +234,7 @@ class ModelWeights(_Live):
     layers: tuple[LayerWeights, ...]
     name: str = ""
     b_U: Tensor | None = None
+    n_kv_heads: int | None = None
     _sources: dict[str, _Source] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     __repr__ = _describe
@@ -440,12 +372,17 @@ class ModelWeights(_Live):
             PositionDependentCircuitError: a layer rotates q and k by position (see :attr:`LayerWeights.QK`).
         """
         _refuse_rotary_qk(self.layers)
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-1, -2))
+        W_K = torch.stack([layer.grouped("W_K").flatten(0, 1) for layer in self.layers])
+        return FactoredMatrix(self.W_Q, W_K.transpose(-1, -2))
 
     @property
     def OV(self) -> FactoredMatrix:
-        """Stacked OV circuits ``[layer, head, d_model, d_model]`` (low-rank: inner dimension ``d_head``)."""
-        return FactoredMatrix(self.W_V, self.W_O)
+        """Stacked OV circuits ``[layer, head, d_model, d_model]`` (low-rank: inner dimension ``d_head``).
+
+        Per query head: under grouped-query attention each query head's ``W_V`` is its key/value head's (repeated).
+        """
+        W_V = torch.stack([layer.grouped("W_V").flatten(0, 1) for layer in self.layers])
+        return FactoredMatrix(W_V, self.W_O)
 
 
 def _refuse_rotary_qk(layers: tuple[LayerWeights, ...]) -> None:
@@ -465,39 +402,4 @@ def _centre(x: Tensor, dim: int = -1) -> Tensor:
 
 
 def copy_ln(ln: LayerNormWeights) -> LayerNormWeights:
-    return LayerNormWeights(w=ln.w.detach().clone(), b=ln.b.detach().clone(), eps=ln.eps)
-
-
-def track(weights: ModelWeights, model: nn.Module) -> ModelWeights:
-    """Make every tensor of ``weights`` that is a model parameter, or a view of one, follow the model (in place).
-
-    Called by the adapters once, right after extraction; generic over architectures: it matches tensors to the
-    parameters of ``model``'s modules, whatever their names.
-
-    Returns:
-        ``weights``, now tracking ``model``.
-    """
-    owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for name, param in module._parameters.items():
-            if param is not None:
-                owners.setdefault(id(param), []).append((module, name, f"{prefix}.{name}" if prefix else name))
-
-    def visit(obj: _Live, label: str) -> None:
-        assert is_dataclass(obj)
-        sources = object.__getattribute__(obj, "_sources")
-        for f in fields(obj):
-            value = object.__getattribute__(obj, f.name)
-            if isinstance(value, _Live):
-                visit(value, f"{label}.{f.name}")
-            elif isinstance(value, tuple) and value and isinstance(value[0], _Live):
-                for i, item in enumerate(value):
-                    visit(item, f"{label}.{f.name}[{i}]")
-            elif isinstance(value, Tensor):
-                param = value if value._base is None else value._base
-                slots = owners.get(id(param))
-                if slots:
-                    sources[f.name] = _Source(f"{label}.{f.name}", value, param, tuple(slots))
-
-    visit(weights, "weights")
-    return weights
+    return LayerNormWeights(w=ln.w.detach().clone(), b=ln.b.detach().clone(), eps=ln.eps, rms=ln.rms)

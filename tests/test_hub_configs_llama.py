@@ -5,7 +5,7 @@ query/key-value grouping (1 key/value head when a group is wider than 4: multi-q
 published ratio to ``n_heads * head_dim`` (Mistral-Nemo's 160 per head against head_dim 128 stays 10 against 8), 64
 positions, a 96-token vocabulary, the MLP width in proportion. Each is saved with seeded random weights (RMSNorm weights
 and biases randomised too) and loaded back with from_pretrained, eager and sdpa, on the installed transformers.
-Until the Llama adapter lands, the checks are those that need no adapter:
+The first checks need no adapter:
 
 * ``attnlens.functional.rms_norm`` is bitwise each layer's ``input_layernorm`` and Qwen3's per-head ``q_norm`` /
   ``k_norm`` (the same operations in the same order and dtypes), and ``gated_mlp`` is bitwise the MLP;
@@ -18,6 +18,12 @@ Until the Llama adapter lands, the checks are those that need no adapter:
   the repeated values on both kernels, within the bound that tolerance implies; a published window
   (Mistral-7B-Instruct-v0.1's 4096) shrinks to 4 over 12 positions, and the tests switch one on for Mistral-Nemo and
   for Qwen2.5 (use_sliding_window).
+
+Then through attnlens's Llama-family adapter, every fixture (and TinyLlama under each followed rope variant) on eager
+and sdpa, float32 and bfloat16, with a left-padded batch and generate()'s position ids: extracted weights are views
+(W_K per key/value head, the per-query-head view zero-copy), trace's patterns are bitwise an eager copy's
+``output_attentions`` per query head under eager and within a derived bound under sdpa, a window blocks the keys that
+left it, and verify passes every row. A fixture the installed release would misread is refused by name.
 """
 
 from __future__ import annotations
@@ -348,3 +354,115 @@ def test_scaled_rope_variants_are_followed_from_the_models_own_cos_sin(
     # attention factor included) are taken as the model ran them, and apply_rotary with them is the model's rotation.
     raw = json.loads((FIXTURES / "TinyLlama__TinyLlama-1.1B-Chat-v1.0.saved-4.56.0.json").read_text())
     check_model(shrink(raw, rope_scaling=ROPE_VARIANTS[variant]), tmp_path, kernel)
+
+
+# ------------------------------------------------------------------- through attnlens's Llama-family adapter ---
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def left_padded() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ids, a left-padded mask and the position ids generate() makes for it (cumsum - 1, padding at 1)."""
+    ids, _ = inputs()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return ids, mask, positions
+
+
+def eager_patterns(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+    """``output_attentions`` of an eager deep copy (conftest's eager_reference, with position ids)."""
+    import copy
+
+    twin = copy.deepcopy(model).eval()
+    twin.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = twin(input_ids=ids, attention_mask=mask, position_ids=positions, output_attentions=True)
+    return list(out.attentions)
+
+
+def pattern_bound(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> float:
+    """How far two kernels' patterns of the same q ``[batch, head, pos, d_head]`` and k (repeated) can differ.
+
+    Each score is a d_head-term dot product accumulated in float32 (within gamma_d sum|q||k|), rounded to the model's
+    dtype and scaled (one rounding U each), on both sides; a score error delta moves a probability by at most 2 delta;
+    the float32 softmax adds a few u and the cast back U.
+    """
+    big_u = torch.finfo(dtype).eps / 2
+    gamma = D_HEAD * U32 / (1 - D_HEAD * U32)
+    qd, kd = q.double().abs(), k.double().abs()
+    delta = float((qd @ kd.transpose(-1, -2)).max()) * D_HEAD**-0.5 * (gamma + 2 * big_u)
+    return 2 * (2 * delta) + 2 * big_u + 8 * U32
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", NAMES)
+def test_published_config_extracts_traces_and_verifies(name: str, kernel: str, dtype: str, tmp_path: Path) -> None:
+    from conftest import assert_bitwise
+
+    raw = json.loads((FIXTURES / name).read_text())
+    small = shrink(raw)
+    cls = make_checkpoint(small, tmp_path / "ckpt")
+    model = cls.from_pretrained(tmp_path / "ckpt", attn_implementation=kernel, dtype=DTYPES[dtype]).eval()
+    if (why := refusal(name)) is not None:  # refused by name, never misdescribed
+        with pytest.raises(attnlens.UnsupportedModelError, match=why):
+            attnlens.extract_weights(model)
+        return
+    n_heads, n_kv = small["num_attention_heads"], small.get("num_key_value_heads") or small["num_attention_heads"]
+    group = n_heads // n_kv
+    ids, mask, positions = left_padded()
+
+    weights = attnlens.extract_weights(model)
+    assert weights.n_kv_heads == n_kv and weights.W_pos is None
+    for index, layer in enumerate(weights.layers):
+        attn = model.model.layers[index].self_attn
+        assert layer.W_Q.shape == (n_heads, small["hidden_size"], D_HEAD)
+        assert layer.W_K.shape == layer.W_V.shape == (n_kv, small["hidden_size"], D_HEAD)
+        assert layer.window == (WINDOW if active_window(raw) else None)
+        view = layer.grouped("W_K")  # zero-copy per query head: [kv_head, group, d_model, d_head]
+        assert view.shape == (n_kv, group, small["hidden_size"], D_HEAD)
+        assert view.data_ptr() == attn.k_proj.weight.data_ptr() and (group == 1 or view.stride(1) == 0)
+        for head in range(n_heads):
+            assert_bitwise(layer.W_Q[head], attn.q_proj.weight[head * D_HEAD : (head + 1) * D_HEAD].T, "copy")
+            kv = head // group
+            assert_bitwise(view[kv, head % group], attn.k_proj.weight[kv * D_HEAD : (kv + 1) * D_HEAD].T, "copy")
+
+    trace = attnlens.trace(model, ids, attention_mask=mask, position_ids=positions, store=["pattern", "q", "k"])
+    reference = eager_patterns(model, ids, mask, positions)
+    rows = mask.bool()[:, None, :, None]  # valid query rows (a padding row has no key: 0 here, HF's own elsewhere)
+    for index in range(N_LAYER):
+        own, expected = trace.pattern(index), reference[index]
+        if kernel == "eager":  # the kernel's own probabilities, handed out; the twin is the same call
+            assert_bitwise(own * rows, expected * rows, "same call", f"layer {index}")
+        else:
+            q, k = trace["q", index], trace["k", index]  # [batch, head, pos, d_head]: keys per query head
+            assert q.shape == k.shape == (2, n_heads, SEQ, D_HEAD)
+            bound = pattern_bound(q, k, DTYPES[dtype])
+            assert_close((own * rows).double(), (expected * rows).double(), atol=bound, rtol=0.0)
+        if active_window(raw):  # keys that left the window get exactly nothing, never full causal
+            assert torch.equal(own[..., WINDOW + 3 :, :3], torch.zeros_like(own[..., WINDOW + 3 :, :3]))
+
+    report = attnlens.verify(model, ids, attention_mask=mask, position_ids=positions)
+    assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+@pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
+def test_scaled_rope_variants_trace_and_verify_through_the_adapter(variant: str, kernel: str, tmp_path: Path) -> None:
+    from conftest import assert_bitwise
+
+    raw = json.loads((FIXTURES / "TinyLlama__TinyLlama-1.1B-Chat-v1.0.saved-4.56.0.json").read_text())
+    cls = make_checkpoint(shrink(raw, rope_scaling=ROPE_VARIANTS[variant]), tmp_path / "ckpt")
+    model = cls.from_pretrained(tmp_path / "ckpt", attn_implementation=kernel, dtype=torch.float32).eval()
+    ids, mask, positions = left_padded()
+    trace = attnlens.trace(model, ids, attention_mask=mask, position_ids=positions, store=["pattern", "q", "k"])
+    reference = eager_patterns(model, ids, mask, positions)
+    rows = mask.bool()[:, None, :, None]
+    for index in range(N_LAYER):
+        if kernel == "eager":
+            assert_bitwise(trace.pattern(index) * rows, reference[index] * rows, "same call", f"layer {index}")
+        else:
+            bound = pattern_bound(trace["q", index], trace["k", index], torch.float32)
+            assert_close(trace.pattern(index) * rows, reference[index] * rows, atol=bound, rtol=0.0)
+    assert attnlens.verify(model, ids, attention_mask=mask, position_ids=positions).ok

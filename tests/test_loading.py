@@ -32,6 +32,19 @@ TINY: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 32,
         "vocab_size": 64,
     },
+    **{
+        family: {
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "max_position_embeddings": 32,
+            "vocab_size": 64,
+            **({"head_dim": 8} if family == "qwen3" else {}),
+        }
+        for family in ("llama", "mistral", "qwen2", "qwen3")
+    },
 }
 
 

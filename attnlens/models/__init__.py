@@ -1,9 +1,9 @@
 """Adapters from model libraries to attnlens: :func:`adapt` validates a model once and returns its :class:`Adapter`.
 
 One module per architecture, each an :class:`~attnlens.models.base.Adapter` subclass registered here by its
-``config.model_type``; today Hugging Face GPT-2 (:mod:`attnlens.models.gpt2`) and GPT-NeoX / Pythia
-(:mod:`attnlens.models.gpt_neox`). Nothing outside this package imports a
-specific adapter: everything is written against :class:`~attnlens.models.base.Adapter`.
+``config.model_type``; today Hugging Face GPT-2 (:mod:`attnlens.models.gpt2`), GPT-NeoX / Pythia
+(:mod:`attnlens.models.gpt_neox`) and Llama, Mistral, Qwen2, Qwen3 (:mod:`attnlens.models.llama`). Nothing outside
+this package imports a specific adapter: everything is written against :class:`~attnlens.models.base.Adapter`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import os
 import torch
 from torch import nn
 
+from attnlens._live import track
 from attnlens.errors import UnsupportedModelError
 from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
 from attnlens.models.gpt2 import GPT2Adapter
 from attnlens.models.gpt_neox import GPTNeoXAdapter
+from attnlens.models.llama import LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter
 from attnlens.models.wrappers import unwrap
-from attnlens.weights import ModelWeights, track
+from attnlens.weights import ModelWeights
 
 __all__ = [
     "QKV",
@@ -34,7 +36,10 @@ __all__ = [
     "lock_key",
 ]
 
-REGISTRY: dict[str, type[Adapter]] = {GPT2Adapter.model_type: GPT2Adapter, GPTNeoXAdapter.model_type: GPTNeoXAdapter}
+REGISTRY: dict[str, type[Adapter]] = {
+    cls.model_type: cls
+    for cls in (GPT2Adapter, GPTNeoXAdapter, LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter)
+}
 """The adapter class of each supported ``config.model_type``."""
 
 
@@ -54,7 +59,8 @@ def _adapter_class(model: object) -> type[Adapter]:
     if owner is not None:
         return owner
     raise UnsupportedModelError(
-        f"attnlens needs a supported Hugging Face model (GPT-2, GPT-NeoX), got {type(model).__module__}."
+        "attnlens needs a supported Hugging Face model (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3), got "
+        f"{type(model).__module__}."
         f"{type(model).__qualname__}; supported: {_supported()} (or a hub name / local path of such a checkpoint; "
         "torch.compile and PEFT wrappers of one)"
     )
@@ -109,7 +115,8 @@ def load(
     cls = REGISTRY.get(getattr(config, "model_type", None) or "")
     if cls is None:
         raise UnsupportedModelError(
-            f"{name_or_path!r} is a {config.model_type!r} checkpoint; attnlens supports GPT-2 and GPT-NeoX "
+            f"{name_or_path!r} is a {config.model_type!r} checkpoint; attnlens supports GPT-2, GPT-NeoX, Llama, "
+            "Mistral, Qwen2 and Qwen3 "
             f"({_supported()})"
         )
     return cls.load(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation)

@@ -1,0 +1,240 @@
+"""Llama-family models through ablation, attribution, circuits, windows and refusals (beyond load/trace/verify).
+
+The models are shrunk published configs of tests/test_hub_configs_llama.py, saved with seeded random weights:
+Llama-3.2-1B (grouped by 4, llama3 rope, tied embeddings), Qwen2.5-3B (q/k/v biases, grouped by 8: multi-query
+after shrinking), Qwen3-8B (q_norm/k_norm, grouped by 4, untied) and Mistral-7B-Instruct-v0.1 (a sliding window of 4
+over 12 positions).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_bitwise, optional
+from test_hub_configs_llama import (
+    D_HEAD,
+    FIXTURES,
+    N_LAYER,
+    SEQ,
+    WINDOW,
+    eager_patterns,
+    left_padded,
+    make_checkpoint,
+    pattern_bound,
+    shrink,
+)
+from torch.testing import assert_close
+
+import attnlens
+from attnlens.attribution import decompose
+from attnlens.circuits import composition_scores
+from attnlens.models import adapt
+
+FIXTURE_NAMES = {
+    "llama": "meta-llama__Llama-3.2-1B.json",
+    "qwen2": "Qwen__Qwen2.5-3B.copied.json",
+    "qwen3": "Qwen__Qwen3-8B.copied.json",
+    "mistral": "mistralai__Mistral-7B-Instruct-v0.1.printed-4.40.0.dev0.json",
+}
+
+
+def build(name: str, folder: Path, kernel: str = "sdpa", dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:
+    raw = json.loads((FIXTURES / name).read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cls = make_checkpoint(shrink(raw, **overrides), folder)
+        return cls.from_pretrained(folder, attn_implementation=kernel, dtype=dtype).eval()
+
+
+@pytest.fixture(scope="module", params=sorted(FIXTURE_NAMES))
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    path = tmp_path_factory.mktemp(request.param)
+    # Token ids inside the shrunk vocabulary: scan separates documents with the config's eos_token_id.
+    build(FIXTURE_NAMES[request.param], path, bos_token_id=1, eos_token_id=2)
+    return request.param, path
+
+
+def load(folder: Path, kernel: str, dtype: torch.dtype = torch.float32) -> Any:
+    import transformers
+
+    config = json.loads((folder / "config.json").read_text())
+    cls = getattr(transformers, config["architectures"][0]) if config.get("architectures") else None
+    assert cls is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls.from_pretrained(folder, attn_implementation=kernel, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_ablating_one_query_head_is_zeroing_its_z_before_o_proj(family: tuple[str, Path], kernel: str) -> None:
+    _, folder = family
+    model = load(folder, kernel)
+    adapter = adapt(model)
+    ids, mask, positions = left_padded()
+    # The last query head of the first key/value group: its siblings share its keys and values, never its ablation.
+    head = adapter.n_heads // adapter.n_kv_heads - 1
+    with torch.no_grad():
+        clean = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        with attnlens.ablate(model, [(1, head)]):
+            ablated = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        with attnlens.ablate(model, [(1, 0 if head else 1)]):
+            sibling = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    assert not torch.equal(clean, ablated) and not torch.equal(ablated, sibling)
+
+    def zero_head(module: Any, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        z = args[0].clone()  # [batch, pos, (head d_head)], query heads in order
+        z[..., head * D_HEAD : (head + 1) * D_HEAD] = 0
+        return (z,)
+
+    handle = model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(zero_head)
+    try:
+        with torch.no_grad():
+            by_hand = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    finally:
+        handle.remove()
+    # The same o_proj on the same zeroed input, the rest of the forward pass unchanged.
+    assert_bitwise(ablated, by_hand, "same kernel")
+    importance = attnlens.head_importance(model, ids, mask)
+    assert importance.shape == (N_LAYER, adapter.n_heads) and bool(importance.isfinite().all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_decompose_sums_to_the_residual_and_the_logits(family: tuple[str, Path], dtype: torch.dtype) -> None:
+    _, folder = family
+    model = load(folder, "sdpa", dtype)
+    ids, mask, positions = left_padded()
+    d = decompose(model, ids, mask, positions=None, position_ids=positions)
+    d.check()  # raises DecompositionError above the derived tolerance
+    assert not bool(d.contributions[d.index("pos_embed")].any())  # rotary: positions enter no residual term
+    targets = ids.roll(-1, dims=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.to(torch.float64)
+    total = d.logit_attribution(targets).sum(0).double() + d.logit_bias(targets).double()
+    expected = logits.gather(-1, targets[..., None])[..., 0]
+    valid = mask.bool()
+    # The derived bound per entry (Decomposition.logit_bound: roundings of every term, RMSNorm frozen at the real
+    # residual's scale, nothing centred).
+    bound = d.logit_bound(targets).double()
+    assert bool(((total - expected).abs() <= bound)[valid].all()), float((total - expected).abs()[valid].max())
+
+
+def test_qk_circuits_are_refused_and_ov_is_per_query_head(family: tuple[str, Path]) -> None:
+    _, folder = family
+    w = attnlens.extract_weights(load(folder, "sdpa"))
+    with pytest.raises(attnlens.PositionDependentCircuitError, match="no position-free QK circuit"):
+        composition_scores(w, "K")
+    layer = w.layers[0]
+    group = layer.n_heads // layer.n_kv_heads
+    # Each query head's OV circuit reads its key/value head's W_V: grouped() is that view, no copy.
+    per_head = layer.grouped("W_V").flatten(0, 1)
+    for head in range(layer.n_heads):
+        assert_bitwise(per_head[head], layer.W_V[head // group], "copy")
+    with pytest.raises(ValueError, match="RMSNorm"):
+        w.processed()
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_qwen2_layer_types_window_one_layer_and_not_the_other(kernel: str, tmp_path: Path) -> None:
+    # Qwen2.5's keys with use_sliding_window on from layer 1 (max_window_layers 1): layer 0 full, layer 1 a window
+    # of 4 over 12 positions.
+    model = build(FIXTURE_NAMES["qwen2"], tmp_path, kernel, use_sliding_window=True, sliding_window=WINDOW)
+    model.config.max_window_layers = 1
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["max_window_layers"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    model = load(tmp_path, kernel)
+    adapter = adapt(model)
+    assert [spec.window for spec in adapter.specs] == [None, WINDOW]
+    ids, mask, positions = left_padded()
+    trace = attnlens.trace(model, ids, attention_mask=mask, position_ids=positions, store=["pattern", "q", "k"])
+    reference = eager_patterns(model, ids, mask, positions)
+    rows = mask.bool()[:, None, :, None]
+    full, windowed = trace.pattern(0), trace.pattern(1)
+    assert bool((full[0, :, -1, : SEQ - WINDOW] > 0).all())  # full causal: the last query sees the first keys
+    assert not bool(windowed[..., WINDOW:, 0].any())  # windowed: they left it
+    if kernel == "eager":
+        for index in range(N_LAYER):
+            assert_bitwise(trace.pattern(index) * rows, reference[index] * rows, "same call", f"layer {index}")
+    else:
+        for index in range(N_LAYER):  # the same q and k, scores rounded in two kernels' orders
+            bound = pattern_bound(trace["q", index], trace["k", index], torch.float32)
+            assert_close(trace.pattern(index) * rows, reference[index] * rows, atol=bound, rtol=0.0)
+    assert attnlens.verify(model, ids, attention_mask=mask, position_ids=positions).ok
+
+
+def test_dynamic_rope_and_other_kernels_are_refused_by_name(tmp_path: Path) -> None:
+    model = build(FIXTURE_NAMES["llama"], tmp_path, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(attnlens.UnsupportedModelError, match="dynamic"):
+        attnlens.extract_weights(model)
+
+
+def test_an_edited_config_is_refused_against_the_modules(tmp_path: Path) -> None:
+    model = build(FIXTURE_NAMES["mistral"], tmp_path)
+    model.config.sliding_window = WINDOW + 1  # the mask would follow the config, the spec must not disagree
+    assert adapt(model).specs[0].window == WINDOW + 1
+    model.config.num_key_value_heads = 1
+    with pytest.raises(attnlens.UnsupportedModelError, match="edited after the model was built"):
+        adapt(model)
+
+
+def llama_device_map(offload_to: str) -> dict[str, str]:
+    optional("accelerate")  # transformers loads with a device_map through it
+    names = ("model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.norm", "lm_head")
+    return {**dict.fromkeys(names, "cpu"), "model.layers.1": offload_to}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_every_layer_mapped_by_device_map_verifies_in_half(dtype: torch.dtype, tmp_path: Path) -> None:
+    import transformers
+
+    build(FIXTURE_NAMES["qwen3"], tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, device_map=llama_device_map("cpu"), dtype=dtype, attn_implementation="sdpa"
+    ).eval()
+    assert model.model.layers[1].self_attn.q_proj.weight.dtype == dtype
+    ids, mask, positions = left_padded()
+    report = attnlens.verify(model, ids, attention_mask=mask, position_ids=positions)
+    assert report.ok, str(report)
+
+
+def test_a_layer_offloaded_to_disk_is_refused_by_name(tmp_path: Path) -> None:
+    import transformers
+
+    build(FIXTURE_NAMES["llama"], tmp_path / "model")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=llama_device_map("disk"), offload_folder=tmp_path / "offload"
+    )
+    assert model.model.layers[1].self_attn.q_proj.weight.is_meta
+    with pytest.raises(
+        attnlens.UnsupportedModelError, match=r"meta device, offloaded by accelerate.*model\.layers\.1\."
+    ):
+        attnlens.extract_weights(model)
+
+
+def test_cli_verify_and_weights_on_a_saved_folder(family: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from attnlens.cli import main
+
+    _, folder = family
+    ids = [str(i) for i in left_padded()[0][0].tolist()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["verify", str(folder), "--ids", *ids]) == 0
+        assert "OK" in capsys.readouterr().out
+        assert main(["weights", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "per key/value head" in out and "query head h reads key/value head" in out
+
+
+def test_scan_scores_every_query_head(family: tuple[str, Path]) -> None:
+    _, folder = family
+    model = load(folder, "sdpa")
+    adapter = adapt(model)
+    ids, _, _ = left_padded()
+    result = attnlens.scan(model, [row.tolist() for row in ids] * 2, seq_len=SEQ, batch_size=2, progress=False)
+    for name, mean in result.mean.items():
+        assert mean.shape == (N_LAYER, adapter.n_heads) and bool(mean.isfinite().all()), name
