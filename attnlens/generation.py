@@ -154,6 +154,12 @@ class _Steps:
     def on_base(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         self.step += 1
         self.cache = self.adapter.step_cache(kwargs)
+        if self.adapter.sites.pos_embed is None:
+            # No position embedding to watch (rotary): keep the positions generate asked the base model for, so that
+            # check() names an offset exactly; whether the rotation used them shows in the post-rotary cached keys.
+            position_ids = kwargs.get("position_ids")
+            if isinstance(position_ids, Tensor) and position_ids.ndim == 2:
+                self.positions.append(position_ids[:, -1].clone())
         if self.cache is None:
             raise AttentionCaptureError(f"step {self.step} ran without a key/value cache; nothing can be traced")
 
@@ -323,7 +329,8 @@ def trace_generate(
         prompt_mask=steps.expanded_mask(sequences.shape[0]).clone(),
         rows=steps.rows,
         final_kv=steps.final_kv,
-        positions=torch.stack(steps.positions, dim=1) if steps.positions else None,
+        # Every step's, or none (a base model that derives positions itself is given no position_ids).
+        positions=torch.stack(steps.positions, dim=1) if len(steps.positions) == n_steps else None,
         finished_at=_finished_at(sequences, steps.prompt_len, _eos_ids(settings)),
         tokens=None if tokenizer is None else [token_texts(tokenizer, row) for row in sequences.tolist()],
         provenance={

@@ -9,7 +9,7 @@ forward pass, with the mask ``generate`` extends and the positions it derives fr
 
 * each step's rows with the same query row of that trace (absolute error of probabilities);
 * the cache's keys and values with the trace's (relative to the head's largest), padding slots left out;
-* the positions each step's query ran at (where the model has a position embedding) with the mask's, exactly.
+* the positions each step's query ran at (where they were recorded) with the mask's, exactly.
 
 Nothing is bitwise there: the full-sequence pass multiplies matrices of other shapes than the one-token steps, so its
 sums run in other orders. The tolerances are verify's (:mod:`attnlens.tolerances`), grown with depth: relative error
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from attnlens._display import MAX_ROWS, json_text, nested, table
 from attnlens.errors import AttentionCaptureError
 from attnlens.tolerances import UNIT_ROUNDOFF, derived_tolerances
 
@@ -74,8 +75,9 @@ class GenerationTrace:
         rows: ``[layer, batch, head, step, k_pos]``; see :meth:`row`.
         finished_at: ``[batch]``, the step that chose the row's first eos (the number of steps if none). Later
             steps of that row run on the pad token; their rows are stored as the model computed them.
-        positions: ``[batch, step]``, the position each step's query ran at (models with a position embedding),
-            else None.
+        positions: ``[batch, step]``, the position each step's query ran at: what the position embedding received
+            (GPT-2), or for rotary models the ``position_ids`` the base model was given (the rotation they lead to is
+            checked through the post-rotary cached keys); None where the base model was given none.
         cache_keys: ``[layer, batch, kv_head, pos, d_head]``, the cache's keys after the last step (post-rotary).
         cache_values: the same for values.
         tokens: the token strings of each sequence (with a tokenizer), else None.
@@ -370,12 +372,64 @@ class GenerationTrace:
             **{name: tensors[name] for name in _TENSORS},
         )
 
+    # ------------------------------------------------------------------------------------------- display ---
+
+    def to_dict(self, *, rows: bool = False) -> dict[str, Any]:
+        """Plain Python data: sequences, masks, tokens, provenance; the rows as nested lists only with ``rows=True``.
+
+        The cache is left out (keep the safetensors file of :meth:`save` for it); ``rows=True`` writes
+        ``[layer, batch, head, step, k_pos]`` numbers, which grows as layers x heads x steps x length.
+        """
+        out: dict[str, Any] = {
+            "format": _FORMAT,
+            "kind": "generation_trace",
+            "layers": list(self.layers),
+            "heads": list(self.heads),
+            "n_heads": self.n_heads,
+            "prompt_len": self.prompt_len,
+            "n_steps": self.n_steps,
+            "sequences": nested(self.sequences),
+            "prompt_mask": nested(self.prompt_mask),
+            "finished_at": nested(self.finished_at),
+            "positions": nested(self.positions),
+            "tokens": self.tokens,
+            "provenance": dict(self.provenance),
+        }
+        if rows:
+            out["rows"] = nested(self.rows)
+        return out
+
+    def to_json(self, *, rows: bool = False, **kwargs: Any) -> str:
+        """JSON text of :meth:`to_dict`; ``kwargs`` go to :func:`json.dumps`."""
+        return json_text(self.to_dict(rows=rows), **kwargs)
+
     def __repr__(self) -> str:
         name = self.provenance.get("model") or self.provenance.get("model_class") or "?"
         return (
             f"GenerationTrace(model={name!r}, layers={list(self.layers)}, heads={len(self.heads)}, "
-            f"batch={self.sequences.shape[0]}, prompt={self.prompt_len}, steps={self.n_steps})"
+            f"batch={self.sequences.shape[0]}, prompt={self.prompt_len}, steps={self.n_steps}, "
+            f"dtype={str(self.rows.dtype).removeprefix('torch.')})"
         )
+
+    def _repr_html_(self) -> str:
+        """A table of sequence 0's steps, at most ``MAX_ROWS`` (:meth:`view` draws the text view).
+
+        Each row: the step's query token, the token it chose, and the key the last traced layer's heads attend to
+        most on average.
+        """
+        texts = self.tokens[0] if self.tokens is not None else [str(i) for i in self.sequences[0].tolist()]
+        slot = len(self.layers) - 1
+        rows = []
+        for step in range(min(self.n_steps, MAX_ROWS)):
+            mean = self.rows[slot, 0, :, step, : self.prompt_len + step].float().mean(dim=0)  # [k_pos]
+            top = int(mean.argmax())
+            stop = " (eos)" if step == int(self.finished_at[0]) else ""
+            query = self.prompt_len - 1 + step
+            chosen = texts[query + 1] + stop
+            rows.append([step, texts[query], chosen, f"{texts[top]!r} @{top}", f"{float(mean[top]):.3f}"])
+        more = f"<div>... {self.n_steps - MAX_ROWS} more steps</div>" if self.n_steps > MAX_ROWS else ""
+        header = ["step", "query token", "chose", f"most attended (layer {self.layers[-1]}, mean of heads)", "weight"]
+        return table(header, rows, caption=repr(self)) + more
 
 
 def _with_tokens(full: AttentionTrace, tokens: list[list[str]]) -> AttentionTrace:
