@@ -1,11 +1,19 @@
-"""Open the built docs site in headless Chromium and check that every notebook page shows what its notebook made.
+"""Open the built docs site in headless Chromium: every page reads well, every notebook page shows what it made.
 
 Run after ``make docs`` (``mkdocs build --strict``, which executes the notebooks)::
 
     python docs/check_site.py site --screenshots /tmp/attnlens-site
 
-For each notebook under ``docs/`` (the tutorials and the gallery) this serves ``site/`` on localhost, opens the page
-in Chromium with every request to another host refused, and fails unless:
+This serves ``site/`` on localhost and opens every page in Chromium, in a 1440 x 900 window (a laptop's screen) with
+every request to another host refused. Every page fails unless:
+
+* a code block of 120 columns (the width attnlens's code and outputs are written to) fits its container without
+  scrolling sideways: a probe line of 120 characters is put in a code block, a notebook cell's input and a notebook
+  output as the page styles them, and no code block of the page whose lines are at most 120 columns scrolls;
+* its text shows no Sphinx role left unrendered (``:func:`` followed by a name, ``:class:``, ``:meth:``...: the
+  docstrings' cross-references, which docs/hooks.py turns into links).
+
+For each notebook under ``docs/`` (the tutorials and the gallery), the page also fails unless:
 
 * the page exists and shows the notebook's code cells, every one with an execution count (``In [n]:``, never
   ``In [ ]:``), and at least one output;
@@ -61,6 +69,62 @@ MIN_FIGURE_PX = 100
 # shows one shows the reader a path that means nothing on their machine.
 BUILD_PATHS = tuple(sorted({str(DOCS.parent), tempfile.gettempdir(), str(Path.home())}))
 VIEW_TIMEOUT_MS = 15_000
+VIEWPORT = {"width": 1440, "height": 900}
+COLUMNS = 120
+
+# Runs in the page: whether a line of `columns` characters fits each kind of code block. A probe copies the page's own
+# block (a code block of the text, a notebook cell's input, a notebook output), holds the line, and is removed again;
+# the page's real blocks whose lines are at most `columns` long must not scroll either.
+WIDTH_JS = """(columns) => {
+  const content = document.querySelector('.md-content');
+  if (!content) return {probes: [], scrolling: []};
+  const line = 'x'.repeat(columns);
+  const scrolls = e => e.scrollWidth > e.clientWidth + 1;
+  const column = content.querySelector('article') || content;
+  const overflows = e => {  // the block or anything inside it scrolls, or it sticks out of the content column
+    if ([e, ...e.querySelectorAll('*')].some(scrolls)) return true;
+    const style = getComputedStyle(column);
+    const right = column.getBoundingClientRect().right - parseFloat(style.paddingRight);
+    return e.getBoundingClientRect().right > right + 1;
+  };
+  const outside = e => !e.closest('.jupyter-wrapper');
+  const nb_output = content.querySelector('.jupyter-wrapper .jp-OutputArea-output pre');
+  const kinds = [
+    ['code block', [...content.querySelectorAll('.md-typeset .highlight')].filter(outside)[0], true],
+    ['notebook input', content.querySelector('.jupyter-wrapper .jp-CodeCell'), false],
+    ['notebook output', nb_output && nb_output.closest('.jp-OutputArea-child'), false],
+  ];
+  const probes = [];
+  for (let [kind, block, always] of kinds) {
+    let probe;
+    if (block) {
+      probe = block.cloneNode(true);
+      const pre = probe.matches('pre') ? probe : probe.querySelector('pre');
+      const code = pre && (pre.querySelector('code') || pre);
+      if (!code) continue;
+      code.textContent = line;
+      probe.querySelectorAll('.jp-OutputArea').forEach(e => e.remove());  // a cell's input only
+      block.after(probe);
+    } else if (always) {  // a page without code: the theme's code block, in the content column
+      probe = document.createElement('div');
+      probe.className = 'highlight';
+      probe.innerHTML = '<pre><code></code></pre>';
+      probe.querySelector('code').textContent = line;
+      column.append(probe);
+    } else continue;
+    const pre = probe.matches('pre') ? probe : probe.querySelector('pre');
+    const needed = Math.max(...[pre, ...pre.querySelectorAll('*')].map(e => e.scrollWidth));
+    probes.push({kind, fits: !overflows(probe), block: Math.round(pre.clientWidth), needed: Math.round(needed)});
+    probe.remove();
+  }
+  const scrolling = [...content.querySelectorAll('pre')].filter(pre => {
+    const longest = Math.max(...pre.textContent.split('\\n').map(l => l.length));
+    return longest <= columns && overflows(pre);
+  }).map(pre => pre.textContent.split('\\n')[0].slice(0, 60));
+  return {probes, scrolling};
+}"""
+# A docstring's Sphinx role left as text: `:func:` and the name (its backticks became a code span, or stayed).
+ROLE_TEXT = re.compile(r":(?:func|class|meth|attr|mod|data|obj|exc|const|type):\S")
 
 # Runs in the page: what the notebook part of the page shows.
 SUMMARY_JS = """() => {
@@ -96,14 +160,25 @@ SUMMARY_JS = """() => {
 
 @dataclass
 class PageReport:
-    """What one notebook page showed, and what is wrong with it."""
+    """What one page showed, and what is wrong with it."""
 
     name: str
     url: str
+    notebook: Path | None = None
     summary: dict | None = None
+    width: dict | None = None
+    roles: list[str] = field(default_factory=list)
     page_errors: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     screenshot: Path | None = None
+
+
+def site_pages(site: Path) -> list[str]:
+    """The URL path of every page of the built site (directory URLs: a folder with an ``index.html``)."""
+    return sorted(
+        "" if page.parent == site else page.parent.relative_to(site).as_posix() + "/"
+        for page in site.rglob("index.html")
+    )
 
 
 def notebook_pages(docs: Path) -> list[tuple[str, Path]]:
@@ -144,8 +219,24 @@ def blank(png: Path) -> bool:
         return all(low == high for low, high in image.convert("RGB").getextrema())
 
 
+def judge_reading(report: PageReport) -> None:
+    """Fill ``report.problems`` from what every page must do: code fits at 120 columns, no role left as text."""
+    width = report.width or {"probes": [], "scrolling": []}
+    for probe in width["probes"]:
+        if not probe["fits"]:
+            report.problems.append(
+                f"a {COLUMNS}-column line does not fit a {probe['kind']} at {VIEWPORT['width']} px: "
+                f"{probe['block']} px wide, {probe['needed']} px needed"
+            )
+    if width["scrolling"]:
+        scrolling = width["scrolling"]
+        report.problems.append(f"{len(scrolling)} code blocks of at most {COLUMNS} columns scroll: {scrolling[:3]}")
+    if report.roles:
+        report.problems.append(f"{len(report.roles)} Sphinx roles shown as text: {report.roles[:5]}")
+
+
 def judge(report: PageReport, notebook: Path) -> None:
-    """Fill ``report.problems`` from what the page showed."""
+    """Fill ``report.problems`` from what a notebook page showed."""
     s = report.summary
     problems = report.problems
     if s is None:
@@ -179,7 +270,7 @@ def judge(report: PageReport, notebook: Path) -> None:
 
 
 def check(site: Path, screenshots: Path, chromium: str) -> tuple[list[PageReport], set[str]]:
-    """Open every notebook page of ``site``; returns the page reports and the URLs refused (other hosts)."""
+    """Open every page of ``site``; returns the page reports and the URLs refused (other hosts)."""
     from playwright.sync_api import Error, Route, sync_playwright
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
@@ -191,7 +282,7 @@ def check(site: Path, screenshots: Path, chromium: str) -> tuple[list[PageReport
     reports = []
     with serve(site) as base, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context = browser.new_context(viewport=VIEWPORT)
 
         def route(r: Route) -> None:
             if urlsplit(r.request.url).hostname in ("127.0.0.1", None):
@@ -201,8 +292,9 @@ def check(site: Path, screenshots: Path, chromium: str) -> tuple[list[PageReport
                 r.abort()
 
         context.route("**/*", route)
-        for path, notebook in notebook_pages(DOCS):
-            report = PageReport(name=path.rstrip("/"), url=base + path)
+        notebooks = dict(notebook_pages(DOCS))
+        for path in sorted(set(site_pages(site)) | set(notebooks)):
+            report = PageReport(name=path.rstrip("/") or "index", url=base + path, notebook=notebooks.get(path))
             reports.append(report)
             if not (site / path / "index.html").is_file():
                 report.problems.append(f"page missing: {site / path / 'index.html'}")
@@ -210,6 +302,17 @@ def check(site: Path, screenshots: Path, chromium: str) -> tuple[list[PageReport
             page = context.new_page()
             page.on("pageerror", collect(report.page_errors))
             page.goto(report.url, wait_until="load")
+            report.width = page.evaluate(WIDTH_JS, COLUMNS)
+            text = page.evaluate("() => (document.querySelector('.md-content') || document.body).innerText")
+            report.roles = [text[max(0, m.start() - 20) : m.end() + 30] for m in ROLE_TEXT.finditer(text)]
+            report.screenshot = screenshots / (report.name.replace("/", "__") + ".png")
+            if report.notebook is None:
+                page.screenshot(path=str(report.screenshot))  # the first screen: what a reader sees on opening it
+                page.close()
+                judge_reading(report)
+                if report.page_errors:
+                    report.problems.append(f"script errors: {report.page_errors}")
+                continue
             try:  # the views draw from their own script; give them time, then judge what is there
                 page.wait_for_function(
                     "() => [...document.querySelectorAll('.jp-OutputArea-output [data-state]')]"
@@ -219,10 +322,10 @@ def check(site: Path, screenshots: Path, chromium: str) -> tuple[list[PageReport
             except PlaywrightTimeout as error:  # judged below, from the views' state
                 report.page_errors.append(f"views still loading after {VIEW_TIMEOUT_MS} ms: {error}")
             report.summary = page.evaluate(SUMMARY_JS)
-            report.screenshot = screenshots / (report.name.replace("/", "__") + ".png")
             page.screenshot(path=str(report.screenshot), full_page=True)
             page.close()
-            judge(report, notebook)
+            judge_reading(report)
+            judge(report, report.notebook)
         browser.close()
     return reports, refused
 
@@ -247,10 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for r in reports:
         s = r.summary or {"prompts": [], "outputs": 0, "images": [], "views": []}
-        line = (
-            f"{r.name}: {len(s['prompts'])} code cells, {s['outputs']} outputs, {len(s['images'])} figures, "
-            f"{len(s['views'])} views -> {r.screenshot}"
-        )
+        fits = ", ".join(f"{p['kind']} {p['block']} px" for p in (r.width or {"probes": []})["probes"])
+        line = f"{r.name}: {fits or 'no code'}"
+        if r.notebook is not None:
+            line += (
+                f"; {len(s['prompts'])} code cells, {s['outputs']} outputs, {len(s['images'])} figures, "
+                f"{len(s['views'])} views"
+            )
+        line += f" -> {r.screenshot}"
         print(("FAIL " if r.problems else "ok   ") + line)
         for problem in r.problems:
             print(f"     - {problem}")
