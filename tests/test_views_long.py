@@ -265,7 +265,7 @@ def test_lines_view_rejects_bad_input(kwargs: dict[str, Any], match: str) -> Non
 # n_ctx, GPT-2 small's shape, in a fresh process: peak memory, pixels and page size
 
 _CHILD = r"""
-import resource, sys, json
+import sys, json
 from pathlib import Path
 import torch
 from attnlens import viz
@@ -282,11 +282,15 @@ for l in range(n_layer):
         stack[l, h] = (torch.randn(n, n, generator=generator) * 3).masked_fill(future, float("-inf")).softmax(-1)
 tokens = [f" w{i}" for i in range(n)]
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
-before = rss()
+# The peak of this process's own memory (VmHWM), reset here: getrusage's ru_maxrss also counts the parent pytest
+# process this one was forked from (Linux keeps it across exec), which is large late in a whole-suite run.
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
 size = 0
 if what == "plot_pattern":
     viz.save_figure(viz.plot_pattern(stack[5, 1], tokens, title="L5H1"), out)
@@ -301,7 +305,7 @@ else:
     else:
         html = getattr(viz, what)(stack, tokens)
     size = len(html)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print(json.dumps({"growth": peak - before, "size": size}))
 """
 
