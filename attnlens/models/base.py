@@ -18,8 +18,6 @@ fused or separate projections):
 
 from __future__ import annotations
 
-import hashlib
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,9 +30,6 @@ from attnlens.errors import AttentionCaptureError, UnsupportedModelError
 from attnlens.weights import LayerNormWeights, ModelWeights
 
 __all__ = ["QKV", "Adapter", "AttentionSpec", "LayerSites", "Rotation", "Sites"]
-
-# Bookkeeping config entries that say nothing about the network itself (left out of the config hash).
-_UNHASHED = frozenset({"_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"})
 
 
 @dataclass(frozen=True)
@@ -176,7 +171,7 @@ class Adapter(ABC):
         unknown_config_keys: config keys of unknown effect (see the adapter's config policy), sorted.
         parallel_residual: attention and MLP read the same residual stream (GPT-NeoX), instead of the MLP reading
             the residual after the attention's output is added (GPT-2).
-        config_sha256: the sha256 of the config's JSON, without bookkeeping entries (see :func:`config_sha256`).
+        config_sha256: the sha256 of the config's JSON, without bookkeeping entries (see :func:`._hf.config_sha256`).
         own_sites: the :class:`Sites`, whatever the kernel; read them through :attr:`sites`, which refuses a kernel
             that cannot run a plain forward (weights can still be extracted from such a model).
 
@@ -295,9 +290,12 @@ class Adapter(ABC):
     def rotation(self, layer: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Rotation | None:
         """The rotary embedding that ``sites.layers[layer].attn`` was called with (its forward-pre hook's arguments).
 
-        Default: None (no rotary embedding).
+        Default: transformers' convention for every rotary model, its ``position_embeddings`` keyword (see
+        :func:`attnlens.models._hf.rotation`); None for a model without rotary layers.
         """
-        return None
+        from attnlens.models import _hf  # imported here: _hf builds on this module's types
+
+        return _hf.rotation(layer, kwargs) if self.rotary else None
 
     def notes(self) -> tuple[str, ...]:
         """Known departures of the model's kernel from its config (for verify's report). Default: none."""
@@ -493,9 +491,3 @@ class Adapter(ABC):
             if int(pos.min()) < 0 or int(pos.max()) >= self.n_ctx:
                 raise ValueError(f"position_ids must lie in [0, {self.n_ctx}), got {int(pos.min())}..{int(pos.max())}")
         return ids, mask, pos
-
-
-def config_sha256(config: Any) -> str:
-    """The sha256 of a Hugging Face config's JSON, without bookkeeping entries and the attention implementation."""
-    entries = {k: v for k, v in config.to_dict().items() if k not in _UNHASHED and not k.startswith("_attn")}
-    return hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()

@@ -30,7 +30,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from attnlens.errors import UnsupportedModelError
-from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites, config_sha256
+from attnlens.models._hf import config_sha256
+from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
 from attnlens.models.gpt2_config import check_config, unknown_keys
 from attnlens.models.wrappers import check_exact, check_state, plain, unwrap
 from attnlens.weights import LayerNormWeights, LayerWeights, MLPWeights, ModelWeights

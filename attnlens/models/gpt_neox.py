@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from attnlens import functional
 from attnlens.errors import AttentionCaptureError, UnsupportedModelError
-from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites, config_sha256
+from attnlens.models._hf import config_sha256
+from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
 from attnlens.models.gpt_neox_config import check_config, rotary
 from attnlens.models.wrappers import check_exact, check_state, plain, unwrap
 from attnlens.weights import LayerNormWeights, LayerWeights, MLPWeights, ModelWeights
@@ -275,21 +276,6 @@ class GPTNeoXAdapter(Adapter):
         Without ``dtype`` the weights keep their stored dtype (``dtype="auto"``); never remote code.
         """
         return _load(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
-
-    def rotation(self, layer: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Rotation | None:
-        """``position_embeddings`` ``(cos, sin)``, each ``[batch or 1, pos, rotary_dim]``, as the module received it.
-
-        Raises:
-            AttentionCaptureError: the attention module was called without it (not a transformers 4.57/5.x forward).
-        """
-        embeddings = kwargs.get("position_embeddings")
-        if not isinstance(embeddings, tuple) or len(embeddings) != 2:
-            raise AttentionCaptureError(
-                f"layer {layer}'s attention module was called without position_embeddings=(cos, sin): attnlens "
-                "reads the rotation the model uses from there (transformers 4.57 and 5.x pass it)"
-            )
-        cos, sin = embeddings
-        return Rotation(cos=cos, sin=sin)
 
     def split_qkv(self, layer: int, outputs: Sequence[Tensor], rotation: Rotation | None = None) -> QKV:
         """q, k, v ``[batch, head, pos, d_head]`` from ``query_key_value``'s output, q and k rotated as the model does.

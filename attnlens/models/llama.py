@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from attnlens import functional
 from attnlens.errors import AttentionCaptureError, UnsupportedModelError
-from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites, config_sha256
+from attnlens.models._hf import config_sha256
+from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
 from attnlens.models.llama_config import FAMILIES, LlamaLikeSettings, check_config, settings
 from attnlens.models.wrappers import check_exact, check_state, plain, unwrap
 from attnlens.weights import LayerNormWeights, LayerWeights, MLPWeights, ModelWeights
@@ -254,21 +255,6 @@ class LlamaAdapter(Adapter):
         if device is not None:
             model = model.to(device)
         return model.eval()
-
-    def rotation(self, layer: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Rotation | None:
-        """``position_embeddings`` ``(cos, sin)``, each ``[batch or 1, pos, d_head]``, as the module received it.
-
-        Raises:
-            AttentionCaptureError: the attention module was called without it (not a transformers 4.57/5.x forward).
-        """
-        embeddings = kwargs.get("position_embeddings")
-        if not isinstance(embeddings, tuple) or len(embeddings) != 2:
-            raise AttentionCaptureError(
-                f"layer {layer}'s attention module was called without position_embeddings=(cos, sin): attnlens "
-                "reads the rotation the model uses from there (transformers 4.57 and 5.x pass it)"
-            )
-        cos, sin = embeddings
-        return Rotation(cos=cos, sin=sin)
 
     def split_qkv(self, layer: int, outputs: Sequence[Tensor], rotation: Rotation | None = None) -> QKV:
         """Queries ``[batch, head, pos, d_head]``, keys and values ``[batch, kv_head, pos, d_head]``, rotated.
