@@ -35,3 +35,18 @@ def config_sha256(config: Any) -> str:
     """The sha256 of a Hugging Face config's JSON, without bookkeeping entries and the attention implementation."""
     entries = {k: v for k, v in config.to_dict().items() if k not in _UNHASHED and not k.startswith("_attn")}
     return hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _token_id(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def config_fields(config: Any) -> dict[str, Any]:
+    """The Adapter fields every adapter reads from a Hugging Face config the same way (keyword arguments)."""
+    return {
+        "use_cache": bool(getattr(config, "use_cache", False)),
+        "bos_token_id": _token_id(getattr(config, "bos_token_id", None)),
+        "eos_token_id": _token_id(getattr(config, "eos_token_id", None)),
+        "name": str(getattr(config, "_name_or_path", "") or ""),
+        "config_sha256": config_sha256(config),
+    }

@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from attnlens.errors import UnsupportedModelError
-from attnlens.models._hf import config_sha256
+from attnlens.models._hf import config_fields
 from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
 from attnlens.models.gpt2_config import check_config, unknown_keys
 from attnlens.models.wrappers import check_exact, check_state, plain, unwrap
@@ -352,10 +352,6 @@ def _ignores_scale_flags(kernel: str, attns: list[Any]) -> bool:
     return any(not attn.scale_attn_weights or bool(attn.scale_attn_by_inverse_layer_idx) for attn in attns)
 
 
-def _token_id(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 @dataclass(frozen=True, eq=False)
 class GPT2Adapter(Adapter):
     """Hugging Face GPT-2 as attnlens sees it (see :class:`~attnlens.models.base.Adapter`).
@@ -443,14 +439,10 @@ class GPT2Adapter(Adapter):
             kernel_departure=departure,
             kernel_returns_pattern=kernel == "eager",
             kernel_refusal=refusal,
-            use_cache=bool(getattr(config, "use_cache", False)),
-            bos_token_id=_token_id(getattr(config, "bos_token_id", None)),
-            eos_token_id=_token_id(getattr(config, "eos_token_id", None)),
-            name=str(getattr(config, "_name_or_path", "") or ""),
             unknown_config_keys=unknown_keys(config),
             parallel_residual=False,
-            config_sha256=config_sha256(config),
             own_sites=sites,
+            **config_fields(config),
         )
 
     @classmethod

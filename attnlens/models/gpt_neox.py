@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from attnlens import functional
 from attnlens.errors import AttentionCaptureError, UnsupportedModelError
-from attnlens.models._hf import config_sha256
+from attnlens.models._hf import config_fields
 from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
 from attnlens.models.gpt_neox_config import check_config, rotary
 from attnlens.models.wrappers import check_exact, check_state, plain, unwrap
@@ -135,10 +135,6 @@ def _specs(config: Any, attns: list[Any]) -> tuple[AttentionSpec, ...]:
 def _layer_norm(ln: nn.Module) -> LayerNormWeights:
     assert isinstance(ln, nn.LayerNorm) and ln.weight is not None and ln.bias is not None
     return LayerNormWeights(w=ln.weight, b=ln.bias, eps=float(ln.eps))
-
-
-def _token_id(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _load(
@@ -244,14 +240,10 @@ class GPTNeoXAdapter(Adapter):
             kernel_departure=None,
             kernel_returns_pattern=kernel == "eager",
             kernel_refusal=refusal,
-            use_cache=bool(getattr(config, "use_cache", False)),
-            bos_token_id=_token_id(getattr(config, "bos_token_id", None)),
-            eos_token_id=_token_id(getattr(config, "eos_token_id", None)),
-            name=str(getattr(config, "_name_or_path", "") or ""),
             unknown_config_keys=unknown,
             parallel_residual=bool(config.use_parallel_residual),
-            config_sha256=config_sha256(config),
             own_sites=sites,
+            **config_fields(config),
         )
 
     @classmethod

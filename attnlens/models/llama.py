@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from attnlens import functional
 from attnlens.errors import AttentionCaptureError, UnsupportedModelError
-from attnlens.models._hf import config_sha256
+from attnlens.models._hf import config_fields
 from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
 from attnlens.models.llama_config import FAMILIES, LlamaLikeSettings, check_config, settings
 from attnlens.models.wrappers import check_exact, check_state, plain, unwrap
@@ -74,10 +74,6 @@ def _rms(norm: nn.Module) -> LayerNormWeights:
 def _bias(module: nn.Module) -> Tensor | None:
     bias = module.bias
     return bias if isinstance(bias, Tensor) else None
-
-
-def _token_id(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,14 +200,10 @@ class LlamaAdapter(Adapter):
             kernel_departure=None,
             kernel_returns_pattern=kernel == "eager",
             kernel_refusal=refusal,
-            use_cache=bool(getattr(config, "use_cache", False)),
-            bos_token_id=_token_id(getattr(config, "bos_token_id", None)),
-            eos_token_id=_token_id(getattr(config, "eos_token_id", None)),
-            name=str(getattr(config, "_name_or_path", "") or ""),
             unknown_config_keys=unknown,
             parallel_residual=False,
-            config_sha256=config_sha256(config),
             own_sites=sites,
+            **config_fields(config),
         )
 
     @classmethod
