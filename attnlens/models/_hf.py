@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from attnlens.errors import AttentionCaptureError
+import torch
+
+from attnlens.errors import AttentionCaptureError, UnsupportedModelError
 from attnlens.models.base import Rotation
 
 # Bookkeeping config entries that say nothing about the network itself (left out of the config hash).
@@ -35,6 +38,62 @@ def config_sha256(config: Any) -> str:
     """The sha256 of a Hugging Face config's JSON, without bookkeeping entries and the attention implementation."""
     entries = {k: v for k, v in config.to_dict().items() if k not in _UNHASHED and not k.startswith("_attn")}
     return hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load(
+    name_or_path: str,
+    *,
+    model_type: str,
+    family: str,
+    check: Callable[[Any], object],
+    classes: Sequence[str],
+    default: str,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    attn_implementation: str | None,
+    mismatch: str | None = None,
+    unreadable: str = "",
+) -> Any:
+    """Load a checkpoint in eval mode: its own class (``architectures``), else ``default``; never remote code.
+
+    Args:
+        name_or_path: a hub name or a local checkpoint folder.
+        model_type: the ``config.model_type`` the family has.
+        family: the family's name, in the refusal of a checkpoint of another type (``..., not {family}``).
+        check: the family's config policy check (raises :class:`UnsupportedModelError`).
+        classes: the supported class names; the first of ``architectures`` among them is the class loaded.
+        default: the class loaded when ``architectures`` names none of them.
+        dtype: the weights' dtype; None keeps the stored one.
+        device: where to move the model; None leaves it where transformers put it.
+        attn_implementation: the attention kernel; None is transformers' default.
+        mismatch: replaces ``, not {family}`` in the refusal of a checkpoint of another type.
+        unreadable: said after the checkpoint's name when its config cannot be read, before the cause.
+
+    Raises:
+        UnsupportedModelError: the checkpoint is of another type, or its config is refused by ``check``.
+        OSError: its config could not be read.
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise OSError(f"could not read a config for {name_or_path!r}{unreadable} ({error})") from error
+    if getattr(config, "model_type", None) != model_type:
+        tail = f", not {family}" if mismatch is None else mismatch
+        raise UnsupportedModelError(f"{name_or_path!r} is a {config.model_type!r} checkpoint{tail}")
+    check(config)
+    names = [name for name in (config.architectures or []) if name in classes]
+    cls = getattr(transformers, names[0] if names else default)
+    # dtype "auto": the stored dtype on every release (4.x would load float32, 5.x the config's dtype).
+    kwargs: dict[str, Any] = {"trust_remote_code": False, "dtype": "auto" if dtype is None else dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = cls.from_pretrained(name_or_path, config=config, **kwargs)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
 
 
 def _token_id(value: object) -> int | None:

@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from attnlens.errors import UnsupportedModelError
-from attnlens.models._hf import config_fields
+from attnlens.models import _hf
 from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
 from attnlens.models.gpt2_config import check_config, unknown_keys
 from attnlens.models.wrappers import check_exact, check_state, plain, unwrap
@@ -289,31 +289,20 @@ def load(
         UnsupportedModelError: the checkpoint is not GPT-2.
         OSError: it could not be found or read (no such folder and the hub unreachable, say).
     """
-    import transformers
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
-    except (OSError, ValueError) as error:
-        raise OSError(
-            f"could not read a config for {name_or_path!r}: not a local checkpoint folder, and the hub did not "
-            f"provide it ({error})"
-        ) from error
-    if getattr(config, "model_type", None) != "gpt2":
-        raise UnsupportedModelError(
-            f"{name_or_path!r} is a {config.model_type!r} checkpoint; "
-            f"attnlens supports GPT-2 ({', '.join(SUPPORTED_CLASSES)})"
-        )
-    check_config(config)
-    names = [name for name in (config.architectures or []) if name in SUPPORTED_CLASSES]
-    cls = getattr(transformers, names[0] if names else "GPT2LMHeadModel")
-    kwargs: dict[str, Any] = {"trust_remote_code": False, "dtype": "auto" if dtype is None else dtype}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    model = cls.from_pretrained(name_or_path, config=config, **kwargs)
-    if device is not None:
-        model = model.to(device)
-    return model.eval()
+    model: PreTrainedModel = _hf.load(
+        name_or_path,
+        model_type="gpt2",
+        family="GPT-2",
+        check=check_config,
+        classes=SUPPORTED_CLASSES,
+        default="GPT2LMHeadModel",
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        mismatch=f"; attnlens supports GPT-2 ({', '.join(SUPPORTED_CLASSES)})",
+        unreadable=": not a local checkpoint folder, and the hub did not provide it",
+    )
+    return model
 
 
 def kernel_pattern(output: Any) -> Tensor | None:
@@ -442,7 +431,7 @@ class GPT2Adapter(Adapter):
             unknown_config_keys=unknown_keys(config),
             parallel_residual=False,
             own_sites=sites,
-            **config_fields(config),
+            **_hf.config_fields(config),
         )
 
     @classmethod

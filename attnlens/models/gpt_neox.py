@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from attnlens import functional
 from attnlens.errors import AttentionCaptureError, UnsupportedModelError
-from attnlens.models._hf import config_fields
+from attnlens.models import _hf
 from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
 from attnlens.models.gpt_neox_config import check_config, rotary
 from attnlens.models.wrappers import check_exact, check_state, plain, unwrap
@@ -137,35 +137,6 @@ def _layer_norm(ln: nn.Module) -> LayerNormWeights:
     return LayerNormWeights(w=ln.weight, b=ln.bias, eps=float(ln.eps))
 
 
-def _load(
-    name_or_path: str,
-    *,
-    dtype: torch.dtype | None,
-    device: torch.device | str | None,
-    attn_implementation: str | None,
-) -> nn.Module:
-    import transformers
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
-    except (OSError, ValueError) as error:
-        raise OSError(f"could not read a config for {name_or_path!r} ({error})") from error
-    if getattr(config, "model_type", None) != "gpt_neox":
-        raise UnsupportedModelError(f"{name_or_path!r} is a {config.model_type!r} checkpoint, not GPT-NeoX")
-    check_config(config)
-    names = [name for name in (config.architectures or []) if name in SUPPORTED_CLASSES]
-    cls = getattr(transformers, names[0] if names else "GPTNeoXForCausalLM")
-    # dtype "auto": the stored dtype on every release (4.x would load float32, 5.x the config's dtype).
-    kwargs: dict[str, Any] = {"trust_remote_code": False, "dtype": "auto" if dtype is None else dtype}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    model = cls.from_pretrained(name_or_path, config=config, **kwargs)
-    if device is not None:
-        model = model.to(device)
-    return model.eval()
-
-
 @dataclass(frozen=True, eq=False)
 class GPTNeoXAdapter(Adapter):
     """Hugging Face GPT-NeoX as attnlens sees it (see :class:`~attnlens.models.base.Adapter` and the module docstring).
@@ -243,7 +214,7 @@ class GPTNeoXAdapter(Adapter):
             unknown_config_keys=unknown,
             parallel_residual=bool(config.use_parallel_residual),
             own_sites=sites,
-            **config_fields(config),
+            **_hf.config_fields(config),
         )
 
     @classmethod
@@ -267,7 +238,17 @@ class GPTNeoXAdapter(Adapter):
 
         Without ``dtype`` the weights keep their stored dtype (``dtype="auto"``); never remote code.
         """
-        return _load(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+        return _hf.load(
+            name_or_path,
+            model_type="gpt_neox",
+            family="GPT-NeoX",
+            check=check_config,
+            classes=SUPPORTED_CLASSES,
+            default="GPTNeoXForCausalLM",
+            dtype=dtype,
+            device=device,
+            attn_implementation=attn_implementation,
+        )
 
     def split_qkv(self, layer: int, outputs: Sequence[Tensor], rotation: Rotation | None = None) -> QKV:
         """q, k, v ``[batch, head, pos, d_head]`` from ``query_key_value``'s output, q and k rotated as the model does.

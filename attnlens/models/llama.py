@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from attnlens import functional
 from attnlens.errors import AttentionCaptureError, UnsupportedModelError
-from attnlens.models._hf import config_fields
+from attnlens.models import _hf
 from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
 from attnlens.models.llama_config import FAMILIES, LlamaLikeSettings, check_config, settings
 from attnlens.models.wrappers import check_exact, check_state, plain, unwrap
@@ -203,7 +203,7 @@ class LlamaAdapter(Adapter):
             unknown_config_keys=unknown,
             parallel_residual=False,
             own_sites=sites,
-            **config_fields(config),
+            **_hf.config_fields(config),
         )
 
     @classmethod
@@ -225,28 +225,22 @@ class LlamaAdapter(Adapter):
 
         Without ``dtype`` the weights keep their stored dtype (``dtype="auto"``); never remote code.
         """
-        import transformers
-        from transformers import AutoConfig
 
-        try:
-            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
-        except (OSError, ValueError) as error:
-            raise OSError(f"could not read a config for {name_or_path!r} ({error})") from error
-        if getattr(config, "model_type", None) != cls.model_type:
-            raise UnsupportedModelError(
-                f"{name_or_path!r} is a {config.model_type!r} checkpoint, not {FAMILIES[cls.model_type]}"
-            )
-        check_config(config)
-        settings(config)
-        names = [name for name in (config.architectures or []) if name in cls.supported_classes]
-        model_class = getattr(transformers, names[0] if names else cls.supported_classes[-1])
-        kwargs: dict[str, Any] = {"trust_remote_code": False, "dtype": "auto" if dtype is None else dtype}
-        if attn_implementation is not None:
-            kwargs["attn_implementation"] = attn_implementation
-        model = model_class.from_pretrained(name_or_path, config=config, **kwargs)
-        if device is not None:
-            model = model.to(device)
-        return model.eval()
+        def check(config: Any) -> None:
+            check_config(config)
+            settings(config)
+
+        return _hf.load(
+            name_or_path,
+            model_type=cls.model_type,
+            family=FAMILIES[cls.model_type],
+            check=check,
+            classes=cls.supported_classes,
+            default=cls.supported_classes[-1],
+            dtype=dtype,
+            device=device,
+            attn_implementation=attn_implementation,
+        )
 
     def split_qkv(self, layer: int, outputs: Sequence[Tensor], rotation: Rotation | None = None) -> QKV:
         """Queries ``[batch, head, pos, d_head]``, keys and values ``[batch, kv_head, pos, d_head]``, rotated.
