@@ -96,6 +96,17 @@ def load(
     return model.eval()
 
 
+def paged_refusal(kernel: str, exact_kernels: Sequence[str]) -> str | None:
+    """Why attnlens refuses to trace under ``kernel``, if it is a paged one (transformers' continuous batching)."""
+    if "paged" not in kernel:
+        return None
+    return (
+        f"attn_implementation={kernel!r} is a kernel for continuous batching with a paged cache; on a plain "
+        "forward it fails or attends to other keys than the model's mask allows. Switch the model to "
+        f"{' or '.join(repr(k) for k in exact_kernels)} (model.set_attn_implementation('sdpa')) to trace it"
+    )
+
+
 def _token_id(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 

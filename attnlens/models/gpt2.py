@@ -386,13 +386,7 @@ class GPT2Adapter(Adapter):
             )
             d_head = d_model // n_heads
             kernel_specs = tuple(replace(spec, scale=d_head**-0.5, divisors=None) for spec in specs)
-        refusal = None
-        if "paged" in kernel:
-            refusal = (
-                f"attn_implementation={kernel!r} is a kernel for continuous batching with a paged cache; on a plain "
-                "forward it fails or attends to other keys than the model's mask allows. Switch the model to "
-                f"{' or '.join(repr(k) for k in EXACT_KERNELS)} (model.set_attn_implementation('sdpa')) to trace it"
-            )
+        refusal = _hf.paged_refusal(kernel, EXACT_KERNELS)
         layers = tuple(
             LayerSites(
                 attn_input=plain(block.ln_1),

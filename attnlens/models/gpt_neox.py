@@ -169,13 +169,7 @@ class GPTNeoXAdapter(Adapter):
         layers_: list[Any] = list(base.layers)
         specs = _specs(config, [layer.attention for layer in layers_])
         kernel = str(config._attn_implementation)
-        refusal = None
-        if "paged" in kernel:
-            refusal = (
-                f"attn_implementation={kernel!r} is a kernel for continuous batching with a paged cache; on a plain "
-                "forward it fails or attends to other keys than the model's mask allows. Switch the model to "
-                f"{' or '.join(repr(k) for k in EXACT_KERNELS)} (model.set_attn_implementation('sdpa')) to trace it"
-            )
+        refusal = _hf.paged_refusal(kernel, EXACT_KERNELS)
         head = plain(inner.get_output_embeddings()) if base is not inner else None
         sites = Sites(
             base=base,
