@@ -24,7 +24,7 @@ demo: $(BIN)/attnlens  ## the GPT-2 weight walk-through, then verify and head sc
 test: $(BIN)/attnlens  ## the whole test suite: about 5 minutes on 2 cores, once the environment exists
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-quick: $(BIN)/attnlens  ## the suite without the tests marked slow: about 3 minutes on 2 cores
+test-quick: $(BIN)/attnlens  ## the suite without the tests marked slow: about 1 minute on 2 cores
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(BIN)/attnlens
