@@ -153,7 +153,8 @@ def apply_ln_to_stack(stack: Tensor, reference: Decomposition) -> Tensor:
     ``gamma * (c - mean_d(c)) / sigma(x)`` for each component ``c``, with ``x = reference.residual`` and
     ``sigma(x) = sqrt(var(x) + eps)`` as the real forward computes it: for components that sum to ``x``, the results
     plus ``beta`` sum to the final norm's output on ``x`` (up to rounding). The norm's bias ``beta`` belongs to no
-    component and is left out, as in :meth:`Decomposition.logit_attribution`.
+    component and is left out, as in :meth:`Decomposition.logit_attribution`. Under an RMSNorm (the Llama family)
+    nothing is centred and ``sigma(x) = sqrt(mean_d(x^2) + eps)``; there is no ``beta``.
 
     Args:
         stack: ``[..., batch, pos, d_model]`` at the reference's positions: its ``contributions``, sums of them
@@ -172,8 +173,9 @@ def apply_ln_to_stack(stack: Tensor, reference: Decomposition) -> Tensor:
     dtype = torch.float64 if reference.residual.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         parts = flat.to(dtype)
-        centred = parts - parts.mean(dim=-1, keepdim=True)
-        out = centred / reference._sigma(dtype)[..., None] * gamma.to(dtype)
+        if not reference._rms:  # an RMSNorm does not remove the mean
+            parts = parts - parts.mean(dim=-1, keepdim=True)
+        out = parts / reference._sigma(dtype)[..., None] * gamma.to(dtype)
     return out.reshape(stack.shape)
 
 
@@ -196,7 +198,7 @@ def logit_attrs(stack: Tensor, reference: Decomposition, tokens: Any) -> Tensor:
     flat = _check_stack(stack, reference)
     with torch.no_grad():
         direction, _, _ = reference._direction(tokens)
-        out = linearised_logits(flat, reference._sigma(direction.dtype), direction)
+        out = linearised_logits(flat, reference._sigma(direction.dtype), direction, centre=not reference._rms)
     return out.reshape(stack.shape[:-1])
 
 

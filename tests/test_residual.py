@@ -10,6 +10,9 @@ import pytest
 import torch
 from conftest import assert_bitwise, assert_within, make_gpt2, random_ids
 from test_attribution import padded
+from test_llama import FIXTURE_NAMES as LLAMA_FAMILY
+from test_llama import build as build_llama
+from test_hub_configs_llama import left_padded as llama_inputs
 from test_hub_configs_neox import inputs
 from test_hub_configs_neox import load as load_neox
 from test_hub_configs_neox import make_checkpoint as make_neox
@@ -62,7 +65,8 @@ def assert_every_layer(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> lis
             normed = sites.final_norm(d.residual).double()
         beta = 0.0 if norm.b is None else norm.b.double()
         x = d.residual.double()
-        sigma = torch.sqrt(x.var(dim=-1, unbiased=False) + norm.eps)
+        spread = x.square().mean(dim=-1) if norm.rms else x.var(dim=-1, unbiased=False)  # RMSNorm: no centring
+        sigma = torch.sqrt(spread + norm.eps)
         _, cancellation = attnlens.attribution.residual_error(d.contributions, d.residual, d.valid)
         size = x.abs().amax(dim=-1) / sigma * norm.w.double().abs().max() + (
             norm.b.double().abs().max() if norm.b is not None else 0
@@ -102,6 +106,16 @@ def test_gpt_neox_every_layer(name: str, tmp_path: Path) -> None:
         # No position embedding: the residual entering layer 0 is the token embedding alone, a sum of one term.
         assert adapt(model).sites.pos_embed is None and errors[0] == 0.0
         assert max(errors) <= (1e-6 if dtype == torch.float32 else 1e-14)  # measured: rounding, far below these
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_FAMILY))
+def test_llama_family_every_layer(name: str, tmp_path: Path) -> None:
+    # RMSNorm: the stack's norm is not centred and has no beta; logit_attrs and the logit lens must say the same.
+    model = build_llama(LLAMA_FAMILY[name], tmp_path, bos_token_id=1, eos_token_id=2)
+    ids, mask, _ = llama_inputs()
+    assert adapt(model).final_norm().rms
+    errors = assert_every_layer(model, ids, mask)
+    assert errors[0] == 0.0 and max(errors) <= 1e-6  # rounding of float32 sums, as for GPT-2
 
 
 def test_positions_subset_and_layer_choice() -> None:
