@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import assert_bitwise, assert_within, make_gpt2, random_ids
 from test_attribution import padded
-from test_llama import FIXTURE_NAMES as LLAMA_FAMILY
-from test_llama import build as build_llama
 from test_hub_configs_llama import left_padded as llama_inputs
 from test_hub_configs_neox import inputs
 from test_hub_configs_neox import load as load_neox
 from test_hub_configs_neox import make_checkpoint as make_neox
+from test_llama import FIXTURE_NAMES as LLAMA_FAMILY
+from test_llama import build as build_llama
 
 import attnlens
 from attnlens import residual
