@@ -19,7 +19,17 @@ from torch import Tensor
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["MAX_CELLS", "MAX_ROWS", "DecompositionTables", "HeadTables", "heatmap", "json_text", "pandas", "table"]
+__all__ = [
+    "MAX_CELLS",
+    "MAX_ROWS",
+    "DecompositionTables",
+    "HeadTables",
+    "heatmap",
+    "json_text",
+    "pandas",
+    "table",
+    "top_heads",
+]
 
 MAX_ROWS = 40
 """Rows shown in one HTML table; the rest are counted in a last line."""
@@ -244,3 +254,39 @@ class DecompositionTables:
             f"relative error {error:.3g} (tolerance {tolerance:.3g}); components by mean norm"
         )
         return table(["component", "mean norm", "share"], rows, caption=caption)
+
+
+def top_heads(
+    scores: Tensor,
+    k: int = 5,
+    *,
+    largest: bool = True,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+) -> list[tuple[int, int, float]]:
+    """The ``k`` heads with the highest (or lowest) score in a ``[layer, head]`` tensor: ``[(layer, head, score)]``.
+
+    Args:
+        scores: ``[layer, head]``, e.g. from :func:`induction_scores`.
+        k: how many heads.
+        largest: best = highest score (``False``: lowest, e.g. for :func:`entropy`).
+        layers: the layer number of each row (default ``0, 1, ...``).
+        heads: the head number of each column (default ``0, 1, ...``).
+
+    Returns:
+        ``[(layer, head, score)]``, best first. Heads whose score is NaN rank last (after every number, for
+        ``largest=True`` and ``False`` alike): they are listed only when fewer than ``k`` heads have a number.
+    """
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"scores must be a [layer, head] tensor, got {type(scores).__name__}")
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [layer, head], got shape {tuple(scores.shape)}")
+    n_layers, n_heads = scores.shape
+    layers = range(n_layers) if layers is None else layers
+    heads = range(n_heads) if heads is None else heads
+    values = scores.flatten().tolist()
+    # NaN (a score undefined for a head) ranks last either way, as the worst; ties keep [layer, head] order.
+    order = sorted(range(len(values)), key=lambda i: (math.isnan(values[i]), -values[i] if largest else values[i]))[
+        : max(0, k)
+    ]
+    return [(layers[i // n_heads], heads[i % n_heads], values[i]) for i in order]

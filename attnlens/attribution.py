@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from attnlens import capture
 from attnlens._display import DecompositionTables
 from attnlens._indices import as_index
+from attnlens._linearise import component_names, frozen_sigma, linearised_logits, residual_error
 from attnlens.errors import AttentionCaptureError, StaleWeightsError, UnsupportedModelError
 from attnlens.loading import resolve
 from attnlens.models import Adapter, adapt
@@ -73,73 +74,6 @@ _ACCUMULATOR = {torch.float64: torch.float64}  # every other dtype accumulates (
 
 class DecompositionError(ArithmeticError):
     """The components of a :class:`Decomposition` do not sum to the model's residual within rounding."""
-
-
-# ------------------------------------------------------------------------------------------------ the maths ---
-
-
-def component_names(n_layers: int, n_heads: int) -> tuple[str, ...]:
-    """The components in the order of a decomposition's ``component`` axis.
-
-    ``"embed"``, ``"pos_embed"``, then per layer ``l``: ``"L{l}H{h}"`` for each head, ``"L{l}.b_O"``, ``"L{l}.mlp"``.
-    """
-    names = ["embed", "pos_embed"]
-    for layer in range(n_layers):
-        names += [f"L{layer}H{head}" for head in range(n_heads)]
-        names += [f"L{layer}.b_O", f"L{layer}.mlp"]
-    return tuple(names)
-
-
-def residual_error(contributions: Tensor, residual: Tensor, valid: Tensor) -> tuple[float, float]:
-    """How far the float64 sum of the parts is from the residual, and how much the parts cancel.
-
-    Args:
-        contributions: ``[component, batch, pos, d_model]``.
-        residual: ``[batch, pos, d_model]``, the model's own.
-        valid: ``[batch, pos]`` bool, the entries to compare (real tokens).
-
-    Returns:
-        ``(error, cancellation)``: the largest over valid entries of ``max_d |sum_c c - x| / max_d |x|``, and of
-        ``max_d sum_c |c| / max_d |x|`` (at least 1; how much larger the parts are than their sum).
-    """
-    parts = contributions.double()
-    scale = residual.double().abs().amax(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
-    error = (parts.sum(dim=0) - residual.double()).abs().amax(dim=-1) / scale
-    cancellation = parts.abs().sum(dim=0).amax(dim=-1) / scale
-    if not bool(valid.any()):
-        return 0.0, 1.0
-    # NaN anywhere (a non-finite residual) must not hide behind amax: report it as such.
-    worst = error[valid]
-    worst_error = float("nan") if bool(worst.isnan().any()) else float(worst.amax())
-    return worst_error, float(cancellation[valid].amax())
-
-
-def linearised_logits(contributions: Tensor, sigma: Tensor, direction: Tensor, *, centre: bool = True) -> Tensor:
-    """Each component's direct effect on a logit through a layer norm whose scale is frozen.
-
-    Args:
-        contributions: ``[component, batch, pos, d_model]``.
-        sigma: ``[batch, pos]``, ``sqrt(var(x) + eps)`` of the real residual ``x``.
-        direction: ``[batch, pos, d_model]``, ``gamma * W_U[:, t]`` (or ``gamma * (W_U[:, a] - W_U[:, b])``).
-        centre: subtract each component's mean over ``d_model`` (a layer norm); False for an RMSNorm.
-
-    Returns:
-        ``[component, batch, pos]``: ``((c - mean_d(c)) / sigma) . direction``, in the dtype of ``direction``.
-    """
-    parts = contributions.to(direction.dtype)
-    centred = parts - parts.mean(dim=-1, keepdim=True) if centre else parts
-    return einsum(centred, direction, "component batch pos d_model, batch pos d_model -> component batch pos") / sigma
-
-
-def _frozen_sigma(residual: Tensor, eps: float, dtype: torch.dtype, *, rms: bool = False) -> Tensor:
-    """``sqrt(var(x) + eps)`` over ``d_model`` (biased variance, as layer norm uses), in ``dtype``: ``[batch, pos]``.
-
-    With ``rms``: ``sqrt(mean(x^2) + eps)``, an RMSNorm's scale.
-    """
-    x = residual.to(dtype)
-    if rms:
-        return torch.sqrt(x.pow(2).mean(dim=-1) + eps)
-    return torch.sqrt(x.var(dim=-1, unbiased=False) + eps)
 
 
 # -------------------------------------------------------------------------------------------- the result ---
@@ -259,7 +193,7 @@ class Decomposition(DecompositionTables):
         return bias
 
     def _sigma(self, dtype: torch.dtype) -> Tensor:
-        return _frozen_sigma(self.residual, self._norm[2], dtype, rms=self._rms)
+        return frozen_sigma(self.residual, self._norm[2], dtype, rms=self._rms)
 
     def _direction(self, tokens: Any) -> tuple[Tensor, Tensor, Tensor]:
         """``gamma * W_U[:, t]`` ``[batch, pos, d_model]``, ``beta . W_U[:, t] + b_U[t]`` and ``S`` ``[batch, pos]``."""

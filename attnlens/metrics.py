@@ -23,7 +23,6 @@ Options (all off by default, which gives the numbers above):
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -47,7 +46,7 @@ from attnlens._detection import (
     score_rows,
     token_keys,
 )
-from attnlens._display import HeadTables
+from attnlens._display import HeadTables, top_heads
 from attnlens.loading import resolve
 from attnlens.models import Adapter, adapt
 from attnlens.trace import AttentionTrace, trace
@@ -405,42 +404,6 @@ def pattern_scores(
     return score_rows(
         tr, weights, excluded, "the pattern score", error_measure=error_measure, average=average, heads=mask
     )
-
-
-def top_heads(
-    scores: Tensor,
-    k: int = 5,
-    *,
-    largest: bool = True,
-    layers: Sequence[int] | None = None,
-    heads: Sequence[int] | None = None,
-) -> list[tuple[int, int, float]]:
-    """The ``k`` heads with the highest (or lowest) score in a ``[layer, head]`` tensor: ``[(layer, head, score)]``.
-
-    Args:
-        scores: ``[layer, head]``, e.g. from :func:`induction_scores`.
-        k: how many heads.
-        largest: best = highest score (``False``: lowest, e.g. for :func:`entropy`).
-        layers: the layer number of each row (default ``0, 1, ...``).
-        heads: the head number of each column (default ``0, 1, ...``).
-
-    Returns:
-        ``[(layer, head, score)]``, best first. Heads whose score is NaN rank last (after every number, for
-        ``largest=True`` and ``False`` alike): they are listed only when fewer than ``k`` heads have a number.
-    """
-    if not isinstance(scores, Tensor):
-        raise TypeError(f"scores must be a [layer, head] tensor, got {type(scores).__name__}")
-    if scores.ndim != 2:
-        raise ValueError(f"scores must be [layer, head], got shape {tuple(scores.shape)}")
-    n_layers, n_heads = scores.shape
-    layers = range(n_layers) if layers is None else layers
-    heads = range(n_heads) if heads is None else heads
-    values = scores.flatten().tolist()
-    # NaN (a score undefined for a head) ranks last either way, as the worst; ties keep [layer, head] order.
-    order = sorted(range(len(values)), key=lambda i: (math.isnan(values[i]), -values[i] if largest else values[i]))[
-        : max(0, k)
-    ]
-    return [(layers[i // n_heads], heads[i % n_heads], values[i]) for i in order]
 
 
 @dataclass(frozen=True, eq=False)

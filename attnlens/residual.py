@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from attnlens import capture
 from attnlens._indices import as_index
-from attnlens.attribution import Decomposition, _decompose, _versions, component_names, linearised_logits
+from attnlens._linearise import component_names, frozen_norm, linearised_logits
+from attnlens.attribution import Decomposition, _decompose, _versions
 from attnlens.errors import StaleWeightsError
 from attnlens.models import Adapter, adapt
 
@@ -172,10 +173,7 @@ def apply_ln_to_stack(stack: Tensor, reference: Decomposition) -> Tensor:
     gamma, _, _ = reference._norm
     dtype = torch.float64 if reference.residual.dtype == torch.float64 else torch.float32
     with torch.no_grad():
-        parts = flat.to(dtype)
-        if not reference._rms:  # an RMSNorm does not remove the mean
-            parts = parts - parts.mean(dim=-1, keepdim=True)
-        out = parts / reference._sigma(dtype)[..., None] * gamma.to(dtype)
+        out = frozen_norm(flat.to(dtype), reference._sigma(dtype), gamma, centre=not reference._rms)
     return out.reshape(stack.shape)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlens._display import HeadTables
+from attnlens._display import HeadTables, top_heads
 
 __all__ = ["SCORE_NAMES", "ScanResult"]
 
@@ -91,8 +91,6 @@ class ScanResult(HeadTables):
 
     def top(self, name: str, k: int = 5, *, largest: bool = True) -> list[tuple[int, int, float]]:
         """The ``k`` heads with the highest (or lowest) mean: ``[(layer, head, mean)]``, best first, NaN last."""
-        from attnlens.metrics import top_heads
-
         if name not in self.mean:
             raise ValueError(f"unknown score {name!r}; this scan has {', '.join(self.scores)}")
         return top_heads(self.mean[name], k, largest=largest, layers=self.layers, heads=self.heads)
