@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -111,12 +111,22 @@ def _token_id(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def config_fields(config: Any) -> dict[str, Any]:
+class ConfigFields(TypedDict):
+    """The Adapter fields read from any Hugging Face config, typed so that ``Adapter(**fields)`` stays checked."""
+
+    use_cache: bool
+    bos_token_id: int | None
+    eos_token_id: int | None
+    name: str
+    config_sha256: str
+
+
+def config_fields(config: Any) -> ConfigFields:
     """The Adapter fields every adapter reads from a Hugging Face config the same way (keyword arguments)."""
-    return {
-        "use_cache": bool(getattr(config, "use_cache", False)),
-        "bos_token_id": _token_id(getattr(config, "bos_token_id", None)),
-        "eos_token_id": _token_id(getattr(config, "eos_token_id", None)),
-        "name": str(getattr(config, "_name_or_path", "") or ""),
-        "config_sha256": config_sha256(config),
-    }
+    return ConfigFields(
+        use_cache=bool(getattr(config, "use_cache", False)),
+        bos_token_id=_token_id(getattr(config, "bos_token_id", None)),
+        eos_token_id=_token_id(getattr(config, "eos_token_id", None)),
+        name=str(getattr(config, "_name_or_path", "") or ""),
+        config_sha256=config_sha256(config),
+    )
