@@ -28,7 +28,11 @@ What is in the circuits, and what is not:
   ``fold_ln=True``. The per-position division by the standard deviation is not linear and stays out, as does
   ``ln_1``'s shift (a bias). ``center_writing_weights=True`` also removes the mean over ``d_model`` from ``W_O``
   (as ``processed`` does), which changes only the norms in the denominators. Both options together give the
-  weights TransformerLens's ``HookedTransformer.from_pretrained`` loads by default.
+  weights TransformerLens's ``HookedTransformer.from_pretrained`` loads by default. Under an RMSNorm (the Llama
+  family) ``fold_ln`` folds the scale only (an RMSNorm does not remove the mean), and ``center_writing_weights`` is
+  refused: it would change what the next RMSNorm reads.
+- Under rotary (GPT-NeoX, the Llama family) no position-free QK exists: Q and K composition are refused by name
+  (:class:`~attnlens.PositionDependentCircuitError`); V composition reads only OV circuits and is offered.
 
 All products are taken through :class:`~attnlens.factored.FactoredMatrix`: nothing ``d_model x d_model`` is formed.
 """
@@ -108,8 +112,7 @@ def composition_scores(
     """
     _check(weights, kind, dtype)
     with torch.no_grad():
-        ov, qk = _circuits(weights, fold_ln, center_writing_weights, dtype)
-        right = {"Q": qk, "K": qk.T, "V": ov}[kind]
+        ov, right = _circuits(weights, kind, fold_ln, center_writing_weights, dtype)
         left_r, right_r = _root_left(ov), _root_right(right)  # [layer, head, d_head, d_model], [..., d_model, d_head]
         left_norm, right_norm = torch.linalg.matrix_norm(left_r), torch.linalg.matrix_norm(right_r)
         n_layers, n_heads = weights.n_layers, weights.n_heads
@@ -269,24 +272,40 @@ def _check(weights: object, kind: object, dtype: object) -> None:
 
 
 def _circuits(
-    weights: ModelWeights, fold_ln: bool, center_writing: bool, dtype: torch.dtype
+    weights: ModelWeights, kind: str, fold_ln: bool, center_writing: bool, dtype: torch.dtype
 ) -> tuple[FactoredMatrix, FactoredMatrix]:
-    """``OV`` and ``QK`` ``[layer, head, d_model, d_model]`` with factors in ``dtype``, folded as asked.
+    """``OV`` and the later head's circuit for ``kind`` ``[layer, head, d_model, d_model]``, folded as asked.
 
     The folding is done here in ``dtype`` rather than through ``ModelWeights.processed``, which returns the weights'
     own dtype: folded bfloat16 weights would be rounded to 3 significant digits before the scores see them, and
-    ``processed`` also copies the embeddings and the unembedding, which the circuits never use.
+    ``processed`` also copies the embeddings and the unembedding, which the circuits never use. QK is formed only for
+    Q and K composition: a rotary model has no position-free QK, and V composition does not read it.
     """
-    ov, qk = weights.OV, weights.QK
+    rms = weights.layers[0].ln_1.rms
+    if center_writing and rms:
+        raise ValueError(
+            "center_writing_weights=True removes the mean over d_model from W_O, which changes nothing only when "
+            "every reader normalises with a layer norm (it removes the mean); this model's norms are RMSNorms, which "
+            "read the mean: leave center_writing_weights=False"
+        )
+    ov = weights.OV
     W_V, W_O = ov.A.detach().to(dtype), ov.B.detach().to(dtype)
-    W_Q, W_K = qk.A.detach().to(dtype), qk.B.mT.detach().to(dtype)
+    reading = [W_V]
+    if kind != "V":
+        qk = weights.QK
+        reading = [qk.A.detach().to(dtype), qk.B.mT.detach().to(dtype), W_V]
     if fold_ln:
-        # x_norm * w read by W is x_norm @ (w[:, None] * W); x_norm has mean 0, so W's mean row is never read.
+        # x_norm * w read by W is x_norm @ (w[:, None] * W); after a layer norm x_norm has mean 0, so W's mean row is
+        # never read and is removed. An RMSNorm keeps the mean: only its scale folds.
         w = torch.stack([layer.ln_1.w for layer in weights.layers]).detach().to(dtype)[:, None, :, None]
-        W_Q, W_K, W_V = (_centre(w * W, dim=-2) for W in (W_Q, W_K, W_V))
+        reading = [w * W if rms else _centre(w * W, dim=-2) for W in reading]
     if center_writing:
         W_O = _centre(W_O)
-    return FactoredMatrix(W_V, W_O), FactoredMatrix(W_Q, W_K.mT)
+    ov = FactoredMatrix(reading[-1], W_O)
+    if kind == "V":
+        return ov, ov
+    qk = FactoredMatrix(reading[0], reading[1].mT)
+    return ov, qk if kind == "Q" else qk.T
 
 
 def _root_left(circuit: FactoredMatrix) -> Tensor:

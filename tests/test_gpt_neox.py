@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_circuits import dense_scores
 from test_hub_configs_neox import N_HEAD, N_LAYER, VOCAB, check_eager_pattern, inputs, load, make_checkpoint
 
 import attnlens
@@ -85,9 +86,17 @@ def test_decompose_sums_to_the_residual_with_no_position_term(folder: Path) -> N
 
 def test_qk_circuits_and_composition_are_refused_by_name(folder: Path) -> None:
     w = attnlens.extract_weights(load(folder, "eager", torch.float32))
-    for kind in ("Q", "K", "V"):
+    for kind in ("Q", "K"):
         with pytest.raises(attnlens.PositionDependentCircuitError, match="no position-free QK circuit"):
             composition_scores(w, kind)
+    # V composition reads OV circuits only: offered, and folding the layer norms is what processed() does to them
+    # (in float64 here, so that both sides round alike: as test_circuits' GPT-2 check).
+    w64 = attnlens.extract_weights(load(folder, "eager", torch.float64))
+    v = composition_scores(w64, "V", fold_ln=True, center_writing_weights=True)
+    want = dense_scores(w64.processed(fold_value_biases=False), "V")
+    valid = ~want.isnan()
+    assert bool(valid.any()) and bool(v.isnan().eq(~valid).all())
+    torch.testing.assert_close(v[valid], want[valid], atol=1e-14, rtol=1e-12)
     with pytest.raises(attnlens.PositionDependentCircuitError):
         _ = w.layers[0].QK
     assert w.OV.AB.shape == (N_LAYER, N_HEAD, *w.layers[0].W_Q.shape[1:2] * 2)  # OV is position-free: kept

@@ -138,6 +138,33 @@ def test_qk_circuits_are_refused_and_ov_is_per_query_head(family: tuple[str, Pat
         w.processed()
 
 
+@pytest.mark.parametrize("fold_ln", [False, True])
+def test_v_composition_per_query_head_equals_the_dense_definition(family: tuple[str, Path], fold_ln: bool) -> None:
+    # V composition reads no QK, so rotary does not stand in its way. Folding an RMSNorm scales W_V by ln_1's weight
+    # and centres nothing (an RMSNorm reads the mean); centring W_O would change what the next RMSNorm reads.
+    _, folder = family
+    w = attnlens.extract_weights(load(folder, "sdpa"))
+    scores = composition_scores(w, "V", fold_ln=fold_ln)
+    OV = []
+    for layer in w.layers:
+        W_V = layer.grouped("W_V").flatten(0, 1).detach().double()
+        if fold_ln:
+            W_V = layer.ln_1.w.detach().double()[:, None] * W_V
+        OV.append(W_V @ layer.W_O.detach().double())
+    n_heads = w.n_heads
+    for l2 in range(1, w.n_layers):
+        for l1 in range(l2):
+            for h1 in range(n_heads):
+                for h2 in range(n_heads):
+                    a, b = OV[l1][h1], OV[l2][h2]
+                    want = float((a @ b).norm() / (a.norm() * b.norm()))
+                    # float64 throughout, products of a few d_model x d_head factors: rounding near 1e-15.
+                    assert abs(float(scores[l1, h1, l2, h2]) - want) <= 1e-12, (l1, h1, l2, h2)
+    assert bool(scores[1, :, 0].isnan().all())
+    with pytest.raises(ValueError, match="RMSNorm"):
+        composition_scores(w, "V", center_writing_weights=True)
+
+
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])
 def test_qwen2_layer_types_window_one_layer_and_not_the_other(kernel: str, tmp_path: Path) -> None:
     # Qwen2.5's keys with use_sliding_window on from layer 1 (max_window_layers 1): layer 0 full, layer 1 a window
