@@ -115,9 +115,9 @@ class Progress:
     def __init__(self, enabled: bool, total: int | None) -> None:
         self.enabled, self.start, self.last, self.bar = enabled, time.perf_counter(), time.perf_counter(), None
         if enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
+            from attnlens._progress import tqdm_class
 
-            self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc="scan", file=sys.stderr)
+            self.bar = tqdm_class()(total=total, unit="tok", unit_scale=True, desc="scan", file=sys.stderr)
 
     def note(self, text: str) -> None:
         """Print a line ``attnlens scan: text`` on stderr (when enabled)."""

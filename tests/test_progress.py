@@ -65,3 +65,17 @@ def test_cli_prints_no_loading_bar(capfd: pytest.CaptureFixture[str]) -> None:
     assert main(["verify"]) == 0
     out, err = capfd.readouterr()
     assert "attnlens verification: OK" in out and "Loading weights" not in err
+
+
+def test_plain_bar_without_ipywidgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    # tqdm.auto in a kernel without ipywidgets warns "IProgress not found" into every cell: the text bar instead.
+    import importlib.util
+
+    import tqdm.auto
+    import tqdm.std
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "ipywidgets" else find_spec(name))
+    assert _progress.tqdm_class() is tqdm.std.tqdm
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "ipywidgets" else find_spec(name))
+    assert _progress.tqdm_class() is tqdm.auto.tqdm
