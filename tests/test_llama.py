@@ -28,9 +28,11 @@ from test_hub_configs_llama import (
     pattern_bound,
     shrink,
 )
+from test_scan import pack, reference_rows, token_docs
 from torch.testing import assert_close
 
 import attnlens
+from attnlens import metrics
 from attnlens.attribution import decompose
 from attnlens.circuits import composition_scores
 from attnlens.models import adapt
@@ -257,11 +259,32 @@ def test_cli_verify_and_weights_on_a_saved_folder(family: tuple[str, Path], caps
     assert "per key/value head" in out and "query head h reads key/value head" in out
 
 
-def test_scan_scores_every_query_head(family: tuple[str, Path]) -> None:
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_scan_equals_trace_and_metrics_on_the_same_windows(family: tuple[str, Path], kernel: str) -> None:
+    # Every query head, grouped keys, and (Mistral) a sliding window of 4 in windows of 12: the statistics scan takes
+    # from q, k and each row's log-sum-exp are those of the trace's pattern, which is the kernel's own (eager) or
+    # within rounding of it (sdpa).
     _, folder = family
-    model = load(folder, "sdpa")
-    adapter = adapt(model)
-    ids, _, _ = left_padded()
-    result = attnlens.scan(model, [row.tolist() for row in ids] * 2, seq_len=SEQ, batch_size=2, progress=False)
-    for name, mean in result.mean.items():
-        assert mean.shape == (N_LAYER, adapter.n_heads) and bool(mean.isfinite().all()), name
+    model = load(folder, kernel)
+    docs = token_docs(vocab=12)
+    windows, _ = pack(docs, SEQ, eot=2)  # the fixture's eos_token_id
+    result = attnlens.scan(model, docs, seq_len=SEQ, batch_size=3, progress=False)
+    assert result.n_windows == windows.shape[0]
+    tr = attnlens.trace(model, windows, attention_mask=torch.ones_like(windows))
+    expected = {
+        "previous_token": metrics.previous_token_scores(tr),
+        "duplicate_token": metrics.duplicate_token_scores(tr),
+        "induction": metrics.induction_scores(tr),
+        "first_token": metrics.first_token_scores(tr),
+        "entropy": metrics.entropy(tr),
+    }
+    for name in ("distance", "self"):
+        values = []
+        for layer in tr.layers:
+            v, rows = reference_rows(tr.pattern(layer), name, windows)
+            values.append(v.permute(1, 0, 2)[:, rows])  # [head, row]
+        expected[name] = torch.stack(values).mean(-1)
+    assert set(expected) == set(result.mean)
+    for name, value in expected.items():  # as test_scan's GPT-2 check: float32 patterns, float64 sums
+        assert result.mean[name].shape == (N_LAYER, adapt(model).n_heads), name
+        assert_close(result.mean[name], value.double(), rtol=1e-6, atol=1e-6, msg=name)
