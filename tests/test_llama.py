@@ -288,3 +288,62 @@ def test_scan_equals_trace_and_metrics_on_the_same_windows(family: tuple[str, Pa
     for name, value in expected.items():  # as test_scan's GPT-2 check: float32 patterns, float64 sums
         assert result.mean[name].shape == (N_LAYER, adapt(model).n_heads), name
         assert_close(result.mean[name], value.double(), rtol=1e-6, atol=1e-6, msg=name)
+
+
+def one_column_off(weights: Any, layer: int, head: int, name: str, factor: float) -> Any:
+    """A copy of ``weights`` with one feature (column 0) of one head's ``name`` scaled: a direction changes, so even a
+    per-head norm after the projection (Qwen3's q_norm / k_norm, which cancels a uniform scale) cannot hide it."""
+    import dataclasses
+
+    old = weights.layers[layer]
+    tensor = getattr(old, name).detach().clone()
+    tensor[head, :, 0] *= factor
+    layers = list(weights.layers)
+    layers[layer] = dataclasses.replace(old, **{name: tensor})
+    return dataclasses.replace(weights, layers=tuple(layers))
+
+
+@pytest.mark.parametrize(("name", "where"), [("W_Q", "q"), ("W_K", "k"), ("W_V", "v")])
+def test_verify_names_the_corrupted_key_value_head_and_its_query_heads(
+    family: tuple[str, Path], name: str, where: str
+) -> None:
+    # Under grouped-query attention a corrupted key/value head must show in its own row and in the rows of exactly the
+    # query heads of its group (their patterns for W_K, their z for W_V), at that layer only.
+    _, folder = family
+    model = load(folder, "sdpa")
+    ids, mask, positions = left_padded()
+    weights = attnlens.extract_weights(model)
+    group = weights.n_heads // weights.n_kv_heads
+    head = 1 if name == "W_Q" else weights.n_kv_heads - 1  # the last key/value head (the only one under MQA)
+    # 1% on one feature: large enough to reach the patterns and z downstream, not only the row where it is made.
+    corrupt = one_column_off(weights, 1, head, name, 1.01)
+    report = attnlens.verify(model, ids, mask, position_ids=positions, weights=corrupt)
+    assert not report.ok
+    failed = {(row.layer, row.quantity, row.head) for row in report.failures}
+    assert (1, where, head) in failed
+    readers = {head} if name == "W_Q" else set(range(head * group, (head + 1) * group))
+    per_head = {(quantity, h) for layer, quantity, h in failed if h is not None}
+    downstream = "z" if name == "W_V" else "pattern"
+    assert {h for quantity, h in per_head if quantity == downstream}  # seen where it is read, not only where made
+    assert {h for quantity, h in per_head if quantity in ("pattern", "z")} <= readers
+    assert {h for quantity, h in per_head if quantity == where} == {head}
+    assert all(layer in (1, None) for layer, _, _ in failed)
+
+
+def test_verify_catches_a_rotation_that_is_not_the_captured_one(
+    family: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The model rotates with the wrong sign of sin: its patterns are no longer those of its cos/sin, at every layer.
+    import importlib
+
+    _, folder = family
+    model = load(folder, "sdpa")
+    ids, mask, positions = left_padded()
+    module = importlib.import_module(type(model).__module__)
+    rotate = module.apply_rotary_pos_emb
+    monkeypatch.setattr(
+        module, "apply_rotary_pos_emb", lambda q, k, cos, sin, *a, **kw: rotate(q, k, cos, -sin, *a, **kw)
+    )
+    report = attnlens.verify(model, ids, mask, position_ids=positions)
+    assert not report.ok
+    assert {row.layer for row in report.failures if row.quantity == "pattern"} == set(range(N_LAYER))
