@@ -347,3 +347,28 @@ def test_verify_catches_a_rotation_that_is_not_the_captured_one(
     report = attnlens.verify(model, ids, mask, position_ids=positions)
     assert not report.ok
     assert {row.layer for row in report.failures if row.quantity == "pattern"} == set(range(N_LAYER))
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft on 5.x
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["down_proj"]], ids=["attention", "mlp"])
+def test_lora_states_as_users_leave_them(family: tuple[str, Path], targets: list[str]) -> None:
+    # The usual Llama LoRA (q_proj, v_proj) and one on the MLP alone: active and unmerged is refused by name (the
+    # weights would not be what runs); disabled, merged, and merge_and_unload() verify as the base model does.
+    import copy
+
+    peft = optional("peft")
+    _, folder = family
+    ids, mask, positions = left_padded()
+    wrapped = peft.get_peft_model(
+        load(folder, "sdpa"), peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False)
+    )
+    for holder in (wrapped, wrapped.get_base_model()):
+        with pytest.raises(attnlens.UnsupportedModelError, match=r"active and unmerged.*merge_and_unload\(\)"):
+            attnlens.trace(holder, ids, mask)
+    with wrapped.disable_adapter():
+        assert attnlens.verify(wrapped, ids, mask, position_ids=positions).ok
+    merged = copy.deepcopy(wrapped).merge_and_unload()
+    wrapped.merge_adapter()
+    assert attnlens.verify(wrapped, ids, mask, position_ids=positions).ok
+    assert type(merged).__name__.endswith("ForCausalLM")
+    assert attnlens.verify(merged, ids, mask, position_ids=positions).ok
