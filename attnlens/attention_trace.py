@@ -52,8 +52,8 @@ class AttentionTrace:
     * ``q``, ``k``, ``v``: ``[batch, pos, head, d_head]`` (post-rotary where the model rotates them), in the order of
       ``z`` and of TransformerLens's ``hook_q``; under grouped-query attention ``k`` and ``v`` are per query head
       (each key/value head repeated over its group, as the kernel reads them), so ``heads`` selects them as it does
-      everything else. Until attnlens 0.1 they were head-major, ``[batch, head, pos, d_head]``: :meth:`head_major`
-      gives that order for one more release;
+      everything else. Their stacks are contiguous in this order. attnlens 0.1 stored them head-major, ``[batch,
+      head, pos, d_head]``: :meth:`head_major` gives that order (a non-contiguous view) for one more release;
     * ``z``: ``[batch, pos, head, d_head]``, the input of the model's own output projection, split per head;
     * ``result``: ``[batch, pos, head, d_model]``, each head's contribution to the attention output (no ``b_O``).
 
