@@ -1,9 +1,10 @@
 """The checks :meth:`attnlens.AttentionTrace.load` runs on a trace file before trusting it.
 
-A trace file is a safetensors file whose header holds JSON metadata (layers, heads, what was stored, tokens,
-provenance) beside the tensors. Both can be edited by hand or damaged; :func:`check_file` makes sure that they agree
-with each other (every stored stack present, of the shape the metadata implies, of a dtype that makes sense) so
-that a damaged file fails when loaded, with the reason, never later as a wrong number or a stray ``IndexError``.
+A trace file is a safetensors file whose header holds JSON metadata (layers, heads, what was stored, the number of
+query rows, tokens, provenance) beside the tensors. Both can be edited by hand or damaged; :func:`check_file` makes
+sure that they agree with each other (every stored stack present, of the shape the metadata implies, of a dtype that
+makes sense; query positions in range and distinct) so that a damaged file fails when loaded, with the reason, never
+later as a wrong number or a stray ``IndexError``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor
 __all__ = ["check_file"]
 
 _KEYS = ("layers", "heads", "n_heads", "stored", "tokens", "provenance")
+_KEYS_2 = (*_KEYS, "rows")  # format 2 adds the number of query rows (null: every row)
 
 
 def _ints(value: Any, name: str) -> tuple[int, ...]:
@@ -29,28 +31,57 @@ def _ints(value: Any, name: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _shape(name: str, n_layers: int, batch: int, n_heads: int, n_pos: int, x: Tensor) -> tuple[int, ...]:
-    """The shape a stored stack must have; its last axis (d_head or d_model) is free."""
+def _shape(
+    name: str, n_layers: int, batch: int, n_heads: int, n_pos: int, n_rows: int, x: Tensor, head_major: bool
+) -> tuple[int, ...]:
+    """The shape a stored stack must have; its last axis (d_head or d_model) is free.
+
+    ``head_major``: q, k, v as format 1 held them, ``[layer, batch, head, pos, d_head]``.
+    """
     if name in ("pattern", "scores"):
-        return (n_layers, batch, n_heads, n_pos, n_pos)
-    if name in ("q", "k", "v"):
-        return (n_layers, batch, n_heads, n_pos, x.shape[-1] if x.ndim == 5 else -1)
-    return (n_layers, batch, n_pos, n_heads, x.shape[-1] if x.ndim == 5 else -1)  # z, result
+        return (n_layers, batch, n_heads, n_rows, n_pos)
+    last = x.shape[-1] if x.ndim == 5 else -1
+    if name in ("q", "k", "v") and head_major:
+        return (n_layers, batch, n_heads, n_pos, last)
+    return (n_layers, batch, n_pos, n_heads, last)  # q, k, v, z, result
 
 
-def check_file(meta: Mapping[str, Any], tensors: dict[str, Tensor], store_names: Sequence[str]) -> dict[str, Any]:
+def _queries(rows: Any, queries: Tensor | None, batch: int, n_pos: int) -> Tensor | None:
+    """The checked ``[batch, row]`` query positions (int64) of a trace of ``rows`` query rows, or None for all."""
+    if rows is None or queries is None:  # the tensor names are checked before: queries is there iff rows is set
+        return None
+    if queries.dtype.is_floating_point or queries.dtype.is_complex or queries.dtype == torch.bool:
+        raise ValueError(f"queries must be integer positions, got {queries.dtype}")
+    if tuple(queries.shape) != (batch, rows):
+        raise ValueError(
+            f"queries has shape {tuple(queries.shape)}; the metadata ({rows} rows, batch {batch}) needs {(batch, rows)}"
+        )
+    if bool(((queries < 0) | (queries >= n_pos)).any()):
+        raise ValueError(f"queries holds positions outside 0..{n_pos - 1}: {sorted(set(queries.flatten().tolist()))}")
+    ordered = queries.sort(dim=-1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise ValueError("queries repeats a position within a sequence; each row is one distinct query position")
+    return queries.to(torch.int64)
+
+
+def check_file(
+    meta: Mapping[str, Any], tensors: dict[str, Tensor], store_names: Sequence[str], *, head_major: bool = False
+) -> dict[str, Any]:
     """The fields of an :class:`~attnlens.AttentionTrace` from a file's metadata and tensors, after checking them.
 
     Args:
         meta: the decoded JSON metadata.
-        tensors: every tensor of the file, by name (``input_ids``, ``attention_mask`` and the stacks).
+        tensors: every tensor of the file, by name (``input_ids``, ``attention_mask``, ``queries`` for a trace of
+            some query rows, and the stacks).
         store_names: the names a trace may store, in their canonical order.
+        head_major: a format 1 file: q, k, v are ``[layer, batch, head, pos, d_head]`` (returned as stored), and
+            there are no query rows (no ``rows`` key).
 
     Raises:
         ValueError: saying what does not fit (a missing key, a value of the wrong type, a tensor of the wrong shape
             or dtype, a tensor too many or too few).
     """
-    missing = [key for key in _KEYS if key not in meta]
+    missing = [key for key in (_KEYS if head_major else _KEYS_2) if key not in meta]
     if missing:
         raise ValueError(f"metadata lacks {', '.join(missing)}")
     layers, heads = _ints(meta["layers"], "layers"), _ints(meta["heads"], "heads")
@@ -68,7 +99,10 @@ def check_file(meta: Mapping[str, Any], tensors: dict[str, Tensor], store_names:
     if not isinstance(provenance, dict) or not all(isinstance(v, str) for v in provenance.values()):
         raise ValueError(f"metadata 'provenance' must be an object of strings, got {provenance!r}")
 
-    expected = {*stored, "input_ids", "attention_mask"}
+    rows = None if head_major else meta["rows"]
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ValueError(f"metadata 'rows' must be null (every row) or a number of rows >= 1, got {rows!r}")
+    expected = {*stored, "input_ids", "attention_mask", *(() if rows is None else ("queries",))}
     if set(tensors) != expected:
         extra, lacking = sorted(set(tensors) - expected), sorted(expected - set(tensors))
         raise ValueError(f"its tensors do not match its metadata: missing {lacking}, unexpected {extra}")
@@ -81,13 +115,16 @@ def check_file(meta: Mapping[str, Any], tensors: dict[str, Tensor], store_names:
             f"got {mask.dtype} {tuple(mask.shape)}"
         )
     batch, n_pos = ids.shape
+    queries = _queries(rows, tensors.pop("queries", None), batch, n_pos)
+    n_rows = n_pos if rows is None else rows
     for name in stored:
         x = tensors[name]
-        want = _shape(name, len(layers), batch, len(heads), n_pos, x)
+        want = _shape(name, len(layers), batch, len(heads), n_pos, n_rows, x, head_major)
         if tuple(x.shape) != want or not x.dtype.is_floating_point:
+            in_rows = "" if rows is None else f", {rows} query rows"
             raise ValueError(
                 f"{name!r} is {x.dtype} of shape {tuple(x.shape)}; the metadata ({len(layers)} layers, "
-                f"{len(heads)} heads, batch {batch}, {n_pos} positions) needs floats of shape {want}"
+                f"{len(heads)} heads, batch {batch}, {n_pos} positions{in_rows}) needs floats of shape {want}"
             )
     tokens = meta["tokens"]
     if tokens is not None and not (
@@ -106,4 +143,5 @@ def check_file(meta: Mapping[str, Any], tensors: dict[str, Tensor], store_names:
         "tokens": tokens,
         "provenance": dict(provenance),
         "_stacks": tensors,
+        "queries": queries,
     }

@@ -1,14 +1,19 @@
 """AttentionTrace: what :func:`attnlens.trace` kept from one forward pass, and its safetensors file format.
 
-A trace file is one safetensors file: the stacks, ``input_ids`` and ``attention_mask`` as tensors, and JSON metadata
-(layers, heads, what was stored, tokens, provenance) in its header. Loading never unpickles, and checks the metadata
-against the tensors before trusting either (:mod:`attnlens._tracefile`).
+A trace file is one safetensors file: the stacks, ``input_ids`` and ``attention_mask`` (and, for a trace of some query
+rows, ``queries``) as tensors, and JSON metadata (layers, heads, what was stored, the number of rows, tokens,
+provenance) in its header. Loading never unpickles, and checks the metadata against the tensors before trusting
+either (:mod:`attnlens._tracefile`).
+
+Format 2 holds q, k, v as ``[layer, batch, pos, head, d_head]``. Format 1 (attnlens 0.1) held them head-major,
+``[layer, batch, head, pos, d_head]``; :meth:`AttentionTrace.load` reads such a file and permutes them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -27,8 +32,10 @@ __all__ = ["STORE_NAMES", "AttentionTrace"]
 STORE_NAMES = ("pattern", "scores", "q", "k", "v", "z", "result")
 """What a trace can keep, per traced layer (see :class:`AttentionTrace` for the shapes)."""
 
-_FORMAT = 1
+_FORMAT = 2
+_READS = (1, 2)  # format 1: q, k, v head-major, no query rows (attnlens 0.1)
 _META_KEY = "attnlens.trace"
+_HEAD_MAJOR_REMOVED_IN = "0.3.0"
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -42,14 +49,18 @@ class AttentionTrace:
 
     * ``pattern``: ``[batch, head, q_pos, k_pos]``, rows sum to 1 (rows of left padding are all 0);
     * ``scores``: ``[batch, head, q_pos, k_pos]``, pre-softmax, scaled, ``-inf`` where masked;
-    * ``q``, ``k``, ``v``: ``[batch, head, pos, d_head]``;
+    * ``q``, ``k``, ``v``: ``[batch, pos, head, d_head]`` (post-rotary where the model rotates them), in the order of
+      ``z`` and of TransformerLens's ``hook_q``; under grouped-query attention ``k`` and ``v`` are per query head
+      (each key/value head repeated over its group, as the kernel reads them), so ``heads`` selects them as it does
+      everything else. Their stacks are contiguous in this order. attnlens 0.1 stored them head-major, ``[batch,
+      head, pos, d_head]``: :meth:`head_major` gives that order (a non-contiguous view) for one more release;
     * ``z``: ``[batch, pos, head, d_head]``, the input of the model's own output projection, split per head;
     * ``result``: ``[batch, pos, head, d_model]``, each head's contribution to the attention output (no ``b_O``).
 
     A trace of some query rows (``trace(..., queries=...)``) holds ``pattern`` and ``scores`` as ``[batch, head, row,
     k_pos]``, row ``r`` of sequence ``b`` being query position ``queries[b, r]``. Read them with :meth:`rows` (or
     ``trace["pattern", layer]``); what needs the whole square (:meth:`pattern`, :attr:`patterns`, the metrics, the
-    views, :meth:`save`) refuses such a trace by name.
+    views) refuses such a trace by name. :meth:`save` and :meth:`load` keep the rows and ``queries``.
 
     Attributes:
         layers: the traced layers, in the order asked for.
@@ -184,6 +195,30 @@ class AttentionTrace:
             return self._stack(name)[self._slot(layer)]
         return self._stack(key)
 
+    def head_major(self, name: str, layer: int | None = None) -> Tensor:
+        """Deprecated: ``q``, ``k`` or ``v`` in attnlens 0.1's order, head before position.
+
+        ``trace.head_major("q", layer)`` is ``trace["q", layer].transpose(1, 2)``, ``[batch, head, pos, d_head]``
+        (without ``layer``: the stack ``[layer, batch, head, pos, d_head]``, ``trace["q"].transpose(2, 3)``): a view
+        with the same numbers, not contiguous. Goes away in attnlens 0.3.0; spell it with ``transpose`` instead.
+
+        Raises:
+            ValueError: ``name`` is not one of ``"q"``, ``"k"``, ``"v"`` (no other tensor changed its order), or was
+                not stored, or ``layer`` was not traced.
+        """
+        if name not in ("q", "k", "v"):
+            raise ValueError(f"head_major is only for 'q', 'k' and 'v' (the tensors whose order changed), got {name!r}")
+        spelling = f'trace["{name}"].transpose(2, 3)' if layer is None else f'trace["{name}", layer].transpose(1, 2)'
+        warnings.warn(
+            f"AttentionTrace.head_major is deprecated and goes away in attnlens {_HEAD_MAJOR_REMOVED_IN}: "
+            f'trace["{name}", ...] is now [batch, pos, head, d_head]; for the old order write {spelling}',
+            FutureWarning,
+            stacklevel=2,
+        )
+        if layer is None:
+            return self._stack(name).transpose(2, 3)
+        return self[name, layer].transpose(1, 2)
+
     def _stack(self, name: str) -> Tensor:
         if name not in self._stacks:
             if name not in STORE_NAMES:
@@ -202,7 +237,7 @@ class AttentionTrace:
     # ---------------------------------------------------------------------------------------------- export ---
 
     def numpy(self) -> dict[str, np.ndarray]:
-        """Every stored stack (``[layer, ...]``) plus ``input_ids`` and ``attention_mask`` as numpy arrays.
+        """Every stored stack (``[layer, ...]``), ``input_ids``, ``attention_mask`` (and ``queries``) as numpy arrays.
 
         Half-precision tensors (which numpy lacks for bfloat16) come out as float32.
         """
@@ -215,10 +250,15 @@ class AttentionTrace:
         out = {name: to_numpy(stack) for name, stack in self._stacks.items()}
         out["input_ids"] = to_numpy(self.input_ids)
         out["attention_mask"] = to_numpy(self.attention_mask)
+        if self.queries is not None:
+            out["queries"] = to_numpy(self.queries)
         return out
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the trace to one safetensors file: the stacks, ids and mask, and JSON metadata in its header.
+
+        A trace of some query rows is saved with its ``queries`` (``[batch, row]``) and its number of rows in the
+        metadata; :meth:`load` gives back the same tensors, bit for bit.
 
         Raises:
             OSError: the file cannot be written there (a missing folder, a folder's path, no permission), naming it.
@@ -226,7 +266,6 @@ class AttentionTrace:
         from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        self.require_square("save()")
         target = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(target))
         if os.path.isdir(target):
@@ -236,12 +275,15 @@ class AttentionTrace:
         tensors = {name: stack.contiguous() for name, stack in self._stacks.items()}
         tensors["input_ids"] = self.input_ids.contiguous()
         tensors["attention_mask"] = self.attention_mask.contiguous()
+        if self.queries is not None:
+            tensors["queries"] = self.queries.contiguous()
         meta = {
             "format": _FORMAT,
             "layers": list(self.layers),
             "heads": list(self.heads),
             "n_heads": self.n_heads,
             "stored": list(self.stored),
+            "rows": None if self.queries is None else int(self.queries.shape[1]),
             "tokens": self.tokens,
             "provenance": self.provenance,
         }
@@ -253,6 +295,10 @@ class AttentionTrace:
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: torch.device | str = "cpu") -> AttentionTrace:
         """Read a trace written by :meth:`save` (safetensors only: nothing is ever unpickled).
+
+        A file of format 1 (written by attnlens 0.1) holds ``q``, ``k`` and ``v`` head-major, ``[layer, batch, head,
+        pos, d_head]``: they are permuted to this release's ``[layer, batch, pos, head, d_head]`` on load (a
+        contiguous copy, as :func:`~attnlens.trace` stores them), so an old file never hands out the old order.
 
         Raises:
             OSError: the file cannot be read (missing, a folder, no permission).
@@ -284,14 +330,21 @@ class AttentionTrace:
             raise invalid(f"its metadata is not JSON ({error})") from None
         if not isinstance(meta, dict):
             raise invalid(f"its metadata is a {type(meta).__name__}, not a JSON object")
-        if meta.get("format") != _FORMAT:
+        version = meta.get("format")
+        if isinstance(version, bool) or version not in _READS:
             raise ValueError(
-                f"trace file format {meta.get('format')!r} is not supported (this attnlens reads {_FORMAT})"
+                f"trace file format {version!r} is not supported (this attnlens reads formats "
+                f"{', '.join(map(str, _READS))}); a newer attnlens wrote it: upgrade attnlens to read it"
             )
         try:
-            fields = check_file(meta, tensors, STORE_NAMES)
+            fields = check_file(meta, tensors, STORE_NAMES, head_major=version == 1)
         except ValueError as error:
             raise invalid(str(error)) from None
+        if version == 1:
+            stacks = fields["_stacks"]
+            for name in ("q", "k", "v"):
+                if name in stacks:
+                    stacks[name] = stacks[name].transpose(2, 3).contiguous()
         return cls(**fields)
 
     # --------------------------------------------------------------------------------------------- display ---

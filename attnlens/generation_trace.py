@@ -78,7 +78,11 @@ class GenerationTrace:
         positions: ``[batch, step]``, the position each step's query ran at: what the position embedding received
             (GPT-2), or for rotary models the ``position_ids`` the base model was given (the rotation they lead to is
             checked through the post-rotary cached keys); None where the base model was given none.
-        cache_keys: ``[layer, batch, kv_head, pos, d_head]``, the cache's keys after the last step (post-rotary).
+        cache_keys: ``[layer, batch, kv_head, pos, d_head]``, the cache's keys after the last step (post-rotary),
+            in the cache's own layout (key/value heads before positions, as transformers' cache holds them), so
+            that they compare with ``past_key_values`` as they are; unlike :class:`~attnlens.AttentionTrace`'s
+            ``k`` (``[batch, pos, head, d_head]``, per query head): ``cache_keys[i].transpose(1, 2)`` is
+            ``[batch, pos, kv_head, d_head]``.
         cache_values: the same for values.
         tokens: the token strings of each sequence (with a tokenizer), else None.
         provenance: model, class, config hash, kernel, dtype, device, versions (as :func:`attnlens.trace`'s).
@@ -266,7 +270,8 @@ class GenerationTrace:
                 )
         for slot, layer in enumerate(self.layers):
             e = table["k"] + table["hidden"] * (layer + 1) / n_layers
-            q, k = full("q", layer), full("k", layer)
+            # Head-major, as the cache holds its keys and values: [batch, head, pos, d_head].
+            q, k = full("q", layer).transpose(1, 2), full("k", layer).transpose(1, 2)
             tol = (
                 4 * u + 4 * scales[slot] * q.norm(dim=-1).amax(dim=(0, 2)) * k.norm(dim=-1).amax(dim=(0, 2)) * e
             )  # [head]
@@ -284,7 +289,7 @@ class GenerationTrace:
                 )
             for name, cached, recomputed in (
                 ("keys", self.cache_keys[slot], k),
-                ("values", self.cache_values[slot], full("v", layer)),
+                ("values", self.cache_values[slot], full("v", layer).transpose(1, 2)),
             ):
                 mine = cached.repeat_interleave(self.n_heads // cached.shape[1], dim=1)
                 mine = mine.index_select(1, torch.tensor(self.heads, device=mine.device)).float()

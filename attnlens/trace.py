@@ -75,9 +75,11 @@ class _Stacks(Sink):
         self.put("scores", layer, scores)
 
     def qkv(self, layer: int, qkv: QKV) -> None:
+        # The tap hands them out head-major, as the kernels read them; the trace keeps [batch, pos, head, d_head],
+        # the order of z and of the fused projection itself (so the copy reads its source nearly in order).
         for name, x in zip(("q", "k", "v"), qkv, strict=True):
             if name in self.names:
-                self.put(name, layer, x)
+                self.put(name, layer, x.transpose(1, 2))
 
     def z(self, layer: int, z: Tensor, W_O: Tensor) -> None:
         if "z" in self.names:

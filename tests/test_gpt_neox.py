@@ -290,7 +290,7 @@ def test_left_padding_and_position_ids_rotate_per_row(pythia_folder: Path, kerne
         if kernel == "eager" or layer == 0:  # layer 0 under sdpa: the same input, q and k, and eager's arithmetic
             assert torch.equal(own, theirs)
         else:  # later layers read inputs that sdpa rounded upstream: the pattern of its own rotated q and k
-            check_eager_pattern(tr["q", layer].transpose(1, 2), tr["k", layer].transpose(1, 2), mask, tr.pattern(layer))
+            check_eager_pattern(tr["q", layer], tr["k", layer], mask, tr.pattern(layer))  # [batch, pos, head, d_head]
     report = attnlens.verify(model, ids, mask, position_ids=position_ids)
     assert report.ok, str(report)
 

@@ -382,7 +382,7 @@ def eager_patterns(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions:
 
 
 def pattern_bound(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> float:
-    """How far two kernels' patterns of the same q ``[batch, head, pos, d_head]`` and k (repeated) can differ.
+    """How far two kernels' patterns of the same q ``[batch, pos, head, d_head]`` and k (repeated) can differ.
 
     Each score is a d_head-term dot product accumulated in float32 (within gamma_d sum|q||k|), rounded to the model's
     dtype and scaled (one rounding U each), on both sides; a score error delta moves a probability by at most 2 delta;
@@ -390,7 +390,7 @@ def pattern_bound(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> float
     """
     big_u = torch.finfo(dtype).eps / 2
     gamma = D_HEAD * U32 / (1 - D_HEAD * U32)
-    qd, kd = q.double().abs(), k.double().abs()
+    qd, kd = q.double().abs().transpose(1, 2), k.double().abs().transpose(1, 2)  # [batch, head, pos, d_head]
     delta = float((qd @ kd.transpose(-1, -2)).max()) * D_HEAD**-0.5 * (gamma + 2 * big_u)
     return 2 * (2 * delta) + 2 * big_u + 8 * U32
 
@@ -436,8 +436,8 @@ def test_published_config_extracts_traces_and_verifies(name: str, kernel: str, d
         if kernel == "eager":  # the kernel's own probabilities, handed out; the twin is the same call
             assert_bitwise(own * rows, expected * rows, "same call", f"layer {index}")
         else:
-            q, k = trace["q", index], trace["k", index]  # [batch, head, pos, d_head]: keys per query head
-            assert q.shape == k.shape == (2, n_heads, SEQ, D_HEAD)
+            q, k = trace["q", index], trace["k", index]  # [batch, pos, head, d_head]: keys per query head
+            assert q.shape == k.shape == (2, SEQ, n_heads, D_HEAD)
             bound = pattern_bound(q, k, DTYPES[dtype])
             assert_close((own * rows).double(), (expected * rows).double(), atol=bound, rtol=0.0)
         if active_window(raw):  # keys that left the window get exactly nothing, never full causal

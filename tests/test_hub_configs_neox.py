@@ -238,7 +238,8 @@ def check_adapter(name: str, folder: Path, kernel: str, dtype: torch.dtype) -> N
     assert model.config._attn_implementation == kernel
     assert len(calls) == N_LAYER
     for layer, call in enumerate(calls):
-        assert torch.equal(tr["q", layer], call["q_rot"]) and torch.equal(tr["k", layer], call["k_rot"])
+        q_rot, k_rot = call["q_rot"].transpose(1, 2), call["k_rot"].transpose(1, 2)  # [batch, pos, head, d_head]
+        assert torch.equal(tr["q", layer], q_rot) and torch.equal(tr["k", layer], k_rot)
     if kernel == "eager":
         expected = eager_attentions(model, ids, mask)
         for layer in range(N_LAYER):
@@ -246,8 +247,7 @@ def check_adapter(name: str, folder: Path, kernel: str, dtype: torch.dtype) -> N
     else:
         for layer in range(N_LAYER):
             # sdpa hands out no pattern: the tap's, from the model's own rotated q and k, within the derived bound.
-            q_rot, k_rot = (tr[x, layer].transpose(1, 2) for x in ("q", "k"))
-            check_eager_pattern(q_rot, k_rot, mask, tr.pattern(layer))
+            check_eager_pattern(tr["q", layer], tr["k", layer], mask, tr.pattern(layer))
 
     report = attnlens.verify(model, ids, mask)
     assert report.ok, str(report)

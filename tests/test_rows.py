@@ -50,9 +50,9 @@ def row_bound(full: attnlens.AttentionTrace, layer: int, rows: torch.Tensor, sca
     """
     q, k = full["q", layer].double(), full["k", layer].double()
     dtype = full["q", layer].dtype
-    magnitude = scale * torch.einsum("bhid,bhjd->bhij", q.abs(), k.abs())
+    magnitude = scale * torch.einsum("bihd,bjhd->bhij", q.abs(), k.abs())
     delta = full_rows(two_sums_bound(magnitude, q.shape[-1] + 1, dtype), rows)
-    n_keys = k.shape[-2]
+    n_keys = k.shape[1]  # [batch, pos, head, d_head]
     worst = delta.amax(dim=-1, keepdim=True)
     relative = torch.expm1(delta + worst + (n_keys + 4) * U32)
     expected = full_rows(full.pattern(layer).double(), rows)
@@ -83,7 +83,7 @@ def test_rows_are_the_full_traces_rows_within_a_derived_bound(kernel: str, dtype
         assert torch.equal(torch.isinf(scores), torch.isinf(expected_scores))
         finite = ~torch.isinf(expected_scores)
         q_abs, k_abs = full["q", layer].double().abs(), full["k", layer].double().abs()
-        magnitude = scale * torch.einsum("bhid,bhjd->bhij", q_abs, k_abs)
+        magnitude = scale * torch.einsum("bihd,bjhd->bhij", q_abs, k_abs)
         bound = full_rows(two_sums_bound(magnitude, 9, dtype), rows)  # 8 products and the scaling
         assert_within(scores[finite], expected_scores[finite], bound[finite], f"scores layer {layer}")
 
@@ -171,7 +171,7 @@ def test_the_square_is_never_formed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tr.rows(1).shape == (3, 4, 2, 10)
 
 
-def test_a_rows_trace_says_what_it_holds_and_refuses_the_square_by_name(tmp_path: Path) -> None:
+def test_a_rows_trace_says_what_it_holds_and_refuses_the_square_by_name() -> None:
     model = make_gpt2()
     ids, mask = padded()
     tr = attnlens.trace(model, ids, mask, queries="last")
@@ -180,7 +180,6 @@ def test_a_rows_trace_says_what_it_holds_and_refuses_the_square_by_name(tmp_path
     for what, call in [
         ("pattern()", lambda: tr.pattern(0)),
         ("patterns", lambda: tr.patterns),
-        ("save()", lambda: tr.save(tmp_path / "t.safetensors")),
         ("pattern()", lambda: attnlens.metrics.entropy(tr)),
     ]:
         with pytest.raises(ValueError, match=rf"{what.replace('(', '[(]').replace(')', '[)]')} needs every query row"):
@@ -207,3 +206,61 @@ def test_gpt_neox_rows_with_rotary_and_right_padding(tmp_path: Path, kernel: str
     for layer in full.layers:
         expected = full_rows(full.pattern(layer), tr.queries)
         assert_within(tr.rows(layer), expected, row_bound(full, layer, tr.queries, scale), f"layer {layer}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries", ["last", [0, -1, 4]], ids=["last", "list"])
+def test_a_rows_trace_saves_and_loads_bit_for_bit(tmp_path: Path, dtype: torch.dtype, queries: Any) -> None:
+    model = make_gpt2(n_layer=2).to(dtype)
+    ids, mask = padded()  # left-padded (position 0 is padding: a row with no key), right-padded, full
+    tr = attnlens.trace(model, ids, mask, queries=queries, heads=[3, 1], store=("pattern", "scores", "q", "z"))
+    path = tmp_path / "rows.safetensors"
+    tr.save(path)
+    back = attnlens.AttentionTrace.load(path)
+    assert tr.queries is not None and back.queries is not None
+    assert back.queries.dtype == torch.int64 and torch.equal(back.queries, tr.queries)
+    assert (back.layers, back.heads, back.stored) == (tr.layers, tr.heads, tr.stored)
+    for name in tr.stored:
+        assert back[name].dtype == dtype
+        assert_bitwise(back[name], tr[name], "copy", what=name)
+    assert torch.equal(back.input_ids, tr.input_ids) and torch.equal(back.attention_mask, tr.attention_mask)
+    assert repr(back) == repr(tr)
+    assert set(back.numpy()) == {"pattern", "scores", "q", "z", "input_ids", "attention_mask", "queries"}
+    with pytest.raises(ValueError, match="needs every query row"):
+        back.pattern(0)
+
+
+def test_a_rows_trace_file_whose_queries_do_not_fit_is_refused_by_name(tmp_path: Path) -> None:
+    import json
+
+    from safetensors import safe_open
+    from test_trace import _tamper
+
+    model = make_gpt2(n_layer=2)
+    ids, mask = padded()
+    saved, bad = tmp_path / "rows.safetensors", tmp_path / "bad.safetensors"
+    attnlens.trace(model, ids, mask, queries=[2, 9]).save(saved)
+    with safe_open(str(saved), framework="pt") as f:
+        meta = json.loads(f.metadata()["attnlens.trace"])
+    assert meta["format"] == 2 and meta["rows"] == 2
+    cases: list[tuple[Any, str]] = [
+        (lambda: _tamper(saved, bad, queries=torch.tensor([[2, 10]] * 3)), r"positions outside 0\.\.9"),
+        (lambda: _tamper(saved, bad, queries=torch.tensor([[2, -1]] * 3)), r"positions outside 0\.\.9"),
+        (lambda: _tamper(saved, bad, queries=torch.tensor([[2.0, 9.0]] * 3)), "integer positions"),
+        (lambda: _tamper(saved, bad, queries=torch.tensor([[9, 9]] * 3)), "repeats a position"),
+        (lambda: _tamper(saved, bad, queries=torch.tensor([[2, 9]] * 2)), r"queries has shape \(2, 2\)"),
+        (lambda: _tamper(saved, bad, {**meta, "rows": 3}), r"\(3, 3\)"),
+        (lambda: _tamper(saved, bad, {**meta, "rows": None}), r"unexpected \['queries'\]"),
+        (lambda: _tamper(saved, bad, {**meta, "rows": "2"}), "'rows' must be null"),
+        (lambda: _tamper(saved, bad, queries=None), r"missing \['queries'\]"),
+        (lambda: _tamper(saved, bad, {k: v for k, v in meta.items() if k != "rows"}), "metadata lacks rows"),
+    ]
+    for make, words in cases:
+        make()
+        with pytest.raises(ValueError, match="is not a valid attnlens trace: .*" + words):
+            attnlens.AttentionTrace.load(bad)
+    # pattern rows that do not match the metadata's number of rows
+    rows = attnlens.AttentionTrace.load(saved)["pattern"]
+    _tamper(saved, bad, pattern=rows[:, :, :, :1].contiguous())
+    with pytest.raises(ValueError, match="2 query rows\\) needs floats of shape \\(2, 3, 4, 2, 10\\)"):
+        attnlens.AttentionTrace.load(bad)

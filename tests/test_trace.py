@@ -272,9 +272,9 @@ def test_heads_restrict_every_per_head_tensor() -> None:
     full = attnlens.trace(model, ids, store=store)
     tr = attnlens.trace(model, ids, heads=[3, 1], store=store)
     assert tr.heads == (3, 1)
-    for name in ("pattern", "scores", "q", "k", "v"):
+    for name in ("pattern", "scores"):
         torch.testing.assert_close(tr[name, 1], full[name, 1][:, [3, 1]], atol=1e-7, rtol=0)
-    for name in ("z", "result"):
+    for name in ("q", "k", "v", "z", "result"):  # [batch, pos, head, ...]
         torch.testing.assert_close(tr[name, 1], full[name, 1][:, :, [3, 1]], atol=1e-7, rtol=0)
     assert "all 4" not in repr(tr) and "[3, 1]" in repr(tr)
 
@@ -304,11 +304,13 @@ def test_stored_tensors_are_the_models_own() -> None:
     tr = attnlens.trace(model, ids, mask, store=STORE_NAMES)
     assert tr.stored == STORE_NAMES
     io = capture_attention_io(model, 1, ids, mask)
-    q, k, v = attnlens.models.gpt2.split_qkv(io["qkv"], 4)
-    assert_bitwise(tr["q", 1], q, "copy")
-    assert_bitwise(tr["k", 1], k, "copy")
-    assert_bitwise(tr["v", 1], v, "copy")
-    assert tr["q", 1].shape == (3, 4, 10, 8)
+    q, k, v = attnlens.models.gpt2.split_qkv(io["qkv"], 4)  # [batch, head, pos, d_head]
+    assert_bitwise(tr["q", 1], q.transpose(1, 2), "copy")
+    assert_bitwise(tr["k", 1], k.transpose(1, 2), "copy")
+    assert_bitwise(tr["v", 1], v.transpose(1, 2), "copy")
+    assert tr["q", 1].shape == tr["z", 1].shape == (3, 10, 4, 8)  # [batch, pos, head, d_head], as z
+    # the order of c_attn's own output: q of position p, head h is its columns h * d_head ... (h + 1) * d_head
+    assert_bitwise(tr["q", 1], io["qkv"][..., :32].view(3, 10, 4, 8), "copy")
     assert_bitwise(tr["z", 1], io["z_in"].view(3, 10, 4, 8), "copy")
     # per-head results add up to the attention output (plus the bias, which belongs to no head)
     b_O = model.transformer.h[1].attn.c_proj.bias
