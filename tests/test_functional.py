@@ -22,7 +22,7 @@ from attnlens.functional import (
     rotary_cos_sin,
     scaled_dot_product_attention,
 )
-from attnlens.models import gpt2
+from attnlens.models import gpt2_attention
 
 # Agreement with torch's SDPA at each dtype. Both sides round scores, pattern and output to the dtype; torch's CPU
 # kernels accumulate some of it in float32 and fold the scale into q and k, so the differences are a few units in the
@@ -218,7 +218,7 @@ def test_attention_scores_orders() -> None:
 )
 def test_attention_matches_gpt2_attention(impl: str, config: dict[str, Any]) -> None:
     model = make_gpt2(attn_implementation=impl, **config)
-    if impl == "sdpa" and config.get("scale_attn_by_inverse_layer_idx") and gpt2._transformers_major() < 5:
+    if impl == "sdpa" and config.get("scale_attn_by_inverse_layer_idx") and gpt2_attention.transformers_major() < 5:
         pytest.skip("transformers 4.x's SDPA path ignores scale_attn_by_inverse_layer_idx (verify reports it)")
     ids = random_ids(model)
     mask = torch.ones_like(ids)
