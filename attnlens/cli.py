@@ -250,7 +250,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if heads is not None:
         check_indices(heads, model.n_heads, "--heads")
     if args.data is None:
-        from attnlens.demo.train import make_corpus
+        from attnlens.demo.corpus import make_corpus
 
         # The demo trainer's own generator, with the seed of its held-out text (training seed 0 + 10000).
         data: Any = make_corpus(random.Random(10_000), 400)
