@@ -18,6 +18,9 @@ Caveats:
 * Greedy and sampled decoding (seed it yourself: the hooks draw no random numbers), ``num_return_sequences``, left
   padding, the dynamic and the static cache. Beam search, assisted decoding, contrastive search, a caller's own
   cache and ``use_cache=False`` are refused by name.
+* Sliding-window attention (Mistral, Qwen2's ``use_sliding_window``, Qwen3's sliding ``layer_types``): traced exactly
+  while the whole sequence fits in every traced layer's window; a call that could outgrow one is refused by name
+  before it generates (the caches of transformers' sliding layers drop the keys that leave the window).
 * Rows that have finished (chosen eos) keep running in ``generate`` on the pad token; their rows are stored as the
   model computed them, and :attr:`GenerationTrace.finished_at` says from which step on they are padding.
 """
@@ -91,6 +94,38 @@ def _refuse(settings: dict[str, Any]) -> None:
         )
 
 
+def _refuse_moving_windows(specs: Any, layers: tuple[int, ...], prompt_len: int, settings: dict[str, Any]) -> None:
+    """Refuse, before generating, a traced layer whose sliding window the sequence could outgrow.
+
+    Once a sequence is longer than a layer's window, transformers' sliding-window cache layers (4.57 and 5.x) keep
+    only the last ``window - 1`` keys (``DynamicSlidingWindowLayer``) or ``window`` rolled slots
+    (``StaticSlidingWindowLayer``): the keys that earlier steps saw are gone. A sequence that fits in every traced
+    window never meets either, and its rows are exact.
+    """
+    new = settings.get("max_new_tokens")
+    # generate's own rule: max_new_tokens, when set, wins over max_length (whose default is 20).
+    total = prompt_len + int(new) if new is not None else max(int(settings.get("max_length") or 20), prompt_len + 1)
+    windowed = [(layer, specs[layer].window) for layer in layers if specs[layer].window is not None]
+    bitten = [(layer, window) for layer, window in windowed if total > window]
+    if not bitten:
+        return
+    smallest = min(window for _, window in bitten)
+    names = ", ".join(str(layer) for layer, _ in bitten)
+    fits = (
+        f"generate no further than the window (max_new_tokens={smallest - prompt_len} or fewer)"
+        if smallest > prompt_len
+        else f"shorten the prompt below {smallest} tokens"
+    )
+    others = [layer for layer in layers if layer not in dict(bitten)]
+    hint = f"trace only the other layers (layers={others})" if others else "trace the layers without a window"
+    raise UnsupportedModelError(
+        f"trace_generate does not follow sliding-window attention past the window: layer(s) {names} attend to at most "
+        f"{smallest} keys, and this call may run {total} tokens (prompt {prompt_len} + up to {total - prompt_len} "
+        "new), so their cache would drop keys the trace needs. To trace it, "
+        f"{fits}, {hint}, or trace the finished sequence with attnlens.trace (windows applied exactly)"
+    )
+
+
 @contextlib.contextmanager
 def _attributes_kept(*objects: object) -> Iterator[None]:
     """Undo what ``generate`` sets on the model object itself (a static cache's remembered length, say)."""
@@ -136,17 +171,14 @@ class _Steps:
             self.prompt_mask = self.prompt_mask.repeat_interleave(batch // self.prompt_mask.shape[0], dim=0)
         return self.prompt_mask
 
-    def _blocked(self, batch: int, layer: int) -> Tensor:
-        """Keys this step's query may not see, ``[batch, 1, 1, k_pos]``: padding, and keys outside a sliding window.
+    def _blocked(self, batch: int) -> Tensor:
+        """Keys this step's query may not see, ``[batch, 1, 1, k_pos]``: the prompt's padding.
 
-        Only the prompt has padding (generated tokens are all real).
+        Generated tokens are all real, and no traced sliding window bites (:func:`_refuse_moving_windows`).
         """
         mask = self.expanded_mask(batch)
         keys = torch.ones(batch, self.n_keys(), dtype=torch.bool, device=mask.device)
         keys[:, : self.prompt_len] = mask.bool()
-        window = self.specs[layer].window
-        if window is not None:
-            keys[:, : max(0, self.n_keys() - window)] = False
         return ~keys[:, None, None, :]
 
     # -------------------------------------------------------------------------------------------- hooks ---
@@ -187,7 +219,7 @@ class _Steps:
                         f"step {self.step}, layer {layer}: the cache holds {k.shape[2]} keys, the step needs {n_keys}"
                     )
                 k = self._heads(k.repeat_interleave(self.adapter.n_heads // k.shape[1], dim=1))
-                scores = masked_scores(q, k, self.specs[layer], self._blocked(q.shape[0], layer), contiguous_k=True)
+                scores = masked_scores(q, k, self.specs[layer], self._blocked(q.shape[0]), contiguous_k=True)
                 out = torch.empty(scores.shape, dtype=q.dtype, device=q.device)
                 softmax_into(scores, out, None)
                 row = out[:, :, 0]
@@ -267,7 +299,8 @@ def trace_generate(
     Raises:
         UnsupportedModelError: a model without ``generate``, a kernel outside the adapter's ``exact_kernels``, or a
             decoding strategy whose passes are not one row per sequence and step (beam search, assisted decoding,
-            ``use_cache=False``, a cache other than dynamic or static), named.
+            ``use_cache=False``, a cache other than dynamic or static), named; a traced sliding-window layer whose
+            window the prompt plus ``max_new_tokens`` could outgrow, named with what to do.
         ValueError: bad ``layers`` / ``heads``, inputs that :meth:`~attnlens.models.Adapter.check_inputs` refuses,
             or right padding.
         AttentionCaptureError: a step or layer that was not seen as expected.
@@ -301,6 +334,7 @@ def trace_generate(
             "(tokenizer.padding_side = 'left')"
         )
     steps = _Steps(adapter, layer_list, head_list, prompt_mask)
+    _refuse_moving_windows(steps.specs, layer_list, steps.prompt_len, settings)
     generation_config: Any = getattr(adapter.model, "generation_config", None)
     saved_config: Any = copy.deepcopy(generation_config)
     # The hooks need the eager Python forward: generate would compile it for a static cache on an accelerator.

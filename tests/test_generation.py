@@ -270,18 +270,20 @@ def test_demo_model_and_cli(tmp_path: Any) -> None:
     assert "attnlens-text" in out.read_text()
 
 
-def test_a_sliding_window_blocks_the_keys_that_left_it() -> None:
-    """Recomputed rows (sdpa) follow the spec's window: a query sees at most ``window`` keys, itself included."""
+def test_a_window_the_sequence_could_outgrow_is_refused_before_generating() -> None:
+    """A traced layer's window must hold the whole sequence: within it the rows are complete, past it named."""
     from dataclasses import replace
 
     model = make_gpt2(attn_implementation="sdpa")
     adapter = adapt(model)
-    windowed = replace(adapter, kernel_specs=tuple(replace(spec, window=3) for spec in adapter.kernel_specs))
-    g = attnlens.trace_generate(windowed, PROMPTS[1][0], max_new_tokens=4, eos_token_id=None)
-    for step in range(4):
-        row = g.row(step, 1)  # keys 0 .. 4 + step
-        assert not row[..., : 5 + step - 3].any() and bool((row[..., -3:] > 0).all())
-        torch.testing.assert_close(row.sum(-1), torch.ones(1, 4), rtol=0, atol=8 * 2.0**-24)  # 3-term sum, rounded
+    windowed = replace(adapter, kernel_specs=tuple(replace(spec, window=7) for spec in adapter.kernel_specs))
+    g = attnlens.trace_generate(windowed, PROMPTS[1][0], max_new_tokens=2, eos_token_id=None)  # 5 + 2 = 7 tokens
+    assert g.check().ok and bool((g.row(1, 1) > 0).all())  # the last query sees all 6 keys: the window never bit
+    before = state(model)
+    named = r"sliding-window attention .* layer\(s\) 0, 1 .*\(max_new_tokens=2 or fewer\)"
+    with pytest.raises(UnsupportedModelError, match=named):
+        attnlens.trace_generate(windowed, PROMPTS[1][0], max_new_tokens=3, eos_token_id=None)
+    assert state(model) == before
 
 
 def test_concurrent_calls_on_one_model_are_each_their_own() -> None:
