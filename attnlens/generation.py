@@ -44,7 +44,7 @@ from attnlens.models import QKV, Adapter, adapt
 from attnlens.patterns import kernel_specs, masked_scores, qkv_hooks, softmax_into
 from attnlens.tokens import text_inputs, token_texts
 
-__all__ = ["GenerationTrace", "trace_generate"]
+__all__ = ["GenerationRecorder", "GenerationTrace", "trace_generate", "tracing_generation"]
 
 # Decoding strategies whose forward passes are not one row per sequence and step: refused by the keyword that asks.
 _REFUSED = {
@@ -268,7 +268,6 @@ def _eos_ids(settings: dict[str, Any]) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-@capture.one_at_a_time
 def trace_generate(
     model: nn.Module | Adapter,
     input_ids: Tensor | Any,
@@ -310,11 +309,29 @@ def trace_generate(
         >>> g.row(0, 3).shape  # [batch, head, prompt_len]
         >>> g.check()
     """
+    return _traced_generate(model, input_ids, attention_mask, layers, heads, tokenizer, generate_kwargs)[0]
+
+
+@capture.one_at_a_time
+def _traced_generate(
+    model: nn.Module | Adapter,
+    input_ids: Tensor | Any,
+    attention_mask: Tensor | Any | None,
+    layers: int | Iterable[int] | None,
+    heads: int | Iterable[int] | None,
+    tokenizer: Any,
+    generate_kwargs: dict[str, Any],
+    own_generate: Any = None,
+) -> tuple[GenerationTrace, Any]:
+    """:func:`trace_generate`'s work, under the model's lock: the trace, and what ``generate`` returned (as a dict).
+
+    ``own_generate``: the model's ``generate`` to run (:func:`tracing_generation` passes the one it stood in for).
+    """
     if isinstance(model, (str, os.PathLike)):
         raise TypeError(f"trace_generate needs a loaded model, got the name or path {os.fspath(model)!r}")
     adapter = adapt(model)
     adapter.check_kernel()
-    generate: Any = getattr(adapter.model, "generate", None)
+    generate: Any = own_generate or getattr(adapter.model, "generate", None)
     can_generate = getattr(adapter.model, "can_generate", None)
     if generate is None or (callable(can_generate) and not can_generate()):
         raise UnsupportedModelError(
@@ -355,7 +372,7 @@ def trace_generate(
     n_steps = sequences.shape[1] - steps.prompt_len
     if steps.step + 1 != n_steps:
         raise AttentionCaptureError(f"generate chose {n_steps} tokens in {steps.step + 1} forward passes")
-    return GenerationTrace.from_steps(
+    trace = GenerationTrace.from_steps(
         adapter=adapter,
         layers=layer_list,
         heads=head_list,
@@ -374,3 +391,90 @@ def trace_generate(
             "scales": ",".join(repr(steps.specs[layer].scale) for layer in layer_list),
         },
     )
+    return trace, out
+
+
+class GenerationRecorder:
+    """What :func:`tracing_generation` recorded: one :class:`GenerationTrace` per ``generate`` call in its block."""
+
+    def __init__(self) -> None:
+        self.traces: list[GenerationTrace] = []
+
+    @property
+    def trace(self) -> GenerationTrace:
+        """The last call's trace.
+
+        Raises:
+            ValueError: no ``generate`` call has finished in the block yet.
+        """
+        if not self.traces:
+            raise ValueError("no generate() call has finished inside tracing_generation yet: call model.generate first")
+        return self.traces[-1]
+
+    def __repr__(self) -> str:
+        return f"GenerationRecorder({len(self.traces)} traces)"
+
+
+@contextlib.contextmanager
+def tracing_generation(
+    model: nn.Module,
+    *,
+    layers: int | Iterable[int] | None = None,
+    heads: int | Iterable[int] | None = None,
+    tokenizer: Any = None,
+) -> Iterator[GenerationRecorder]:
+    """Trace the model's own ``model.generate(...)`` calls inside the block, as :func:`trace_generate` would.
+
+    For the block, ``model.generate`` stands in for the model's own: each call runs :func:`trace_generate`'s code
+    with the call's arguments (the same hooks, refusals and lock), records the trace, and returns what ``generate``
+    returns (the sequences, or the output object with ``return_dict_in_generate=True``). On leaving the block
+    ``model.generate`` is the model's own again, also on error.
+
+    Args:
+        model: a Hugging Face model with a language-model head; the object whose ``generate`` you call.
+        layers: the layers to trace (default all).
+        heads: the heads to keep (default all).
+        tokenizer: gives the token strings of the sequences.
+
+    Yields:
+        A :class:`GenerationRecorder`: ``.trace`` (the last call's), ``.traces`` (every call's, in order).
+
+    Raises:
+        ValueError: the model's ``generate`` is already traced by an enclosing block.
+
+    Example:
+        >>> with attnlens.tracing_generation(model) as gen:
+        ...     out = model.generate(ids, attention_mask=mask, max_new_tokens=8)
+        >>> gen.trace.row(0, 3).shape  # [batch, head, prompt_len]
+    """
+    adapter = adapt(model)
+    check_indices(layers, adapter.n_layers, "layers")
+    check_indices(heads, adapter.n_heads, "heads")
+    target: Any = adapter.model
+    own = target.generate
+    if getattr(own, "_attnlens_tracing", False):
+        raise ValueError("this model's generate is already traced by an enclosing tracing_generation block")
+    recorder = GenerationRecorder()
+
+    def generate(inputs: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise TypeError(
+                "inside tracing_generation, pass generate's options by keyword (only the inputs by position)"
+            )
+        input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
+        mask = kwargs.pop("attention_mask", None)
+        wanted = _settings(target, kwargs).get("return_dict_in_generate")
+        trace, out = _traced_generate(target, input_ids, mask, layers, heads, tokenizer, kwargs, own)
+        recorder.traces.append(trace)
+        return out if wanted else out.sequences
+
+    generate._attnlens_tracing = True  # type: ignore[attr-defined]
+    had, before = "generate" in vars(target), vars(target).get("generate")
+    target.generate = generate
+    try:
+        yield recorder
+    finally:
+        if had:
+            target.generate = before
+        else:
+            del target.generate

@@ -305,3 +305,40 @@ def test_concurrent_calls_on_one_model_are_each_their_own() -> None:
     for g in results:
         assert torch.equal(g.sequences, alone.sequences)
         assert_bitwise(g.rows, alone.rows, "same call")
+
+
+def test_tracing_generation_records_the_users_own_generate_calls() -> None:
+    model = make_gpt2(attn_implementation="sdpa", n_layer=3)
+    ids, mask = PROMPTS[2]
+    options = {"max_new_tokens": 4, "do_sample": False, "eos_token_id": None}
+    plain = copy.deepcopy(model).generate(ids, attention_mask=mask, **options)
+    alone = attnlens.trace_generate(model, ids, mask, layers=[2, 0], heads=[1, 3], **options)
+    before = state(model)
+    with attnlens.tracing_generation(model, layers=[2, 0], heads=[1, 3]) as gen:
+        with pytest.raises(ValueError, match="no generate"):
+            gen.trace  # noqa: B018 - the property raises before any call
+        out = model.generate(ids, attention_mask=mask, **options)  # what generate returns: the sequences
+        assert torch.equal(out, plain)
+        full = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **options)
+        assert torch.equal(full.sequences, plain) and full.past_key_values is not None
+        with pytest.raises(ValueError, match="already traced"), attnlens.tracing_generation(model):
+            pass  # pragma: no cover
+    assert state(model) == before and "generate" not in vars(model)
+    assert len(gen.traces) == 2 and gen.trace is gen.traces[1]
+    for g in gen.traces:  # the same code as trace_generate: the same rows, bit for bit
+        assert g.layers == (2, 0) and g.heads == (1, 3)
+        assert_bitwise(g.rows, alone.rows, "same call")
+        assert g.check().ok
+
+
+def test_tracing_generation_refuses_and_restores_on_error() -> None:
+    model = make_gpt2()
+    before = state(model)
+    with pytest.raises(UnsupportedModelError, match="beam search"), attnlens.tracing_generation(model):
+        model.generate(PROMPTS[1][0], max_new_tokens=2, num_beams=2)
+    assert state(model) == before and "generate" not in vars(model)
+    with pytest.raises(TypeError, match="by keyword"), attnlens.tracing_generation(model):
+        model.generate(PROMPTS[1][0], None)
+    with pytest.raises(ValueError, match="layers"), attnlens.tracing_generation(model, layers=[7]):
+        pass  # pragma: no cover
+    assert state(model) == before

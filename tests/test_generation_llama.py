@@ -330,3 +330,19 @@ def test_save_load_keeps_the_kv_layout(family: tuple[str, Path], tmp_path: Path)
     assert_bitwise(loaded.cache_keys, g.cache_keys, "copy")
     assert loaded.check(model).ok
     assert json.loads(g.to_json())["n_steps"] == 3
+
+
+def test_tracing_generation_around_the_users_own_sampled_generate(family: tuple[str, Path]) -> None:
+    _, folder = family
+    model = load(folder, "sdpa")
+    ids, mask = PROMPTS[2]
+    options = {"max_new_tokens": 4, "do_sample": True, "num_return_sequences": 2, "eos_token_id": None}
+    torch.manual_seed(5)
+    plain = copy.deepcopy(model).generate(ids, attention_mask=mask, **options)
+    before = state(model)
+    torch.manual_seed(5)
+    with attnlens.tracing_generation(model) as gen:
+        out = model.generate(ids, attention_mask=mask, **options)
+    assert torch.equal(out, plain) and torch.equal(gen.trace.sequences, plain)
+    assert gen.trace.rows.shape == (N_LAYER, 4, N_HEADS, 4, 5 + 3) and gen.trace.check().ok
+    assert state(model) == before
