@@ -4,7 +4,8 @@
 (:func:`attnlens.patterns.qkv_hooks`, :meth:`~attnlens.models.Adapter.kernel_pattern`) and the Adapter's cache
 access (:meth:`~attnlens.models.Adapter.cached_kv`). Step ``s`` is the forward pass that chose new token ``s``: its
 query is the token at position ``prompt_len - 1 + s`` and its keys are the ``prompt_len + s`` cached ones. For each
-step and traced layer it keeps that one query row:
+step and traced layer it keeps that one query row. :func:`tracing_generation` runs the same code around the user's own
+``model.generate`` calls. Per step:
 
 * eager kernel: a copy of the kernel's own probabilities (the last row of the pattern it hands out);
 * any other kernel (sdpa): recomputed from the step's query and the keys in the cache as the step left them, in the
