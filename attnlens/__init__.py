@@ -19,7 +19,7 @@ from attnlens.errors import (
     UnsupportedModelError,
     strict_config,
 )
-from attnlens.generation import GenerationTrace, trace_generate
+from attnlens.generation import GenerationRecorder, GenerationTrace, trace_generate, tracing_generation
 from attnlens.loading import load
 from attnlens.models import extract_weights
 
@@ -40,6 +40,7 @@ __all__ = [
     "AttentionCaptureError",
     "AttentionTrace",
     "FactoredMatrix",
+    "GenerationRecorder",
     "GenerationTrace",
     "LayerNormWeights",
     "LayerWeights",
@@ -64,6 +65,7 @@ __all__ = [
     "strict_config",
     "trace",
     "trace_generate",
+    "tracing_generation",
     "verify",
     "viz",
 ]

@@ -4,7 +4,8 @@
 (:func:`attnlens.patterns.qkv_hooks`, :meth:`~attnlens.models.Adapter.kernel_pattern`) and the Adapter's cache
 access (:meth:`~attnlens.models.Adapter.cached_kv`). Step ``s`` is the forward pass that chose new token ``s``: its
 query is the token at position ``prompt_len - 1 + s`` and its keys are the ``prompt_len + s`` cached ones. For each
-step and traced layer it keeps that one query row:
+step and traced layer it keeps that one query row. :func:`tracing_generation` runs the same code around the user's own
+``model.generate`` calls. Per step:
 
 * eager kernel: a copy of the kernel's own probabilities (the last row of the pattern it hands out);
 * any other kernel (sdpa): recomputed from the step's query and the keys in the cache as the step left them, in the
@@ -18,6 +19,9 @@ Caveats:
 * Greedy and sampled decoding (seed it yourself: the hooks draw no random numbers), ``num_return_sequences``, left
   padding, the dynamic and the static cache. Beam search, assisted decoding, contrastive search, a caller's own
   cache and ``use_cache=False`` are refused by name.
+* Sliding-window attention (Mistral, Qwen2's ``use_sliding_window``, Qwen3's sliding ``layer_types``): traced exactly
+  while the whole sequence fits in every traced layer's window; a call that could outgrow one is refused by name
+  before it generates (the caches of transformers' sliding layers drop the keys that leave the window).
 * Rows that have finished (chosen eos) keep running in ``generate`` on the pad token; their rows are stored as the
   model computed them, and :attr:`GenerationTrace.finished_at` says from which step on they are padding.
 """
@@ -41,7 +45,7 @@ from attnlens.models import QKV, Adapter, adapt
 from attnlens.patterns import kernel_specs, masked_scores, qkv_hooks, softmax_into
 from attnlens.tokens import text_inputs, token_texts
 
-__all__ = ["GenerationTrace", "trace_generate"]
+__all__ = ["GenerationRecorder", "GenerationTrace", "trace_generate", "tracing_generation"]
 
 # Decoding strategies whose forward passes are not one row per sequence and step: refused by the keyword that asks.
 _REFUSED = {
@@ -91,6 +95,38 @@ def _refuse(settings: dict[str, Any]) -> None:
         )
 
 
+def _refuse_moving_windows(specs: Any, layers: tuple[int, ...], prompt_len: int, settings: dict[str, Any]) -> None:
+    """Refuse, before generating, a traced layer whose sliding window the sequence could outgrow.
+
+    Once a sequence is longer than a layer's window, transformers' sliding-window cache layers (4.57 and 5.x) keep
+    only the last ``window - 1`` keys (``DynamicSlidingWindowLayer``) or ``window`` rolled slots
+    (``StaticSlidingWindowLayer``): the keys that earlier steps saw are gone. A sequence that fits in every traced
+    window never meets either, and its rows are exact.
+    """
+    new = settings.get("max_new_tokens")
+    # generate's own rule: max_new_tokens, when set, wins over max_length (whose default is 20).
+    total = prompt_len + int(new) if new is not None else max(int(settings.get("max_length") or 20), prompt_len + 1)
+    windowed = [(layer, specs[layer].window) for layer in layers if specs[layer].window is not None]
+    bitten = [(layer, window) for layer, window in windowed if total > window]
+    if not bitten:
+        return
+    smallest = min(window for _, window in bitten)
+    names = ", ".join(str(layer) for layer, _ in bitten)
+    fits = (
+        f"generate no further than the window (max_new_tokens={smallest - prompt_len} or fewer)"
+        if smallest > prompt_len
+        else f"shorten the prompt below {smallest} tokens"
+    )
+    others = [layer for layer in layers if layer not in dict(bitten)]
+    hint = f"trace only the other layers (layers={others})" if others else "trace the layers without a window"
+    raise UnsupportedModelError(
+        f"trace_generate does not follow sliding-window attention past the window: layer(s) {names} attend to at most "
+        f"{smallest} keys, and this call may run {total} tokens (prompt {prompt_len} + up to {total - prompt_len} "
+        "new), so their cache would drop keys the trace needs. To trace it, "
+        f"{fits}, {hint}, or trace the finished sequence with attnlens.trace (windows applied exactly)"
+    )
+
+
 @contextlib.contextmanager
 def _attributes_kept(*objects: object) -> Iterator[None]:
     """Undo what ``generate`` sets on the model object itself (a static cache's remembered length, say)."""
@@ -136,17 +172,14 @@ class _Steps:
             self.prompt_mask = self.prompt_mask.repeat_interleave(batch // self.prompt_mask.shape[0], dim=0)
         return self.prompt_mask
 
-    def _blocked(self, batch: int, layer: int) -> Tensor:
-        """Keys this step's query may not see, ``[batch, 1, 1, k_pos]``: padding, and keys outside a sliding window.
+    def _blocked(self, batch: int) -> Tensor:
+        """Keys this step's query may not see, ``[batch, 1, 1, k_pos]``: the prompt's padding.
 
-        Only the prompt has padding (generated tokens are all real).
+        Generated tokens are all real, and no traced sliding window bites (:func:`_refuse_moving_windows`).
         """
         mask = self.expanded_mask(batch)
         keys = torch.ones(batch, self.n_keys(), dtype=torch.bool, device=mask.device)
         keys[:, : self.prompt_len] = mask.bool()
-        window = self.specs[layer].window
-        if window is not None:
-            keys[:, : max(0, self.n_keys() - window)] = False
         return ~keys[:, None, None, :]
 
     # -------------------------------------------------------------------------------------------- hooks ---
@@ -187,7 +220,7 @@ class _Steps:
                         f"step {self.step}, layer {layer}: the cache holds {k.shape[2]} keys, the step needs {n_keys}"
                     )
                 k = self._heads(k.repeat_interleave(self.adapter.n_heads // k.shape[1], dim=1))
-                scores = masked_scores(q, k, self.specs[layer], self._blocked(q.shape[0], layer), contiguous_k=True)
+                scores = masked_scores(q, k, self.specs[layer], self._blocked(q.shape[0]), contiguous_k=True)
                 out = torch.empty(scores.shape, dtype=q.dtype, device=q.device)
                 softmax_into(scores, out, None)
                 row = out[:, :, 0]
@@ -236,7 +269,6 @@ def _eos_ids(settings: dict[str, Any]) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-@capture.one_at_a_time
 def trace_generate(
     model: nn.Module | Adapter,
     input_ids: Tensor | Any,
@@ -267,7 +299,8 @@ def trace_generate(
     Raises:
         UnsupportedModelError: a model without ``generate``, a kernel outside the adapter's ``exact_kernels``, or a
             decoding strategy whose passes are not one row per sequence and step (beam search, assisted decoding,
-            ``use_cache=False``, a cache other than dynamic or static), named.
+            ``use_cache=False``, a cache other than dynamic or static), named; a traced sliding-window layer whose
+            window the prompt plus ``max_new_tokens`` could outgrow, named with what to do.
         ValueError: bad ``layers`` / ``heads``, inputs that :meth:`~attnlens.models.Adapter.check_inputs` refuses,
             or right padding.
         AttentionCaptureError: a step or layer that was not seen as expected.
@@ -277,11 +310,29 @@ def trace_generate(
         >>> g.row(0, 3).shape  # [batch, head, prompt_len]
         >>> g.check()
     """
+    return _traced_generate(model, input_ids, attention_mask, layers, heads, tokenizer, generate_kwargs)[0]
+
+
+@capture.one_at_a_time
+def _traced_generate(
+    model: nn.Module | Adapter,
+    input_ids: Tensor | Any,
+    attention_mask: Tensor | Any | None,
+    layers: int | Iterable[int] | None,
+    heads: int | Iterable[int] | None,
+    tokenizer: Any,
+    generate_kwargs: dict[str, Any],
+    own_generate: Any = None,
+) -> tuple[GenerationTrace, Any]:
+    """:func:`trace_generate`'s work, under the model's lock: the trace, and what ``generate`` returned (as a dict).
+
+    ``own_generate``: the model's ``generate`` to run (:func:`tracing_generation` passes the one it stood in for).
+    """
     if isinstance(model, (str, os.PathLike)):
         raise TypeError(f"trace_generate needs a loaded model, got the name or path {os.fspath(model)!r}")
     adapter = adapt(model)
     adapter.check_kernel()
-    generate: Any = getattr(adapter.model, "generate", None)
+    generate: Any = own_generate or getattr(adapter.model, "generate", None)
     can_generate = getattr(adapter.model, "can_generate", None)
     if generate is None or (callable(can_generate) and not can_generate()):
         raise UnsupportedModelError(
@@ -301,6 +352,7 @@ def trace_generate(
             "(tokenizer.padding_side = 'left')"
         )
     steps = _Steps(adapter, layer_list, head_list, prompt_mask)
+    _refuse_moving_windows(steps.specs, layer_list, steps.prompt_len, settings)
     generation_config: Any = getattr(adapter.model, "generation_config", None)
     saved_config: Any = copy.deepcopy(generation_config)
     # The hooks need the eager Python forward: generate would compile it for a static cache on an accelerator.
@@ -321,7 +373,7 @@ def trace_generate(
     n_steps = sequences.shape[1] - steps.prompt_len
     if steps.step + 1 != n_steps:
         raise AttentionCaptureError(f"generate chose {n_steps} tokens in {steps.step + 1} forward passes")
-    return GenerationTrace.from_steps(
+    trace = GenerationTrace.from_steps(
         adapter=adapter,
         layers=layer_list,
         heads=head_list,
@@ -340,3 +392,90 @@ def trace_generate(
             "scales": ",".join(repr(steps.specs[layer].scale) for layer in layer_list),
         },
     )
+    return trace, out
+
+
+class GenerationRecorder:
+    """What :func:`tracing_generation` recorded: one :class:`GenerationTrace` per ``generate`` call in its block."""
+
+    def __init__(self) -> None:
+        self.traces: list[GenerationTrace] = []
+
+    @property
+    def trace(self) -> GenerationTrace:
+        """The last call's trace.
+
+        Raises:
+            ValueError: no ``generate`` call has finished in the block yet.
+        """
+        if not self.traces:
+            raise ValueError("no generate() call has finished inside tracing_generation yet: call model.generate first")
+        return self.traces[-1]
+
+    def __repr__(self) -> str:
+        return f"GenerationRecorder({len(self.traces)} traces)"
+
+
+@contextlib.contextmanager
+def tracing_generation(
+    model: nn.Module,
+    *,
+    layers: int | Iterable[int] | None = None,
+    heads: int | Iterable[int] | None = None,
+    tokenizer: Any = None,
+) -> Iterator[GenerationRecorder]:
+    """Trace the model's own ``model.generate(...)`` calls inside the block, as :func:`trace_generate` would.
+
+    For the block, ``model.generate`` stands in for the model's own: each call runs :func:`trace_generate`'s code
+    with the call's arguments (the same hooks, refusals and lock), records the trace, and returns what ``generate``
+    returns (the sequences, or the output object with ``return_dict_in_generate=True``). On leaving the block
+    ``model.generate`` is the model's own again, also on error.
+
+    Args:
+        model: a Hugging Face model with a language-model head; the object whose ``generate`` you call.
+        layers: the layers to trace (default all).
+        heads: the heads to keep (default all).
+        tokenizer: gives the token strings of the sequences.
+
+    Yields:
+        A :class:`GenerationRecorder`: ``.trace`` (the last call's), ``.traces`` (every call's, in order).
+
+    Raises:
+        ValueError: the model's ``generate`` is already traced by an enclosing block.
+
+    Example:
+        >>> with attnlens.tracing_generation(model) as gen:
+        ...     out = model.generate(ids, attention_mask=mask, max_new_tokens=8)
+        >>> gen.trace.row(0, 3).shape  # [batch, head, prompt_len]
+    """
+    adapter = adapt(model)
+    check_indices(layers, adapter.n_layers, "layers")
+    check_indices(heads, adapter.n_heads, "heads")
+    target: Any = adapter.model
+    own = target.generate
+    if getattr(own, "_attnlens_tracing", False):
+        raise ValueError("this model's generate is already traced by an enclosing tracing_generation block")
+    recorder = GenerationRecorder()
+
+    def generate(inputs: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise TypeError(
+                "inside tracing_generation, pass generate's options by keyword (only the inputs by position)"
+            )
+        input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
+        mask = kwargs.pop("attention_mask", None)
+        wanted = _settings(target, kwargs).get("return_dict_in_generate")
+        trace, out = _traced_generate(target, input_ids, mask, layers, heads, tokenizer, kwargs, own)
+        recorder.traces.append(trace)
+        return out if wanted else out.sequences
+
+    generate._attnlens_tracing = True  # type: ignore[attr-defined]
+    had, before = "generate" in vars(target), vars(target).get("generate")
+    target.generate = generate
+    try:
+        yield recorder
+    finally:
+        if had:
+            target.generate = before
+        else:
+            del target.generate

@@ -8,7 +8,8 @@ safetensors file (the tensors, and JSON metadata in its header); loading never u
 forward pass, with the mask ``generate`` extends and the positions it derives from it, and compares:
 
 * each step's rows with the same query row of that trace (absolute error of probabilities);
-* the cache's keys and values with the trace's (relative to the head's largest), padding slots left out;
+* the cache's keys and values, per key/value head (post-rotary, before any repetition for grouped-query heads), with
+  the trace's (relative to that kv_head's largest), padding slots left out;
 * the positions each step's query ran at (where they were recorded) with the mask's, exactly.
 
 Nothing is bitwise there: the full-sequence pass multiplies matrices of other shapes than the one-token steps, so its
@@ -211,9 +212,14 @@ class GenerationTrace:
         Its query rows ``prompt_len - 1 + s`` are step ``s``'s rows recomputed in one pass (:meth:`check` compares
         them); ``model`` is needed after :meth:`load`.
         """
-        return self._full_trace(model, store=("pattern",))
+        return self._full_trace(model, store=("pattern",), heads=self.heads)
 
-    def _full_trace(self, model: Any, store: tuple[str, ...]) -> AttentionTrace:
+    @property
+    def kv_group(self) -> int:
+        """Query heads per key/value head: query head ``h`` reads cached key/value head ``h // kv_group``."""
+        return self.n_heads // int(self.cache_keys.shape[2])
+
+    def _full_trace(self, model: Any, store: tuple[str, ...], heads: tuple[int, ...]) -> AttentionTrace:
         from attnlens.trace import trace
 
         target = model if model is not None else self._adapter
@@ -223,7 +229,7 @@ class GenerationTrace:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate derives them; padding slots are never read
         ids = self.sequences[:, :-1]
         tokens = None if self.tokens is None else [row[:-1] for row in self.tokens]
-        full = trace(target, ids, mask, layers=self.layers, heads=self.heads, store=store, position_ids=positions)
+        full = trace(target, ids, mask, layers=self.layers, heads=heads, store=store, position_ids=positions)
         return full if tokens is None else _with_tokens(full, tokens)
 
     # ------------------------------------------------------------------------------------------------ check ---
@@ -241,10 +247,19 @@ class GenerationTrace:
         """
         if self.n_steps < 2:
             return GenerationCheck(True, (), {})
-        traced = self._full_trace(model, store=("pattern", "q", "k", "v"))
+        # The full trace keeps the kept heads (for the rows) and the first query head of every key/value group (its
+        # keys and values are that kv_head's, repeated): the cache is compared per kv_head, also for unkept heads.
+        group = self.kv_group
+        kv_first = tuple(range(0, self.n_heads, group))
+        traced_heads = tuple(sorted(set(self.heads) | set(kv_first)))
+        kept = torch.tensor([traced_heads.index(h) for h in self.heads], device=self.rows.device)
+        per_kv = torch.tensor([traced_heads.index(h) for h in kv_first], device=self.rows.device)
+        traced = self._full_trace(model, store=("pattern", "q", "k", "v"), heads=traced_heads)
 
-        def full(name: str, layer: int) -> Tensor:
-            return traced[name, layer].float().to(self.rows.device)
+        def full(name: str, layer: int, index: Tensor) -> Tensor:
+            """Heads second, as the pattern and the cache hold them: q/k/v ``[batch, pos, head, d_head]`` transposed."""
+            x = traced[name, layer].float().to(self.rows.device)
+            return (x if name == "pattern" else x.transpose(1, 2)).index_select(1, index)
 
         dtype = str(self.rows.dtype).removeprefix("torch.")
         if dtype not in UNIT_ROUNDOFF:
@@ -270,12 +285,11 @@ class GenerationTrace:
                 )
         for slot, layer in enumerate(self.layers):
             e = table["k"] + table["hidden"] * (layer + 1) / n_layers
-            # Head-major, as the cache holds its keys and values: [batch, head, pos, d_head].
-            q, k = full("q", layer).transpose(1, 2), full("k", layer).transpose(1, 2)
+            q, k = full("q", layer, kept), full("k", layer, kept)
             tol = (
                 4 * u + 4 * scales[slot] * q.norm(dim=-1).amax(dim=(0, 2)) * k.norm(dim=-1).amax(dim=(0, 2)) * e
             )  # [head]
-            reference = full("pattern", layer)[:, :, p0:]  # [batch, head, step, k_pos]
+            reference = full("pattern", layer, kept)[:, :, p0:]  # [batch, head, step, k_pos]
             error = (self.rows[slot].float() - reference).abs().amax(dim=(0, 3))  # [head, step]
             ratio = error / tol[:, None]
             largest["rows"] = max(largest["rows"], float(ratio.max()))
@@ -288,22 +302,21 @@ class GenerationTrace:
                     )
                 )
             for name, cached, recomputed in (
-                ("keys", self.cache_keys[slot], k),
-                ("values", self.cache_values[slot], full("v", layer).transpose(1, 2)),
-            ):
-                mine = cached.repeat_interleave(self.n_heads // cached.shape[1], dim=1)
-                mine = mine.index_select(1, torch.tensor(self.heads, device=mine.device)).float()
-                size = recomputed.abs().amax(dim=(0, 2, 3)).clamp(min=torch.finfo(torch.float32).tiny)  # [head]
-                diff = ((mine - recomputed).abs().amax(dim=-1) * real[:, None, :]).amax(dim=0)  # [head, pos]
-                ratio = diff / (e * size[:, None])
+                ("keys", self.cache_keys[slot], full("k", layer, per_kv)),
+                ("values", self.cache_values[slot], full("v", layer, per_kv)),
+            ):  # cached and recomputed [batch, kv_head, pos, d_head]
+                size = recomputed.abs().amax(dim=(0, 2, 3)).clamp(min=torch.finfo(torch.float32).tiny)  # [kv_head]
+                diff = ((cached.float() - recomputed).abs().amax(dim=-1) * real[:, None, :]).amax(dim=0)
+                ratio = diff / (e * size[:, None])  # [kv_head, pos]
                 largest[name] = max(largest[name], float(ratio.max()))
-                for h, pos in (ratio > 1).nonzero().tolist():
+                for g, pos in (ratio > 1).nonzero().tolist():
                     s = max(0, pos - p0)
+                    heads = f"kv_head {g} (query heads {g * group}-{(g + 1) * group - 1})" if group > 1 else f"head {g}"
                     mismatches.append(
                         (
                             s,
-                            f"step {s}, layer {layer}, head {self.heads[h]}: cached {name} at position {pos} differ by "
-                            f"{float(diff[h, pos]):.3g} (tolerance {float(e * size[h]):.3g})",
+                            f"step {s}, layer {layer}, {heads}: cached {name} at position {pos} differ by "
+                            f"{float(diff[g, pos]):.3g} (tolerance {float(e * size[g]):.3g})",
                         )
                     )
         mismatches.sort(key=lambda item: item[0])

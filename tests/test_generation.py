@@ -270,18 +270,20 @@ def test_demo_model_and_cli(tmp_path: Any) -> None:
     assert "attnlens-text" in out.read_text()
 
 
-def test_a_sliding_window_blocks_the_keys_that_left_it() -> None:
-    """Recomputed rows (sdpa) follow the spec's window: a query sees at most ``window`` keys, itself included."""
+def test_a_window_the_sequence_could_outgrow_is_refused_before_generating() -> None:
+    """A traced layer's window must hold the whole sequence: within it the rows are complete, past it named."""
     from dataclasses import replace
 
     model = make_gpt2(attn_implementation="sdpa")
     adapter = adapt(model)
-    windowed = replace(adapter, kernel_specs=tuple(replace(spec, window=3) for spec in adapter.kernel_specs))
-    g = attnlens.trace_generate(windowed, PROMPTS[1][0], max_new_tokens=4, eos_token_id=None)
-    for step in range(4):
-        row = g.row(step, 1)  # keys 0 .. 4 + step
-        assert not row[..., : 5 + step - 3].any() and bool((row[..., -3:] > 0).all())
-        torch.testing.assert_close(row.sum(-1), torch.ones(1, 4), rtol=0, atol=8 * 2.0**-24)  # 3-term sum, rounded
+    windowed = replace(adapter, kernel_specs=tuple(replace(spec, window=7) for spec in adapter.kernel_specs))
+    g = attnlens.trace_generate(windowed, PROMPTS[1][0], max_new_tokens=2, eos_token_id=None)  # 5 + 2 = 7 tokens
+    assert g.check().ok and bool((g.row(1, 1) > 0).all())  # the last query sees all 6 keys: the window never bit
+    before = state(model)
+    named = r"sliding-window attention .* layer\(s\) 0, 1 .*\(max_new_tokens=2 or fewer\)"
+    with pytest.raises(UnsupportedModelError, match=named):
+        attnlens.trace_generate(windowed, PROMPTS[1][0], max_new_tokens=3, eos_token_id=None)
+    assert state(model) == before
 
 
 def test_concurrent_calls_on_one_model_are_each_their_own() -> None:
@@ -303,3 +305,40 @@ def test_concurrent_calls_on_one_model_are_each_their_own() -> None:
     for g in results:
         assert torch.equal(g.sequences, alone.sequences)
         assert_bitwise(g.rows, alone.rows, "same call")
+
+
+def test_tracing_generation_records_the_users_own_generate_calls() -> None:
+    model = make_gpt2(attn_implementation="sdpa", n_layer=3)
+    ids, mask = PROMPTS[2]
+    options = {"max_new_tokens": 4, "do_sample": False, "eos_token_id": None}
+    plain = copy.deepcopy(model).generate(ids, attention_mask=mask, **options)
+    alone = attnlens.trace_generate(model, ids, mask, layers=[2, 0], heads=[1, 3], **options)
+    before = state(model)
+    with attnlens.tracing_generation(model, layers=[2, 0], heads=[1, 3]) as gen:
+        with pytest.raises(ValueError, match="no generate"):
+            gen.trace  # noqa: B018 - the property raises before any call
+        out = model.generate(ids, attention_mask=mask, **options)  # what generate returns: the sequences
+        assert torch.equal(out, plain)
+        full = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **options)
+        assert torch.equal(full.sequences, plain) and full.past_key_values is not None
+        with pytest.raises(ValueError, match="already traced"), attnlens.tracing_generation(model):
+            pass  # pragma: no cover
+    assert state(model) == before and "generate" not in vars(model)
+    assert len(gen.traces) == 2 and gen.trace is gen.traces[1]
+    for g in gen.traces:  # the same code as trace_generate: the same rows, bit for bit
+        assert g.layers == (2, 0) and g.heads == (1, 3)
+        assert_bitwise(g.rows, alone.rows, "same call")
+        assert g.check().ok
+
+
+def test_tracing_generation_refuses_and_restores_on_error() -> None:
+    model = make_gpt2()
+    before = state(model)
+    with pytest.raises(UnsupportedModelError, match="beam search"), attnlens.tracing_generation(model):
+        model.generate(PROMPTS[1][0], max_new_tokens=2, num_beams=2)
+    assert state(model) == before and "generate" not in vars(model)
+    with pytest.raises(TypeError, match="by keyword"), attnlens.tracing_generation(model):
+        model.generate(PROMPTS[1][0], None)
+    with pytest.raises(ValueError, match="layers"), attnlens.tracing_generation(model, layers=[7]):
+        pass  # pragma: no cover
+    assert state(model) == before
