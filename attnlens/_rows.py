@@ -32,6 +32,7 @@ __all__ = [
     "query_positions",
     "row_lse",
     "row_statistics",
+    "token_key_sets",
 ]
 
 CHUNK = 1024
@@ -190,6 +191,40 @@ class KeySet(NamedTuple):
 def key_set(keys: Tensor) -> KeySet:
     """The :class:`KeySet` of ``keys [batch, q_pos, k_pos]`` (bool): computed once per batch, used by every layer."""
     return KeySet(keys.nonzero(), keys.any(dim=-1))
+
+
+def token_key_sets(ids: Tensor) -> tuple[KeySet, KeySet]:
+    """The duplicate-token and induction :class:`KeySet` of ``ids [batch, pos]``, from the tokens, no square formed.
+
+    The same pairs in the same row-major order, and the same rows, as :func:`key_set` of
+    :func:`attnlens._detection.token_keys`'s ``[batch, q_pos, k_pos]`` masks, which take ``pos^2`` bytes each (256 MiB
+    at 16384 tokens): here memory is ``O(batch x pos + pairs)``. Duplicate pairs are ``(b, i, j)`` with ``j < i`` and
+    ``t[b, j] == t[b, i]``; induction pairs are ``(b, i, j + 1)`` of those with ``j + 1 < i``.
+    """
+    batch, n_pos = ids.shape
+    device = ids.device
+    sorted_ids, order = torch.sort(ids, dim=-1, stable=True)  # equal tokens in runs, their positions increasing
+    flat = sorted_ids.flatten()
+    row = torch.arange(batch, device=device).repeat_interleave(n_pos)
+    index = torch.arange(batch * n_pos, device=device)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = (flat[1:] != flat[:-1]) | (row[1:] != row[:-1])
+    run_start = torch.cummax(torch.where(starts, index, 0), dim=0).values
+    copies = index - run_start  # earlier copies of each token in its row: its pairs
+    query = torch.repeat_interleave(index, copies)
+    first = torch.repeat_interleave(run_start, copies)
+    within = torch.arange(query.shape[0], device=device) - torch.repeat_interleave(copies.cumsum(0) - copies, copies)
+    positions = order.flatten()
+    b, i, j = row[query], positions[query], positions[first + within]
+    pairs = torch.stack([b, i, j], dim=-1)[((b * n_pos + i) * n_pos + j).argsort()]  # row-major, as nonzero() lists
+
+    def of(pairs: Tensor) -> KeySet:
+        rows = torch.zeros(batch, n_pos, dtype=torch.bool, device=device)
+        rows[pairs[:, 0], pairs[:, 1]] = True
+        return KeySet(pairs, rows)
+
+    shifted = pairs[pairs[:, 2] + 1 < pairs[:, 1]] + torch.tensor([0, 0, 1], device=device)
+    return of(pairs), of(shifted)
 
 
 def _pair_sums(q: Tensor, k: Tensor, lse: Tensor, scale: float, pairs: Tensor) -> Tensor:

@@ -178,9 +178,10 @@ class _Sums(Sink):
         self.counts = torch.zeros(len(scores), dtype=torch.float64)
 
     def start(self, ids: Tensor) -> None:
-        self.keys = token_keys(ids)
-        if self.specs is not None:
-            self.key_sets = tuple(_rows.key_set(keys) for keys in self.keys)
+        if self.specs is not None:  # pairs straight from the tokens: no [batch, q_pos, k_pos] mask (pos^2 bytes)
+            self.key_sets = _rows.token_key_sets(ids)
+        else:
+            self.keys = token_keys(ids)
         self.sums = torch.zeros(self.shape, dtype=torch.float64)
 
     def pattern(self, layer: int, pattern: Tensor) -> None:

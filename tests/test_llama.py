@@ -372,3 +372,37 @@ def test_lora_states_as_users_leave_them(family: tuple[str, Path], targets: list
     assert attnlens.verify(wrapped, ids, mask, position_ids=positions).ok
     assert type(merged).__name__.endswith("ForCausalLM")
     assert attnlens.verify(merged, ids, mask, position_ids=positions).ok
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_captured_q_and_k_are_laid_out_as_the_models_rotated_ones(family: tuple[str, Path], use_cache: bool) -> None:
+    # The eager kernel multiplies the rotated q and k as they come (strided: rotated as [batch, pos, head, d_head],
+    # then transposed). A contiguous copy's matmul rounds differently on MKL's conservative path (MKL_CBWR=COMPATIBLE
+    # with torch's portable kernels): verify's pattern_hf_order missed SmolLM2-1.7B's eager pattern by one ulp there.
+    from test_hub_configs_llama import recording
+
+    from attnlens.capture import forward_hooks
+    from attnlens.patterns import qkv_hooks
+
+    family_name, folder = family
+    model = load(folder, "eager")
+    adapter = adapt(model)
+    got: dict[int, Any] = {}
+    on_qkv, rotations = qkv_hooks(adapter, list(range(N_LAYER)), lambda layer, qkv: got.__setitem__(layer, qkv))
+    ids, mask, positions = left_padded()
+    with (
+        torch.no_grad(),
+        recording(model, family_name) as calls,
+        forward_hooks(rotations, pre=True, with_kwargs=True),
+        forward_hooks(on_qkv),
+    ):
+        adapter.sites.run(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=use_cache)
+
+    def layout(x: torch.Tensor) -> list[tuple[int, int]]:  # a dimension of size 1 has no stride that matters
+        return [(size, stride) for size, stride in zip(x.shape, x.stride(), strict=True) if size > 1]
+
+    for layer in range(N_LAYER):
+        q, k, _ = got[layer]
+        for mine, own in ((q, calls[layer]["q_rot"]), (k, calls[layer]["k_rot"])):
+            assert mine.shape == own.shape and layout(mine) == layout(own), (layer, mine.stride(), own.stride())
+            assert_bitwise(mine, own, "same kernel", f"layer {layer}")

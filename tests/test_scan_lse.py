@@ -69,6 +69,21 @@ def test_every_statistic_equals_the_squares_definition(n_pos: int, d_head: int, 
         assert bool((excess <= 0).all()), f"{name}: above its bound by {float(excess.max()):.3g}"
 
 
+@pytest.mark.parametrize(
+    ("batch", "n_pos", "vocab"), [(3, 50, 4), (2, 64, 1), (2, 40, 1000), (1, 1, 3), (4, 7, 2), (2, 300, 30)]
+)
+def test_key_sets_from_the_tokens_are_the_masks_pairs_and_rows(batch: int, n_pos: int, vocab: int) -> None:
+    # scan takes its key sets from the tokens (no [batch, q_pos, k_pos] mask): the same pairs, in the same order (the
+    # order fixes how each row's terms are added), and the same rows, as the masks of the square's definitions.
+    ids = windows(batch, n_pos, vocab, batch * n_pos + vocab)
+    for got, mask in zip(_rows.token_key_sets(ids), token_keys(ids), strict=True):
+        expected = _rows.key_set(mask)
+        assert got.pairs.dtype == expected.pairs.dtype and torch.equal(got.pairs, expected.pairs)
+        assert torch.equal(got.rows, expected.rows)
+    if vocab == 1:  # every earlier token is a copy: n (n - 1) / 2 duplicate pairs per row
+        assert _rows.token_key_sets(ids)[0].pairs.shape[0] == batch * n_pos * (n_pos - 1) // 2
+
+
 def test_scan_of_an_sdpa_float32_model_takes_the_lse_and_equals_the_patterns(monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_gpt2(n_positions=32, vocab_size=13, n_layer=3, attn_implementation="sdpa")
     docs = token_docs()

@@ -246,7 +246,9 @@ class LlamaAdapter(Adapter):
         """Queries ``[batch, head, pos, d_head]``, keys and values ``[batch, kv_head, pos, d_head]``, rotated.
 
         ``outputs`` are ``q_proj``'s, ``k_proj``'s and ``v_proj``'s (Qwen3: ``q_norm``'s and ``k_norm``'s, already
-        ``[batch, pos, head, d_head]``). v is a view; the rotated q and k are new contiguous tensors, as the model's.
+        ``[batch, pos, head, d_head]``). v is a view; the rotated q and k are new tensors laid out as the model's:
+        rotated as ``[batch, pos, head, d_head]`` and transposed, so that a matmul on them runs as the eager kernel's
+        does on its own (MKL's conservative path rounds a contiguous copy's product differently).
         """
         d_head = self.d_head
         q, k, v = (out.view(*out.shape[:2], -1, d_head) for out in outputs)
@@ -254,7 +256,7 @@ class LlamaAdapter(Adapter):
             raise AttentionCaptureError(f"layer {layer} rotates its queries and keys, but no rotation was captured")
 
         def rotate(x: Tensor) -> Tensor:
-            return functional.apply_rotary(x, rotation.cos, rotation.sin).transpose(1, 2).contiguous()
+            return functional.apply_rotary(x, rotation.cos, rotation.sin).transpose(1, 2)
 
         return QKV(rotate(q), rotate(k), v.transpose(1, 2))
 
