@@ -104,6 +104,13 @@ def tokenize(texts: list[str], tokenizer: Any, prepend_bos: bool = False) -> tup
         raise ValueError("a text tokenizes to no tokens at all")
     if prepend_bos:
         bos = bos_id(tokenizer)
+        # A post-processor template (Llama 3's tokenizer) puts the bos in front without any add_bos_token flag.
+        doubled = [index for index, row in enumerate(rows) if row[0] == bos]
+        if doubled:
+            raise ValueError(
+                f"prepend_bos=True, but text {doubled[0]} already starts with the bos token (id {bos}; the tokenizer "
+                "puts it in front itself): the text would start with two; drop prepend_bos"
+            )
         rows = [[bos, *row] for row in rows]
     pad = tokenizer.pad_token_id
     pad = tokenizer.eos_token_id if pad is None else pad

@@ -907,6 +907,22 @@ def test_prepend_bos_is_refused_where_it_cannot_be_right() -> None:
         attnlens.trace(model, "the cat", tokenizer=doubled, prepend_bos=True)
 
 
+def test_prepend_bos_is_refused_when_the_tokenizer_template_adds_the_bos() -> None:
+    # Llama 3's tokenizer puts <|begin_of_text|> in front through its post-processor, with no add_bos_token flag
+    # (False or absent): prepend_bos used to give every text two bos tokens.
+    from tokenizers import processors
+
+    model = make_gpt2()
+    templated = bos_tokenizer(bos_token="<bos>")
+    templated.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 8)]
+    )
+    assert templated("the cat")["input_ids"] == [8, 1, 2] and getattr(templated, "add_bos_token", False) is not True
+    with pytest.raises(ValueError, match=r"text 0 already starts with the bos token \(id 8"):
+        attnlens.trace(model, ["the cat", "a dog"], tokenizer=templated, prepend_bos=True)
+    assert attnlens.trace(model, "the cat", tokenizer=templated).input_ids.tolist() == [[8, 1, 2]]
+
+
 @pytest.mark.parametrize(
     "flags",
     [{}, {"scale_attn_by_inverse_layer_idx": True}, {"scale_attn_weights": False}, {"reorder_and_upcast_attn": True}],
