@@ -259,6 +259,24 @@ def test_cli_verify_and_weights_on_a_saved_folder(family: tuple[str, Path], caps
     assert "per key/value head" in out and "query head h reads key/value head" in out
 
 
+def test_cli_weights_states_a_head_dim_that_is_not_d_model_over_heads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Qwen3-4B's head_dim is 128 where hidden_size / heads is 80 (shrunk: 8 of 40 / 8 = 5); the command printed
+    # "d_head = 40 / 8 = 8".
+    from attnlens.cli import main
+
+    model = build("Qwen__Qwen3-4B.copied-4.51.2.json", tmp_path)
+    w = attnlens.extract_weights(model)
+    assert (w.d_model, w.n_heads, w.d_head, w.n_kv_heads) == (40, 8, D_HEAD, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["weights", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "heads: 8 per layer (2 key/value heads, each read by 4), d_head = 8 (its own setting: d_model / heads" in out
+    assert "40 / 8 = 8" not in out
+
+
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])
 def test_scan_equals_trace_and_metrics_on_the_same_windows(family: tuple[str, Path], kernel: str) -> None:
     # Every query head, grouped keys, and (Mistral) a sliding window of 4 in windows of 12: the statistics scan takes
