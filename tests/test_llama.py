@@ -21,6 +21,7 @@ from test_hub_configs_llama import (
     FIXTURES,
     N_LAYER,
     SEQ,
+    VOCAB,
     WINDOW,
     eager_patterns,
     left_padded,
@@ -275,6 +276,21 @@ def test_cli_weights_states_a_head_dim_that_is_not_d_model_over_heads(
     out = capsys.readouterr().out
     assert "heads: 8 per layer (2 key/value heads, each read by 4), d_head = 8 (its own setting: d_model / heads" in out
     assert "40 / 8 = 8" not in out
+
+
+def test_induction_on_repeated_tokens_stays_inside_the_sliding_window(tmp_path: Path) -> None:
+    # Mistral's window of 4 keys: the default seq_len (min(50, 64 // 2) = 32) put every target 31 keys back, outside
+    # every window, and every head scored exactly 0.
+    model = build(FIXTURE_NAMES["mistral"], tmp_path, bos_token_id=1, eos_token_id=2)
+    scores = metrics.induction_scores(model, batch=2, seed=3)
+    half = torch.randint(0, VOCAB, (2, WINDOW), generator=torch.Generator().manual_seed(3))
+    tr = attnlens.trace(model, torch.cat([half, half], -1))
+    rows = torch.arange(WINDOW, 2 * WINDOW)
+    by_hand = torch.stack([tr.pattern(layer)[:, :, rows, rows - WINDOW + 1].mean((0, 2)) for layer in tr.layers])
+    assert_close(scores, by_hand)  # the same pattern entries, averaged over another index path
+    assert bool((scores > 0).all())
+    with pytest.raises(ValueError, match=r"outside the sliding window of layers \[0, 1\].*seq_len <= 4"):
+        metrics.induction_scores(model, seq_len=WINDOW + 1)
 
 
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])
