@@ -372,7 +372,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = with_input(command("heads", "print the top heads for each head score"))
     p.add_argument("--top", type=int, default=3, help="heads to list per score")
-    p.add_argument("--seq-len", type=int, default=50, help="length of the repeated random sequence (induction)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        help="length of the repeated random sequence (induction; default 50, or less where n_ctx or a sliding "
+        "window needs it)",
+    )
     p.add_argument("--batch", type=int, default=8, help="repeated random sequences for the induction score")
     p.add_argument(
         "--prepend-bos",

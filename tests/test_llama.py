@@ -256,8 +256,20 @@ def test_cli_verify_and_weights_on_a_saved_folder(family: tuple[str, Path], caps
         assert main(["verify", str(folder), "--ids", *ids]) == 0
         assert "OK" in capsys.readouterr().out
         assert main(["weights", str(folder)]) == 0
-    out = capsys.readouterr().out
-    assert "per key/value head" in out and "query head h reads key/value head" in out
+        out = capsys.readouterr().out
+        assert "per key/value head" in out and "query head h reads key/value head" in out
+        # The default --seq-len is the API's: 50 did not fit n_ctx = 64, nor Mistral's window of 4.
+        assert main(["heads", str(folder), "--ids", *ids, "--json", "--top", "100"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    model = load(folder, "sdpa")
+    expected = {
+        "previous_token (highest)": metrics.head_scores(attnlens.trace(model, left_padded()[0][:1])).top(
+            "previous_token", 100
+        ),
+        "induction on repeated random tokens": metrics.top_heads(metrics.induction_scores(model, batch=8, seed=0), 100),
+    }
+    for name, rows in expected.items():
+        assert table[name] == [list(row) for row in rows]
 
 
 def test_cli_weights_states_a_head_dim_that_is_not_d_model_over_heads(
