@@ -81,10 +81,11 @@ def token_texts(tokenizer: Any, ids: Any) -> list[str]:
         elif "\ufffd" in text:
             fallback = _hex_fallback(tokenizer, token_id)
             text = fallback if fallback is not None else f"<id={token_id}>"
-        elif isinstance(piece, str) and piece.startswith(_METASPACE) and not text.startswith(" "):
+        elif isinstance(piece, str) and piece.startswith(_METASPACE):
             # SentencePiece (Llama 2, Mistral) marks a word's leading space with U+2581, and its decoder strips the
             # first space of what it decodes: a token decoded alone loses it (" cat" would read "cat").
-            text = " " + text
+            lost = (len(piece) - len(piece.lstrip(_METASPACE))) - (len(text) - len(text.lstrip(" ")))
+            text = " " * max(lost, 0) + text
         texts.append(text)
     return texts
 

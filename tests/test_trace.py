@@ -941,17 +941,17 @@ def test_token_strings_keep_sentencepiece_spaces_and_show_byte_pieces_as_bytes()
     # decodes, so each token decoded alone lost its space ("cat" for " cat"); byte fallback pieces read "<0xE6>".
     from tokenizers import Tokenizer, decoders, models, normalizers
 
-    pieces = ["<unk>", "<s>", "▁The", "▁cat", "▁", "sat", "<0x0A>", "<0xE6>", "<0x97>", "<0xA5>"]
+    pieces = ["<unk>", "<s>", "▁The", "▁cat", "▁", "sat", "<0x0A>", "<0xE6>", "<0x97>", "<0xA5>", "▁▁"]
     sp = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, [], unk_token="<unk>", byte_fallback=True))
     sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     sp.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", unk_token="<unk>")
-    ids = [2, 3, 4, 5, 6, 7, 8, 9]
-    assert tok.decode([3]) == "cat" and tok.decode(ids) == "The cat sat\n日"  # what decoding alone loses
+    ids = [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert tok.decode([3]) == "cat" and tok.decode(ids) == "The cat sat\n日  "  # what decoding alone loses
     tr = attnlens.trace(make_gpt2(), torch.tensor([ids]), tokenizer=tok, layers=[0])
-    assert tr.tokens == [[" The", " cat", " ", "sat", "\n", "\\xe6", "\\x97", "\\xa5"]]
+    assert tr.tokens == [[" The", " cat", " ", "sat", "\n", "\\xe6", "\\x97", "\\xa5", "  "]]
 
 
 def test_token_strings_show_partial_characters_as_their_bytes() -> None:
