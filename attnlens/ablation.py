@@ -339,7 +339,7 @@ def head_importance(
     if unembed is None:
         raise UnsupportedModelError(
             f"head_importance needs logits over the vocabulary, and {adapter.model_class} has no language-model "
-            f"head; load the checkpoint with one ({', '.join(c for c in adapter.supported_classes if 'LMHead' in c)})"
+            f"head; load the checkpoint with one ({', '.join(adapter.lm_classes)})"
         )
     ids, mask, _ = adapter.check_inputs(input_ids, attention_mask)
     if mode == "mean" and reference is None:

@@ -106,6 +106,7 @@ class Decomposition(DecompositionTables):
     _versions: tuple[int, ...] = field(repr=False)
     _model_class: str = field(repr=False)
     _rms: bool = field(default=False, repr=False)
+    _lm_classes: tuple[str, ...] = field(default=(), repr=False)
 
     def __repr__(self) -> str:
         batch, n_pos, d_model = self.residual.shape
@@ -200,7 +201,8 @@ class Decomposition(DecompositionTables):
         if self._unembed is None:
             raise UnsupportedModelError(
                 f"{self._model_class} has no language-model head (no W_U), so there are no logits to attribute; "
-                "the residual decomposition stands. Use GPT2LMHeadModel (or GPT2DoubleHeadsModel) for logits"
+                "the residual decomposition stands. Load the checkpoint with one for logits "
+                f"({', '.join(self._lm_classes)})"
             )
         if _versions(self._norm, self._unembed) != self._versions:
             raise StaleWeightsError(
@@ -464,4 +466,5 @@ def _decompose(
         _versions=_versions(norm_params, unembed),
         _model_class=adapter.model_class,
         _rms=norm.rms,
+        _lm_classes=adapter.lm_classes,
     )
