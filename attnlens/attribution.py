@@ -389,10 +389,11 @@ def _decompose(
     contributions = torch.empty((len(names), batch, n_sel, d_model), dtype=adapter.dtype, device=adapter.device)
     captured: dict[str, Tensor] = {}
     seen: set[str] = set()
-    gather_index = columns[:, :, None].expand(batch, n_sel, d_model)
 
     def at_positions(x: Tensor) -> Tensor:
-        return x.expand(batch, -1, -1).gather(1, gather_index)  # the position embedding comes as [1, pos, d_model]
+        # The position embedding comes as [1, pos, d_model]; z is [batch, pos, (head d_head)], which is not d_model
+        # wide where head_dim is a setting of its own (Qwen3-4B, Mistral-Nemo).
+        return x.expand(batch, -1, -1).gather(1, columns[:, :, None].expand(batch, n_sel, x.shape[-1]))
 
     def put(slot: int, key: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:

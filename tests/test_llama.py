@@ -290,6 +290,21 @@ def test_cli_weights_states_a_head_dim_that_is_not_d_model_over_heads(
     assert "40 / 8 = 8" not in out
 
 
+def test_decompose_where_the_heads_are_wider_than_d_model(tmp_path: Path) -> None:
+    # Qwen3-4B: 8 heads of 8 features read a 40-wide residual. The heads' z (64 wide) was gathered at the chosen
+    # positions with a d_model-wide index: decompose failed in an einsum.
+    model = build("Qwen__Qwen3-4B.copied-4.51.2.json", tmp_path)
+    ids, mask, positions = left_padded()
+    d = decompose(model, ids, mask, positions=[0, -1], position_ids=positions)
+    d.check()
+    targets = ids.gather(1, d.positions).roll(1, 0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.double()
+    expected = logits.gather(1, d.positions[..., None].expand(-1, -1, logits.shape[-1])).gather(-1, targets[..., None])
+    total = d.logit_attribution(targets).sum(0).double() + d.logit_bias(targets).double()
+    assert bool(((total - expected[..., 0]).abs() <= d.logit_bound(targets).double()).all())
+
+
 def test_induction_on_repeated_tokens_stays_inside_the_sliding_window(tmp_path: Path) -> None:
     # Mistral's window of 4 keys: the default seq_len (min(50, 64 // 2) = 32) put every target 31 keys back, outside
     # every window, and every head scored exactly 0.
