@@ -290,11 +290,26 @@ def test_cli_weights_states_a_head_dim_that_is_not_d_model_over_heads(
     assert "40 / 8 = 8" not in out
 
 
-def test_decompose_where_the_heads_are_wider_than_d_model(tmp_path: Path) -> None:
+def test_decompose_and_ablate_where_the_heads_are_wider_than_d_model(tmp_path: Path) -> None:
     # Qwen3-4B: 8 heads of 8 features read a 40-wide residual. The heads' z (64 wide) was gathered at the chosen
-    # positions with a d_model-wide index: decompose failed in an einsum.
+    # positions with a d_model-wide index (decompose failed in an einsum), and zero ablation replaced it by a
+    # d_model-wide zero (a broadcast error).
     model = build("Qwen__Qwen3-4B.copied-4.51.2.json", tmp_path)
     ids, mask, positions = left_padded()
+    with torch.no_grad():
+        with attnlens.ablate(model, [(1, 3)]):
+            ablated = model(input_ids=ids, attention_mask=mask).logits
+
+        def zero_head(module: Any, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return (args[0].index_fill(-1, torch.arange(3 * D_HEAD, 4 * D_HEAD), 0.0),)
+
+        handle = model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(zero_head)
+        try:
+            by_hand = model(input_ids=ids, attention_mask=mask).logits
+        finally:
+            handle.remove()
+    assert_bitwise(ablated, by_hand, "same kernel")  # the same o_proj on the same zeroed z
+    assert bool(attnlens.head_importance(model, ids, mask).isfinite().all())
     d = decompose(model, ids, mask, positions=[0, -1], position_ids=positions)
     d.check()
     targets = ids.gather(1, d.positions).roll(1, 0)
