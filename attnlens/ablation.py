@@ -132,7 +132,7 @@ def _replacements(
     reference: Any,
 ) -> dict[int, _Replacement]:
     """Per ablated layer, which entries of ``z`` are replaced and by what (running the reference if the mode asks)."""
-    n_head, d_model, d_head = adapter.n_heads, adapter.d_model, adapter.d_head
+    n_head, d_head = adapter.n_heads, adapter.d_head
     dtype, device = adapter.dtype, adapter.device
     layers = sorted({layer for layer, _ in heads})
     z_ref: Tensor | None = None
@@ -154,7 +154,7 @@ def _replacements(
         columns[ablated] = True
         columns = columns.flatten()
         if z_ref is None:
-            value = torch.zeros(1, 1, d_model, dtype=dtype, device=device)
+            value = torch.zeros(1, 1, n_head * d_head, dtype=dtype, device=device)  # z's width, not always d_model
         elif mode == "mean":
             # float32 (or wider) sums over all real tokens, cast back: one vector per head.
             real = z_ref[slot][keep]  # [token, head, d_head]
@@ -339,7 +339,7 @@ def head_importance(
     if unembed is None:
         raise UnsupportedModelError(
             f"head_importance needs logits over the vocabulary, and {adapter.model_class} has no language-model "
-            f"head; load the checkpoint with one ({', '.join(c for c in adapter.supported_classes if 'LMHead' in c)})"
+            f"head; load the checkpoint with one ({', '.join(adapter.lm_classes)})"
         )
     ids, mask, _ = adapter.check_inputs(input_ids, attention_mask)
     if mode == "mean" and reference is None:

@@ -106,6 +106,7 @@ class Decomposition(DecompositionTables):
     _versions: tuple[int, ...] = field(repr=False)
     _model_class: str = field(repr=False)
     _rms: bool = field(default=False, repr=False)
+    _lm_classes: tuple[str, ...] = field(default=(), repr=False)
 
     def __repr__(self) -> str:
         batch, n_pos, d_model = self.residual.shape
@@ -200,7 +201,8 @@ class Decomposition(DecompositionTables):
         if self._unembed is None:
             raise UnsupportedModelError(
                 f"{self._model_class} has no language-model head (no W_U), so there are no logits to attribute; "
-                "the residual decomposition stands. Use GPT2LMHeadModel (or GPT2DoubleHeadsModel) for logits"
+                "the residual decomposition stands. Load the checkpoint with one for logits "
+                f"({', '.join(self._lm_classes)})"
             )
         if _versions(self._norm, self._unembed) != self._versions:
             raise StaleWeightsError(
@@ -387,10 +389,11 @@ def _decompose(
     contributions = torch.empty((len(names), batch, n_sel, d_model), dtype=adapter.dtype, device=adapter.device)
     captured: dict[str, Tensor] = {}
     seen: set[str] = set()
-    gather_index = columns[:, :, None].expand(batch, n_sel, d_model)
 
     def at_positions(x: Tensor) -> Tensor:
-        return x.expand(batch, -1, -1).gather(1, gather_index)  # the position embedding comes as [1, pos, d_model]
+        # The position embedding comes as [1, pos, d_model]; z is [batch, pos, (head d_head)], which is not d_model
+        # wide where head_dim is a setting of its own (Qwen3-4B, Mistral-Nemo).
+        return x.expand(batch, -1, -1).gather(1, columns[:, :, None].expand(batch, n_sel, x.shape[-1]))
 
     def put(slot: int, key: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -464,4 +467,5 @@ def _decompose(
         _versions=_versions(norm_params, unembed),
         _model_class=adapter.model_class,
         _rms=norm.rms,
+        _lm_classes=adapter.lm_classes,
     )

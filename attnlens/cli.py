@@ -104,6 +104,14 @@ def cmd_weights(args: argparse.Namespace) -> int:
     if not 0 <= args.layer < w.n_layers:
         raise ValueError(f"--layer must lie in [0, {w.n_layers}), got {args.layer}")
     layer = w.layers[args.layer]
+    n_kv = layer.n_kv_heads
+    kv_heads = f" ({n_kv} key/value heads, each read by {w.n_heads // n_kv})" if n_kv != w.n_heads else ""
+    # head_dim is a config field of its own in the Llama family (Qwen3-4B: 128 where d_model / heads = 80).
+    d_head = (
+        f"{w.d_model} / {w.n_heads} = {w.d_head}"
+        if w.d_model == w.n_heads * w.d_head
+        else f"{w.d_head} (its own setting: d_model / heads = {w.d_model} / {w.n_heads} = {w.d_model / w.n_heads:g})"
+    )
     lines = [
         f"model: {source} ({type(model.model).__name__}, {model.kernel} attention, {w.dtype})",
         *model.describe(),
@@ -112,8 +120,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
         if w.W_pos is not None
         else "W_pos (position embed.)  none: positions enter as a rotation of q and k (rotary)",
         *model.layout_lines(w, args.layer),
-        f"heads: {w.n_heads} per layer, d_head = {w.d_model} / {w.n_heads} = {w.d_head}; "
-        f"scale 1/sqrt(d_head) = {layer.scale:.6g}",
+        f"heads: {w.n_heads} per layer{kv_heads}, d_head = {d_head}; scale 1/sqrt(d_head) = {layer.scale:.6g}",
         f"total parameters: {sum(p.numel() for p in model.model.parameters()):,}"
         + (" (W_U is tied to W_E)" if w.W_U is not None and w.W_U.data_ptr() == w.W_E.data_ptr() else ""),
     ]
@@ -365,7 +372,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = with_input(command("heads", "print the top heads for each head score"))
     p.add_argument("--top", type=int, default=3, help="heads to list per score")
-    p.add_argument("--seq-len", type=int, default=50, help="length of the repeated random sequence (induction)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        help="length of the repeated random sequence (induction; default 50, or less where n_ctx or a sliding "
+        "window needs it)",
+    )
     p.add_argument("--batch", type=int, default=8, help="repeated random sequences for the induction score")
     p.add_argument(
         "--prepend-bos",

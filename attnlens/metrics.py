@@ -247,10 +247,21 @@ def _induction_on_repeats(
     n_ctx = adapter.n_ctx
     extra = int(prepend_bos)
     most = (n_ctx - extra) // 2
-    seq_len = min(50, most) if seq_len is None else int(seq_len)
+    # The target lies seq_len - 1 keys back: a sliding window of fewer keys blocks it, and the score is 0 by
+    # construction, not for want of an induction head.
+    windows = {layer: spec.window for layer, spec in enumerate(adapter.specs) if spec.window is not None}
+    reach = min(windows.values(), default=most)
+    seq_len = min(50, most, reach) if seq_len is None else int(seq_len)
     if seq_len < 2 or seq_len > most:
         fit = "twice it plus the bos token" if prepend_bos else "twice it"
         raise ValueError(f"seq_len must be in [2, {most}] ({fit} must fit n_ctx={n_ctx}), got {seq_len}")
+    blind = {layer: window for layer, window in windows.items() if window < seq_len}
+    if blind:
+        raise ValueError(
+            f"seq_len={seq_len}: each induction target lies {seq_len - 1} keys back, outside the sliding window of "
+            f"layers {sorted(blind)} (windows {sorted(set(blind.values()))} keys, the query included), where every "
+            f"head would score 0; use seq_len <= {min(blind.values())}"
+        )
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
     bos = _bos_token_id(adapter) if prepend_bos else None
@@ -306,7 +317,8 @@ def induction_scores(
         source: an :class:`~attnlens.AttentionTrace`, or a GPT-2 model to test on repeated random tokens,
             or a hub name / local folder / ``"demo"``, loaded for this call by :func:`attnlens.load`.
         input_ids: with a trace, ``[batch, pos]`` token ids (default the trace's own).
-        seq_len: with a model, ``L`` (default ``min(50, n_ctx // 2)``; ``min(50, (n_ctx - 1) // 2)`` with bos).
+        seq_len: with a model, ``L`` (default ``min(50, n_ctx // 2)``; ``min(50, (n_ctx - 1) // 2)`` with bos; at
+            most the smallest sliding window, which the target ``L - 1`` keys back must lie within).
         batch: with a model, ``B``.
         seed: with a model, the seed of the random tokens.
         prepend_bos: with a model, put the config's ``bos_token_id`` (else ``eos_token_id``; GPT-2's
@@ -322,7 +334,8 @@ def induction_scores(
         TypeError: ``source`` is a tensor, neither a trace nor a model; an option that is no bool.
         OSError: ``source`` is a name or path that could not be loaded.
         UnsupportedModelError: ``source`` is a model, but not a supported GPT-2 one.
-        ValueError: a score undefined for the trace's tokens, a bad ``seq_len`` / ``batch``, ``prepend_bos`` with
+        ValueError: a score undefined for the trace's tokens, a bad ``seq_len`` / ``batch`` (or one longer than a
+            layer's sliding window), ``prepend_bos`` with
             a trace, or a model without a bos/eos id.
     """
     excluded_opts = check_options(exclude_bos, exclude_current_token)

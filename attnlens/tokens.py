@@ -3,12 +3,15 @@ r"""Token ids and readable strings: texts tokenized for a model, and each id dec
 Below :mod:`attnlens.trace` and :mod:`attnlens.viz` alike, so that neither imports the other for it. Byte-level BPE
 vocabularies (GPT-2's) store a token as symbols that stand for bytes (``Ġcat`` is `` cat``). A token that holds only
 part of a UTF-8 character (a byte-level BPE splits ``日`` into three tokens) decodes to the replacement character
-``�``; :func:`token_texts` shows its bytes in hex instead, e.g. ``\xe6\x97``.
+``�``; :func:`token_texts` shows its bytes in hex instead, e.g. ``\xe6\x97``, as it does SentencePiece's byte pieces
+(``<0xE6>``). SentencePiece vocabularies (Llama 2, Mistral) mark a word's leading space with ``▁``, which their decoder
+drops from a token decoded alone: :func:`token_texts` keeps it (``▁cat`` is `` cat``).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +49,10 @@ def _hex_fallback(tokenizer: Any, token_id: int) -> str | None:
     return raw.decode("utf-8", errors="backslashreplace")
 
 
+_METASPACE = "\u2581"
+_SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
 def token_texts(tokenizer: Any, ids: Any) -> list[str]:
     r"""The text of each token id, decoded alone by the tokenizer (partial UTF-8 characters as ``\xNN`` bytes).
 
@@ -67,9 +74,18 @@ def token_texts(tokenizer: Any, ids: Any) -> list[str]:
     texts = []
     for token_id in (int(i) for i in id_list):
         text = tokenizer.decode([token_id])
-        if "\ufffd" in text:
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        byte = _SP_BYTE.fullmatch(piece) if isinstance(piece, str) else None
+        if byte is not None:  # SentencePiece's byte fallback, <0xE6>: one byte of a character it has no piece for
+            text = bytes([int(byte.group(1), 16)]).decode("utf-8", errors="backslashreplace")
+        elif "\ufffd" in text:
             fallback = _hex_fallback(tokenizer, token_id)
             text = fallback if fallback is not None else f"<id={token_id}>"
+        elif isinstance(piece, str) and piece.startswith(_METASPACE):
+            # SentencePiece (Llama 2, Mistral) marks a word's leading space with U+2581, and its decoder strips the
+            # first space of what it decodes: a token decoded alone loses it (" cat" would read "cat").
+            lost = (len(piece) - len(piece.lstrip(_METASPACE))) - (len(text) - len(text.lstrip(" ")))
+            text = " " * max(lost, 0) + text
         texts.append(text)
     return texts
 
@@ -104,6 +120,13 @@ def tokenize(texts: list[str], tokenizer: Any, prepend_bos: bool = False) -> tup
         raise ValueError("a text tokenizes to no tokens at all")
     if prepend_bos:
         bos = bos_id(tokenizer)
+        # A post-processor template (Llama 3's tokenizer) puts the bos in front without any add_bos_token flag.
+        doubled = [index for index, row in enumerate(rows) if row[0] == bos]
+        if doubled:
+            raise ValueError(
+                f"prepend_bos=True, but text {doubled[0]} already starts with the bos token (id {bos}; the tokenizer "
+                "puts it in front itself): the text would start with two; drop prepend_bos"
+            )
         rows = [[bos, *row] for row in rows]
     pad = tokenizer.pad_token_id
     pad = tokenizer.eos_token_id if pad is None else pad

@@ -265,12 +265,12 @@ class ModelWeights(_Live):
 
     @property
     def W_K(self) -> Tensor:
-        """``[layer, head, d_model, d_head]``."""
+        """``[layer, kv_head, d_model, d_head]`` (``kv_head == head`` without grouped-query attention)."""
         return self.stacked("W_K")
 
     @property
     def W_V(self) -> Tensor:
-        """``[layer, head, d_model, d_head]``."""
+        """``[layer, kv_head, d_model, d_head]`` (``kv_head == head`` without grouped-query attention)."""
         return self.stacked("W_V")
 
     @property
@@ -285,12 +285,12 @@ class ModelWeights(_Live):
 
     @property
     def b_K(self) -> Tensor:
-        """``[layer, head, d_head]``."""
+        """``[layer, kv_head, d_head]``."""
         return self.stacked("b_K")
 
     @property
     def b_V(self) -> Tensor:
-        """``[layer, head, d_head]``."""
+        """``[layer, kv_head, d_head]``."""
         return self.stacked("b_V")
 
     @property

@@ -269,6 +269,11 @@ def test_every_class_is_its_transformer_plus_a_head(pythia_folder: Path, cls_nam
     report = attnlens.verify(model, ids, mask)
     assert report.ok and "logits" not in {row.quantity for row in report.rows}
     assert attnlens.extract_weights(model).W_U is None
+    # The refusals name the family's own class with an LM head (they named GPT-2's, or none at all).
+    with pytest.raises(attnlens.UnsupportedModelError, match=r"has no language-model head; .*\(GPTNeoXForCausalLM\)$"):
+        attnlens.head_importance(model, ids, mask)
+    with pytest.raises(attnlens.UnsupportedModelError, match=r"for logits \(GPTNeoXForCausalLM\)$"):
+        decompose(model, ids, mask).logit_attribution(0)
 
 
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])

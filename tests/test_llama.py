@@ -21,6 +21,7 @@ from test_hub_configs_llama import (
     FIXTURES,
     N_LAYER,
     SEQ,
+    VOCAB,
     WINDOW,
     eager_patterns,
     left_padded,
@@ -255,8 +256,83 @@ def test_cli_verify_and_weights_on_a_saved_folder(family: tuple[str, Path], caps
         assert main(["verify", str(folder), "--ids", *ids]) == 0
         assert "OK" in capsys.readouterr().out
         assert main(["weights", str(folder)]) == 0
+        out = capsys.readouterr().out
+        assert "per key/value head" in out and "query head h reads key/value head" in out
+        # The default --seq-len is the API's: 50 did not fit n_ctx = 64, nor Mistral's window of 4.
+        assert main(["heads", str(folder), "--ids", *ids, "--json", "--top", "100"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    model = load(folder, "sdpa")
+    expected = {
+        "previous_token (highest)": metrics.head_scores(attnlens.trace(model, left_padded()[0][:1])).top(
+            "previous_token", 100
+        ),
+        "induction on repeated random tokens": metrics.top_heads(metrics.induction_scores(model, batch=8, seed=0), 100),
+    }
+    for name, rows in expected.items():
+        assert table[name] == [list(row) for row in rows]
+
+
+def test_cli_weights_states_a_head_dim_that_is_not_d_model_over_heads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Qwen3-4B's head_dim is 128 where hidden_size / heads is 80 (shrunk: 8 of 40 / 8 = 5); the command printed
+    # "d_head = 40 / 8 = 8".
+    from attnlens.cli import main
+
+    model = build("Qwen__Qwen3-4B.copied-4.51.2.json", tmp_path)
+    w = attnlens.extract_weights(model)
+    assert (w.d_model, w.n_heads, w.d_head, w.n_kv_heads) == (40, 8, D_HEAD, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["weights", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "per key/value head" in out and "query head h reads key/value head" in out
+    assert "heads: 8 per layer (2 key/value heads, each read by 4), d_head = 8 (its own setting: d_model / heads" in out
+    assert "40 / 8 = 8" not in out
+
+
+def test_decompose_and_ablate_where_the_heads_are_wider_than_d_model(tmp_path: Path) -> None:
+    # Qwen3-4B: 8 heads of 8 features read a 40-wide residual. The heads' z (64 wide) was gathered at the chosen
+    # positions with a d_model-wide index (decompose failed in an einsum), and zero ablation replaced it by a
+    # d_model-wide zero (a broadcast error).
+    model = build("Qwen__Qwen3-4B.copied-4.51.2.json", tmp_path)
+    ids, mask, positions = left_padded()
+    with torch.no_grad():
+        with attnlens.ablate(model, [(1, 3)]):
+            ablated = model(input_ids=ids, attention_mask=mask).logits
+
+        def zero_head(module: Any, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return (args[0].index_fill(-1, torch.arange(3 * D_HEAD, 4 * D_HEAD), 0.0),)
+
+        handle = model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(zero_head)
+        try:
+            by_hand = model(input_ids=ids, attention_mask=mask).logits
+        finally:
+            handle.remove()
+    assert_bitwise(ablated, by_hand, "same kernel")  # the same o_proj on the same zeroed z
+    assert bool(attnlens.head_importance(model, ids, mask).isfinite().all())
+    d = decompose(model, ids, mask, positions=[0, -1], position_ids=positions)
+    d.check()
+    targets = ids.gather(1, d.positions).roll(1, 0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.double()
+    expected = logits.gather(1, d.positions[..., None].expand(-1, -1, logits.shape[-1])).gather(-1, targets[..., None])
+    total = d.logit_attribution(targets).sum(0).double() + d.logit_bias(targets).double()
+    assert bool(((total - expected[..., 0]).abs() <= d.logit_bound(targets).double()).all())
+
+
+def test_induction_on_repeated_tokens_stays_inside_the_sliding_window(tmp_path: Path) -> None:
+    # Mistral's window of 4 keys: the default seq_len (min(50, 64 // 2) = 32) put every target 31 keys back, outside
+    # every window, and every head scored exactly 0.
+    model = build(FIXTURE_NAMES["mistral"], tmp_path, bos_token_id=1, eos_token_id=2)
+    scores = metrics.induction_scores(model, batch=2, seed=3)
+    half = torch.randint(0, VOCAB, (2, WINDOW), generator=torch.Generator().manual_seed(3))
+    tr = attnlens.trace(model, torch.cat([half, half], -1))
+    rows = torch.arange(WINDOW, 2 * WINDOW)
+    by_hand = torch.stack([tr.pattern(layer)[:, :, rows, rows - WINDOW + 1].mean((0, 2)) for layer in tr.layers])
+    assert_close(scores, by_hand)  # the same pattern entries, averaged over another index path
+    assert bool((scores > 0).all())
+    with pytest.raises(ValueError, match=r"outside the sliding window of layers \[0, 1\].*seq_len <= 4"):
+        metrics.induction_scores(model, seq_len=WINDOW + 1)
 
 
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])

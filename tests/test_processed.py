@@ -186,3 +186,29 @@ def test_refactored_factors_are_balanced_and_keep_patterns_and_head_outputs() ->
         assert_close(b.result, a.result, atol=1e-12, rtol=1e-10)
         assert_close(b.output, a.output, atol=1e-12, rtol=1e-10)
         assert not torch.allclose(b.q, a.q)  # the factors did change
+
+
+@pytest.mark.parametrize(
+    "name", ["EleutherAI__pythia-14m.json", "togethercomputer__RedPajama-INCITE-7B-Instruct.json"]
+)  # a parallel residual and rotary on a quarter of each head; a sequential one and rotary on all of it
+def test_processed_gpt_neox_weights_give_the_raw_weights_logits(name: str, tmp_path) -> None:
+    from test_hub_configs_neox import load, make_checkpoint
+
+    make_checkpoint(name, tmp_path)  # random layer norms and biases, so every fold moves something
+    model = load(tmp_path, "eager", torch.float64)
+    adapter = attnlens.models.adapt(model)
+    w = attnlens.extract_weights(model)
+    ids = random_ids(model)
+    n_pos = ids.shape[1]
+    pos = torch.arange(n_pos).expand(ids.shape[0], -1)
+    allowed = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
+    # Any rotation will do, the same on both sides: folding and centring act before and after it, never across.
+    rotation = attnlens.functional.rotary_cos_sin(pos, rotary_dim=w.layers[0].rotary_dim, base=1e4, dtype=torch.float64)
+    rotations = dict.fromkeys(range(w.n_layers), rotation)
+    with torch.no_grad():
+        _, expected = _rebuild(w, ids, pos, allowed, parallel_residual=adapter.parallel_residual, rotations=rotations)
+        for p in (w.processed(center_unembed=False), w.processed(center_unembed=False, fold_value_biases=False)):
+            _, logits = _rebuild(p, ids, pos, allowed, parallel_residual=adapter.parallel_residual, rotations=rotations)
+            assert logits is not None and expected is not None
+            assert_close(logits, expected, **LOGIT_TOLERANCE)
+    assert w.layers[0].rotary_dim > 0 and not torch.allclose(w.processed().layers[0].W_Q, w.layers[0].W_Q)

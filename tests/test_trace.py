@@ -907,6 +907,22 @@ def test_prepend_bos_is_refused_where_it_cannot_be_right() -> None:
         attnlens.trace(model, "the cat", tokenizer=doubled, prepend_bos=True)
 
 
+def test_prepend_bos_is_refused_when_the_tokenizer_template_adds_the_bos() -> None:
+    # Llama 3's tokenizer puts <|begin_of_text|> in front through its post-processor, with no add_bos_token flag
+    # (False or absent): prepend_bos used to give every text two bos tokens.
+    from tokenizers import processors
+
+    model = make_gpt2()
+    templated = bos_tokenizer(bos_token="<bos>")
+    templated.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 8)]
+    )
+    assert templated("the cat")["input_ids"] == [8, 1, 2] and getattr(templated, "add_bos_token", False) is not True
+    with pytest.raises(ValueError, match=r"text 0 already starts with the bos token \(id 8"):
+        attnlens.trace(model, ["the cat", "a dog"], tokenizer=templated, prepend_bos=True)
+    assert attnlens.trace(model, "the cat", tokenizer=templated).input_ids.tolist() == [[8, 1, 2]]
+
+
 @pytest.mark.parametrize(
     "flags",
     [{}, {"scale_attn_by_inverse_layer_idx": True}, {"scale_attn_weights": False}, {"reorder_and_upcast_attn": True}],
@@ -918,6 +934,24 @@ def test_sites_carry_the_same_attention_spec_as_the_extracted_weights(flags: dic
     assert [(s.scale, s.upcast, s.divisors) for s in specs] == [
         (w.scale, w.upcast, w.score_divisors) for w in weights.layers
     ]
+
+
+def test_token_strings_keep_sentencepiece_spaces_and_show_byte_pieces_as_bytes() -> None:
+    # Llama 2's and Mistral's tokenizers: "▁" marks a leading space, and the decoder strips the first space of what it
+    # decodes, so each token decoded alone lost its space ("cat" for " cat"); byte fallback pieces read "<0xE6>".
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    pieces = ["<unk>", "<s>", "▁The", "▁cat", "▁", "sat", "<0x0A>", "<0xE6>", "<0x97>", "<0xA5>", "▁▁"]
+    sp = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, [], unk_token="<unk>", byte_fallback=True))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    sp.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", unk_token="<unk>")
+    ids = [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert tok.decode([3]) == "cat" and tok.decode(ids) == "The cat sat\n日  "  # what decoding alone loses
+    tr = attnlens.trace(make_gpt2(), torch.tensor([ids]), tokenizer=tok, layers=[0])
+    assert tr.tokens == [[" The", " cat", " ", "sat", "\n", "\\xe6", "\\x97", "\\xa5", "  "]]
 
 
 def test_token_strings_show_partial_characters_as_their_bytes() -> None:

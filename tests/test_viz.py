@@ -458,3 +458,26 @@ def test_plot_heads_pairs_side_by_side_with_one_colour_bar() -> None:
     assert len(viz.plot_heads(tr, top, cols=1).axes) == 3
     with pytest.raises(ValueError, match="not in the trace"):
         viz.plot_heads(attnlens.trace(model, text, tokenizer=tok, layers=[0]), [(1, 0)])
+
+
+def test_overview_refuses_head_scores_of_other_layers_or_heads() -> None:
+    # A HeadScores or ScanResult names its layers and heads; one of the same shape for others was drawn under the
+    # patterns' labels (layer 1's scores beside layer 0's thumbnails).
+    from conftest import make_gpt2
+
+    import attnlens
+    from attnlens import metrics
+
+    model = make_gpt2(n_layer=2)
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7]])
+    forward, backward = attnlens.trace(model, ids, layers=[0, 1]), attnlens.trace(model, ids, layers=[1, 0])
+    tokens = [str(i) for i in range(6)]
+    with pytest.raises(
+        ValueError, match=r"scores are of layers \[0, 1\] and heads \[0, 1, 2, 3\], the patterns show layers \[1, 0\]"
+    ):
+        viz.overview_html(backward, tokens, scores=metrics.head_scores(forward))
+    some = attnlens.trace(model, ids, heads=[3, 1])
+    with pytest.raises(ValueError, match=r"heads \[0, 1, 2, 3\], the patterns show layers \[0, 1\] and heads \[3, 1\]"):
+        viz.overview_html(some, tokens, scores=metrics.head_scores(forward))
+    own = decode(viz.overview_html(backward, tokens, scores=metrics.head_scores(backward)))["scores"]
+    assert own == decode(viz.overview_html(backward, tokens))["scores"] and len(own["previous_token"]) == 2

@@ -361,6 +361,11 @@ class Adapter(ABC):
         return type(self.module).__name__
 
     @property
+    def lm_classes(self) -> tuple[str, ...]:
+        """The supported classes with a language-model head (logits over the vocabulary), by name."""
+        return tuple(c for c in self.supported_classes if any(k in c for k in ("LMHead", "DoubleHeads", "CausalLM")))
+
+    @property
     def rotary(self) -> bool:
         """Whether any layer rotates its queries and keys (the tap then needs :meth:`rotation`)."""
         return any(spec.rotary_dim for spec in self.specs)

@@ -111,14 +111,25 @@ def pack_heads(
     return {"tri": tri, "levels": LEVELS, "q_pos": q_pos, "k_pos": k_pos, "count": count, "blob": blob}
 
 
-def score_table(scores: Any, layer_numbers: list[int], n_head: int) -> dict[str, list[list[float | None]]]:
+def score_table(
+    scores: Any, layer_numbers: list[int], n_head: int, head_numbers: list[int] | None = None
+) -> dict[str, list[list[float | None]]]:
     """Head scores as ``{name: [layer][head]}`` lists rounded to 3 decimals (None for NaN).
 
     Takes a mapping of names to ``[layer, head]`` arrays, an :class:`attnlens.metrics.HeadScores` (undefined scores
-    left out) or an :class:`attnlens.ScanResult` (its means).
+    left out) or an :class:`attnlens.ScanResult` (its means). The last two name their layers and heads, which must be
+    the patterns' (``head_numbers``, when given): a table of the same shape for other heads would label them wrongly.
     """
     if scores is None:
         return {}
+    own = (getattr(scores, "layers", None), getattr(scores, "heads", None))
+    if not isinstance(scores, dict) and isinstance(own[0], tuple) and isinstance(own[1], tuple):
+        shown = (list(layer_numbers), list(range(n_head)) if head_numbers is None else list(head_numbers))
+        if (list(own[0]), list(own[1])) != shown:
+            raise ValueError(
+                f"the scores are of layers {list(own[0])} and heads {list(own[1])}, the patterns show layers "
+                f"{shown[0]} and heads {shown[1]}: score the same layers and heads (or pass a dict of arrays)"
+            )
     if hasattr(scores, "mean") and isinstance(scores.mean, dict):  # ScanResult
         items = dict(scores.mean)
     elif hasattr(scores, "names") and not isinstance(scores, dict):  # HeadScores
