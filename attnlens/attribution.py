@@ -106,6 +106,7 @@ class Decomposition(DecompositionTables):
     _versions: tuple[int, ...] = field(repr=False)
     _model_class: str = field(repr=False)
     _rms: bool = field(default=False, repr=False)
+    _d_attn: int = field(default=0, repr=False)  # the output projection's input width, n_heads * d_head (0: d_model)
     _lm_classes: tuple[str, ...] = field(default=(), repr=False)
 
     def __repr__(self) -> str:
@@ -126,7 +127,8 @@ class Decomposition(DecompositionTables):
         """``(error, tolerance)``: the largest relative error of the sum (see :func:`residual_error`) and its bound."""
         error, cancellation = residual_error(self.contributions, self.residual, self.valid)
         d_model = self.residual.shape[-1]
-        return error, check_tolerance(self.residual.dtype, self.n_layers, d_model, cancellation)
+        d_attn = self._d_attn or d_model
+        return error, check_tolerance(self.residual.dtype, self.n_layers, d_model, cancellation, d_attn=d_attn)
 
     def logit_bound(self, tokens: Any) -> Tensor:
         """The largest gap from the model's own logit that rounding explains, ``[batch, pos]``.
@@ -138,7 +140,8 @@ class Decomposition(DecompositionTables):
             _, _, scale = self._direction(tokens)
         _, cancellation = residual_error(self.contributions, self.residual, self.valid)
         d_model = self.residual.shape[-1]
-        return logit_tolerance(self.residual.dtype, self.n_layers, d_model, cancellation) * scale
+        d_attn = self._d_attn or d_model
+        return logit_tolerance(self.residual.dtype, self.n_layers, d_model, cancellation, d_attn=d_attn) * scale
 
     def check(self) -> float:
         """The largest relative error of the sum of the components against the model's residual; raises above tolerance.
@@ -467,5 +470,6 @@ def _decompose(
         _versions=_versions(norm_params, unembed),
         _model_class=adapter.model_class,
         _rms=norm.rms,
+        _d_attn=adapter.n_heads * adapter.d_head,
         _lm_classes=adapter.lm_classes,
     )

@@ -164,17 +164,19 @@ def bitwise_guaranteed(model: nn.Module, dtype: torch.dtype, device: torch.devic
 # Decompositions (attnlens.attribution): how far a sum of parts, or a logit attributed to them, may drift.
 
 
-def check_tolerance(dtype: torch.dtype, n_layers: int, d_model: int, cancellation: float = 1.0) -> float:
+def check_tolerance(
+    dtype: torch.dtype, n_layers: int, d_model: int, cancellation: float = 1.0, *, d_attn: int | None = None
+) -> float:
     """The largest relative error ``Decomposition.check`` accepts (:mod:`attnlens.attribution`): rounding explains it.
 
-    ``cancellation * ((4 * n_layers + 2) * u + 6 * u_acc * sqrt(d_model * n_layers))``, from:
+    ``cancellation * ((4 * n_layers + 2) * u + 6 * u_acc * sqrt(d_attn * n_layers))``, from:
 
     * ``4 * n_layers + 2`` roundings to the model's dtype (unit roundoff ``u``), each at most ``u`` times the sum of
       the parts' magnitudes: the model's ``2 * n_layers + 1`` residual additions, its rounding of each attention
       output, the rounding of each head's result here, and one of margin;
-    * the model's attention output projection sums ``d_model`` products in one order, the per-head results here in
-      another: per layer a probabilistic ``sqrt(d_model)`` bound in the accumulator's precision ``u_acc`` (float32
-      for half dtypes), independent across layers (``sqrt(n_layers)``), with the constant 6 of
+    * the model's attention output projection sums ``d_attn = n_heads * d_head`` products in one order, the per-head
+      results here in another: per layer a probabilistic ``sqrt(d_attn)`` bound in the accumulator's precision
+      ``u_acc`` (float32 for half dtypes), independent across layers (``sqrt(n_layers)``), with the constant 6 of
       :data:`attnlens.tolerances.TOLERANCES` (two orders, about 4.5 standard deviations);
     * ``cancellation``: ``max_d sum_c |c| / max_d |x|`` measured on the decomposition, since every rounding is
       relative to the parts, and ``check`` divides by the residual.
@@ -184,6 +186,8 @@ def check_tolerance(dtype: torch.dtype, n_layers: int, d_model: int, cancellatio
         n_layers: the number of layers.
         d_model: the residual width.
         cancellation: see above (1 if the parts never cancel).
+        d_attn: the attention output projection's input width, ``n_heads * d_head`` (default ``d_model``, as in
+            GPT-2; wider in models whose ``head_dim`` is set on its own, e.g. Qwen3-4B: 32 x 128 for d_model 2560).
 
     Raises:
         ValueError: a dtype attnlens has no unit roundoff for.
@@ -193,10 +197,13 @@ def check_tolerance(dtype: torch.dtype, n_layers: int, d_model: int, cancellatio
         raise ValueError(f"no tolerance for a {name} model; attnlens supports {', '.join(UNIT_ROUNDOFF)}")
     u = UNIT_ROUNDOFF[name]
     u_acc = UNIT_ROUNDOFF["float64" if dtype == torch.float64 else "float32"]
-    return cancellation * ((4 * n_layers + 2) * u + 6 * u_acc * math.sqrt(d_model * n_layers))
+    width = d_model if d_attn is None else d_attn
+    return cancellation * ((4 * n_layers + 2) * u + 6 * u_acc * math.sqrt(width * n_layers))
 
 
-def logit_tolerance(dtype: torch.dtype, n_layers: int, d_model: int, cancellation: float = 1.0) -> float:
+def logit_tolerance(
+    dtype: torch.dtype, n_layers: int, d_model: int, cancellation: float = 1.0, *, d_attn: int | None = None
+) -> float:
     """How far ``logit_attribution(t).sum(0) + logit_bias(t)`` may be from the model's logit, relative to ``S``.
 
     ``S = (max_d |x_d| / sigma) * sum_d |gamma_d W_U[d, t]| + sum_d |beta_d W_U[d, t]| + |b_U[t]|`` bounds every term
@@ -214,11 +221,12 @@ def logit_tolerance(dtype: torch.dtype, n_layers: int, d_model: int, cancellatio
         n_layers: the number of layers.
         d_model: the residual width.
         cancellation: as for :func:`check_tolerance`.
+        d_attn: as for :func:`check_tolerance`.
     """
     name = str(dtype).removeprefix("torch.")
     u = UNIT_ROUNDOFF.get(name)
     if u is None:
         raise ValueError(f"no tolerance for a {name} model; attnlens supports {', '.join(UNIT_ROUNDOFF)}")
     u_acc = UNIT_ROUNDOFF["float64" if dtype == torch.float64 else "float32"]
-    residual = check_tolerance(dtype, n_layers, d_model, cancellation)
+    residual = check_tolerance(dtype, n_layers, d_model, cancellation, d_attn=d_attn)
     return 2 * residual + 8 * u + 12 * u_acc * math.sqrt(d_model)

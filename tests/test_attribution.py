@@ -330,5 +330,10 @@ def test_tolerances_grow_with_rounding() -> None:
     tols = [attribution.check_tolerance(dtype, 12, 768) for dtype in DTYPES]
     assert tols[1] < tols[0] < tols[3] < tols[2]
     assert attribution.check_tolerance(torch.float32, 12, 768, cancellation=3.0) == pytest.approx(3 * tols[0])
+    # The projection's inner width counts, not the residual's (Qwen3-4B: 32 heads of 128 on d_model 2560).
+    assert attribution.check_tolerance(torch.float32, 12, 768, d_attn=768) == tols[0]
+    assert attribution.check_tolerance(torch.float32, 12, 2560, d_attn=4096) > attribution.check_tolerance(
+        torch.float32, 12, 2560
+    )
     with pytest.raises(ValueError, match="int8"):
         attribution.check_tolerance(torch.int8, 1, 8)
