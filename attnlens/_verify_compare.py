@@ -25,7 +25,7 @@ from torch import Tensor
 
 from attnlens.errors import AttentionCaptureError
 
-__all__ = ["MEASURED_SLACK", "errors", "magnitude", "max_norm", "ratio", "slack"]
+__all__ = ["MEASURED_SLACK", "Scratch", "errors", "magnitude", "max_norm", "ratio", "slack"]
 
 MEASURED_SLACK = 2.0**-23
 """Relative slack of an error measured in float32 (module docstring): a row passes if ``(1 + slack) e <= tol``."""
@@ -36,47 +36,68 @@ def slack(dtype: torch.dtype) -> float:
     return 0.0 if dtype == torch.float64 else MEASURED_SLACK
 
 
-def _dims(x: Tensor, head_dim: int | None) -> list[int] | None:
-    return None if head_dim is None else [d for d in range(x.ndim) if d != head_dim]
+class Scratch:
+    """Reusable buffers for the differences: a fresh tensor of the square per comparison costs more than the sum."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.Size, torch.dtype, torch.device], Tensor] = {}
+
+    def like(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised tensor of this shape, dtype and device (the same one each time: use it before the next)."""
+        key = (shape, dtype, device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return self._buffers[key]
 
 
-def _reduce_max(x: Tensor, head_dim: int | None) -> Tensor:
-    """``x.amax()`` overall, or per index of ``head_dim``."""
-    dims = _dims(x, head_dim)
-    return x.amax() if dims is None else x.amax(dim=dims)
+def _largest_abs(x: Tensor, head_dim: int | None) -> Tensor:
+    """``max |x|`` overall, or per index of ``head_dim``, from the largest and smallest entries (no ``|x|`` formed).
+
+    NaN anywhere gives NaN (``amax`` and ``amin`` propagate it, and so does ``maximum``).
+    """
+    if head_dim is None:
+        return torch.maximum(x.amax(), -x.amin())
+    dims = [d for d in range(x.ndim) if d != head_dim]
+    return torch.maximum(x.amax(dim=dims), -x.amin(dim=dims))
 
 
-def magnitude(x: Tensor, keep: Tensor | None, head_dim: int | None) -> Tensor:
+def magnitude(x: Tensor, keep: Tensor | None, head_dim: int | None, scratch: Scratch | None = None) -> Tensor:
     """Largest ``|x|`` over the entries where ``keep``, per index of ``head_dim`` (or overall), as float64 (exact).
 
     Entries outside ``keep`` never count, also when they are NaN; one NaN inside makes the result NaN.
     """
-    magnitudes = x.abs()
     if keep is not None:
-        magnitudes.masked_fill_(~keep, 0.0)
-    return _reduce_max(magnitudes, head_dim).double()
+        kept = (scratch or Scratch()).like(x.shape, x.dtype, x.device)
+        x = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device), out=kept)
+    return _largest_abs(x, head_dim).double()
 
 
 def errors(
-    reference: Tensor, recomputed: Tensor, keep: Tensor | None, head_dim: int | None, scale: Tensor
+    reference: Tensor,
+    recomputed: Tensor,
+    keep: Tensor | None,
+    head_dim: int | None,
+    scale: Tensor,
+    scratch: Scratch | None = None,
 ) -> list[tuple[float, float]]:
     """``(max_abs_error, max_rel_error)`` over the entries where ``keep``, per index of ``head_dim`` (or overall).
 
     ``scale`` is :func:`magnitude` of ``reference`` over the same entries (computed once per reference, however many
     recomputations are compared with it). The difference is taken in float64 for float64 tensors and in float32
-    otherwise (module docstring); an all-zero reference gives a relative error of 0 where the error is 0, else inf.
+    otherwise (module docstring), into a buffer of ``scratch``; an all-zero reference gives a relative error of 0
+    where the error is 0, else inf.
     """
     if reference.shape != recomputed.shape:
         raise AttentionCaptureError(
             f"captured tensor of shape {tuple(reference.shape)}, recomputed {tuple(recomputed.shape)}"
         )
     wide = torch.float64 if torch.float64 in (reference.dtype, recomputed.dtype) else torch.float32
-    difference = recomputed.to(wide) - reference.to(wide)  # a new tensor: the in-place steps below touch only it
-    difference.abs_()
+    difference = (scratch or Scratch()).like(reference.shape, wide, reference.device)
+    torch.sub(recomputed.to(wide), reference.to(wide), out=difference)
     if keep is not None:
         difference.masked_fill_(~keep, 0.0)
     out = []
-    for err, mag in zip(_reduce_max(difference, head_dim).reshape(-1).tolist(), scale.reshape(-1).tolist()):
+    for err, mag in zip(_largest_abs(difference, head_dim).reshape(-1).tolist(), scale.reshape(-1).tolist()):
         rel = err / mag if mag > 0 else (0.0 if err == 0 else math.inf)
         out.append((err, rel if not math.isnan(mag) else math.nan))
     return out
