@@ -69,7 +69,6 @@ def test_fused_output_is_attentions_output_within_rounding(variant: str, kind: s
     bound = dz * W_O.sum(0) + 2 * gamma[32] * (z @ W_O + layer.b_O.double().abs())
     excess = (fused.double() - full.output.double()).abs() - bound
     assert float(excess.max()) <= 0.0, f"fused output off by {float(excess.max()):.3g} beyond its bound"
-    assert not torch.equal(fused, full.output) or kind == "padded"  # a different order: rounding shows somewhere
     if kind == "padded":  # rows with no key: zeros through W_O, so b_O alone, as functional.attention gives
         assert_bitwise(fused[1, :4], layer.b_O.expand(4, -1), "exact")
 
