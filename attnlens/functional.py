@@ -36,6 +36,7 @@ __all__ = [
     "AttentionWeights",
     "apply_rotary",
     "attention",
+    "attention_pattern",
     "attention_scores",
     "causal_mask",
     "expand_kv",
@@ -231,7 +232,12 @@ def masked_softmax(scores: Tensor, attn_mask: Tensor | None = None) -> Tensor:
     else:
         allowed = attn_mask != float("-inf")
         scores = scores + attn_mask.to(scores.dtype)
-    pattern = torch.softmax(scores, dim=-1)
+    return _softmax_masked(scores, allowed)
+
+
+def _softmax_masked(masked: Tensor, allowed: Tensor) -> Tensor:
+    """Softmax of scores already ``-inf`` where not ``allowed`` (half in float32); rows with no allowed key are 0."""
+    pattern = torch.softmax(masked.float() if masked.dtype in _HALF else masked, dim=-1)
     # Rows without any allowed key are NaN after softmax; test on the (usually broadcast, so small) mask.
     dead = ~allowed.any(dim=-1, keepdim=True)
     if bool(dead.any()):
@@ -352,12 +358,13 @@ def qkv(x: Tensor, layer: AttentionWeights) -> tuple[Tensor, Tensor, Tensor]:
     Returns:
         ``q`` ``[batch, head, pos, d_head]``, ``k, v`` ``[batch, kv_head, pos, d_head]``.
     """
+    return _project(x, layer.W_Q, layer.b_Q), _project(x, layer.W_K, layer.b_K), _project(x, layer.W_V, layer.b_V)
 
-    def project(W: Tensor, b: Tensor) -> Tensor:
-        out = einsum(x, W, "batch pos d_model, head d_model d_head -> batch head pos d_head")
-        return out + rearrange(b, "head d_head -> head 1 d_head")
 
-    return project(layer.W_Q, layer.b_Q), project(layer.W_K, layer.b_K), project(layer.W_V, layer.b_V)
+def _project(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    """``x @ W[h] + b[h]`` per head: ``[batch, pos, d_model] -> [batch, head, pos, d_head]``."""
+    out = einsum(x, W, "batch pos d_model, head d_model d_head -> batch head pos d_head")
+    return out + rearrange(b, "head d_head -> head 1 d_head")
 
 
 @dataclass(frozen=True, eq=False)
@@ -412,7 +419,45 @@ def attention(
         ValueError: a rotary layer without ``rotation`` (or a rotation of another width), or a rotation for a
             layer without a rotary embedding.
     """
-    q, k, v = qkv(x, layer)
+    q, k = _queries_keys(x, layer, rotation)
+    v = _project(x, layer.W_V, layer.b_V)
+    scores, pattern = _pattern(q, k, layer, attn_mask)
+    pattern = pattern.to(v.dtype)
+    group = q.shape[1] // k.shape[1]  # grouped-query attention: each key/value head serves `group` query heads
+    z = rearrange(torch.matmul(pattern, repeat_kv(v, group)), "batch head pos d_head -> batch pos head d_head")
+    output = einsum(z, layer.W_O, "batch pos head d_head, head d_head d_model -> batch pos d_model") + layer.b_O
+    result = None
+    if return_result:
+        result = einsum(z, layer.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
+    return AttentionOutputs(q=q, k=k, v=v, scores=scores, pattern=pattern, z=z, result=result, output=output)
+
+
+def attention_pattern(
+    x: Tensor,
+    layer: AttentionWeights,
+    attn_mask: Tensor | None = None,
+    *,
+    rotation: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """``attention(x, layer, attn_mask, rotation=rotation).pattern`` alone, the same bits: no values, no output.
+
+    Args:
+        x: ``[batch, pos, d_model]``.
+        layer: as for :func:`attention`.
+        attn_mask: as for :func:`attention`.
+        rotation: as for :func:`attention`.
+
+    Returns:
+        The pattern ``[batch, head, q_pos, k_pos]`` in the dtype of the layer's values.
+    """
+    q, k = _queries_keys(x, layer, rotation)
+    v_dtype = torch.promote_types(torch.promote_types(x.dtype, layer.W_V.dtype), layer.b_V.dtype)
+    return _pattern(q, k, layer, attn_mask)[1].to(v_dtype)
+
+
+def _queries_keys(x: Tensor, layer: AttentionWeights, rotation: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """The queries ``[batch, head, pos, d_head]`` and keys ``[batch, kv_head, pos, d_head]``, normed and rotated."""
+    q, k = _project(x, layer.W_Q, layer.b_Q), _project(x, layer.W_K, layer.b_K)
     for norm, name in ((getattr(layer, "q_norm", None), "q"), (getattr(layer, "k_norm", None), "k")):
         if norm is not None:  # a per-head RMSNorm on d_head before the rotation (Qwen3's q_norm / k_norm)
             normed = rms_norm(q if name == "q" else k, norm.w, norm.eps)
@@ -427,18 +472,18 @@ def attention(
         cos, sin = rotation
         # apply_rotary takes [batch, pos, head, d_head]; the rotation is elementwise, so the axis order is free.
         q, k = (apply_rotary(t.transpose(1, 2), cos, sin, rotary_dim=rotary_dim).transpose(1, 2) for t in (q, k))
+    return q, k
+
+
+def _pattern(q: Tensor, k: Tensor, layer: AttentionWeights, attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The masked scores (``-inf`` where masked) and the pattern (float32 for half q/k) of one layer."""
     if attn_mask is None:
         attn_mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
     window = getattr(layer, "window", None)
     if window is not None:  # never full causal: the keys that left the window are blocked too
         attn_mask = attn_mask & sliding_window_mask(q.shape[-2], k.shape[-2], window=window, device=q.device)
-    group = q.shape[1] // k.shape[1]  # grouped-query attention: each key/value head serves `group` query heads
+    group = q.shape[1] // k.shape[1]
     scores = attention_scores(q, repeat_kv(k, group), layer.scale, upcast=layer.upcast)
-    pattern = masked_softmax(scores, attn_mask).to(v.dtype)
-    z = rearrange(torch.matmul(pattern, repeat_kv(v, group)), "batch head pos d_head -> batch pos head d_head")
-    output = einsum(z, layer.W_O, "batch pos head d_head, head d_head d_model -> batch pos d_model") + layer.b_O
-    result = None
-    if return_result:
-        result = einsum(z, layer.W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model")
-    masked = scores.masked_fill(~attn_mask, float("-inf"))
-    return AttentionOutputs(q=q, k=k, v=v, scores=masked, pattern=pattern, z=z, result=result, output=output)
+    # attention_scores returns a new tensor: masked in place, it is both the scores handed out and the softmax's input.
+    scores.masked_fill_(~attn_mask, float("-inf"))
+    return scores, _softmax_masked(scores, attn_mask)

@@ -598,6 +598,7 @@ def test_compiled_demo_transformer_verifies() -> None:
 
 def test_the_rebuild_adds_attention_and_mlp_to_one_residual_when_the_adapter_says_parallel() -> None:
     # GPT-NeoX's parallel residual: both read the block's input, both are added to it (verify's hidden/logits rows).
+    from attnlens._verify_recompute import attention_output
     from attnlens.verify import _layer_norm, _mlp, _rebuild
 
     model = make_gpt2(n_layer=2, initializer_range=0.2)
@@ -611,7 +612,7 @@ def test_the_rebuild_adds_attention_and_mlp_to_one_residual_when_the_adapter_say
         sequential, _ = _rebuild(w, ids, pos, allowed)
         residual = w.W_E[ids] + w.W_pos[pos]
         for layer in w.layers:
-            attn = functional.attention(_layer_norm(residual, layer.ln_1), layer, allowed).output
+            attn = attention_output(_layer_norm(residual, layer.ln_1), layer, allowed)
             residual = residual + attn + _mlp(_layer_norm(residual, layer.ln_2), layer)
         # The same operations in the same order: the same bits.
         assert_bitwise(parallel, _layer_norm(residual, w.ln_f), "same kernel")
