@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import io
 import json
 import os
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 import transformers
+from rows_bench import timed  # the same timing (gc first, no_grad) as the rows benchmark
 
 import attnlens
 
@@ -46,16 +46,6 @@ def build(seed: int) -> Any:
 
 def tokens(batch: int, pos: int) -> torch.Tensor:
     return torch.randint(0, 50256, (batch, pos), generator=torch.Generator().manual_seed(batch * 7919 + pos))
-
-
-def timed(call: Callable[[], Any]) -> float:
-    gc.collect()
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = call()
-    seconds = time.perf_counter() - start
-    del out
-    return seconds
 
 
 def measure(model: Any, batch: int, pos: int, repeats: int) -> dict[str, Any]:

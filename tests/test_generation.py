@@ -77,20 +77,26 @@ def test_eager_rows_are_the_kernels_own_bitwise() -> None:
             assert_bitwise(g.row(step, layer), pattern[:, :, -1, : 5 + step], "copy", f"step {step}, layer {layer}")
 
 
-def test_check_catches_a_position_offset_at_its_step() -> None:
-    model = make_gpt2(n_layer=3)
-    ids, mask = PROMPTS[2]
+def shift_positions_at_step(model: Any, step: int) -> list[int]:
+    """Make generate run step ``step``'s query (and the key it writes) one position too far; the calls, counted."""
     prepare = model.prepare_inputs_for_generation
-    calls = []
+    calls: list[int] = []
 
     def shifted(*args: Any, **kwargs: Any) -> Any:
         inputs = prepare(*args, **kwargs)
         calls.append(1)
-        if len(calls) == 4:  # step 3 runs its query one position too far
+        if len(calls) == step + 1:
             inputs["position_ids"] = inputs["position_ids"] + 1
         return inputs
 
     model.prepare_inputs_for_generation = shifted
+    return calls
+
+
+def test_check_catches_a_position_offset_at_its_step() -> None:
+    model = make_gpt2(n_layer=3)
+    ids, mask = PROMPTS[2]
+    shift_positions_at_step(model, 3)
     g = attnlens.trace_generate(model, ids, mask, max_new_tokens=6, eos_token_id=None)
     report = g.check(raise_error=False)
     assert not report.ok

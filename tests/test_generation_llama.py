@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import assert_bitwise
-from test_generation import PROMPTS, state
+from test_generation import PROMPTS, shift_positions_at_step, state
 from test_hub_configs_llama import D_HEAD, N_LAYER
 from test_llama import FIXTURE_NAMES, build, load
 
@@ -149,17 +149,7 @@ def test_eager_rows_are_the_kernels_own_per_query_head(family: tuple[str, Path])
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_check_catches_a_position_offset_at_its_step(folders: Callable[[str], Path], name: str) -> None:
     model = load(folders(name), "sdpa")
-    prepare = model.prepare_inputs_for_generation
-    calls: list[int] = []
-
-    def shifted(*args: Any, **kwargs: Any) -> Any:
-        inputs = prepare(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 4:  # step 3 rotates its query and its new key one position too far
-            inputs["position_ids"] = inputs["position_ids"] + 1
-        return inputs
-
-    model.prepare_inputs_for_generation = shifted
+    calls = shift_positions_at_step(model, 3)  # step 3 rotates its query and its new key one position too far
     g = generate(model, 2)
     assert len(calls) == STEPS
     report = g.check(raise_error=False)

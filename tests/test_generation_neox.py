@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_generation import PROMPTS
+from test_generation import PROMPTS, shift_positions_at_step
 from test_gpt_neox import PARALLEL, SEQUENTIAL
 from test_hub_configs_neox import N_HEAD, N_LAYER, load, make_checkpoint
 
@@ -122,17 +122,7 @@ def test_a_cache_rotated_at_the_wrong_positions_fails(folder: Path) -> None:
 
 def test_check_catches_a_position_offset_at_its_step(folder: Path) -> None:
     model = load(folder, "sdpa", torch.float32)
-    prepare = model.prepare_inputs_for_generation
-    calls: list[int] = []
-
-    def shifted(*args: Any, **kwargs: Any) -> Any:
-        inputs = prepare(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 4:  # step 3 rotates its query and its new key one position too far
-            inputs["position_ids"] = inputs["position_ids"] + 1
-        return inputs
-
-    model.prepare_inputs_for_generation = shifted
+    calls = shift_positions_at_step(model, 3)  # step 3 rotates its query and its new key one position too far
     g = generate(model, 2)
     assert len(calls) == STEPS
     report = g.check(raise_error=False)
