@@ -281,7 +281,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         return 0  # every process holds the result; the first writes it
     result.save(args.out)
     if not args.quiet:
-        print(f"{result.n_tokens:,} tokens in {result.n_windows:,} windows of {args.seq_len or 'n_ctx'} tokens")
+        window = result.provenance["scan"]["seq_len"]
+        print(f"{result.n_tokens:,} tokens in {result.n_windows:,} windows of {window} tokens")
         width = max(len(name) for name in result.scores)
         for name in result.scores:
             lowest = name in ("entropy", "distance")  # sharp, local heads first
@@ -410,7 +411,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a .txt (blank-line-separated documents) or .jsonl file (default: demo text)")
     p.add_argument("--text-field", default="text", help="the field holding the text in .jsonl lines")
     p.add_argument("--encoding", default="utf-8", help="the encoding of the --data file")
-    p.add_argument("--seq-len", type=int, help="tokens per window (default: the model's n_ctx)")
+    p.add_argument("--seq-len", type=int, help="tokens per window (default: the model's n_ctx, at most 2048)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--max-tokens", type=int, help="scan at most this many tokens (default: all of the data)")
     p.add_argument(

@@ -38,7 +38,10 @@ from attnlens.scan_data import Packer
 from attnlens.scan_result import SCORE_NAMES, ScanResult
 from attnlens.scan_state import Group, Progress, check_checkpoint, save_checkpoint, weights_sha256
 
-__all__ = ["SCORE_NAMES", "ScanResult", "scan"]
+__all__ = ["DEFAULT_SEQ_LEN", "SCORE_NAMES", "ScanResult", "scan"]
+
+DEFAULT_SEQ_LEN = 2048
+"""The longest default window: ``n_ctx`` up to this (GPT-2's 1024 and Pythia's 2048 unchanged), this beyond it."""
 
 # A checkpoint is written after the batch that brings either count past its threshold (or at the end).
 _CHECKPOINT_BATCHES = 64
@@ -237,7 +240,8 @@ def scan(
             token-id sequences, or of dict rows (a Hugging Face ``datasets`` Dataset); see :mod:`attnlens.scan_data`.
         tokenizer: tokenizes texts; its ``eos_token_id`` separates documents (else the config's ``eos_token_id``).
         scores: the statistics to compute, a subset of :data:`SCORE_NAMES` (default all).
-        seq_len: tokens per window (default the model's ``n_ctx``).
+        seq_len: tokens per window (default the model's ``n_ctx``, at most :data:`DEFAULT_SEQ_LEN`: long-context
+            models such as Llama 3.x have an ``n_ctx`` of 131072, a window few corpora fill and slow to scan).
         batch_size: windows per forward pass.
         max_tokens: scan at most this many tokens (``max_tokens // seq_len`` windows); default the whole data.
         layers: the layers to scan (default all); the forward pass stops after the last of them.
@@ -263,7 +267,7 @@ def scan(
     unknown = sorted(set(SCORE_NAMES if scores is None else scores) - set(SCORE_NAMES))
     if unknown or not score_list:
         raise ValueError(f"unknown or no score names {unknown}; choose from {', '.join(SCORE_NAMES)}")
-    seq_len = adapter.n_ctx if seq_len is None else seq_len
+    seq_len = min(adapter.n_ctx, DEFAULT_SEQ_LEN) if seq_len is None else seq_len
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -346,3 +346,13 @@ def test_eager_models_are_scanned_from_the_kernels_patterns(monkeypatch, heads) 
     monkeypatch.setattr(gpt2, "kernel_pattern", lambda output: None)  # a kernel that keeps its pattern to itself
     computed = attnlens.scan(model, docs, seq_len=16, batch_size=3, heads=heads, progress=False)
     assert from_kernel.to_json() == computed.to_json()
+
+
+def test_default_window_is_n_ctx_up_to_2048() -> None:
+    # A long-context model (Llama 3.x: n_ctx 131072) would otherwise need that many tokens for a single window.
+    long = make_gpt2(n_positions=4096, vocab_size=13, n_layer=1, n_head=2, n_embd=8)
+    data = [list(range(1, 13)) * 400]  # 4,801 tokens with the separator: two windows of 2048
+    result = attnlens.scan(long, data, scores=["previous_token"], progress=False)
+    assert result.provenance["scan"]["seq_len"] == 2048 and result.n_windows == 2
+    short = make_gpt2(n_positions=32, vocab_size=13, n_layer=1, n_head=2, n_embd=8)
+    assert attnlens.scan(short, data, scores=["previous_token"], progress=False).provenance["scan"]["seq_len"] == 32
