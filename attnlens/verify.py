@@ -161,20 +161,21 @@ class _Keep:
 
 @dataclass(frozen=True)
 class _Context:
-    """What every layer's comparison shares: the model, the weights under test, masks, the dims-only tolerances."""
+    """What every layer's comparison shares: the model, the weights under test, masks, the dims-only tolerances.
+
+    ``base`` (:func:`~attnlens.tolerances.derived_tolerances`) and ``bitwise`` (whether ``pattern_hf_order`` must match
+    bit for bit) depend on no layer: computed once per call, as :func:`~attnlens.tolerances.bitwise_guaranteed` walks
+    every module of the model.
+    """
 
     adapter: Adapter
     weights: ModelWeights
     allowed: Tensor
     valid: Tensor
     keep: _Keep
-    n_pos: int
     scratch: Scratch
-
-    @property
-    def base(self) -> dict[str, float]:
-        w = self.weights
-        return derived_tolerances(w.dtype, w.d_model, w.d_head, w.n_layers, self.n_pos)
+    base: dict[str, float]
+    bitwise: bool
 
 
 def _same_input(own: Capture, eager: Capture, index: int) -> bool:
@@ -214,7 +215,6 @@ def _layer_rows(
     n_heads, base = weights.n_heads, context.base
     name = _dtype_name(weights.dtype)
     u, u_acc = UNIT_ROUNDOFF[name], UNIT_ROUNDOFF[_ACCUMULATOR[name]]
-    bitwise = bitwise_guaranteed(adapter.model, weights.dtype, weights.device)
     errors, magnitude = partial(_errors, scratch=context.scratch), partial(_magnitude, scratch=context.scratch)
 
     mine = functional.attention(own.attn_in[index], layer, allowed, rotation=own.rotation(index))
@@ -241,7 +241,7 @@ def _layer_rows(
         # rotation normwise (orthogonal per pair): q and k each gain only its roundings, 6u.
         q_tol, k_tol, qk_rel = 2 * q_tol + 8 * u, 2 * k_tol + 8 * u, qk_rel + 12 * u
     pattern_tol = 4 * u + score_bound * (qk_rel + u)
-    hf_order_tol = score_bound * 0.0 if bitwise else 4 * u + score_bound * (u_acc * weights.d_head + u)
+    hf_order_tol = score_bound * 0.0 if context.bitwise else 4 * u + score_bound * (u_acc * weights.d_head + u)
     v_max, z_max = magnitude(v, keep.rows, 1), magnitude(model_z, keep.z, 2)
     v_over_z = ratio(v_max.repeat_interleave(group), z_max)
     z_tol = base["z"] + v_over_z * (2 * (pattern_tol - 4 * u) + base["v"] + 2 * u)
@@ -363,7 +363,9 @@ def verify(
                 rows.append(VerificationRow(layer, head if per_head else None, quantity, abs_err, rel_err, tol, ok))
                 applied[quantity] = max(applied.get(quantity, 0.0), tol)
 
-        context = _Context(adapter, weights, allowed, valid, keep, n_pos, Scratch())
+        base = derived_tolerances(weights.dtype, weights.d_model, weights.d_head, weights.n_layers, n_pos)
+        bitwise = bitwise_guaranteed(adapter.model, weights.dtype, weights.device)
+        context = _Context(adapter, weights, allowed, valid, keep, Scratch(), base, bitwise)
         for index in traced:
             bar.update()
             for quantity, results, bounds in _layer_rows(context, index, own, eager):
@@ -374,7 +376,6 @@ def verify(
             weights, ids, positions, allowed, parallel_residual=adapter.parallel_residual, rotations=own.rotations
         )
         bar.update()
-        base = context.base
         errors = partial(_errors, scratch=context.scratch)
         magnitude = partial(_magnitude, scratch=context.scratch)
         final = own.final()
