@@ -46,11 +46,6 @@ from attnlens._verify_compare import Scratch, max_norm, ratio, slack
 from attnlens._verify_compare import errors as _errors
 from attnlens._verify_compare import magnitude as _magnitude
 from attnlens._verify_recompute import hf_order_pattern, rebuild
-
-# The whole-forward rebuild and its parts, under the names they had here (tests and benchmarks import them from here).
-from attnlens._verify_recompute import layer_norm as _layer_norm  # noqa: F401
-from attnlens._verify_recompute import mlp as _mlp  # noqa: F401
-from attnlens._verify_recompute import rebuild as _rebuild  # noqa: F401
 from attnlens.capture import intervening, one_at_a_time, preserved
 from attnlens.loading import resolve
 from attnlens.models import Adapter, adapt, extract_weights

@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attnlens
+from attnlens._verify_recompute import rebuild
 from attnlens.demo import DEMO_PATH
-from attnlens.verify import _rebuild
 
 NAMES = ("W_E", "W_pos", "W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O", "W_in", "b_in", "W_out", "b_out")
 NAMES_U = ("W_U", "b_U")
@@ -60,7 +60,7 @@ def attnlens_weights(settings: dict[str, bool], ids: torch.Tensor) -> tuple[dict
     pos = torch.arange(ids.shape[1]).unsqueeze(0)
     allowed = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
     with torch.no_grad():
-        _, logits = _rebuild(processed, ids, pos, allowed)
+        _, logits = rebuild(processed, ids, pos, allowed)
         weights: dict[str, Any] = {name: getattr(processed, name) for name in NAMES[:2] + NAMES_U}
         for name in NAMES[2:10]:
             weights[name] = processed.stacked(name)

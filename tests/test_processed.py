@@ -8,13 +8,13 @@ from conftest import assert_bitwise, make_gpt2, nontrivial_ln, random_ids
 from torch.testing import assert_close
 
 import attnlens
-from attnlens.verify import _rebuild
+from attnlens._verify_recompute import rebuild
 
 
 def forward(w: attnlens.ModelWeights, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pos = torch.arange(ids.shape[1]).unsqueeze(0)
     allowed = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
-    hidden, logits = _rebuild(w, ids, pos, allowed)
+    hidden, logits = rebuild(w, ids, pos, allowed)
     assert logits is not None
     return hidden, logits
 
@@ -206,9 +206,9 @@ def test_processed_gpt_neox_weights_give_the_raw_weights_logits(name: str, tmp_p
     rotation = attnlens.functional.rotary_cos_sin(pos, rotary_dim=w.layers[0].rotary_dim, base=1e4, dtype=torch.float64)
     rotations = dict.fromkeys(range(w.n_layers), rotation)
     with torch.no_grad():
-        _, expected = _rebuild(w, ids, pos, allowed, parallel_residual=adapter.parallel_residual, rotations=rotations)
+        _, expected = rebuild(w, ids, pos, allowed, parallel_residual=adapter.parallel_residual, rotations=rotations)
         for p in (w.processed(center_unembed=False), w.processed(center_unembed=False, fold_value_biases=False)):
-            _, logits = _rebuild(p, ids, pos, allowed, parallel_residual=adapter.parallel_residual, rotations=rotations)
+            _, logits = rebuild(p, ids, pos, allowed, parallel_residual=adapter.parallel_residual, rotations=rotations)
             assert logits is not None and expected is not None
             assert_close(logits, expected, **LOGIT_TOLERANCE)
     assert w.layers[0].rotary_dim > 0 and not torch.allclose(w.processed().layers[0].W_Q, w.layers[0].W_Q)

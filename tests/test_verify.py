@@ -598,8 +598,7 @@ def test_compiled_demo_transformer_verifies() -> None:
 
 def test_the_rebuild_adds_attention_and_mlp_to_one_residual_when_the_adapter_says_parallel() -> None:
     # GPT-NeoX's parallel residual: both read the block's input, both are added to it (verify's hidden/logits rows).
-    from attnlens._verify_recompute import attention_output
-    from attnlens.verify import _layer_norm, _mlp, _rebuild
+    from attnlens._verify_recompute import attention_output, layer_norm, mlp, rebuild
 
     model = make_gpt2(n_layer=2, initializer_range=0.2)
     assert attnlens.models.adapt(model).parallel_residual is False
@@ -608,12 +607,12 @@ def test_the_rebuild_adds_attention_and_mlp_to_one_residual_when_the_adapter_say
     pos = torch.arange(ids.shape[1]).unsqueeze(0)
     allowed = functional.causal_mask(ids.shape[1])
     with torch.no_grad():
-        parallel, _ = _rebuild(w, ids, pos, allowed, parallel_residual=True)
-        sequential, _ = _rebuild(w, ids, pos, allowed)
+        parallel, _ = rebuild(w, ids, pos, allowed, parallel_residual=True)
+        sequential, _ = rebuild(w, ids, pos, allowed)
         residual = w.W_E[ids] + w.W_pos[pos]
         for layer in w.layers:
-            attn = attention_output(_layer_norm(residual, layer.ln_1), layer, allowed)
-            residual = residual + attn + _mlp(_layer_norm(residual, layer.ln_2), layer)
+            attn = attention_output(layer_norm(residual, layer.ln_1), layer, allowed)
+            residual = residual + attn + mlp(layer_norm(residual, layer.ln_2), layer)
         # The same operations in the same order: the same bits.
-        assert_bitwise(parallel, _layer_norm(residual, w.ln_f), "same kernel")
+        assert_bitwise(parallel, layer_norm(residual, w.ln_f), "same kernel")
         assert not torch.allclose(parallel, sequential)
