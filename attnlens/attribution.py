@@ -106,7 +106,7 @@ class Decomposition(DecompositionTables):
     _versions: tuple[int, ...] = field(repr=False)
     _model_class: str = field(repr=False)
     _rms: bool = field(default=False, repr=False)
-    _d_attn: int = field(default=0, repr=False)  # the output projection's input width, n_heads * d_head (0: d_model)
+    _d_attn: int | None = field(default=None, repr=False)  # the output projection's input width, n_heads * d_head
     _lm_classes: tuple[str, ...] = field(default=(), repr=False)
 
     def __repr__(self) -> str:
@@ -127,8 +127,7 @@ class Decomposition(DecompositionTables):
         """``(error, tolerance)``: the largest relative error of the sum (see :func:`residual_error`) and its bound."""
         error, cancellation = residual_error(self.contributions, self.residual, self.valid)
         d_model = self.residual.shape[-1]
-        d_attn = self._d_attn or d_model
-        return error, check_tolerance(self.residual.dtype, self.n_layers, d_model, cancellation, d_attn=d_attn)
+        return error, check_tolerance(self.residual.dtype, self.n_layers, d_model, cancellation, d_attn=self._d_attn)
 
     def logit_bound(self, tokens: Any) -> Tensor:
         """The largest gap from the model's own logit that rounding explains, ``[batch, pos]``.
@@ -140,8 +139,7 @@ class Decomposition(DecompositionTables):
             _, _, scale = self._direction(tokens)
         _, cancellation = residual_error(self.contributions, self.residual, self.valid)
         d_model = self.residual.shape[-1]
-        d_attn = self._d_attn or d_model
-        return logit_tolerance(self.residual.dtype, self.n_layers, d_model, cancellation, d_attn=d_attn) * scale
+        return logit_tolerance(self.residual.dtype, self.n_layers, d_model, cancellation, d_attn=self._d_attn) * scale
 
     def check(self) -> float:
         """The largest relative error of the sum of the components against the model's residual; raises above tolerance.
