@@ -324,7 +324,10 @@ def _traced_generate(
     generate_kwargs: dict[str, Any],
     own_generate: Any = None,
 ) -> tuple[GenerationTrace, Any]:
-    """:func:`trace_generate`'s work, under the model's lock: the trace, and what ``generate`` returned (as a dict).
+    """:func:`trace_generate`'s work, under the model's lock: the trace, and what ``generate`` returns to this call.
+
+    ``generate`` itself always runs with ``return_dict_in_generate=True``; the call's own setting (or the generation
+    config's) decides whether its caller gets that output object or the sequences alone.
 
     ``own_generate``: the model's ``generate`` to run (:func:`tracing_generation` passes the one it stood in for).
     """
@@ -392,7 +395,7 @@ def _traced_generate(
             "scales": ",".join(repr(steps.specs[layer].scale) for layer in layer_list),
         },
     )
-    return trace, out
+    return trace, out if settings.get("return_dict_in_generate") else sequences
 
 
 class GenerationRecorder:
@@ -464,10 +467,9 @@ def tracing_generation(
             )
         input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
         mask = kwargs.pop("attention_mask", None)
-        wanted = _settings(target, kwargs).get("return_dict_in_generate")
         trace, out = _traced_generate(target, input_ids, mask, layers, heads, tokenizer, kwargs, own)
         recorder.traces.append(trace)
-        return out if wanted else out.sequences
+        return out
 
     generate._attnlens_tracing = True  # type: ignore[attr-defined]
     had, before = "generate" in vars(target), vars(target).get("generate")
