@@ -288,23 +288,28 @@ def _circuits(
             "every reader normalises with a layer norm (it removes the mean); this model's norms are RMSNorms, which "
             "read the mean: leave center_writing_weights=False"
         )
-    ov = weights.OV
-    W_V, W_O = ov.A.detach().to(dtype), ov.B.detach().to(dtype)
-    reading = [W_V]
-    if kind != "V":
-        qk = weights.QK
-        reading = [qk.A.detach().to(dtype), qk.B.mT.detach().to(dtype), W_V]
-    if fold_ln:
+    w = (
+        torch.stack([layer.ln_1.w for layer in weights.layers]).detach().to(dtype)[:, None, :, None]
+        if fold_ln
+        else None
+    )
+
+    def reading(W: Tensor) -> Tensor:
+        """A matrix that reads ``ln_1``'s output, ``[layer, head, d_model, d_head]``, in ``dtype``, folded as asked."""
+        W = W.detach().to(dtype)
+        if w is None:
+            return W
         # x_norm * w read by W is x_norm @ (w[:, None] * W); after a layer norm x_norm has mean 0, so W's mean row is
         # never read and is removed. An RMSNorm keeps the mean: only its scale folds.
-        w = torch.stack([layer.ln_1.w for layer in weights.layers]).detach().to(dtype)[:, None, :, None]
-        reading = [w * W if rms else _centre(w * W, dim=-2) for W in reading]
-    if center_writing:
-        W_O = _centre(W_O)
-    ov = FactoredMatrix(reading[-1], W_O)
+        return w * W if rms else _centre(w * W, dim=-2)
+
+    weights_ov = weights.OV  # built per access: read once
+    W_O = weights_ov.B.detach().to(dtype)
+    ov = FactoredMatrix(reading(weights_ov.A), _centre(W_O) if center_writing else W_O)
     if kind == "V":
         return ov, ov
-    qk = FactoredMatrix(reading[0], reading[1].mT)
+    weights_qk = weights.QK
+    qk = FactoredMatrix(reading(weights_qk.A), reading(weights_qk.B.mT).mT)
     return ov, qk if kind == "Q" else qk.T
 
 
