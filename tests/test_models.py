@@ -87,3 +87,27 @@ def test_a_task_model_and_its_transformer_share_one_lock() -> None:
     assert lock_key(model) is model.transformer is lock_key(model.transformer)
     other = nn.Linear(2, 2)
     assert lock_key(other) is other
+
+
+@pytest.mark.parametrize(
+    ("model_type", "expected"),
+    [
+        ("gpt2", ("GPT2LMHeadModel", "GPT2DoubleHeadsModel")),
+        ("gpt_neox", ("GPTNeoXForCausalLM",)),
+        ("llama", ("LlamaForCausalLM",)),
+        ("mistral", ("MistralForCausalLM",)),
+        ("qwen2", ("Qwen2ForCausalLM",)),
+        ("qwen3", ("Qwen3ForCausalLM",)),
+    ],
+)
+def test_lm_classes_are_the_familys_classes_with_logits_over_the_vocabulary(
+    model_type: str, expected: tuple[str, ...]
+) -> None:
+    # What a refusal for want of a language-model head names (head_importance, logit_attribution): read from the
+    # class's supported_classes alone, so the property is taken on the class.
+    assert Adapter.lm_classes.fget(REGISTRY[model_type]) == expected
+    assert set(REGISTRY) == {"gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3"}  # no family left out here
+
+
+def test_lm_classes_of_an_adapter_are_its_class_ones() -> None:
+    assert adapt(make_gpt2(n_layer=1)).lm_classes == ("GPT2LMHeadModel", "GPT2DoubleHeadsModel")
