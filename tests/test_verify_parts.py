@@ -47,6 +47,26 @@ def test_attention_pattern_is_attentions_pattern(variant: str, kind: str) -> Non
     assert_bitwise(functional.attention_pattern(x, layer, allowed), expected, "same kernel")
 
 
+@pytest.mark.parametrize("kind", ["causal", "padded"])
+@torch.no_grad()
+def test_attention_pattern_is_attentions_pattern_with_qk_norms_and_a_rotation(kind: str) -> None:
+    # Qwen3's layout: per-head RMSNorms on q and k, then a rotation of half of each head (the other argument paths).
+    layer, x = layer_and_input("grouped")
+    norm_w = torch.linspace(0.5, 1.5, layer.W_Q.shape[-1])
+    layer = dataclasses.replace(
+        layer,
+        rotary_dim=4,
+        q_norm=attnlens.LayerNormWeights(w=norm_w, b=torch.zeros_like(norm_w), eps=1e-6, rms=True),
+        k_norm=attnlens.LayerNormWeights(w=norm_w.flip(0), b=torch.zeros_like(norm_w), eps=1e-6, rms=True),
+    )
+    rotation = functional.rotary_cos_sin(torch.arange(12)[None], rotary_dim=4, base=100.0)
+    allowed = masks(kind)
+    expected = functional.attention(x, layer, allowed, rotation=rotation).pattern
+    assert_bitwise(functional.attention_pattern(x, layer, allowed, rotation=rotation), expected, "same kernel")
+    # The rotation did act: the same layer unrotated gives another pattern.
+    assert not torch.equal(expected, functional.attention(x, dataclasses.replace(layer, rotary_dim=0), allowed).pattern)
+
+
 @pytest.mark.parametrize("variant", ["plain", "window", "grouped"])
 @pytest.mark.parametrize("kind", ["causal", "padded"])
 @torch.no_grad()
