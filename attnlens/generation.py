@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ from attnlens import capture
 from attnlens._indices import check_indices
 from attnlens.errors import AttentionCaptureError, UnsupportedModelError
 from attnlens.generation_trace import GenerationTrace
-from attnlens.models import QKV, Adapter, adapt
+from attnlens.models import QKV, Adapter, AttentionSpec, adapt
 from attnlens.patterns import kernel_specs, masked_scores, qkv_hooks, softmax_into
 from attnlens.tokens import text_inputs, token_texts
 
@@ -95,7 +95,9 @@ def _refuse(settings: dict[str, Any]) -> None:
         )
 
 
-def _refuse_moving_windows(specs: Any, layers: tuple[int, ...], prompt_len: int, settings: dict[str, Any]) -> None:
+def _refuse_moving_windows(
+    specs: Sequence[AttentionSpec], layers: tuple[int, ...], prompt_len: int, settings: dict[str, Any]
+) -> None:
     """Refuse, before generating, a traced layer whose sliding window the sequence could outgrow.
 
     Once a sequence is longer than a layer's window, transformers' sliding-window cache layers (4.57 and 5.x) keep
@@ -106,8 +108,8 @@ def _refuse_moving_windows(specs: Any, layers: tuple[int, ...], prompt_len: int,
     new = settings.get("max_new_tokens")
     # generate's own rule: max_new_tokens, when set, wins over max_length (whose default is 20).
     total = prompt_len + int(new) if new is not None else max(int(settings.get("max_length") or 20), prompt_len + 1)
-    windowed = [(layer, specs[layer].window) for layer in layers if specs[layer].window is not None]
-    bitten = [(layer, window) for layer, window in windowed if total > window]
+    windows = [(layer, specs[layer].window) for layer in layers]
+    bitten = [(layer, window) for layer, window in windows if window is not None and total > window]
     if not bitten:
         return
     smallest = min(window for _, window in bitten)
