@@ -180,6 +180,25 @@ def memory_child(name: str, pos: int, seed: int, kind: str) -> dict[str, Any]:
     }
 
 
+def sizes(text: str) -> list[tuple[int, int]]:
+    """``BATCHxPOS`` sizes, comma-separated (``""``: none)."""
+    return [(int(b), int(p)) for b, p in (item.lower().split("x") for item in text.split(",") if item)]
+
+
+def environment() -> dict[str, Any]:
+    """What a result depends on besides the code measured: versions, CPUs, threads, the load, the command line."""
+    return {
+        "attnlens": attnlens.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_start": os.getloadavg(),
+        "argv": sys.argv[1:],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--speed", default="1x1024,4x256", help="BATCHxPOS sizes for forward/scan/scan_pattern")
@@ -198,20 +217,7 @@ def main() -> None:
         print(json.dumps(memory_child(args.child[0], int(args.child[1]), args.seed, args.model)))
         return
 
-    def sizes(text: str) -> list[tuple[int, int]]:
-        return [(int(b), int(p)) for b, p in (item.lower().split("x") for item in text.split(",") if item)]
-
-    header = {
-        "attnlens": attnlens.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "load_start": os.getloadavg(),
-        "argv": sys.argv[1:],
-        "model": args.model,
-    }
+    header = {**environment(), "model": args.model}
     print(json.dumps(header))
     model = build(args.seed, args.model)
     results: dict[str, Any] = {"header": header, "speed": [], "memory": []}

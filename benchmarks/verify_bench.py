@@ -24,17 +24,15 @@ import cProfile
 import io
 import json
 import os
-import platform
 import pstats
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import transformers
-from rows_bench import timed  # the same timing (gc first, no_grad) as the rows benchmark
+from rows_bench import environment, sizes, timed  # the rows benchmark's header, sizes and timing (gc first, no_grad)
 
 import attnlens
 
@@ -97,21 +95,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     header = {
-        "attnlens": attnlens.__version__,
+        **environment(),
         "attnlens_path": os.path.dirname(attnlens.__file__),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "load_start": os.getloadavg(),
-        "argv": sys.argv[1:],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     print(json.dumps(header), flush=True)
     model = build(args.seed)
     results: dict[str, Any] = {"header": header, "speed": [], "profiles": {}}
-    for batch, pos in ((int(b), int(p)) for b, p in (s.lower().split("x") for s in args.sizes.split(",") if s)):
+    for batch, pos in sizes(args.sizes):
         result = measure(model, batch, pos, args.repeats)
         results["speed"].append(result)
         median, low, high = result["ratio"]
