@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import assert_bitwise
-from test_generation import PROMPTS, shift_positions_at_step, state
+from test_generation import PROMPTS, eager_twin, shift_positions_at_step, state
 from test_hub_configs_llama import D_HEAD, N_LAYER
 from test_llama import FIXTURE_NAMES, build, load
 
@@ -59,12 +59,6 @@ def generate(model: Any, batch: int, **options: Any) -> Any:
     ids, mask = PROMPTS[batch]
     options = {"max_new_tokens": STEPS, "do_sample": False, "eos_token_id": None, **options}
     return attnlens.trace_generate(model, ids, mask, **options)
-
-
-def eager_twin(model: Any) -> Any:
-    twin = copy.deepcopy(model)
-    twin.set_attn_implementation("eager")
-    return twin
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
