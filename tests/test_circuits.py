@@ -237,5 +237,5 @@ def test_composition_rows_with_nan_through_scan_result_top_and_the_views_score_t
         ranked = as_scan.top("q_composition", 12, largest=largest)
         assert all(layer > 0 and not math.isnan(score) for layer, _, score in ranked[:8])
         assert all(layer == 0 and math.isnan(score) for layer, _, score in ranked[8:])
-    table = score_table({"q": row}, [0, 1, 2], 4)["q"]
+    table = score_table({"q": row}, [0, 1, 2], range(4))["q"]
     assert table[0] == [None] * 4 and all(isinstance(v, float) for v in table[1] + table[2])  # NaN written as null

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -112,19 +112,20 @@ def pack_heads(
 
 
 def score_table(
-    scores: Any, layer_numbers: list[int], n_head: int, head_numbers: list[int] | None = None
+    scores: Any, layer_numbers: Sequence[int], head_numbers: Sequence[int]
 ) -> dict[str, list[list[float | None]]]:
     """Head scores as ``{name: [layer][head]}`` lists rounded to 3 decimals (None for NaN).
 
     Takes a mapping of names to ``[layer, head]`` arrays, an :class:`attnlens.metrics.HeadScores` (undefined scores
     left out) or an :class:`attnlens.ScanResult` (its means). The last two name their layers and heads, which must be
-    the patterns' (``head_numbers``, when given): a table of the same shape for other heads would label them wrongly.
+    the patterns' (``layer_numbers``, ``head_numbers``): a table of the same shape for other heads would label them
+    wrongly.
     """
     if scores is None:
         return {}
     own = (getattr(scores, "layers", None), getattr(scores, "heads", None))
     if not isinstance(scores, dict) and isinstance(own[0], tuple) and isinstance(own[1], tuple):
-        shown = (list(layer_numbers), list(range(n_head)) if head_numbers is None else list(head_numbers))
+        shown = (list(layer_numbers), list(head_numbers))
         if (list(own[0]), list(own[1])) != shown:
             raise ValueError(
                 f"the scores are of layers {list(own[0])} and heads {list(own[1])}, the patterns show layers "
@@ -141,6 +142,7 @@ def score_table(
             f"scores must be a dict of [layer, head] arrays, a HeadScores or a ScanResult, got {type(scores).__name__}"
         )
     table = {}
+    n_head = len(head_numbers)
     for name, value in items.items():
         grid = _to_numpy(value, f"scores[{name!r}]")
         if grid.shape != (len(layer_numbers), n_head):

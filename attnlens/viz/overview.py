@@ -86,7 +86,7 @@ def overview_html(
         "n_tokens": n_pos,
         "block": block,
         "labels": block_labels([visible(t) for t in source.texts], block),
-        "scores": score_table(scores, source.layers, len(source.heads), source.heads),
+        "scores": score_table(scores, source.layers, source.heads),
         "packed": packed,
     }
     return render(_TEMPLATE, data, title, UNPACK=UNPACK_JS)
