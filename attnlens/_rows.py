@@ -189,7 +189,7 @@ class KeySet(NamedTuple):
 
 
 def key_set(keys: Tensor) -> KeySet:
-    """The :class:`KeySet` of ``keys [batch, q_pos, k_pos]`` (bool): computed once per batch, used by every layer."""
+    """The :class:`KeySet` of ``keys [batch, q_pos, k_pos]`` (bool): the definition :func:`token_key_sets` meets."""
     return KeySet(keys.nonzero(), keys.any(dim=-1))
 
 
@@ -264,8 +264,8 @@ def row_statistics(
         q: ``[batch, head, pos, d_head]``.
         k: ``[batch, head, pos, d_head]`` (repeated per query head).
         spec: the layer's spec (its scale; no window: see :func:`fused_lse_available`).
-        duplicate: the duplicate-token key set (:func:`key_set` of :func:`attnlens._detection.token_keys`'s).
-        induction: the induction key set, likewise.
+        duplicate: the duplicate-token key set (:func:`token_key_sets`' first).
+        induction: the induction key set (its second).
         names: the scores wanted, from :data:`attnlens.scan_result.SCORE_NAMES`.
 
     Returns:
