@@ -33,10 +33,18 @@ class Capture:
     qkv: dict[int, QKV] = field(default_factory=dict)
     z: dict[int, Tensor] = field(default_factory=dict)
     attn_out: dict[int, Tensor] = field(default_factory=dict)
-    weights: dict[int, Tensor] = field(default_factory=dict)
+    weights: dict[int, Tensor] = field(default_factory=dict)  # the probabilities the attention modules returned
     rotations: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     hidden: Tensor | None = None
-    patterns: dict[int, Tensor] | None = None
+    checked: bool = False  # weights holds every compared layer's probabilities, of the right shape
+
+    @property
+    def patterns(self) -> dict[int, Tensor] | None:
+        """The model's attention probabilities by layer, once checked (``run(..., patterns=True)``); else None.
+
+        ``weights`` itself, so that what lets go of a layer's probabilities lets go of its pattern.
+        """
+        return self.weights if self.checked else None
 
     def final(self) -> Tensor:
         """The final hidden state ``[batch, pos, d_model]``."""
@@ -185,14 +193,15 @@ def run(
     if missing:
         raise AttentionCaptureError(f"the forward pass did not reach every traced module: missing {', '.join(missing)}")
     if patterns:
-        store.patterns = _check_attentions(store.weights, adapter, ids.shape, layers)
+        _check_attentions(store.weights, adapter, ids.shape, layers)
+        store.checked = True
     return store
 
 
 def _check_attentions(
     attentions: dict[int, Tensor], adapter: Adapter, shape: torch.Size, layers: tuple[int, ...]
-) -> dict[int, Tensor]:
-    """The model's attention probabilities per layer, after checking that they are there and of the right shape."""
+) -> None:
+    """Check that the model's attention probabilities are there for every layer, and of the right shape."""
     missing = [layer for layer in layers if layer not in attentions]
     if missing:
         raise AttentionCaptureError(
@@ -206,4 +215,3 @@ def _check_attentions(
             raise AttentionCaptureError(
                 f"layer {layer}: attention probabilities of shape {tuple(pattern.shape)}, expected {expected}"
             )
-    return attentions
