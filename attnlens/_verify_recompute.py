@@ -22,7 +22,7 @@ from attnlens.models import QKV, AttentionSpec
 from attnlens.patterns import masked_scores
 from attnlens.weights import LayerNormWeights, LayerWeights, ModelWeights
 
-__all__ = ["attention_output", "hf_order_pattern", "layer_norm", "mlp", "rebuild"]
+__all__ = ["attention_output", "hf_order_pattern", "is_causal", "layer_norm", "mlp", "rebuild"]
 
 
 def layer_norm(x: Tensor, ln: LayerNormWeights) -> Tensor:
@@ -73,9 +73,10 @@ def rebuild(
     """
     residual = weights.W_E[ids] if weights.W_pos is None else weights.W_E[ids] + weights.W_pos[pos]
     rotations = rotations or {}
+    causal = is_causal(allowed, ids.shape[1])  # the same mask in every layer: compared with the square once
     for layer in weights.layers:
         rotation = rotations.get(layer.layer) if layer.rotary_dim else None
-        attn_out = attention_output(layer_norm(residual, layer.ln_1), layer, allowed, rotation=rotation)
+        attn_out = attention_output(layer_norm(residual, layer.ln_1), layer, allowed, rotation=rotation, causal=causal)
         if parallel_residual:
             residual = residual + attn_out + mlp(layer_norm(residual, layer.ln_2), layer)
         else:
@@ -88,8 +89,18 @@ def rebuild(
     return hidden, logits if weights.b_U is None else logits + weights.b_U
 
 
+def is_causal(allowed: Tensor, n_pos: int) -> bool:
+    """Whether ``allowed`` is the plain ``[pos, pos]`` causal mask of ``n_pos`` positions (no batch axis or padding)."""
+    return allowed.ndim == 2 and torch.equal(allowed, functional.causal_mask(n_pos, device=allowed.device))
+
+
 def attention_output(
-    x: Tensor, layer: LayerWeights, allowed: Tensor, *, rotation: tuple[Tensor, Tensor] | None = None
+    x: Tensor,
+    layer: LayerWeights,
+    allowed: Tensor,
+    *,
+    rotation: tuple[Tensor, Tensor] | None = None,
+    causal: bool | None = None,
 ) -> Tensor:
     """``functional.attention(x, layer, allowed, rotation=rotation).output`` through torch's fused attention kernel.
 
@@ -104,6 +115,8 @@ def attention_output(
         layer: the layer's weights.
         allowed: boolean ``[batch or 1, 1, q_pos, k_pos]`` or ``[q_pos, k_pos]`` (``True`` = may attend).
         rotation: ``(cos, sin)`` for a rotary layer, as for :func:`~attnlens.functional.attention`.
+        causal: :func:`is_causal` of ``allowed`` and ``x``'s positions, where the caller knows it (None: found out
+            here, by comparing the square with a causal mask).
 
     Returns:
         ``[batch, pos, d_model]``.
@@ -116,13 +129,7 @@ def attention_output(
         allowed = allowed & functional.sliding_window_mask(
             q.shape[-2], k.shape[-2], window=layer.window, device=q.device
         )
-    n_pos = q.shape[-2]
-    causal = (
-        allowed.ndim == 2
-        and layer.window is None
-        and torch.equal(allowed, functional.causal_mask(n_pos, device=q.device))
-    )
-    if causal:
+    if layer.window is None and (is_causal(allowed, q.shape[-2]) if causal is None else causal):
         z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scale)
     else:
         z = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=layer.scale)
