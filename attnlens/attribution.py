@@ -105,9 +105,9 @@ class Decomposition(DecompositionTables):
     _unembed: tuple[Tensor, Tensor | None] | None = field(repr=False)
     _versions: tuple[int, ...] = field(repr=False)
     _model_class: str = field(repr=False)
-    _rms: bool = field(default=False, repr=False)
-    _d_attn: int | None = field(default=None, repr=False)  # the output projection's input width, n_heads * d_head
-    _lm_classes: tuple[str, ...] = field(default=(), repr=False)
+    _rms: bool = field(repr=False)
+    _d_attn: int = field(repr=False)  # the output projection's input width, n_heads * d_head
+    _lm_classes: tuple[str, ...] = field(repr=False)
 
     def __repr__(self) -> str:
         batch, n_pos, d_model = self.residual.shape
