@@ -129,7 +129,12 @@ def _specs(config: Any, attns: list[Any]) -> tuple[AttentionSpec, ...]:
                 f"int({d_head} * {fraction}) = {int(d_head * fraction)}: the config was edited after the model was "
                 "built; reload it"
             )
-        specs.append(AttentionSpec(float(attn.scaling), n_heads, n_heads, rotary_dim=int(attn.rotary_ndims)))
+        # The eager kernel: softmax(scores, dtype=torch.float32).to(query.dtype), in 4.57 and 5.x alike.
+        specs.append(
+            AttentionSpec(
+                float(attn.scaling), n_heads, n_heads, rotary_dim=int(attn.rotary_ndims), softmax_dtype=torch.float32
+            )
+        )
     return tuple(specs)
 
 

@@ -141,7 +141,17 @@ class LlamaAdapter(Adapter):
                     f"({expected}) and window {found.windows[i]}: the config was edited after the model was built; "
                     "reload it"
                 )
-            specs.append(AttentionSpec(float(attn.scaling), n_heads, n_kv, rotary_dim=d_head, window=found.windows[i]))
+            # The eager kernel: softmax(scores, dtype=torch.float32).to(query.dtype), in 4.57 and 5.x alike.
+            specs.append(
+                AttentionSpec(
+                    float(attn.scaling),
+                    n_heads,
+                    n_kv,
+                    rotary_dim=d_head,
+                    window=found.windows[i],
+                    softmax_dtype=torch.float32,
+                )
+            )
         return tuple(specs)
 
     @classmethod
