@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_bitwise, optional
+from conftest import CUDA, assert_bitwise, optional
 from test_checkpoints import assert_same_state, dynamo_frames, state
 from test_hub_configs_llama import left_padded
 from test_hub_configs_neox import make_checkpoint
@@ -144,7 +144,7 @@ def test_a_module_compiled_on_its_own_is_refused(folder: Path, what: str) -> Non
 @pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be instantiated")
 @pytest.mark.parametrize("family", ["gpt_neox", "llama"])
 def test_compiled_model_after_it_ran(family: str, saved: Callable[[str], Path]) -> None:
-    # Compiling takes 7 s (Pythia) to 17 s (Llama) on 2 cores; afterwards attnlens still runs the uncompiled modules.
+    # Compiling takes 9-18 s per model on 2 shared cores; afterwards attnlens still runs the uncompiled modules.
     plain = load(saved(family), "sdpa")
     compiled = torch.compile(load(saved(family), "sdpa"))
     ids, mask, positions = left_padded()
@@ -240,6 +240,19 @@ def test_converted_after_extraction(folder: Path, dtype: torch.dtype) -> None:
     assert {t.dtype for _, t in tensors(w)} == {dtype}
     assert_current(w, model)
     assert_exact(model, load(folder, "sdpa").to(dtype))
+
+
+@pytest.mark.cuda
+@CUDA
+def test_device_move_follows(folder: Path) -> None:
+    # The stand-in zeros move with the parameters beside them (they stayed on the CPU); verify runs on the device.
+    model = load(folder, "sdpa")
+    w = attnlens.extract_weights(model)
+    model.to("cuda")
+    assert {t.device.type for _, t in tensors(w)} == {"cuda"}
+    assert_current(w, model)
+    ids, mask, positions = left_padded()
+    assert attnlens.verify(model, ids.cuda(), mask.cuda(), position_ids=positions.cuda()).ok
 
 
 def test_in_place_edits_are_followed_and_replacements_refused(folder: Path) -> None:
