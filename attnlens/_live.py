@@ -2,7 +2,8 @@
 
 The mechanism behind :mod:`attnlens.weights`' "never stale" promise (see that module's docstring): ``_Source`` (one
 tracked tensor), ``_Live`` (the base of the weights dataclasses, reading tracked fields through their source) and
-:func:`track`, which the adapters call once after extraction.
+:func:`track`, which the adapters call once after extraction. Zeros that stand in for a parameter a model lacks (an
+absent bias, an RMSNorm's shift) are made by :func:`zeros_beside` and follow the parameter beside them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from attnlens.errors import StaleWeightsError
 if TYPE_CHECKING:
     from attnlens.weights import ModelWeights
 
-__all__ = ["track"]
+__all__ = ["track", "zeros_beside"]
+
+# The attribute by which zeros_beside marks its zeros with the parameter they stand beside (read by track).
+_BESIDE = "_attnlens_beside"
 
 
 class _Source:
@@ -36,7 +40,8 @@ class _Source:
 
     def _take(self, param: Tensor, tensor: Tensor) -> None:
         self.param, self.tensor = param, tensor
-        self.ptr, self.requires_grad = param.data_ptr(), tensor.requires_grad
+        # The parameter's flag: a view taken with autograd on has it too, and a stand-in's zeros never do.
+        self.ptr, self.requires_grad = param.data_ptr(), param.requires_grad
 
     def current(self) -> Tensor:
         param = self.param
@@ -70,17 +75,46 @@ class _Source:
         if self.view is None:
             self._take(param, param)
             return param
+        self._check_layout(param)
+        size, stride, rel = self.view
+        with torch.enable_grad():
+            tensor = param.as_strided(size, stride, param.storage_offset() + rel)
+        self._take(param, tensor)
+        return tensor
+
+    def _check_layout(self, param: Tensor) -> None:
         if (param.shape, param.stride()) != self.layout:
             raise StaleWeightsError(
                 f"{self.label}: the model's parameter {self.owners[0][2]} changed shape or layout from "
                 f"{tuple(self.layout[0])} / {self.layout[1]} to {tuple(param.shape)} / {param.stride()}; extract the "
                 "weights again (attnlens.extract_weights(model))"
             )
-        size, stride, rel = self.view
-        with torch.enable_grad():
-            tensor = param.as_strided(size, stride, param.storage_offset() + rel)
+
+
+class _StandIn(_Source):
+    """Zeros standing in for a parameter the model lacks, beside ``param``.
+
+    New zeros in that parameter's dtype and on its device whenever it changed, as the views beside them are taken again.
+    """
+
+    __slots__ = ()
+
+    def _retake(self, param: Tensor) -> Tensor:
+        self._check_layout(param)
+        tensor = param.new_zeros(self.tensor.shape)
         self._take(param, tensor)
         return tensor
+
+
+def zeros_beside(tensor: Tensor, *shape: int) -> Tensor:
+    """Zeros ``shape`` standing in for a parameter the model lacks, beside ``tensor`` (a parameter or a view of one).
+
+    Once :func:`track`ed they follow that parameter's dtype and device (``model.half()``, ``model.to(...)``), as the
+    views of the parameters around them do; zeros made with ``new_zeros`` would stay as they were made.
+    """
+    zeros = tensor.new_zeros(shape)
+    setattr(zeros, _BESIDE, tensor if tensor._base is None else tensor._base)
+    return zeros
 
 
 class _Live:
@@ -150,10 +184,13 @@ def track(weights: ModelWeights, model: nn.Module) -> ModelWeights:
                 for i, item in enumerate(value):
                     visit(item, f"{label}.{f.name}[{i}]")
             elif isinstance(value, Tensor):
-                param = value if value._base is None else value._base
+                root = value if value._base is None else value._base
+                beside = getattr(root, _BESIDE, None)  # a stand-in (or a view of one): it follows that parameter
+                param = root if beside is None else beside
                 slots = owners.get(id(param))
                 if slots:
-                    sources[f.name] = _Source(f"{label}.{f.name}", value, param, tuple(slots))
+                    kind = _Source if beside is None else _StandIn
+                    sources[f.name] = kind(f"{label}.{f.name}", value, param, tuple(slots))
 
     visit(weights, "weights")
     return weights

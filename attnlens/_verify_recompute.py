@@ -140,13 +140,16 @@ def attention_output(
     return merged @ rearrange(layer.W_O, "head d_head d_model -> (head d_head) d_model") + layer.b_O
 
 
-def hf_order_pattern(qkv: QKV, layer: LayerWeights, n_kv_heads: int, allowed: Tensor) -> Tensor:
+def hf_order_pattern(
+    qkv: QKV, layer: LayerWeights, n_kv_heads: int, allowed: Tensor, softmax_dtype: torch.dtype | None = None
+) -> Tensor:
     """The pattern from the model's own q and k, in the arithmetic order of the installed transformers' eager kernel.
 
     The scores are the pattern tap's (:func:`attnlens.patterns.masked_scores`), with the layer's spec as the weights
     carry it: HF eager scales the scores in its own order (``layer.score_divisors`` / ``layer.upcast``) and masks
     with the dtype's most negative value, where ``-inf`` is used here: that gives the same row maximum and sums, so the
-    allowed entries match bit for bit. They are soft-maxed in their own dtype (half scores stay half, unlike
+    allowed entries match bit for bit. They are soft-maxed in the kernel's ``softmax_dtype`` (float32 for GPT-NeoX and
+    the Llama family, also for a float64 model), else in their own dtype (half scores stay half, unlike
     :func:`attnlens.functional.masked_softmax` and the tap).
 
     Args:
@@ -154,6 +157,7 @@ def hf_order_pattern(qkv: QKV, layer: LayerWeights, n_kv_heads: int, allowed: Te
         layer: the layer's weights (for its spec).
         n_kv_heads: the model's number of key/value heads.
         allowed: boolean ``[batch or 1, 1, q_pos, k_pos]``.
+        softmax_dtype: the dtype the layer's eager kernel soft-maxes in (its ``AttentionSpec.softmax_dtype``).
 
     Returns:
         ``[batch, head, q_pos, k_pos]`` in the values' dtype.
@@ -169,4 +173,4 @@ def hf_order_pattern(qkv: QKV, layer: LayerWeights, n_kv_heads: int, allowed: Te
     # Eager repeats each key/value head per query head (a copy, as transformers' repeat_kv) before its matmul.
     k = functional.repeat_kv(k, q.shape[1] // n_kv_heads)
     scores = masked_scores(q, k, spec, blocked, contiguous_k=False)
-    return torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(v.dtype)

@@ -235,15 +235,23 @@ def _layer_rows(
         # largest is at least the largest pair norm / sqrt2: relative to it, 2 tol + 8u. The scores see the
         # rotation normwise (orthogonal per pair): q and k each gain only its roundings, 6u.
         q_tol, k_tol, qk_rel = 2 * q_tol + 8 * u, 2 * k_tol + 8 * u, qk_rel + 12 * u
-    pattern_tol = 4 * u + score_bound * (qk_rel + u)
-    hf_order_tol = score_bound * 0.0 if context.bitwise else 4 * u + score_bound * (u_acc * weights.d_head + u)
+    # The eager kernel's probabilities (model_pattern) are rounded where it soft-maxes: in float32 for a float64
+    # GPT-NeoX or Llama-family model, which rounds each score (S u) and the softmax (4 u) at float32's u.
+    softmax_dtype = adapter.specs[index].softmax_dtype
+    u_soft = max(u, UNIT_ROUNDOFF[_dtype_name(softmax_dtype)]) if softmax_dtype is not None else u
+    pattern_tol = 4 * u_soft + score_bound * (qk_rel + u_soft)
+    hf_order_tol = (
+        score_bound * 0.0 if context.bitwise else 4 * u_soft + score_bound * (u_acc * weights.d_head + u_soft)
+    )
     v_max, z_max = magnitude(v, keep.rows, 1), magnitude(model_z, keep.z, 2)
     v_over_z = ratio(v_max.repeat_interleave(group), z_max)
-    z_tol = base["z"] + v_over_z * (2 * (pattern_tol - 4 * u) + base["v"] + 2 * u)
+    # z is the model's own pass, rounded in the model's dtype (float64 under sdpa). A float64 model run eager carries
+    # its float32 softmax into z and the rows after it, which these tolerances still report.
+    z_tol = base["z"] + v_over_z * (2 * score_bound * (qk_rel + u) + base["v"] + 2 * u)
     yield "q", errors(q, mine.q, keep.rows, 1, magnitude(q, keep.rows, 1)), q_tol
     yield "k", errors(k, mine.k, keep.rows, 1, magnitude(k, keep.rows, 1)), k_tol
     yield "v", errors(v, mine.v, keep.rows, 1, v_max), base["v"]
-    hf_order = hf_order_pattern(eager.qkv[index], layer, adapter.n_kv_heads, allowed)
+    hf_order = hf_order_pattern(eager.qkv[index], layer, adapter.n_kv_heads, allowed, softmax_dtype)
     pattern_max = magnitude(model_pattern, keep.pattern, 1)
     yield "pattern_hf_order", errors(model_pattern, hf_order, keep.pattern, 1, pattern_max), hf_order_tol
     del hf_order

@@ -41,9 +41,10 @@ def inputs(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def state(model: Any) -> dict[str, Any]:
-    """What attnlens must leave as found: flags, requires_grad, grads (values and identity), hooks, kernel."""
+    """What attnlens must leave as found: flags, requires_grad, grads (values and identity), hooks, kernel, config."""
     inner = gpt2.unwrap(model)
     return {
+        "config": inner.config.to_json_string(use_diff=False),
         "training": [(n, m.training) for n, m in model.named_modules()],
         "requires_grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
         "grads": [(n, None if p.grad is None else (id(p.grad), p.grad.clone())) for n, p in model.named_parameters()],
@@ -53,7 +54,7 @@ def state(model: Any) -> dict[str, Any]:
 
 
 def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
-    for key in ("training", "requires_grad", "hooks", "kernel"):
+    for key in ("training", "requires_grad", "hooks", "kernel", "config"):
         assert before[key] == after[key], key
     for (name, b), (_, a) in zip(before["grads"], after["grads"], strict=True):
         assert (b is None) == (a is None), name

@@ -314,3 +314,5 @@ def test_no_attention_biases(tmp_path: Path) -> None:
     assert not bool(w.layers[0].b_Q.any()) and not bool(w.layers[1].b_O.any())
     ids, mask = inputs()
     assert attnlens.verify(model, ids, mask).ok
+    model.half()  # the zeros follow the weights beside them (they stayed float32)
+    assert w.layers[0].b_Q.dtype == w.layers[1].b_O.dtype == w.layers[1].W_Q.dtype == torch.float16

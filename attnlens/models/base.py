@@ -50,6 +50,9 @@ class AttentionSpec:
             rotated q and k; the rotation itself comes from the model (:meth:`Adapter.rotation`).
         window: a sliding window: a query attends to at most this many keys, itself included (``None``: every
             earlier key).
+        softmax_dtype: the dtype the eager kernel soft-maxes in before casting back to the model's (``None``: the
+            scores' own). GPT-NeoX and the Llama family soft-max in float32, so a float64 model's eager
+            probabilities carry float32's rounding.
     """
 
     scale: float
@@ -59,6 +62,7 @@ class AttentionSpec:
     divisors: tuple[float, ...] | None = None
     rotary_dim: int = 0
     window: int | None = None
+    softmax_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from attnlens import functional
+from attnlens._live import zeros_beside
 from attnlens.errors import AttentionCaptureError, UnsupportedModelError
 from attnlens.models import _hf
 from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
@@ -128,7 +129,12 @@ def _specs(config: Any, attns: list[Any]) -> tuple[AttentionSpec, ...]:
                 f"int({d_head} * {fraction}) = {int(d_head * fraction)}: the config was edited after the model was "
                 "built; reload it"
             )
-        specs.append(AttentionSpec(float(attn.scaling), n_heads, n_heads, rotary_dim=int(attn.rotary_ndims)))
+        # The eager kernel: softmax(scores, dtype=torch.float32).to(query.dtype), in 4.57 and 5.x alike.
+        specs.append(
+            AttentionSpec(
+                float(attn.scaling), n_heads, n_heads, rotary_dim=int(attn.rotary_ndims), softmax_dtype=torch.float32
+            )
+        )
     return tuple(specs)
 
 
@@ -310,7 +316,7 @@ class GPTNeoXAdapter(Adapter):
             fused = site.qkv[0]
             W = self._weight(fused).view(n_heads, 3, d_head, d_model).transpose(-1, -2)
             bias = fused.bias if isinstance(fused.bias, Tensor) else None
-            b = bias.view(n_heads, 3, d_head) if bias is not None else W.new_zeros(n_heads, 3, d_head)
+            b = bias.view(n_heads, 3, d_head) if bias is not None else zeros_beside(W, n_heads, 3, d_head)
             b_O = self.b_O(i)
             mlp: Any = site.mlp
             w_in, w_out = plain(mlp.dense_h_to_4h), plain(mlp.dense_4h_to_h)
@@ -325,7 +331,7 @@ class GPTNeoXAdapter(Adapter):
                     b_K=b[:, 1],
                     b_V=b[:, 2],
                     W_O=self.W_O(i),
-                    b_O=b_O if b_O is not None else W.new_zeros(d_model),
+                    b_O=b_O if b_O is not None else zeros_beside(self.W_O(i), d_model),
                     ln_1=_layer_norm(site.attn_input),
                     ln_2=_layer_norm(plain(block.post_attention_layernorm)),
                     mlp=MLPWeights(W_in=w_in.weight.T, b_in=w_in.bias, W_out=w_out.weight.T, b_out=w_out.bias, act=act),

@@ -34,6 +34,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from attnlens import functional
+from attnlens._live import zeros_beside
 from attnlens.errors import AttentionCaptureError, UnsupportedModelError
 from attnlens.models import _hf
 from attnlens.models.base import QKV, Adapter, AttentionSpec, LayerSites, Rotation, Sites
@@ -68,7 +69,7 @@ def _classes(names: Sequence[str]) -> tuple[type, ...]:
 def _rms(norm: nn.Module) -> LayerNormWeights:
     weight, eps = norm.weight, norm.variance_epsilon
     assert isinstance(weight, Tensor) and isinstance(eps, float)
-    return LayerNormWeights(w=weight, b=weight.new_zeros(weight.shape), eps=eps, rms=True)
+    return LayerNormWeights(w=weight, b=zeros_beside(weight, *weight.shape), eps=eps, rms=True)
 
 
 def _bias(module: nn.Module) -> Tensor | None:
@@ -140,7 +141,17 @@ class LlamaAdapter(Adapter):
                     f"({expected}) and window {found.windows[i]}: the config was edited after the model was built; "
                     "reload it"
                 )
-            specs.append(AttentionSpec(float(attn.scaling), n_heads, n_kv, rotary_dim=d_head, window=found.windows[i]))
+            # The eager kernel: softmax(scores, dtype=torch.float32).to(query.dtype), in 4.57 and 5.x alike.
+            specs.append(
+                AttentionSpec(
+                    float(attn.scaling),
+                    n_heads,
+                    n_kv,
+                    rotary_dim=d_head,
+                    window=found.windows[i],
+                    softmax_dtype=torch.float32,
+                )
+            )
         return tuple(specs)
 
     @classmethod
@@ -299,13 +310,12 @@ class LlamaAdapter(Adapter):
             def heads(proj: Any, n: int) -> tuple[Tensor, Tensor]:
                 W = proj.weight.view(n, d_head, d_model).transpose(-1, -2)
                 b = _bias(proj)
-                return W, b.view(n, d_head) if b is not None else W.new_zeros(n, d_head)
+                return W, b.view(n, d_head) if b is not None else zeros_beside(W, n, d_head)
 
             (W_Q, b_Q), (W_K, b_K), (W_V, b_V) = heads(q_proj, n_heads), heads(k_proj, n_kv), heads(v_proj, n_kv)
             b_O = self.b_O(i)
             mlp: Any = blocks[i].mlp
             gate, up, down = plain(mlp.gate_proj), plain(mlp.up_proj), plain(mlp.down_proj)
-            zeros = W_Q.new_zeros
             b_in, b_out = _bias(up), _bias(down)
             layers.append(
                 LayerWeights(
@@ -317,14 +327,14 @@ class LlamaAdapter(Adapter):
                     b_K=b_K,
                     b_V=b_V,
                     W_O=self.W_O(i),
-                    b_O=b_O if b_O is not None else zeros(d_model),
+                    b_O=b_O if b_O is not None else zeros_beside(self.W_O(i), d_model),
                     ln_1=_rms(plain(blocks[i].input_layernorm)),
                     ln_2=_rms(plain(blocks[i].post_attention_layernorm)),
                     mlp=MLPWeights(
                         W_in=up.weight.T,
-                        b_in=b_in if b_in is not None else zeros(up.weight.shape[0]),
+                        b_in=b_in if b_in is not None else zeros_beside(up.weight, up.weight.shape[0]),
                         W_out=down.weight.T,
-                        b_out=b_out if b_out is not None else zeros(d_model),
+                        b_out=b_out if b_out is not None else zeros_beside(down.weight, d_model),
                         act=act,
                         W_gate=gate.weight.T,
                         b_gate=_bias(gate),
