@@ -193,7 +193,8 @@ def _check_uncompiled(adapter: Adapter) -> None:
     if is_compiled(adapter.model):
         raise UnsupportedModelError(
             "ablate hooks the model's modules, and compiled code need not run hooks added after compiling: ablate the "
-            "uncompiled model (torch.compile's wrapper holds it as ._orig_mod)"
+            "uncompiled model (torch.compile(model) returns a wrapper that holds it as ._orig_mod; a model or module "
+            "compiled in place with .compile() stays compiled: load it again without compiling)"
         )
 
 
