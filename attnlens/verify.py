@@ -285,33 +285,33 @@ def _layer_rows(
         # the model's own dtype's pattern bound (4u + S u alone misses the rounding of the float32 sum of the row,
         # which grows as sqrt(k_pos): ratio 0.999 on a sharp Llama-3.2-1B-shaped layer at 2048 tokens).
         scores = hf_order_scores(eager.qkv[index], layer, adapter.n_kv_heads, allowed)
-        # The model's own scores, soft-maxed in its own dtype (for attn_out below).
-        exact = torch.softmax(scores, dim=-1) if adapter.kernel == "eager" else scores[:0]
-        extent = magnitude(scores.masked_fill_(scores.isneginf(), 0.0), keep.pattern, 1)
-        del scores
+        extent = magnitude(scores.masked_fill(scores.isneginf(), 0.0), keep.pattern, 1)
         per_entry, row_common = softmax_rounding(u_soft, extent, allowed.shape[-1])
         pattern_tol = 4 * u + score_bound * (qk_rel + u) + per_entry + row_common
-    # The model's own pass applies such probabilities to v only where it runs eager (float64 SDPA soft-maxes in
-    # float64).
-    if u_soft > u and adapter.kernel == "eager":
-        # z_i = sum_j p_j F_j / D v_j: |dz_i| <= e sum_j p_j |v_j| + c |z_i|, i.e. e max|v| / max|z| + c relative to
-        # max|z|.
-        z_tol = z_tol + v_over_z * per_entry + row_common
-        # attn_out: that bound through W_O, summed over heads (|d out| <= sum_h (e_h + c_h) max_j |v_j W_O[h]|), is
-        # rigorous but sums every head's worst case: on a sharp Llama-3.2-1B-shaped layer it allowed 3.5e-4 for a
-        # measured 6e-7, missing a 1e-4 corruption. The model's own softmax rounding carried through W_O is known
-        # exactly instead: (model pattern - exact) V W_O, from its pattern, scores, v and W_O. By the triangle
-        # inequality the float64 tolerance plus its size bounds the difference. The end-to-end rows take the rigorous
-        # per-layer bound (they have no exact counterpart).
-        W_O = context.model_weights.layers[index].W_O
-        drift = (model_pattern - exact) @ functional.repeat_kv(v, group)
-        merged = rearrange(drift, "batch head pos d_head -> batch pos (head d_head)")
-        out_drift = magnitude(merged @ rearrange(W_O, "head d_head d_model -> (head d_head) d_model"), keep.out, None)
-        del exact, drift, merged
-        out_tol = out_tol + (float(out_drift / out_max) if out_max > 0 else 0.0)
-        sent = value_output_extent(v, W_O, keep.out, context.scratch)
-        bound = ((per_entry + row_common) * sent).sum()
-        context.softmax_terms[index] = float(bound / out_max) if out_max > 0 else 0.0
+        # The model's own pass applies such probabilities to v only where it runs eager (float64 SDPA soft-maxes in
+        # float64).
+        if adapter.kernel == "eager":
+            # z_i = sum_j p_j F_j / D v_j: |dz_i| <= e sum_j p_j |v_j| + c |z_i|, i.e. e max|v| / max|z| + c relative
+            # to max|z|.
+            z_tol = z_tol + v_over_z * per_entry + row_common
+            # attn_out: that bound through W_O, summed over heads (|d out| <= sum_h (e_h + c_h) max_j |v_j W_O[h]|),
+            # is rigorous but sums every head's worst case: on a sharp Llama-3.2-1B-shaped layer it allowed 3.5e-4
+            # for a measured 6e-7, missing a 1e-4 corruption. The model's own softmax rounding carried through W_O is
+            # known exactly instead: (its pattern - the float64 softmax of its scores) v W_O, all the model's own. By
+            # the triangle inequality the float64 tolerance plus its size bounds the difference. The end-to-end rows
+            # take the rigorous per-layer bound (they have no exact counterpart).
+            W_O = context.model_weights.layers[index].W_O
+            drift = (model_pattern - torch.softmax(scores, dim=-1)) @ functional.repeat_kv(v, group)
+            del scores
+            merged = rearrange(drift, "batch head pos d_head -> batch pos (head d_head)")
+            W_O_merged = rearrange(W_O, "head d_head d_model -> (head d_head) d_model")
+            out_drift = magnitude(merged @ W_O_merged, keep.out, None)
+            del drift, merged
+            out_tol = out_tol + (float(out_drift / out_max) if out_max > 0 else 0.0)
+            bound = ((per_entry + row_common) * value_output_extent(v, W_O, keep.out, context.scratch)).sum()
+            context.softmax_terms[index] = float(bound / out_max) if out_max > 0 else 0.0
+        else:
+            del scores
     yield "q", errors(q, mine.q, keep.rows, 1, magnitude(q, keep.rows, 1)), q_tol
     yield "k", errors(k, mine.k, keep.rows, 1, magnitude(k, keep.rows, 1)), k_tol
     yield "v", errors(v, mine.v, keep.rows, 1, v_max), base["v"]
@@ -453,7 +453,7 @@ def verify(
     nan_note = _nan_note(adapter, weights.dtype, allowed, rows)
     name = adapter.name
     return VerificationReport(
-        notes=_notes(adapter) + tuple(note for note in [nan_note] if note is not None),
+        notes=tuple(note for note in [nan_note] if note is not None) + _notes(adapter),  # the failure's cause first
         rows=tuple(rows),
         model=type(adapter.model).__name__ + (f" ({name})" if name else ""),
         dtype=_dtype_name(weights.dtype),
