@@ -25,7 +25,7 @@ from torch import Tensor
 
 from attnlens.errors import AttentionCaptureError
 
-__all__ = ["MEASURED_SLACK", "Scratch", "errors", "magnitude", "max_norm", "ratio", "slack"]
+__all__ = ["MEASURED_SLACK", "Scratch", "errors", "magnitude", "max_norm", "ratio", "slack", "value_output_extent"]
 
 MEASURED_SLACK = 2.0**-23
 """Relative slack of an error measured in float32 (module docstring): a row passes if ``(1 + slack) e <= tol``."""
@@ -112,3 +112,24 @@ def max_norm(x: Tensor, valid: Tensor) -> Tensor:
     """Largest vector norm over valid positions of ``x`` ``[batch, head, pos, d_head]``, per head (float64)."""
     norms = x.double().norm(dim=-1).masked_fill(~rearrange(valid, "batch pos -> batch 1 pos"), 0.0)
     return norms.amax(dim=(0, 2))
+
+
+def value_output_extent(v: Tensor, W_O: Tensor, keep: Tensor | None, scratch: Scratch | None = None) -> Tensor:
+    """Per query head ``h``, the largest entry of what one key's value sends to the output: ``max |v_j W_O[h]|``.
+
+    Over the positions ``j`` where ``keep`` and every output feature, as float64. One head at a time, so that no more
+    than one ``[batch, pos, d_model]`` product is ever held.
+
+    Args:
+        v: the model's values ``[batch, kv_head, pos, d_head]``.
+        W_O: the output projection ``[head, d_head, d_model]``; query head ``h`` reads key/value head
+            ``h // (head / kv_head)``.
+        keep: boolean ``[batch, pos, 1]`` (None: every position).
+        scratch: buffers for :func:`magnitude`.
+
+    Returns:
+        ``[head]``.
+    """
+    group = W_O.shape[0] // v.shape[1]
+    extents = [magnitude(v[:, head // group] @ W_O[head], keep, None, scratch) for head in range(W_O.shape[0])]
+    return torch.stack(extents)

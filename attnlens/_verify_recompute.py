@@ -2,9 +2,9 @@
 
 Per layer the attention quantities come from :func:`attnlens.functional.attention` (and
 :func:`~attnlens.functional.attention_pattern` for a pattern alone); here are the two other recomputations: the
-pattern from the model's own q and k in the installed transformers' eager arithmetic (:func:`hf_order_pattern`), and
-the whole forward pass from the weights (:func:`rebuild`), whose attention needs only each layer's output
-(:func:`attention_output`: torch's fused kernel, which never forms the ``[q_pos, k_pos]`` square).
+pattern from the model's own q and k in the installed transformers' eager arithmetic (:func:`hf_order_pattern`, of
+:func:`hf_order_scores`), and the whole forward pass from the weights (:func:`rebuild`), whose attention needs only
+each layer's output (:func:`attention_output`: torch's fused kernel, which never forms the ``[q_pos, k_pos]`` square).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from attnlens.models import QKV, AttentionSpec
 from attnlens.patterns import masked_scores
 from attnlens.weights import LayerNormWeights, LayerWeights, ModelWeights
 
-__all__ = ["attention_output", "hf_order_pattern", "is_causal", "layer_norm", "mlp", "rebuild"]
+__all__ = ["attention_output", "hf_order_pattern", "hf_order_scores", "is_causal", "layer_norm", "mlp", "rebuild"]
 
 
 def layer_norm(x: Tensor, ln: LayerNormWeights) -> Tensor:
@@ -140,16 +140,43 @@ def attention_output(
     return merged @ rearrange(layer.W_O, "head d_head d_model -> (head d_head) d_model") + layer.b_O
 
 
+def hf_order_scores(qkv: QKV, layer: LayerWeights, n_kv_heads: int, allowed: Tensor) -> Tensor:
+    """The scores from the model's own q and k, in the arithmetic order of the installed transformers' eager kernel.
+
+    The pattern tap's (:func:`attnlens.patterns.masked_scores`), with the layer's spec as the weights carry it: HF
+    eager scales the scores in its own order (``layer.score_divisors`` / ``layer.upcast``) and masks with the dtype's
+    most negative value, where ``-inf`` is used here: that gives the same row maximum and sums, so the allowed entries
+    of :func:`hf_order_pattern` match bit for bit.
+
+    Args:
+        qkv: the model's own q ``[batch, head, pos, d_head]``, k and v ``[batch, kv_head, pos, d_head]``.
+        layer: the layer's weights (for its spec).
+        n_kv_heads: the model's number of key/value heads.
+        allowed: boolean ``[batch or 1, 1, q_pos, k_pos]``.
+
+    Returns:
+        ``[batch, head, q_pos, k_pos]``, ``-inf`` where blocked (by ``allowed`` or the layer's window).
+    """
+    q, k, _ = qkv
+    spec = AttentionSpec(
+        layer.scale, q.shape[1], n_kv_heads, upcast=layer.upcast, divisors=layer.score_divisors, window=layer.window
+    )
+    blocked = ~allowed
+    if layer.window is not None:
+        n_pos = q.shape[-2]
+        blocked = blocked | ~functional.sliding_window_mask(n_pos, window=layer.window, device=q.device)
+    # Eager repeats each key/value head per query head (a copy, as transformers' repeat_kv) before its matmul.
+    k = functional.repeat_kv(k, q.shape[1] // n_kv_heads)
+    return masked_scores(q, k, spec, blocked, contiguous_k=False)
+
+
 def hf_order_pattern(
     qkv: QKV, layer: LayerWeights, n_kv_heads: int, allowed: Tensor, softmax_dtype: torch.dtype | None = None
 ) -> Tensor:
     """The pattern from the model's own q and k, in the arithmetic order of the installed transformers' eager kernel.
 
-    The scores are the pattern tap's (:func:`attnlens.patterns.masked_scores`), with the layer's spec as the weights
-    carry it: HF eager scales the scores in its own order (``layer.score_divisors`` / ``layer.upcast``) and masks
-    with the dtype's most negative value, where ``-inf`` is used here: that gives the same row maximum and sums, so the
-    allowed entries match bit for bit. They are soft-maxed in the kernel's ``softmax_dtype`` (float32 for GPT-NeoX and
-    the Llama family, also for a float64 model), else in their own dtype (half scores stay half, unlike
+    :func:`hf_order_scores`, soft-maxed in the kernel's ``softmax_dtype`` (float32 for GPT-NeoX and the Llama family,
+    also for a float64 model), else in their own dtype (half scores stay half, unlike
     :func:`attnlens.functional.masked_softmax` and the tap).
 
     Args:
@@ -162,15 +189,5 @@ def hf_order_pattern(
     Returns:
         ``[batch, head, q_pos, k_pos]`` in the values' dtype.
     """
-    q, k, v = qkv
-    spec = AttentionSpec(
-        layer.scale, q.shape[1], n_kv_heads, upcast=layer.upcast, divisors=layer.score_divisors, window=layer.window
-    )
-    blocked = ~allowed
-    if layer.window is not None:
-        n_pos = q.shape[-2]
-        blocked = blocked | ~functional.sliding_window_mask(n_pos, window=layer.window, device=q.device)
-    # Eager repeats each key/value head per query head (a copy, as transformers' repeat_kv) before its matmul.
-    k = functional.repeat_kv(k, q.shape[1] // n_kv_heads)
-    scores = masked_scores(q, k, spec, blocked, contiguous_k=False)
-    return torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(v.dtype)
+    scores = hf_order_scores(qkv, layer, n_kv_heads, allowed)
+    return torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(qkv[2].dtype)

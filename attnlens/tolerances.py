@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from attnlens.models.wrappers import is_compiled
 
@@ -28,6 +28,7 @@ __all__ = [
     "check_tolerance",
     "derived_tolerances",
     "logit_tolerance",
+    "softmax_rounding",
 ]
 
 QUANTITIES = ("q", "k", "v", "pattern_hf_order", "pattern", "z", "attn_out", "hidden", "logits")
@@ -113,6 +114,34 @@ def derived_tolerances(
         growth = n_layer if quantity in ("hidden", "logits") else 1
         table[quantity] = bound.rounding * u + (bound.accumulation * u_acc + bound.inputs * u) * math.sqrt(n) * growth
     return table
+
+
+def softmax_rounding(u_soft: float, score_extent: Tensor, k_pos: int) -> tuple[Tensor, Tensor]:
+    """How far a kernel's probabilities soft-maxed at unit roundoff ``u_soft`` are from the exact softmax, per head.
+
+    For a model whose kernel soft-maxes in a coarser dtype than its own (a float64 GPT-NeoX or Llama-family model run
+    eager soft-maxes in float32 and casts back), every probability the model applies carries that dtype's rounding.
+    Its kernel rounds each score to the softmax dtype (``u |s_j|``), subtracts the row maximum ``m`` (``u |s_j - m|``;
+    the rounding of ``m`` is common to the row and cancels in the normalisation), takes ``exp`` (at most 2 ulp,
+    ``4u``: torch's vectorised and scalar ``expf`` are within 1 ulp), sums the row, takes the reciprocal of the sum and
+    multiplies (``u``). With ``M = max |s|`` over the compared entries, the applied probability is
+    ``p_j F_j / D`` with, to first order,
+
+    * ``|F_j - 1| <= (3 M + 5) u`` (per entry: ``u |s_j| + u (|s_j| + |m|) + 4u + u``);
+    * ``|D - 1| <= (3 M + 5) u + 3 sqrt(k_pos) u`` (common to the row: a ``p``-weighted mean of the ``F_j``, the
+      reciprocal's rounding, and the sum of up to ``k_pos`` positive terms, whose rounding error has a standard
+      deviation of at most ``u sqrt(k_pos / 3)`` of the sum: 3 covers about 5 of them, for up to ~10^6 rows).
+
+    Args:
+        u_soft: the unit roundoff of the dtype the kernel soft-maxes in.
+        score_extent: ``M`` per head, the largest ``|score|`` the kernel soft-maxed (float64).
+        k_pos: the number of key positions (the longest row).
+
+    Returns:
+        ``(per_entry, row_common)``: the bounds on ``|F_j - 1|`` and ``|D - 1|``, per head.
+    """
+    per_entry = (3 * score_extent + 5) * u_soft
+    return per_entry, per_entry + 3 * math.sqrt(k_pos) * u_soft
 
 
 def _dtype_name(dtype: torch.dtype | str) -> str:

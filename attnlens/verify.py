@@ -42,10 +42,10 @@ from attnlens import functional
 from attnlens._indices import index_list
 from attnlens._progress import Bar
 from attnlens._verify_capture import Capture, run
-from attnlens._verify_compare import Scratch, max_norm, ratio, slack
+from attnlens._verify_compare import Scratch, max_norm, ratio, slack, value_output_extent
 from attnlens._verify_compare import errors as _errors
 from attnlens._verify_compare import magnitude as _magnitude
-from attnlens._verify_recompute import hf_order_pattern, rebuild
+from attnlens._verify_recompute import hf_order_pattern, hf_order_scores, rebuild
 from attnlens.capture import intervening, one_at_a_time, preserved
 from attnlens.loading import resolve
 from attnlens.models import Adapter, adapt, extract_weights
@@ -61,6 +61,7 @@ from attnlens.tolerances import (
     _overrides,
     bitwise_guaranteed,
     derived_tolerances,
+    softmax_rounding,
 )
 from attnlens.weights import LayerWeights, ModelWeights
 
@@ -124,6 +125,31 @@ def _notes(adapter: Adapter) -> tuple[str, ...]:
     return tuple(notes)
 
 
+def _nan_note(adapter: Adapter, dtype: torch.dtype, allowed: Tensor, rows: Sequence[VerificationRow]) -> str | None:
+    """Why the model's own numbers are NaN, where transformers' eager kernel makes them so (else None).
+
+    GPT-NeoX's and the Llama family's eager kernel adds a float mask holding the dtype's most negative value and
+    soft-maxes in float32: in a float64 model that value becomes -inf, and a query row with no key to attend to (a
+    left-padded position) is all -inf, whose softmax is NaN. The NaN reaches the real tokens through the next layer's
+    keys and values (a zero probability times NaN is NaN). verify's patterns always come from that kernel.
+    """
+    name = _dtype_name(dtype)
+    coarse = any(
+        spec.softmax_dtype is not None and UNIT_ROUNDOFF[_dtype_name(spec.softmax_dtype)] > UNIT_ROUNDOFF[name]
+        for spec in adapter.specs
+    )
+    if not coarse or bool(allowed.any(dim=-1).all()) or not any(math.isnan(row.max_rel_error) for row in rows):
+        return None
+    return (
+        f"transformers' eager attention soft-maxes this {name} model's scores in float32, where its padding mask's "
+        f"most negative {name} value becomes -inf: a padded position with no key to attend to (left padding) "
+        "soft-maxes to NaN, which reaches the real tokens through the next layer's keys and values. The NaN are the "
+        "model's own numbers, not attnlens's, and verify takes every pattern from that kernel (an SDPA model's outputs "
+        "stay finite, its patterns do not): verify in float32, or without left padding (right padding, or one "
+        "sequence per call)"
+    )
+
+
 def _versions() -> dict[str, str]:
     import transformers
 
@@ -160,17 +186,21 @@ class _Context:
 
     ``base`` (:func:`~attnlens.tolerances.derived_tolerances`) and ``bitwise`` (whether ``pattern_hf_order`` must match
     bit for bit) depend on no layer: computed once per call, as :func:`~attnlens.tolerances.bitwise_guaranteed` walks
-    every module of the model.
+    every module of the model. ``model_weights`` are the model's own (extracted from it), for the magnitudes that
+    tolerances are measured on; ``softmax_terms`` collects, per layer, the ``attn_out`` tolerance owed to a kernel
+    that soft-maxes in a coarser dtype than the model's (``_layer_rows`` adds it; the end-to-end rows read it).
     """
 
     adapter: Adapter
     weights: ModelWeights
+    model_weights: ModelWeights
     allowed: Tensor
     valid: Tensor
     keep: _Keep
     scratch: Scratch
     base: dict[str, float]
     bitwise: bool
+    softmax_terms: dict[int, float]
 
 
 def _same_input(own: Capture, eager: Capture, index: int) -> bool:
@@ -244,10 +274,44 @@ def _layer_rows(
         score_bound * 0.0 if context.bitwise else 4 * u_soft + score_bound * (u_acc * weights.d_head + u_soft)
     )
     v_max, z_max = magnitude(v, keep.rows, 1), magnitude(model_z, keep.z, 2)
+    attn_out = own.attn_out[index]
+    out_max = magnitude(attn_out, keep.out, None)
     v_over_z = ratio(v_max.repeat_interleave(group), z_max)
-    # z is the model's own pass, rounded in the model's dtype (float64 under sdpa). A float64 model run eager carries
-    # its float32 softmax into z and the rows after it, which these tolerances still report.
     z_tol = base["z"] + v_over_z * (2 * score_bound * (qk_rel + u) + base["v"] + 2 * u)
+    out_tol = base["attn_out"]
+    if u_soft > u:
+        # The eager kernel's probabilities are p_j F_j / D with |F_j - 1| <= e, |D - 1| <= c
+        # (tolerances.softmax_rounding, from the largest |score| M it soft-maxed): relative to max p, e + c, on top of
+        # the model's own dtype's pattern bound (4u + S u alone misses the rounding of the float32 sum of the row,
+        # which grows as sqrt(k_pos): ratio 0.999 on a sharp Llama-3.2-1B-shaped layer at 2048 tokens).
+        scores = hf_order_scores(eager.qkv[index], layer, adapter.n_kv_heads, allowed)
+        extent = magnitude(scores.masked_fill(scores.isneginf(), 0.0), keep.pattern, 1)
+        per_entry, row_common = softmax_rounding(u_soft, extent, allowed.shape[-1])
+        pattern_tol = 4 * u + score_bound * (qk_rel + u) + per_entry + row_common
+        # The model's own pass applies such probabilities to v only where it runs eager (float64 SDPA soft-maxes in
+        # float64).
+        if adapter.kernel == "eager":
+            # z_i = sum_j p_j F_j / D v_j: |dz_i| <= e sum_j p_j |v_j| + c |z_i|, i.e. e max|v| / max|z| + c relative
+            # to max|z|.
+            z_tol = z_tol + v_over_z * per_entry + row_common
+            # attn_out: that bound through W_O, summed over heads (|d out| <= sum_h (e_h + c_h) max_j |v_j W_O[h]|),
+            # is rigorous but sums every head's worst case: on a sharp Llama-3.2-1B-shaped layer it allowed 3.5e-4
+            # for a measured 6e-7, missing a 1e-4 corruption. The model's own softmax rounding carried through W_O is
+            # known exactly instead: (its pattern - the float64 softmax of its scores) v W_O, all the model's own. By
+            # the triangle inequality the float64 tolerance plus its size bounds the difference. The end-to-end rows
+            # take the rigorous per-layer bound (they have no exact counterpart).
+            W_O = context.model_weights.layers[index].W_O
+            drift = (model_pattern - torch.softmax(scores, dim=-1)) @ functional.repeat_kv(v, group)
+            del scores
+            merged = rearrange(drift, "batch head pos d_head -> batch pos (head d_head)")
+            W_O_merged = rearrange(W_O, "head d_head d_model -> (head d_head) d_model")
+            out_drift = magnitude(merged @ W_O_merged, keep.out, None)
+            del drift, merged
+            out_tol = out_tol + (float(out_drift / out_max) if out_max > 0 else 0.0)
+            bound = ((per_entry + row_common) * value_output_extent(v, W_O, keep.out, context.scratch)).sum()
+            context.softmax_terms[index] = float(bound / out_max) if out_max > 0 else 0.0
+        else:
+            del scores
     yield "q", errors(q, mine.q, keep.rows, 1, magnitude(q, keep.rows, 1)), q_tol
     yield "k", errors(k, mine.k, keep.rows, 1, magnitude(k, keep.rows, 1)), k_tol
     yield "v", errors(v, mine.v, keep.rows, 1, v_max), base["v"]
@@ -257,12 +321,7 @@ def _layer_rows(
     del hf_order
     yield "pattern", errors(model_pattern, pattern, keep.pattern, 1, pattern_max), pattern_tol
     yield "z", errors(model_z, mine.z, keep.z, 2, z_max), z_tol
-    attn_out = own.attn_out[index]
-    yield (
-        "attn_out",
-        errors(attn_out, mine.output, keep.out, None, magnitude(attn_out, keep.out, None)),
-        base["attn_out"],
-    )
+    yield "attn_out", errors(attn_out, mine.output, keep.out, None, out_max), out_tol
     for store in {id(own): own, id(eager): eager}.values():
         for table in (store.attn_in, store.qkv, store.z, store.weights):
             table.pop(index, None)
@@ -368,7 +427,7 @@ def verify(
 
         base = derived_tolerances(weights.dtype, weights.d_model, weights.d_head, weights.n_layers, n_pos)
         bitwise = bitwise_guaranteed(adapter.model, weights.dtype, weights.device)
-        context = _Context(adapter, weights, allowed, valid, keep, Scratch(), base, bitwise)
+        context = _Context(adapter, weights, reference, allowed, valid, keep, Scratch(), base, bitwise, {})
         for index in traced:
             bar.update()
             for quantity, results, bounds in _layer_rows(context, index, own, eager):
@@ -382,14 +441,19 @@ def verify(
         errors = partial(_errors, scratch=context.scratch)
         magnitude = partial(_magnitude, scratch=context.scratch)
         final = own.final()
-        add("hidden", None, errors(final, hidden, keep.out, None, magnitude(final, keep.out, None)), base["hidden"])
+        # Each layer's attention output carries its softmax term into the residual: propagated as the end-to-end rows
+        # propagate attn_out's rounding (twice per layer, over every layer), from the worst layer compared.
+        soft = 2 * weights.n_layers * max(context.softmax_terms.values(), default=0.0)
+        hidden_tol, logits_tol = base["hidden"] + soft, base["logits"] + soft
+        add("hidden", None, errors(final, hidden, keep.out, None, magnitude(final, keep.out, None)), hidden_tol)
         if own_logits is not None and logits is not None:
             scale = magnitude(own_logits, keep.out, None)
-            add("logits", None, errors(own_logits, logits, keep.out, None, scale), base["logits"])
+            add("logits", None, errors(own_logits, logits, keep.out, None, scale), logits_tol)
 
+    nan_note = _nan_note(adapter, weights.dtype, allowed, rows)
     name = adapter.name
     return VerificationReport(
-        notes=_notes(adapter),
+        notes=tuple(note for note in [nan_note] if note is not None) + _notes(adapter),  # the failure's cause first
         rows=tuple(rows),
         model=type(adapter.model).__name__ + (f" ({name})" if name else ""),
         dtype=_dtype_name(weights.dtype),
