@@ -182,3 +182,54 @@ def test_scan_called_again_in_the_same_processes(tmp_path) -> None:
         done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.count(" ok") == 2
+
+
+FAMILY = """
+import json, sys, warnings
+import torch
+import torch.distributed as dist
+import transformers
+import attnlens
+folder, data, out = sys.argv[1], sys.argv[2], sys.argv[3]
+config = json.loads(open(folder + "/config.json").read())
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    cls = getattr(transformers, config["architectures"][0])
+    model = cls.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32).eval()  # not the stored bf16
+docs = json.loads(open(data).read())
+result = attnlens.scan(model, docs, seq_len=12, batch_size=2, progress=False)
+if not dist.is_initialized() or dist.get_rank() == 0:
+    open(out, "w").write(result.to_json())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_llama_family_scans_the_same_bytes_in_one_and_two_processes(tmp_path: Path, name: str) -> None:
+    # Grouped keys from the log-sum-exp (Llama) and a sliding window of 4 in windows of 12 (Mistral's pattern path):
+    # the same bytes in one and two processes, and as the API writes them in this process.
+    import json
+
+    from test_llama import FIXTURE_NAMES, build
+    from test_scan import token_docs
+
+    model = build(FIXTURE_NAMES[name], tmp_path / "model", bos_token_id=1, eos_token_id=2)
+    docs = token_docs(n=40, vocab=12)
+    data = tmp_path / "docs.json"
+    data.write_text(json.dumps(docs))
+    script = tmp_path / "family.py"
+    script.write_text(FAMILY)
+    outputs = {}
+    for n in (1, 2):
+        out = tmp_path / f"scan{n}.json"
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+            str(script), str(tmp_path / "model"), str(data), str(out),
+        ]  # fmt: skip
+        done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[n] = out.read_bytes()
+    assert outputs[1] == outputs[2]
+    here = attnlens.scan(model, docs, seq_len=12, batch_size=2, progress=False)
+    assert here.to_json().encode() == outputs[1]
+    assert attnlens.ScanResult.load(tmp_path / "scan2.json").n_windows >= 8
