@@ -6,6 +6,7 @@ import copy
 import importlib
 import os
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
 
@@ -93,6 +94,28 @@ def gpt2_factory() -> Callable[..., Any]:
 @pytest.fixture
 def tiny_gpt2() -> Any:
     return make_gpt2()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The folder of one saved tiny checkpoint per family ("gpt_neox": Pythia-70m's config; a key of test_llama's
+    FIXTURE_NAMES), seeded, made on first use."""
+    from test_hub_configs_neox import make_checkpoint
+    from test_llama import FIXTURE_NAMES, build
+
+    folders: dict[str, Path] = {}
+
+    def folder(family: str) -> Path:
+        if family not in folders:
+            path = tmp_path_factory.mktemp(family)
+            if family == "gpt_neox":
+                make_checkpoint("EleutherAI__pythia-70m.saved-4.27.0.dev0.json", path)
+            else:  # token ids inside the shrunk vocabulary
+                build(FIXTURE_NAMES[family], path, bos_token_id=1, eos_token_id=2)
+            folders[family] = path
+        return folders[family]
+
+    return folder
 
 
 def eager_reference(model: Any, ids: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -22,8 +22,7 @@ import torch
 from conftest import CUDA, assert_bitwise, optional
 from test_checkpoints import assert_same_state, dynamo_frames, state
 from test_hub_configs_llama import left_padded
-from test_hub_configs_neox import make_checkpoint
-from test_llama import FIXTURE_NAMES, build, load
+from test_llama import load
 from test_weights_live import assert_current, tensors
 
 import attnlens
@@ -38,25 +37,6 @@ pytestmark = [
 ]
 
 FAMILIES = ["gpt_neox", "llama", "qwen3"]
-PYTHIA = "EleutherAI__pythia-70m.saved-4.27.0.dev0.json"
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """The folder of one saved checkpoint per family, made on first use."""
-    folders: dict[str, Path] = {}
-
-    def folder(family: str) -> Path:
-        if family not in folders:
-            path = tmp_path_factory.mktemp(family)
-            if family == "gpt_neox":
-                make_checkpoint(PYTHIA, path)
-            else:  # token ids inside the shrunk vocabulary
-                build(FIXTURE_NAMES[family], path, bos_token_id=1, eos_token_id=2)
-            folders[family] = path
-        return folders[family]
-
-    return folder
 
 
 @pytest.fixture(params=FAMILIES)

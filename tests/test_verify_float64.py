@@ -18,34 +18,14 @@ import pytest
 import torch
 from conftest import make_gpt2, random_ids
 from test_hub_configs_llama import inputs, left_padded
-from test_hub_configs_neox import make_checkpoint
-from test_llama import FIXTURE_NAMES, build, load
+from test_llama import load
 
 import attnlens
 from attnlens.verify import derived_tolerances
 
 FAMILIES = ["gpt_neox", "llama", "qwen3", "mistral"]
-PYTHIA = "EleutherAI__pythia-70m.saved-4.27.0.dev0.json"
 CORRUPTION = 1e-4  # relative size of the corruptions that must be detected (as in tests/test_verify.py)
 LATER = ("z", "attn_out", "hidden", "logits")  # the rows that see the model's own softmax
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """The folder of one saved checkpoint per family, made on first use."""
-    folders: dict[str, Path] = {}
-
-    def folder(family: str) -> Path:
-        if family not in folders:
-            path = tmp_path_factory.mktemp(family)
-            if family == "gpt_neox":
-                make_checkpoint(PYTHIA, path)
-            else:  # token ids inside the shrunk vocabulary
-                build(FIXTURE_NAMES[family], path, bos_token_id=1, eos_token_id=2)
-            folders[family] = path
-        return folders[family]
-
-    return folder
 
 
 @pytest.fixture(params=FAMILIES)
