@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -111,10 +113,12 @@ def test_check_catches_a_position_offset_at_its_step() -> None:
         g.check()
 
 
-@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
-def test_check_catches_an_edited_cache_entry_at_its_step_and_layer(kernel: str) -> None:
-    model = make_gpt2(attn_implementation=kernel, n_layer=3)
-    ids, mask = PROMPTS[2]
+@contextlib.contextmanager
+def cached_key_edited(
+    model: Any, *, step: int, layer: int, position: int, kv_heads: Any = slice(None)
+) -> Iterator[None]:
+    """Within the block, generate's cache gets 0.5 added to ``layer``'s keys at ``position`` (of ``kv_heads``) just
+    before that layer reads them at step ``step``: one edited entry, found by check() there and nowhere earlier."""
     adapter = adapt(model)
     seen: dict[str, Any] = {"step": -1}
 
@@ -122,19 +126,27 @@ def test_check_catches_an_edited_cache_entry_at_its_step_and_layer(kernel: str) 
         seen["step"] += 1
         seen["cache"] = adapter.step_cache(kwargs)
 
-    def on_attn(module: Any, args: Any) -> None:
-        if seen["step"] == 4:  # before layer 1 reads it at step 4: the key of prompt position 3 is edited
-            adapter.cached_kv(seen["cache"], 1)[0][:, :, 3] += 0.5
+    def on_attn(module: Any, args: Any, kwargs: Any) -> None:
+        if seen["step"] == step:
+            adapter.cached_kv(seen["cache"], layer)[0][:, kv_heads, position] += 0.5
 
     handles = [
         adapter.sites.base.register_forward_pre_hook(on_base, with_kwargs=True),
-        adapter.sites.layers[1].attn.register_forward_pre_hook(on_attn),
+        adapter.sites.layers[layer].attn.register_forward_pre_hook(on_attn, with_kwargs=True),
     ]
     try:
-        g = attnlens.trace_generate(model, ids, mask, max_new_tokens=6, eos_token_id=None)
+        yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_check_catches_an_edited_cache_entry_at_its_step_and_layer(kernel: str) -> None:
+    model = make_gpt2(attn_implementation=kernel, n_layer=3)
+    ids, mask = PROMPTS[2]
+    with cached_key_edited(model, step=4, layer=1, position=3):  # before layer 1 reads it at step 4
+        g = attnlens.trace_generate(model, ids, mask, max_new_tokens=6, eos_token_id=None)
     report = g.check(raise_error=False)
     rows = [line for line in report.mismatches if "row differs" in line]
     keys = [line for line in report.mismatches if "cached keys" in line]

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import assert_bitwise
-from test_generation import PROMPTS, eager_twin, shift_positions_at_step, state
+from test_generation import PROMPTS, cached_key_edited, eager_twin, shift_positions_at_step, state
 from test_hub_configs_llama import D_HEAD, N_LAYER
 from test_llama import FIXTURE_NAMES, build, load
 
@@ -173,26 +173,8 @@ def test_an_edited_cache_entry_is_named_at_its_step_layer_and_kv_head(
     folders: Callable[[str], Path], name: str, kernel: str
 ) -> None:
     model = load(folders(name), kernel)
-    adapter = adapt(model)
-    seen: dict[str, Any] = {"step": -1}
-
-    def on_base(module: Any, args: Any, kwargs: Any) -> None:
-        seen["step"] += 1
-        seen["cache"] = adapter.step_cache(kwargs)
-
-    def on_attn(module: Any, args: Any, kwargs: Any) -> None:
-        if seen["step"] == 4:  # before layer 1 reads it at step 4: kv_head 1's key of prompt position 3 is edited
-            adapter.cached_kv(seen["cache"], 1)[0][:, 1, 3] += 0.5
-
-    handles = [
-        adapter.sites.base.register_forward_pre_hook(on_base, with_kwargs=True),
-        adapter.sites.layers[1].attn.register_forward_pre_hook(on_attn, with_kwargs=True),
-    ]
-    try:
+    with cached_key_edited(model, step=4, layer=1, position=3, kv_heads=1):  # kv_head 1, before layer 1 reads it
         g = generate(model, 2)
-    finally:
-        for handle in handles:
-            handle.remove()
     report = g.check(raise_error=False)
     rows = [line for line in report.mismatches if "row differs" in line]
     keys = [line for line in report.mismatches if "cached keys" in line]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_generation import PROMPTS, shift_positions_at_step
+from test_generation import PROMPTS, cached_key_edited, shift_positions_at_step
 from test_gpt_neox import PARALLEL, SEQUENTIAL
 from test_hub_configs_neox import N_HEAD, N_LAYER, load, make_checkpoint
 
@@ -146,26 +146,8 @@ def test_check_catches_a_position_offset_at_its_step(folder: Path) -> None:
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])
 def test_check_catches_an_edited_cache_entry_at_its_step_and_layer(folder: Path, kernel: str) -> None:
     model = load(folder, kernel, torch.float32)
-    adapter = adapt(model)
-    seen: dict[str, Any] = {"step": -1}
-
-    def on_base(module: Any, args: Any, kwargs: Any) -> None:
-        seen["step"] += 1
-        seen["cache"] = adapter.step_cache(kwargs)
-
-    def on_attn(module: Any, args: Any) -> None:
-        if seen["step"] == 4:  # before layer 1 reads it at step 4: the key of prompt position 3 is edited
-            adapter.cached_kv(seen["cache"], 1)[0][:, :, 3] += 0.5
-
-    handles = [
-        adapter.sites.base.register_forward_pre_hook(on_base, with_kwargs=True),
-        adapter.sites.layers[1].attn.register_forward_pre_hook(on_attn),
-    ]
-    try:
+    with cached_key_edited(model, step=4, layer=1, position=3):  # before layer 1 reads it at step 4
         g = generate(model, 2)
-    finally:
-        for handle in handles:
-            handle.remove()
     report = g.check(raise_error=False)
     rows = [line for line in report.mismatches if "row differs" in line]
     keys = [line for line in report.mismatches if "cached keys" in line]
