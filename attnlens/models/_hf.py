@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypedDict
 
 import torch
+from torch import nn
 
 from attnlens.errors import AttentionCaptureError, UnsupportedModelError
 from attnlens.models.base import Rotation
@@ -130,3 +131,12 @@ def config_fields(config: Any) -> ConfigFields:
         name=str(getattr(config, "_name_or_path", "") or ""),
         config_sha256=config_sha256(config),
     )
+
+
+def base_of(model: nn.Module, base_class: type | tuple[type, ...], attribute: str) -> nn.Module:
+    """The base transformer inside a task-head model (its ``attribute``), the model itself if it is one; else the model.
+
+    Every adapter's :meth:`~attnlens.models.Adapter.lock_key`: a task-head model and its base share one lock.
+    """
+    base = model if isinstance(model, base_class) else getattr(model, attribute, model)
+    return base if isinstance(base, nn.Module) else model

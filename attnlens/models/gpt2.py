@@ -351,8 +351,7 @@ class GPT2Adapter(Adapter):
         """The ``GPT2Model`` every supported class wraps: a task-head model and its ``transformer`` share a lock."""
         from transformers import GPT2Model
 
-        base: Any = model if isinstance(model, GPT2Model) else getattr(model, "transformer", model)
-        return base if isinstance(base, nn.Module) else model
+        return _hf.base_of(model, GPT2Model, "transformer")
 
     @classmethod
     def load(

@@ -222,8 +222,7 @@ class GPTNeoXAdapter(Adapter):
         """The ``GPTNeoXModel`` every supported class wraps: a task-head model and its ``gpt_neox`` share a lock."""
         from transformers import GPTNeoXModel
 
-        base: Any = model if isinstance(model, GPTNeoXModel) else getattr(model, "gpt_neox", model)
-        return base if isinstance(base, nn.Module) else model
+        return _hf.base_of(model, GPTNeoXModel, "gpt_neox")
 
     @classmethod
     def load(

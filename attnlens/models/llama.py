@@ -220,8 +220,7 @@ class LlamaAdapter(Adapter):
     @classmethod
     def lock_key(cls, model: nn.Module) -> nn.Module:
         """The base model every supported class wraps: a causal-LM model and its ``model`` share a lock."""
-        base: Any = model if isinstance(model, _classes((cls.base_class,))) else getattr(model, "model", model)
-        return base if isinstance(base, nn.Module) else model
+        return _hf.base_of(model, _classes((cls.base_class,)), "model")
 
     @classmethod
     def load(
